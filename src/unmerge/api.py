@@ -1,0 +1,161 @@
+"""The Python API behind every CLI command: presets, `decompose`, `evaluate`, `train_target_preset`, `demo`.
+
+A run directory holds `config.yaml` (resolved config), `target/` (the trained target, so the directory is
+self-contained), `checkpoints/`, `train_log.jsonl`, `eval_log.jsonl`, `metrics.json` and `figures/`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unmerge.config import RunConfig, TargetConfig, apply_overrides, load_yaml, save_yaml, validate
+from unmerge.errors import CheckpointError, ConfigError
+from unmerge.spd.method import SPD
+from unmerge.targets import cached_target, load_target, save_target
+from unmerge.targets.toys import CONFIG_FILE as TARGET_CONFIG_FILE
+from unmerge.train import checkpoint, distributed
+from unmerge.train.loop import train
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
+RUN_CONFIG = "config.yaml"
+METRICS_FILE = "metrics.json"
+TARGET_DIR = "target"
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets (`configs/<name>.yaml` in the source tree)."""
+    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+
+
+def config_source(preset_or_path: str) -> Path:
+    """The YAML file for a preset name or a path; an unknown name lists the presets."""
+    path = Path(preset_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    preset = PRESET_DIR / f"{preset_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"unknown preset {preset_or_path!r}; available presets: {', '.join(preset_names())} "
+                          "(or pass a path to a YAML file)")
+    return preset
+
+
+def load_run_config(preset_or_path: str, overrides: list[str] = ()) -> RunConfig:
+    """Load a preset or YAML file and apply `key.path=value` overrides; strict validation."""
+    source = config_source(preset_or_path)
+    data = apply_overrides(load_yaml(source), list(overrides))
+    return validate(RunConfig, data, str(source) + (f" with overrides {list(overrides)}" if overrides else ""))
+
+
+def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    differences = []
+    for key in keys:
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            differences += _config_differences(left, right, f"{prefix}{key}.")
+        elif left != right:
+            differences.append(f"{prefix}{key}: {left!r} → {right!r}")
+    return differences
+
+
+def _prepare_run_dir(config: RunConfig, run_dir: Path) -> None:
+    """Create a run directory, or check that an existing one belongs to the same config (then we resume)."""
+    saved = run_dir / RUN_CONFIG
+    if saved.is_file():
+        previous = validate(RunConfig, load_yaml(saved), str(saved))
+        if previous != config:
+            differences = "; ".join(_config_differences(previous.model_dump(mode="json"),
+                                                        config.model_dump(mode="json")))
+            raise CheckpointError(f"{run_dir} already holds a run with a different config ({differences}); "
+                                  "choose another --out directory, or rerun with the original settings to resume")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise CheckpointError(f"{run_dir} exists and is not a run directory; choose an empty or new --out directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_atomic(saved, lambda tmp: save_yaml(config, tmp))
+
+
+def _run_target(config: RunConfig, run_dir: Path):
+    """The run's own copy of its target (copied from the cache on first use)."""
+    target_dir = run_dir / TARGET_DIR
+    if (target_dir / TARGET_CONFIG_FILE).is_file():
+        return load_target(target_dir)[0]
+    target = cached_target(config.target)
+    if distributed.is_main_process():
+        save_target(target, config.target, target_dir)
+    return target
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, float]
+    figures: list[Path]
+    resumed_from: int
+
+
+def _finish(spd: SPD, run_dir: Path) -> tuple[dict[str, float], list[Path]]:
+    from unmerge.report.figures import spd_figures
+
+    metrics = spd.evaluate()
+    if not distributed.is_main_process():
+        return metrics, []
+    checkpoint.write_atomic(run_dir / METRICS_FILE, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
+    return metrics, spd_figures(spd, run_dir / "figures")
+
+
+def decompose(config: RunConfig, run_dir: Path) -> RunResult:
+    """Train SPD on the config's target in `run_dir`, resuming from its newest checkpoint if there is one."""
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    run_dir = Path(run_dir)
+    _prepare_run_dir(config, run_dir)
+    target = _run_target(config, run_dir)
+    spd = SPD(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
+    result = train(spd, target.sample_inputs, config.train, run_dir, description=f"SPD {config.name}")
+    metrics, figures = _finish(spd, run_dir)
+    return RunResult(run_dir, metrics, figures, result.resumed_from)
+
+
+def load_run(run_dir: Path) -> tuple[RunConfig, SPD, int]:
+    """Rebuild a run's SPD from its newest checkpoint; returns (config, spd, step)."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / RUN_CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory ({RUN_CONFIG} missing)")
+    config = validate(RunConfig, load_yaml(config_path), str(config_path))
+    target, _ = load_target(run_dir / TARGET_DIR)
+    spd = SPD(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
+    saved = checkpoint.checkpoint_dirs(run_dir)
+    if not saved:
+        raise CheckpointError(f"{run_dir} has no checkpoint yet; run `unmerge decompose` to train it")
+    tensors, state = checkpoint.load_checkpoint(saved[-1])
+    spd.module.load_state_dict(checkpoint.split_optimizer(tensors)[0])
+    return config, spd, int(state["step"])
+
+
+def evaluate(run_dir: Path) -> RunResult:
+    """Recompute `metrics.json` and figures of a run from its newest checkpoint."""
+    _, spd, step = load_run(run_dir)
+    metrics, figures = _finish(spd, Path(run_dir))
+    return RunResult(Path(run_dir), metrics, figures, step)
+
+
+def train_target_preset(preset_or_path: str, overrides: list[str] = (), out: Path | None = None) -> tuple[Path, float]:
+    """Train (or reuse from the cache) a preset's target; optionally save a copy to `out`."""
+    from unmerge.targets.toys import cache_root, target_name, train_target
+
+    config: TargetConfig = load_run_config(preset_or_path, overrides).target
+    directory = Path(out) if out else cache_root() / "targets" / f"{target_name(config)}-{config.digest()}"
+    if (directory / TARGET_CONFIG_FILE).is_file():
+        return directory, float("nan")
+    target, loss = train_target(config)
+    save_target(target, config, directory)
+    return directory, loss

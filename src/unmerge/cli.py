@@ -1,0 +1,121 @@
+"""`unmerge` command line: a thin shell over `unmerge.api`. User errors print one message, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from unmerge import api
+from unmerge.errors import UnmergeError
+
+DEMO_PRESET = "tms-5-2"
+DEMO_OVERRIDES = ["train.steps=3000", "train.checkpoint_every=1000"]
+
+
+def _results_table(metrics: dict[str, float]) -> str:
+    """A small text table of the headline metrics."""
+    rows = [(key, metrics[key]) for key in ("mmcs", "ml2r", "matrix_cosine", "ci_pattern_errors") if key in metrics]
+    rows += [(key, value) for key, value in metrics.items() if key.startswith(("ci_l0/", "alive/"))
+             and (not key.startswith("ci_l0/") or key.endswith("/0.1"))]
+    rows += [(key, metrics[key]) for key in ("faithfulness", "stochastic_recon", "ci_masked_recon") if key in metrics]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"  {key:<{width}}  {value:.6g}" for key, value in rows)
+
+
+def _report(result: api.RunResult) -> None:
+    print(_results_table(result.metrics))
+    print(f"run directory: {result.run_dir}")
+    for figure in result.figures:
+        print(f"figure: {figure}")
+
+
+def cmd_train_target(args: argparse.Namespace) -> None:
+    directory, loss = api.train_target_preset(args.preset, args.overrides, args.out)
+    status = f"final training loss {loss:.4g}" if loss == loss else "already trained (reused)"
+    print(f"target of {args.preset}: {status}\nsaved in {directory}")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    extra = [f"train.seed={args.seed}"] if args.seed is not None else []
+    extra += [f"train.steps={args.steps}"] if args.steps is not None else []
+    return list(args.overrides) + extra
+
+
+def cmd_decompose(args: argparse.Namespace) -> None:
+    config = api.load_run_config(args.config, _overrides(args))
+    result = api.decompose(config, args.out)
+    if result.resumed_from:
+        print(f"resumed from step {result.resumed_from}")
+    _report(result)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    _report(api.evaluate(args.run_dir))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    config = api.load_run_config(DEMO_PRESET, DEMO_OVERRIDES)
+    print(f"demo: SPD of the toy model of superposition 5-2 ({config.train.steps} steps) in {args.out}")
+    _report(api.decompose(config, args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unmerge", description="Decompose trained neural networks into the mechanisms they compute."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    presets = ", ".join(api.preset_names())
+
+    train_target = commands.add_parser(
+        "train-target", help="train a preset's toy target (cached and reused)",
+        description=f"Train the toy target of a preset and save it (safetensors + config). Presets: {presets}.",
+    )
+    train_target.add_argument("preset", help="preset name or YAML path")
+    train_target.add_argument("overrides", nargs="*", help="key.path=value, e.g. target.train.seed=1")
+    train_target.add_argument("--out", type=Path, help="save here instead of the cache (~/.cache/unmerge)")
+    train_target.set_defaults(handler=cmd_train_target)
+
+    decompose = commands.add_parser(
+        "decompose", help="run SPD on a preset or YAML config (resumes if --out holds the same run)",
+        description=f"Run SPD and write a run directory. Presets: {presets}. Rerunning the same command on the "
+                    "same --out resumes from the newest checkpoint.",
+    )
+    decompose.add_argument("config", metavar="PRESET_OR_YAML")
+    decompose.add_argument("overrides", nargs="*", help="key.path=value, e.g. method.importance_minimality_coeff=1e-3")
+    decompose.add_argument("--out", type=Path, required=True, help="run directory")
+    decompose.add_argument("--seed", type=int, help="decomposition seed (train.seed)")
+    decompose.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
+    decompose.set_defaults(handler=cmd_decompose)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="recompute metrics.json and figures of a run",
+        description="Evaluate a run directory's newest checkpoint: metrics.json and figures.",
+    )
+    evaluate.add_argument("run_dir", type=Path)
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    demo = commands.add_parser(
+        "demo", help="train TMS 5-2, decompose it, print the results",
+        description="Train the 5-2 toy model of superposition, decompose it with SPD, print MMCS, ML2R and CI-L0.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default runs/demo)")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except UnmergeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume from the newest checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

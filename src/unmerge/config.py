@@ -1,0 +1,183 @@
+"""Typed, strict, frozen configs for targets, methods and training, loadable from YAML.
+
+Unknown keys are errors; values are validated on construction. A run is described by one `RunConfig`
+(target + method + training), saved as `config.yaml` in its run directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import ValidationError, model_validator
+
+from unmerge.errors import ConfigError
+
+Probability = Annotated[float, Field(gt=0.0, le=1.0)]
+NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+
+
+class StrictModel(BaseModel):
+    """Base of every config: unknown keys are errors and instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def digest(self) -> str:
+        """Short stable hash of the config's content (used to key caches of trained targets)."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class OptimConfig(StrictModel):
+    """Adam(W) with a learning-rate schedule that is a pure function of the step (so resume is exact)."""
+
+    lr: PositiveFloat = Field(1e-3, description="peak learning rate")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="decay after warm-up")
+    warmup_steps: NonNegativeInt = Field(0, description="linear warm-up from 0")
+    final_lr_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = Field(0.0, description="cosine floor / peak")
+    weight_decay: NonNegativeFloat = Field(0.0, description="decoupled weight decay (AdamW); 0 is plain Adam")
+
+
+class TrainConfig(StrictModel):
+    """The one training loop's settings, shared by every method."""
+
+    steps: PositiveInt = Field(description="optimiser steps")
+    batch_size: PositiveInt = Field(description="examples per step (per rank)")
+    seed: NonNegativeInt = Field(0, description="fixes data, initialisation and masks")
+    optim: OptimConfig = OptimConfig()
+    eval_every: NonNegativeInt = Field(0, description="evaluate every N steps (0: only at the end)")
+    eval_batch_size: PositiveInt = Field(4096, description="examples per evaluation batch")
+    log_every: PositiveInt = Field(50, description="append training losses to train_log.jsonl every N steps")
+    checkpoint_every: NonNegativeInt = Field(1000, description="checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: PositiveInt = Field(2, description="how many recent checkpoints to keep")
+    threads: NonNegativeInt = Field(0, description="torch threads per process (0: leave torch's default)")
+
+
+class TMSConfig(StrictModel):
+    """Toy model of superposition `x̂ = ReLU(Wᵀ W x + b)`, optionally with a fixed identity between W and Wᵀ."""
+
+    kind: Literal["tms"] = "tms"
+    n_features: PositiveInt = Field(description="input/output features n")
+    n_hidden: PositiveInt = Field(description="hidden dimension m")
+    identity: bool = Field(False, description="insert a fixed m×m identity site between W and Wᵀ")
+    feature_probability: Probability = Field(0.05, description="probability that a feature is active")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=10_000, batch_size=1024, optim=OptimConfig(lr=5e-3, weight_decay=0.01)),
+        description="training recipe of the target (AdamW, constant lr)",
+    )
+
+
+class ResidMLPConfig(StrictModel):
+    """Residual MLP doing compressed computation of `y_i = x_i + ReLU(x_i)` through a fixed embedding."""
+
+    kind: Literal["resid_mlp"] = "resid_mlp"
+    n_features: PositiveInt = Field(100, description="input features")
+    d_embed: PositiveInt = Field(1000, description="residual stream width")
+    n_layers: PositiveInt = Field(1, description="MLP blocks")
+    d_mlp: PositiveInt = Field(50, description="neurons per block")
+    feature_probability: Probability = Field(0.01, description="probability that a feature is active")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(
+            steps=5_000, batch_size=2048, optim=OptimConfig(lr=3e-3, schedule="cosine", weight_decay=0.01)
+        ),
+        description="training recipe of the target (AdamW, cosine lr)",
+    )
+
+
+TargetConfig = Annotated[TMSConfig | ResidMLPConfig, Field(discriminator="kind")]
+
+
+class SiteConfig(StrictModel):
+    """Weight matrices to decompose: every module whose name matches `pattern` (fnmatch) gets C subcomponents."""
+
+    pattern: str = Field(min_length=1, description="fnmatch pattern over module names, e.g. 'layers.*.mlp_in'")
+    C: PositiveInt = Field(description="rank-1 subcomponents per matched site")
+
+
+class SPDConfig(StrictModel):
+    """Stochastic Parameter Decomposition (DESIGN.md §4)."""
+
+    kind: Literal["spd"] = "spd"
+    sites: list[SiteConfig] = Field(min_length=1, description="which weights to decompose")
+    ci_hidden: PositiveInt = Field(16, description="hidden width d_gate of each subcomponent's CI MLP")
+    faithfulness_coeff: NonNegativeFloat = Field(1.0, description="weight of ‖W − UV‖²")
+    stochastic_recon_coeff: NonNegativeFloat = Field(1.0, description="β1: all sites masked")
+    layerwise_recon_coeff: NonNegativeFloat = Field(1.0, description="β2: one site masked at a time")
+    importance_minimality_coeff: NonNegativeFloat = Field(description="β3: penalty on Σ|g⁺|^p")
+    pnorm: PositiveFloat = Field(1.0, description="p of the importance-minimality penalty")
+    leak: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.01, description="slope of the hard sigmoids' leaks")
+    output_loss: Literal["mse", "kl"] = Field("mse", description="divergence D between masked and target outputs")
+
+
+class RunConfig(StrictModel):
+    """One decomposition run: which target, which method, how to train."""
+
+    name: str = Field("run", description="human-readable name (the preset's name)")
+    target: TargetConfig
+    method: SPDConfig
+    train: TrainConfig
+
+    @model_validator(mode="after")
+    def _kl_only_for_language_targets(self) -> RunConfig:
+        if self.method.output_loss == "kl":
+            raise ValueError("output_loss 'kl' needs a language-model target; toy targets use 'mse'")
+        return self
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key (check the spelling; `unmerge decompose --help` lists presets)")
+        else:
+            lines.append(f"  {where}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate(model_cls: type[StrictModel], data: Any, source: str) -> Any:
+    """Build `model_cls` from plain data, turning validation failures into one readable `ConfigError`."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, not {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to nested plain data; returns a new dict."""
+    result = json.loads(json.dumps(data))
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} must look like key.path=value, e.g. train.steps=2000")
+        node = result
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {part!r} is not a config section")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    return result
+
+
+def save_yaml(config: StrictModel, path: Path) -> None:
+    """Write the fully resolved config (defaults included) as YAML."""
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True))

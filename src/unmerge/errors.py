@@ -1,0 +1,21 @@
+"""Errors a user can act on. The CLI prints their message (no traceback) and exits with status 2."""
+
+
+class UnmergeError(Exception):
+    """A problem with the user's input or files, with a message that says what is wrong and how to fix it."""
+
+
+class ConfigError(UnmergeError):
+    """A config is malformed, has unknown keys, or values out of range."""
+
+
+class SiteError(UnmergeError):
+    """A site pattern matched no module, or matched a module that cannot be decomposed."""
+
+
+class CheckpointError(UnmergeError):
+    """A checkpoint or run directory is missing, corrupt, or belongs to a different config."""
+
+
+class NonFiniteLossError(UnmergeError):
+    """Training produced NaN or infinity; the last good checkpoint is left untouched."""

@@ -1,0 +1,34 @@
+"""Metrics: pure functions, one definition each, used by training, evaluation and reports.
+
+Keys written to a run's `metrics.json` (flat; `/` separates a metric from its site or group):
+
+* `mmcs`, `ml2r`, `matrix_cosine` — feature-direction recovery (see `recovery.feature_recovery`), mean over sites
+  with known feature directions; per site as `mmcs/<site>` etc.
+* `ci_l0/<site>/<threshold>` — mean subcomponents per input with CI above 0.01, 0.1, 0.5 (data distribution).
+* `alive/<site>` — subcomponents with CI > 0.1 on some evaluation input.
+* `ci_pattern_errors/<group>` — one-hot CI pattern errors (identity pattern for per-feature groups, dense
+  pattern for dense groups); `ci_pattern_errors` — their sum.
+* `faithfulness`, `stochastic_recon`, `layerwise_recon`, `ci_masked_recon`, `unmasked_recon` — SPD losses on an
+  evaluation batch.
+"""
+
+from unmerge.metrics.importance import (
+    L0_THRESHOLDS,
+    alive_count,
+    ci_l0,
+    dense_pattern_errors,
+    identity_pattern_errors,
+    identity_permutation,
+)
+from unmerge.metrics.recovery import Recovery, feature_recovery
+
+__all__ = [
+    "L0_THRESHOLDS",
+    "Recovery",
+    "alive_count",
+    "ci_l0",
+    "dense_pattern_errors",
+    "feature_recovery",
+    "identity_pattern_errors",
+    "identity_permutation",
+]

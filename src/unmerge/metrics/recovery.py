@@ -1,0 +1,49 @@
+"""How well subcomponents recover the ground-truth feature directions of a weight (MMCS, ML2R)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """Per-feature best subcomponent and the three scores, each averaged over features.
+
+    * `mmcs`: `mean_i max_c cos(row_i(U_c V_cᵀ), row_i(W))` (rows indexed by feature).
+    * `ml2r`: `mean_i ‖row_i of the best c‖ / ‖row_i(W)‖` (1 is perfect; < 1 is shrinkage).
+    * `matrix_cosine`: cosine between the feature's whole rank-1 matrix in W and the best subcomponent's matrix;
+      strict: it also penalises a subcomponent that reads other features.
+    """
+
+    mmcs: float
+    ml2r: float
+    matrix_cosine: float
+    best: Tensor
+
+
+def feature_recovery(weight: Tensor, U: Tensor, V: Tensor, axis: str) -> Recovery:
+    """Score subcomponents `U[:, c] V[c, :]` of `weight` (d_out × d_in) against its per-feature rows.
+
+    `axis="in"`: features index the input columns (feature i's row is `weight[:, i]`); `"out"`: the output rows.
+    """
+    if axis == "out":
+        return feature_recovery(weight.T, V.T, U.T, "in")
+    if axis != "in":
+        raise ValueError(f"axis must be 'in' or 'out', not {axis!r}")
+    weight, U, V = weight.detach().double(), U.detach().double(), V.detach().double()
+    feature_rows = weight.T  # (n, d_out)
+    candidate_rows = V.T[:, :, None] * U.T[None, :, :]  # (n, C, d_out): row i of subcomponent c
+    cosines = F.cosine_similarity(candidate_rows, feature_rows[:, None, :], dim=-1)
+    best_cos, best = cosines.max(dim=1)
+    arange = torch.arange(len(best))
+    best_norm = candidate_rows[arange, best].norm(dim=-1)
+    ratio = best_norm / feature_rows.norm(dim=-1)
+    inner = V[best, arange] * (U[:, best] * feature_rows.T).sum(0)
+    matrix_cos = inner / (feature_rows.norm(dim=-1) * U[:, best].norm(dim=0) * V[best].norm(dim=-1))
+    return Recovery(
+        mmcs=float(best_cos.mean()), ml2r=float(ratio.mean()), matrix_cosine=float(matrix_cos.mean()), best=best
+    )

@@ -1,0 +1,93 @@
+"""Figures of an SPD run (PNG): recovered subcomponents beside the target's weights, and CI on one-hot inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from unmerge import metrics  # noqa: E402
+
+if TYPE_CHECKING:
+    from unmerge.spd.method import SPD
+
+STYLE = {"figure.dpi": 110, "font.size": 9, "axes.titlesize": 9, "image.cmap": "RdBu_r"}
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def permuted_importance(importance: Tensor) -> Tensor:
+    """Columns reordered so feature i's matched subcomponent is column i, the unmatched ones after it."""
+    if importance.shape[0] > importance.shape[1]:
+        return importance[:, importance.mean(0).argsort(descending=True)]
+    matched = torch.as_tensor(metrics.identity_permutation(importance))
+    rest = [c for c in range(importance.shape[1]) if c not in set(matched.tolist())]
+    rest = sorted(rest, key=lambda c: -float(importance[:, c].mean()))
+    return importance[:, torch.cat([matched, torch.tensor(rest, dtype=torch.long)])]
+
+
+def importance_figure(one_hot: dict[str, Tensor], path: Path) -> Path:
+    """One heatmap per site: CI (features × subcomponents) on one-hot inputs, permuted towards the identity."""
+    with plt.rc_context(STYLE):
+        figure, axes = plt.subplots(1, len(one_hot), figsize=(4.2 * len(one_hot), 3.2), squeeze=False)
+        for axis, (name, importance) in zip(axes[0], one_hot.items(), strict=True):
+            image = axis.imshow(permuted_importance(importance).numpy(), vmin=0, vmax=1, cmap="Blues",
+                                aspect="auto", interpolation="nearest")
+            axis.set_title(f"{name}: CI on one-hot inputs")
+            axis.set_xlabel("subcomponent (permuted)")
+            axis.set_ylabel("active feature")
+        figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+        return _save(figure, path)
+
+
+def weights_figure(spd: SPD, site: str, axis: str, path: Path) -> Path:
+    """Top: each feature's rank-1 piece of the target weight; bottom: the best-matching subcomponent."""
+    weight = spd.module.target_weight(site).detach()
+    components = spd.module.site_components(site)
+    recovery = metrics.feature_recovery(weight, components.U, components.V, axis)
+    n_features = len(recovery.best)
+    shown = min(n_features, 12)
+    with plt.rc_context(STYLE):
+        figure, axes = plt.subplots(2, shown, figsize=(1.3 * shown + 1, 3.2), squeeze=False)
+        for i in range(shown):
+            piece = torch.zeros_like(weight)
+            if axis == "in":
+                piece[:, i] = weight[:, i]
+            else:
+                piece[i, :] = weight[i, :]
+            c = int(recovery.best[i])
+            subcomponent = (components.U[:, c : c + 1] @ components.V[c : c + 1, :]).detach()
+            scale = float(piece.abs().max()) or 1.0
+            for row, (matrix, title) in enumerate(((piece, f"feature {i}"), (subcomponent, f"subcomp. {c}"))):
+                axes[row, i].imshow(matrix.numpy(), vmin=-scale, vmax=scale, interpolation="nearest")
+                axes[row, i].set_title(title)
+                axes[row, i].set_xticks([])
+                axes[row, i].set_yticks([])
+        axes[0, 0].set_ylabel("target")
+        axes[1, 0].set_ylabel("SPD")
+        figure.suptitle(f"{site}: MMCS {recovery.mmcs:.4f}, ML2R {recovery.ml2r:.3f}"
+                        + (f" (first {shown} of {n_features} features)" if shown < n_features else ""))
+        return _save(figure, path)
+
+
+def spd_figures(spd: SPD, directory: Path) -> list[Path]:
+    """All figures of an SPD run on a toy target (those that need ground truth are skipped without it)."""
+    truth = spd.target.ground_truth
+    if truth is None:
+        return []
+    paths = [importance_figure(spd.one_hot_importance(), directory / "ci_one_hot.png")]
+    for site, axis in truth.feature_directions.items():
+        if site in spd.module.site_C:
+            paths.append(weights_figure(spd, site, axis, directory / f"weights_{site}.png"))
+    return paths

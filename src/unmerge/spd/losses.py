@@ -1,0 +1,37 @@
+"""SPD's loss terms, each one small function used by training and evaluation alike (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def faithfulness_loss(target_weights: list[Tensor], reconstructions: list[Tensor]) -> Tensor:
+    """`(1/N) Σ_l ‖W^l − U^l V^l‖²_F`, N the number of decomposed weight entries."""
+    squared = sum(((w - r) ** 2).sum() for w, r in zip(target_weights, reconstructions, strict=True))
+    n_entries = sum(w.numel() for w in target_weights)
+    return squared / n_entries
+
+
+def importance_minimality_loss(upper_importances: list[Tensor], pnorm: float) -> Tensor:
+    """`(1/B) Σ_b Σ_l Σ_c |g⁺_{b,l,c}|^p`; B counts every leading position (examples × tokens)."""
+    n_positions = upper_importances[0][..., 0].numel()
+    return sum(g.abs().pow(pnorm).sum() for g in upper_importances) / n_positions
+
+
+def output_divergence(prediction: Tensor, target: Tensor, kind: str) -> Tensor:
+    """D(target ‖ prediction): MSE over output elements for toys; KL(target ‖ prediction) per position for LMs."""
+    if kind == "mse":
+        return F.mse_loss(prediction, target)
+    if kind == "kl":
+        log_p = F.log_softmax(target, dim=-1)
+        log_q = F.log_softmax(prediction, dim=-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    raise ValueError(f"unknown output divergence {kind!r}")
+
+
+def stochastic_masks(lower_importance: Tensor, generator: torch.Generator) -> Tensor:
+    """`m = g + (1 − g) r`, `r ~ U(0, 1)` per position and subcomponent; gradient flows through g."""
+    r = torch.rand(lower_importance.shape, generator=generator, dtype=lower_importance.dtype)
+    return lower_importance + (1 - lower_importance) * r

@@ -1,0 +1,150 @@
+"""SPD as a method of the one training loop: the loss of a batch, and evaluation against the target."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from unmerge import metrics
+from unmerge.config import SPDConfig
+from unmerge.spd import losses
+from unmerge.spd.components import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+from unmerge.spd.model import CleanPass, ComponentModel
+from unmerge.targets.base import Target
+from unmerge.train.loop import StepOutput
+from unmerge.train.rng import step_generator
+
+
+@dataclass
+class Importances:
+    """Causal importances of one batch: `lower` feeds masks, `upper` the penalty (both per site, (..., C))."""
+
+    inner: dict[str, Tensor]
+    lower: dict[str, Tensor]
+    upper: dict[str, Tensor]
+
+
+class SPD:
+    """Stochastic Parameter Decomposition of a target's sites (DESIGN.md §4)."""
+
+    def __init__(self, target: Target, config: SPDConfig, seed: int, eval_batch_size: int = 4096) -> None:
+        self.target = target
+        self.config = config
+        self.seed = seed
+        self.eval_batch_size = eval_batch_size
+        self.module = ComponentModel(target.model, config.sites, config.ci_hidden, step_generator(seed, "init"))
+
+    def importances(self, clean: CleanPass) -> Importances:
+        inner = self.module.inner_acts(clean)
+        gamma = self.module.causal_importance(inner)
+        leak = self.config.leak
+        lower = {name: lower_leaky_hard_sigmoid(g, leak) for name, g in gamma.items()}
+        upper = {name: upper_leaky_hard_sigmoid(g, leak) for name, g in gamma.items()}
+        return Importances(inner=inner, lower=lower, upper=upper)
+
+    def faithfulness(self) -> Tensor:
+        names = self.module.site_names
+        return losses.faithfulness_loss(
+            [self.module.target_weight(n) for n in names], [self.module.site_components(n).weight() for n in names]
+        )
+
+    def _divergence(self, x: Tensor, masks: dict[str, Tensor], clean: CleanPass, ci: Importances) -> Tensor:
+        output = self.module.masked_pass(x, masks, clean, ci.inner)
+        return losses.output_divergence(output, clean.output, self.config.output_loss)
+
+    def stochastic_recon(self, x: Tensor, clean: CleanPass, ci: Importances, generator: torch.Generator) -> Tensor:
+        """All sites masked with one stochastic draw."""
+        masks = {name: losses.stochastic_masks(g, generator) for name, g in ci.lower.items()}
+        return self._divergence(x, masks, clean, ci)
+
+    def layerwise_recon(self, x: Tensor, clean: CleanPass, ci: Importances, generator: torch.Generator) -> Tensor:
+        """Mean over sites of the divergence with only that site masked."""
+        terms = [
+            self._divergence(x, {name: losses.stochastic_masks(g, generator)}, clean, ci)
+            for name, g in ci.lower.items()
+        ]
+        return torch.stack(terms).mean()
+
+    def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
+        clean = self.module.clean_pass(batch)
+        ci = self.importances(clean)
+        config = self.config
+        terms = {
+            "faithfulness": self.faithfulness(),
+            "importance_minimality": losses.importance_minimality_loss(list(ci.upper.values()), config.pnorm),
+        }
+        if config.stochastic_recon_coeff:
+            terms["stochastic_recon"] = self.stochastic_recon(batch, clean, ci, generator)
+        if config.layerwise_recon_coeff:
+            terms["layerwise_recon"] = self.layerwise_recon(batch, clean, ci, generator)
+        coefficients = {
+            "faithfulness": config.faithfulness_coeff,
+            "importance_minimality": config.importance_minimality_coeff,
+            "stochastic_recon": config.stochastic_recon_coeff,
+            "layerwise_recon": config.layerwise_recon_coeff,
+        }
+        loss = sum(coefficients[name] * value for name, value in terms.items())
+        return StepOutput(loss=loss, terms=terms)
+
+    def one_hot_importance(self) -> dict[str, Tensor]:
+        """Lower-sigmoid CI per site on one input per feature."""
+        with torch.no_grad():
+            return self.importances(self.module.clean_pass(self.target.one_hot_inputs())).lower
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics on a fixed evaluation batch, plus ground-truth scores when the target has them."""
+        x = self.target.sample_inputs(self.eval_batch_size, step_generator(self.seed, "eval"))
+        clean = self.module.clean_pass(x)
+        ci = self.importances(clean)
+        generator = step_generator(self.seed, "eval-masks")
+        ones = {name: torch.ones_like(g) for name, g in ci.lower.items()}
+        results: dict[str, float] = {
+            "faithfulness": float(self.faithfulness()),
+            "stochastic_recon": float(self.stochastic_recon(x, clean, ci, generator)),
+            "layerwise_recon": float(self.layerwise_recon(x, clean, ci, generator)),
+            "ci_masked_recon": float(self._divergence(x, ci.lower, clean, ci)),
+            "unmasked_recon": float(self._divergence(x, ones, clean, ci)),
+        }
+        for name, g in ci.lower.items():
+            results[f"alive/{name}"] = metrics.alive_count(g)
+            for threshold in metrics.L0_THRESHOLDS:
+                results[f"ci_l0/{name}/{threshold}"] = metrics.ci_l0(g, threshold)
+        if self.target.ground_truth is not None:
+            results.update(self.ground_truth_metrics())
+        return results
+
+    def ground_truth_metrics(self) -> dict[str, float]:
+        """MMCS/ML2R on sites with known feature directions; CI pattern errors on one-hot inputs."""
+        truth = self.target.ground_truth
+        assert truth is not None
+        results: dict[str, float] = {}
+        recoveries = []
+        for name, axis in truth.feature_directions.items():
+            if name not in self.module.site_C:
+                continue
+            components = self.module.site_components(name)
+            recovery = metrics.feature_recovery(self.module.target_weight(name), components.U, components.V, axis)
+            recoveries.append(recovery)
+            results |= {f"mmcs/{name}": recovery.mmcs, f"ml2r/{name}": recovery.ml2r,
+                        f"matrix_cosine/{name}": recovery.matrix_cosine}
+        if recoveries:
+            results["mmcs"] = sum(r.mmcs for r in recoveries) / len(recoveries)
+            results["ml2r"] = sum(r.ml2r for r in recoveries) / len(recoveries)
+            results["matrix_cosine"] = sum(r.matrix_cosine for r in recoveries) / len(recoveries)
+        one_hot = self.one_hot_importance()
+        errors = 0
+        for group, sites in truth.feature_sites.items():
+            if all(site in one_hot for site in sites):
+                count = metrics.identity_pattern_errors(torch.cat([one_hot[s] for s in sites], dim=-1))
+                results[f"ci_pattern_errors/{group}"] = count
+                errors += count
+        for group, (sites, rank) in truth.dense_sites.items():
+            if all(site in one_hot for site in sites):
+                count = metrics.dense_pattern_errors(torch.cat([one_hot[s] for s in sites], dim=-1), rank)
+                results[f"ci_pattern_errors/{group}"] = count
+                errors += count
+        results["ci_pattern_errors"] = errors
+        return results

@@ -1,0 +1,147 @@
+"""Toy targets with ground truth: build, train (through the one training loop), save, load, cache.
+
+A trained target is stored as `model.safetensors` + `target.yaml` (its full config, recipe included) and reused:
+`cached_target` keys the cache by the config's digest, so a changed recipe trains a new target.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from unmerge.config import (
+    ResidMLPConfig,
+    StrictModel,
+    TargetConfig,
+    TMSConfig,
+    load_yaml,
+    save_yaml,
+    validate,
+)
+from unmerge.errors import CheckpointError
+from unmerge.targets import resid_mlp, tms
+from unmerge.targets.base import GroundTruth, Target
+from unmerge.train.checkpoint import write_atomic
+from unmerge.train.loop import StepOutput, train
+from unmerge.train.rng import derive_seed
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "target.yaml"
+
+
+@dataclass(frozen=True)
+class ToyRecipe:
+    """How to build one kind of toy target, sample its inputs, train it, and state its ground truth."""
+
+    build: Callable[[TargetConfig], nn.Module]
+    inputs: Callable[[TargetConfig, int, torch.Generator], Tensor]
+    loss: Callable[[nn.Module, Tensor], Tensor]
+    ground_truth: Callable[[TargetConfig], GroundTruth]
+
+
+RECIPES: dict[str, ToyRecipe] = {
+    "tms": ToyRecipe(tms.TMSModel, tms.tms_inputs, tms.tms_loss, tms.tms_ground_truth),
+    "resid_mlp": ToyRecipe(
+        lambda c: resid_mlp.ResidMLP(c, embedding_seed=derive_seed(c.train.seed, "embedding")),
+        resid_mlp.resid_mlp_inputs,
+        resid_mlp.resid_mlp_loss,
+        resid_mlp.resid_mlp_ground_truth,
+    ),
+}
+
+
+class _TargetFile(StrictModel):
+    """Wrapper that lets pydantic pick the target kind from `kind`."""
+
+    target: TargetConfig
+
+
+def target_name(config: TargetConfig) -> str:
+    if isinstance(config, TMSConfig):
+        return f"tms-{config.n_features}-{config.n_hidden}" + ("-id" if config.identity else "")
+    assert isinstance(config, ResidMLPConfig)
+    return f"resid-mlp-{config.n_layers}"
+
+
+def build_target(config: TargetConfig, model: nn.Module) -> Target:
+    recipe = RECIPES[config.kind]
+    return Target(
+        name=target_name(config),
+        model=model,
+        sample_inputs=lambda batch_size, generator: recipe.inputs(config, batch_size, generator),
+        ground_truth=recipe.ground_truth(config),
+    )
+
+
+class _TargetTraining:
+    """Adapts a toy model and its loss to the training loop's method interface."""
+
+    def __init__(self, model: nn.Module, loss: Callable[[nn.Module, Tensor], Tensor]) -> None:
+        self.module = model
+        self.loss = loss
+
+    def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
+        return StepOutput(loss=self.loss(self.module, batch))
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+
+def train_target(config: TargetConfig) -> tuple[Target, float]:
+    """Train a toy target from its seeded recipe; returns the target and its final training loss."""
+    recipe = RECIPES[config.kind]
+    with torch.random.fork_rng():
+        torch.manual_seed(derive_seed(config.train.seed, "target-init"))
+        model = recipe.build(config)
+    result = train(
+        _TargetTraining(model, recipe.loss),
+        lambda batch_size, generator: recipe.inputs(config, batch_size, generator),
+        config.train,
+        description=f"train {target_name(config)}",
+    )
+    return build_target(config, model), result.last_terms["loss"]
+
+
+def save_target(target: Target, config: TargetConfig, directory: Path) -> None:
+    """Write weights and config atomically (config last, so a directory with a config is complete)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in target.model.state_dict().items()}
+    write_atomic(directory / MODEL_FILE, lambda tmp: save_file(state, str(tmp)))
+    write_atomic(directory / CONFIG_FILE, lambda tmp: save_yaml(config, tmp))
+
+
+def load_target(directory: Path) -> tuple[Target, TargetConfig]:
+    """Load a saved toy target; a missing or damaged file is a `CheckpointError` naming it."""
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory} holds no trained target ({CONFIG_FILE} missing); "
+                              "train one with `unmerge train-target PRESET`")
+    config = validate(_TargetFile, {"target": load_yaml(config_path)}, str(config_path)).target
+    model = RECIPES[config.kind].build(config)
+    try:
+        model.load_state_dict(load_file(str(directory / MODEL_FILE)), strict=True)
+    except Exception as error:  # noqa: BLE001 - safetensors and torch raise several types for a bad file
+        raise CheckpointError(f"cannot load target weights from {directory / MODEL_FILE}: {error}; delete "
+                              f"{directory} to retrain it") from None
+    return build_target(config, model), config
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("UNMERGE_CACHE_DIR", Path.home() / ".cache" / "unmerge"))
+
+
+def cached_target(config: TargetConfig) -> Target:
+    """The trained target for `config`, trained and saved on first use."""
+    directory = cache_root() / "targets" / f"{target_name(config)}-{config.digest()}"
+    if (directory / CONFIG_FILE).is_file():
+        return load_target(directory)[0]
+    target, _ = train_target(config)
+    save_target(target, config, directory)
+    return target
+

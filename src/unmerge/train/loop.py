@@ -1,0 +1,142 @@
+"""The one training loop, shared by every method (SPD, dictionaries, APD) and by toy-target training.
+
+A method is anything with a `module` (the learned state to checkpoint), a `training_loss(batch, generator)` and an
+`evaluate()`. Each step is named up front: draw the batch, compute the loss, check it is finite, step the
+optimiser; then log, evaluate, checkpoint when their cadence says so. Data and noise come from counter-based
+generators (`rng.step_generator`), so a resumed run is bitwise identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from unmerge.config import TrainConfig
+from unmerge.errors import CheckpointError, NonFiniteLossError
+from unmerge.train import checkpoint, distributed
+from unmerge.train.rng import step_generator
+from unmerge.train.schedule import learning_rate
+
+TRAIN_LOG = "train_log.jsonl"
+EVAL_LOG = "eval_log.jsonl"
+
+
+@dataclass
+class StepOutput:
+    """A method's loss for one batch: the scalar to minimise and its named terms (already weighted or not)."""
+
+    loss: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    module: nn.Module
+
+    def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+
+BatchSampler = Callable[[int, torch.Generator], Tensor]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int
+    last_terms: dict[str, float]
+
+
+def _append_jsonl(path: Path, record: dict[str, float]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, after_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _resume(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load the newest checkpoint into module and optimiser; return its step (0 if none)."""
+    saved = checkpoint.checkpoint_dirs(run_dir)
+    if not saved:
+        return 0
+    tensors, state = checkpoint.load_checkpoint(saved[-1])
+    model_tensors, optim_tensors = checkpoint.split_optimizer(tensors)
+    try:
+        module.load_state_dict(model_tensors, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {saved[-1]} does not fit this run's model: {error}") from None
+    checkpoint.load_optimizer_tensors(optimizer, optim_tensors)
+    return int(state["step"])
+
+
+def _scalars(terms: dict[str, Tensor]) -> dict[str, float]:
+    return {name: float(value.detach()) for name, value in terms.items()}
+
+
+def train(
+    method: Method,
+    sample_batch: BatchSampler,
+    config: TrainConfig,
+    run_dir: Path | None = None,
+    description: str = "train",
+) -> TrainResult:
+    """Optimise `method.module` for `config.steps` steps, resuming from `run_dir`'s newest checkpoint if any."""
+    parameters = [p for p in method.module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    rank, writes = distributed.rank(), run_dir is not None and distributed.is_main_process()
+    start = _resume(run_dir, method.module, optimizer) if run_dir is not None else 0
+    if writes:
+        assert run_dir is not None
+        for log in (TRAIN_LOG, EVAL_LOG):
+            _truncate_log(run_dir / log, start)
+    last_terms: dict[str, float] = {}
+    progress = tqdm(
+        range(start, config.steps), initial=start, total=config.steps, desc=description,
+        disable=None if distributed.is_main_process() else True, mininterval=0.5, dynamic_ncols=True,
+    )
+    for step in progress:
+        lr = learning_rate(config.optim, step, config.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = sample_batch(config.batch_size, step_generator(config.seed, "data", step, rank))
+        output = method.training_loss(batch, step_generator(config.seed, "noise", step, rank))
+        if not torch.isfinite(output.loss):
+            raise NonFiniteLossError(
+                f"the loss became {float(output.loss)} at step {step} (terms: {_scalars(output.terms)}); the last "
+                f"good checkpoint is untouched. Lower the learning rate (train.optim.lr={lr:g} now) or the loss "
+                "coefficients, then rerun the same command to resume."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        distributed.average_gradients(parameters)
+        optimizer.step()
+        done = step + 1
+        is_last = done == config.steps
+        if done % config.log_every == 0 or is_last:
+            last_terms = distributed.mean_across_ranks({"loss": float(output.loss.detach()), **_scalars(output.terms)})
+            progress.set_postfix({k: f"{v:.3g}" for k, v in last_terms.items()}, refresh=False)
+            if writes:
+                _append_jsonl(run_dir / TRAIN_LOG, {"step": done, "lr": lr, **last_terms})
+        if config.eval_every and done % config.eval_every == 0 and not is_last:
+            metrics = distributed.mean_across_ranks(method.evaluate())
+            if writes:
+                _append_jsonl(run_dir / EVAL_LOG, {"step": done, **metrics})
+        if writes and (is_last or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+            tensors = {**method.module.state_dict(), **checkpoint.optimizer_tensors(optimizer)}
+            checkpoint.save_checkpoint(run_dir, done, tensors, {"lr": lr}, keep=config.keep_checkpoints)
+    progress.close()
+    return TrainResult(steps=config.steps, resumed_from=start, last_terms=last_terms)
+

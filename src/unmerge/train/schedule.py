@@ -1,0 +1,19 @@
+"""Learning rate as a pure function of the step (no scheduler state to checkpoint)."""
+
+from __future__ import annotations
+
+import math
+
+from unmerge.config import OptimConfig
+
+
+def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up to `optim.lr`, then constant or cosine decay to `final_lr_fraction · lr` at `total_steps`."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return optim.lr
+    decay_steps = max(total_steps - optim.warmup_steps, 1)
+    progress = min((step - optim.warmup_steps) / decay_steps, 1.0)
+    floor = optim.final_lr_fraction
+    return optim.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
