@@ -1,0 +1,79 @@
+"""Presets, strict configs and overrides; user errors as one clear message without a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unmerge import api
+from unmerge.cli import main
+from unmerge.config import RunConfig
+from unmerge.errors import ConfigError
+
+PRESETS = ["tms-5-2", "tms-5-2-id", "tms-40-10", "tms-40-10-id", "resid-mlp-1", "resid-mlp-2", "resid-mlp-3"]
+
+
+def test_every_preset_loads_and_validates() -> None:
+    assert set(PRESETS) <= set(api.preset_names())
+    for name in api.preset_names():
+        config = api.load_run_config(name)
+        assert isinstance(config, RunConfig) and config.name == name
+
+
+def test_overrides_reach_nested_keys() -> None:
+    config = api.load_run_config("tms-5-2", ["train.steps=123", "method.importance_minimality_coeff=1e-2"])
+    assert config.train.steps == 123
+    assert config.method.importance_minimality_coeff == 0.01
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.stepz=5"], r"train\.stepz: unknown key"),
+        (["method.sites=[{pattern: linear1, C: 0}]"], r"method\.sites\.0\.C: Input should be greater than 0"),
+        (["method.pnorm=-1"], r"method\.pnorm"),
+        (["nonsense"], r"must look like key\.path=value"),
+    ],
+)
+def test_bad_configs_name_the_problem(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        api.load_run_config("tms-5-2", overrides)
+
+
+def test_unknown_preset_lists_the_presets() -> None:
+    with pytest.raises(ConfigError, match=r"unknown preset 'tms-9-9'.*tms-5-2"):
+        api.load_run_config("tms-9-9")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "unmerge.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["decompose", "tms-5-2", "--out", "r", "train.bogus=1"], "train.bogus: unknown key"),
+        (["decompose", "tms-5-2", "--out", "r", "method.sites=[{pattern: nope, C: 3}]", "target.train.steps=20"],
+         "site pattern 'nope' matches no module"),
+        (["decompose", "tms-5-2", "--out", "r", "method.sites=[{pattern: linear1, C: -2}]"], "greater than 0"),
+        (["decompose", "no-such-preset", "--out", "r"], "unknown preset 'no-such-preset'"),
+        (["evaluate", "missing-dir"], "is not a run directory"),
+    ],
+)
+def test_cli_user_errors_are_one_message(args: list[str], message: str, tmp_path: Path) -> None:
+    result = _cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ")
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("train-target", "decompose", "evaluate", "demo"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: unmerge " + command in capsys.readouterr().out

@@ -1,0 +1,60 @@
+"""SPD's losses, sigmoids and masks against hand computations on tiny cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unmerge.spd import losses
+from unmerge.spd.components import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+
+
+def test_faithfulness_by_hand() -> None:
+    # W = [[1, 2]], UV = [[1, 0]]: squared error 4 over N = 2 entries; second site [[3]] vs [[1]]: 4 over 1.
+    w = [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0]])]
+    r = [torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0]])]
+    assert losses.faithfulness_loss(w, r).item() == pytest.approx((4 + 4) / 3)
+
+
+def test_importance_minimality_by_hand() -> None:
+    # B = 2 inputs; site a: |g|^p summed over C = 2, site b over C = 1; p = 2.
+    a = torch.tensor([[0.5, 1.0], [0.0, 2.0]])
+    b = torch.tensor([[3.0], [1.0]])
+    expected = (0.25 + 1 + 0 + 4 + 9 + 1) / 2
+    assert losses.importance_minimality_loss([a, b], 2.0).item() == expected
+    # p = 1 on token-shaped (B=1, T=2, C=2) importances divides by B·T = 2.
+    assert losses.importance_minimality_loss([torch.tensor([[[1.0, 2.0], [3.0, 0.0]]])], 1.0).item() == 3.0
+
+
+def test_output_divergences_by_hand() -> None:
+    prediction, target = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]])
+    assert losses.output_divergence(prediction, target, "mse").item() == (1 + 4) / 2
+    same = torch.tensor([[0.3, -1.0, 2.0]])
+    assert losses.output_divergence(same, same, "kl").item() == 0.0
+    # KL(p‖q) with p = softmax([0, 0]) = (½, ½), q = softmax([ln 3, 0]) = (¾, ¼): ½ ln(⅔) + ½ ln 2.
+    kl = losses.output_divergence(torch.tensor([[torch.log(torch.tensor(3.0)), 0.0]]), torch.zeros(1, 2), "kl")
+    expected = 0.5 * torch.log(torch.tensor(2 / 3)) + 0.5 * torch.log(torch.tensor(2.0))
+    torch.testing.assert_close(kl, expected)
+
+
+def test_sigmoids_forward_and_backward() -> None:
+    x = torch.tensor([-2.0, -0.5, 0.25, 0.75, 1.5, 3.0], requires_grad=True)
+    lower = lower_leaky_hard_sigmoid(x, 0.01)
+    torch.testing.assert_close(lower, torch.tensor([-0.02, -0.005, 0.25, 0.75, 1.0, 1.0]))
+    (grad,) = torch.autograd.grad(lower.sum(), x)
+    torch.testing.assert_close(grad, torch.tensor([0.01, 0.01, 1.0, 1.0, 0.0, 0.0]))
+    upper = upper_leaky_hard_sigmoid(x, 0.01)
+    torch.testing.assert_close(upper, torch.tensor([0.0, 0.0, 0.25, 0.75, 1.005, 1.02]))
+    (grad,) = torch.autograd.grad(upper.sum(), x)
+    torch.testing.assert_close(grad, torch.tensor([0.0, 0.0, 1.0, 1.0, 0.01, 0.01]))
+
+
+def test_masks_lie_between_importance_and_one_and_carry_its_gradient() -> None:
+    g = torch.rand(1000, 7, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    masks = losses.stochastic_masks(g, torch.Generator().manual_seed(1))
+    assert bool((masks >= g).all()) and bool((masks <= 1).all())
+    assert masks.min() < 0.05 and masks.max() > 0.95
+    (grad,) = torch.autograd.grad(masks.sum(), g)
+    assert bool((grad >= 0).all()) and bool((grad <= 1).all())  # ∂m/∂g = 1 − r ∈ [0, 1]
+    ones = losses.stochastic_masks(torch.ones(3, 2), torch.Generator().manual_seed(2))
+    assert bool((ones == 1).all())

@@ -1,0 +1,69 @@
+"""Every metric against a closed-form case."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unmerge import metrics
+
+
+def test_ci_l0_and_alive_count() -> None:
+    ci = torch.tensor([[0.05, 0.2, 0.6], [0.0, 0.0, 0.3]])
+    assert metrics.ci_l0(ci, 0.01) == (3 + 1) / 2
+    assert metrics.ci_l0(ci, 0.1) == (2 + 1) / 2
+    assert metrics.ci_l0(ci, 0.5) == (1 + 0) / 2
+    assert metrics.alive_count(ci, 0.1) == 2
+    assert metrics.alive_count(ci[None], 0.5) == 1  # leading token dimension is flattened
+
+
+def test_identity_pattern_errors() -> None:
+    perfect = torch.zeros(3, 5)
+    perfect[[0, 1, 2], [4, 0, 2]] = 1.0
+    assert metrics.identity_pattern_errors(perfect) == 0
+    assert list(metrics.identity_permutation(perfect)) == [4, 0, 2]
+    noisy = perfect.clone()
+    noisy[1, 0] = 0.95  # within tolerance
+    noisy[2, 3] = 0.5  # an unmatched column that fires: one error
+    noisy[0, 4] = 0.7  # a matched entry too low: one error
+    assert metrics.identity_pattern_errors(noisy) == 2
+    assert metrics.identity_pattern_errors(torch.ones(2, 2)) == 2  # off-diagonal ones
+
+
+def test_dense_pattern_errors() -> None:
+    ci = torch.zeros(4, 6)
+    ci[:, [1, 3]] = 1.0
+    assert metrics.dense_pattern_errors(ci, rank=2) == 0
+    assert metrics.dense_pattern_errors(ci, rank=3) == 1  # the third column is not co-active
+    ci[2, 5] = 0.4
+    assert metrics.dense_pattern_errors(ci, rank=2) == 1  # a stray column
+
+
+def test_feature_recovery_perfect_and_scaled() -> None:
+    weight = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]])  # d_out = 2, three input features
+    U = torch.tensor([[0.0, 1.0, 0.0, 2.0], [3.0, 0.0, 0.0, 0.0]])
+    V = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    recovery = metrics.feature_recovery(weight, U, V, "in")
+    assert recovery.mmcs == pytest.approx(1.0)
+    assert recovery.ml2r == pytest.approx(1.0)
+    assert recovery.matrix_cosine == pytest.approx(1.0)
+    assert recovery.best.tolist() == [1, 0, 3]
+    half = metrics.feature_recovery(weight, U * 0.5, V, "in")
+    assert half.mmcs == pytest.approx(1.0) and half.ml2r == pytest.approx(0.5)
+    out = metrics.feature_recovery(weight.T, V.T, U.T, "out")  # transposed site, features on the output axis
+    assert out.mmcs == pytest.approx(1.0) and out.best.tolist() == [1, 0, 3]
+
+
+def test_feature_recovery_angle_and_cross_talk() -> None:
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    angle = math.pi / 3
+    U = torch.tensor([[math.cos(angle)], [math.sin(angle)]])
+    V = torch.tensor([[1.0, 0.0]])
+    recovery = metrics.feature_recovery(weight[:, :1], U, V[:, :1], "in")
+    assert recovery.mmcs == pytest.approx(0.5)
+    # One subcomponent reading both features equally: each feature's row is perfect, the whole matrix is not.
+    both = metrics.feature_recovery(torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0]]), torch.tensor([[1.0, 1.0]]), "in")
+    assert both.mmcs == pytest.approx(1.0)
+    assert both.matrix_cosine == pytest.approx(1 / math.sqrt(2))

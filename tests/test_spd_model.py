@@ -1,0 +1,157 @@
+"""The component model: batched CI vs a naive loop, masked passes vs per-example weights, tied sites, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unmerge.config import ResidMLPConfig, SiteConfig, SPDConfig, TMSConfig
+from unmerge.errors import SiteError
+from unmerge.spd import losses
+from unmerge.spd.components import SiteCIFunctions
+from unmerge.spd.method import SPD
+from unmerge.spd.model import ComponentModel
+from unmerge.targets.base import Target
+from unmerge.targets.resid_mlp import ResidMLP
+from unmerge.targets.tms import TMSModel
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _set_exact_factorisation(model: ComponentModel) -> None:
+    """Put each untied site's SVD into its first rank(W) subcomponents and zero the rest: U V = W exactly."""
+    with torch.no_grad():
+        for name in model.site_names:
+            if name in model.tied:
+                continue
+            components = model.site_components(name)
+            u, s, vh = torch.linalg.svd(model.target_weight(name))
+            rank = len(s)
+            components.U.zero_()
+            components.V.zero_()
+            components.U[:, :rank] = u[:, :rank] * s
+            components.V[:rank] = vh[:rank]
+
+
+def test_batched_ci_equals_per_subcomponent_loop() -> None:
+    functions = SiteCIFunctions({"a": 3, "b": 2}, hidden=4, generator=_generator())
+    for f in functions.functions.values():
+        with torch.no_grad():
+            f.b1.normal_(generator=_generator(1))
+            f.b2.normal_(generator=_generator(2))
+    inner = {"a": torch.randn(5, 3, generator=_generator(3)), "b": torch.randn(5, 2, generator=_generator(4))}
+    batched = functions(inner)
+    for key, h in inner.items():
+        f = functions.functions[key]
+        for c in range(h.shape[1]):
+            naive = F.gelu(h[:, c : c + 1] * f.w1[c] + f.b1[c]) @ f.w2[c] + f.b2[c]
+            torch.testing.assert_close(batched[key][:, c], naive, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("identity", [False, True])
+def test_all_ones_masks_with_faithful_weights_reproduce_the_target(identity: bool) -> None:
+    target = TMSModel(TMSConfig(n_features=5, n_hidden=2, identity=identity))
+    sites = [SiteConfig(pattern="linear*", C=4)] + ([SiteConfig(pattern="hidden", C=4)] if identity else [])
+    model = ComponentModel(target, sites, ci_hidden=3, generator=_generator())
+    assert model.tied == {"linear2": "linear1"}
+    _set_exact_factorisation(model)
+    x = torch.rand(16, 5, generator=_generator(1))
+    clean = model.clean_pass(x)
+    inner = model.inner_acts(clean)
+    ones = {name: torch.ones(16, 4) for name in model.site_names}
+    torch.testing.assert_close(model.masked_pass(x, ones, clean, inner), target(x), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(clean.output, target(x))
+
+
+def test_masked_pass_matches_per_example_weights() -> None:
+    """Masking is equivalent to running example b with weight U diag(m_b) V, across two layers."""
+    config = ResidMLPConfig(n_features=6, d_embed=10, n_layers=2, d_mlp=3)
+    target = ResidMLP(config, embedding_seed=0)
+    model = ComponentModel(target, [SiteConfig(pattern="layers.*.mlp_*", C=5)], ci_hidden=2, generator=_generator())
+    x = torch.randn(4, 6, generator=_generator(1))
+    masks = {n: torch.rand(4, 5, generator=_generator(i + 2)) for i, n in enumerate(model.site_names)}
+    clean = model.clean_pass(x)
+    output = model.masked_pass(x, masks, clean, model.inner_acts(clean))
+    for b in range(4):
+        resid = x[b] @ target.W_E
+        for layer in range(2):
+            weights = {}
+            for kind in ("mlp_in", "mlp_out"):
+                c = model.site_components(f"layers.{layer}.{kind}")
+                weights[kind] = c.U @ torch.diag(masks[f"layers.{layer}.{kind}"][b]) @ c.V
+            resid = resid + weights["mlp_out"] @ F.relu(weights["mlp_in"] @ resid)
+        torch.testing.assert_close(output[b], resid @ target.W_E.T, atol=1e-5, rtol=1e-5)
+
+
+def test_unmasked_sites_after_a_masked_one_use_the_target_weight() -> None:
+    config = ResidMLPConfig(n_features=6, d_embed=10, n_layers=2, d_mlp=3)
+    target = ResidMLP(config, embedding_seed=0)
+    model = ComponentModel(target, [SiteConfig(pattern="layers.*.mlp_*", C=5)], ci_hidden=2, generator=_generator())
+    x = torch.randn(4, 6, generator=_generator(1))
+    clean = model.clean_pass(x)
+    masks = {"layers.0.mlp_out": torch.rand(4, 5, generator=_generator(2))}
+    output = model.masked_pass(x, masks, clean, model.inner_acts(clean))
+    c = model.site_components("layers.0.mlp_out")
+    resid = x @ target.W_E
+    hidden = F.relu(resid @ target.layers[0].mlp_in.weight.T)
+    resid = resid + ((hidden @ c.V.T) * masks["layers.0.mlp_out"]) @ c.U.T
+    resid = resid + target.layers[1](resid)
+    torch.testing.assert_close(output, resid @ target.W_E.T, atol=1e-5, rtol=1e-5)
+
+
+class _Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            self.linear.weight.fill_(2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def test_spd_losses_by_hand_on_a_one_weight_target() -> None:
+    """f(x) = 2x, C = 1 with U V = 1 and a constant importance g = 0.25: every term in closed form."""
+    target = Target(name="scale", model=_Scale(), sample_inputs=lambda n, g: torch.ones(n, 1))
+    config = SPDConfig(sites=[SiteConfig(pattern="linear", C=1)], importance_minimality_coeff=0.5, pnorm=2.0)
+    spd = SPD(target, config, seed=0)
+    with torch.no_grad():
+        spd.module.components["linear"].U.fill_(1.0)
+        spd.module.components["linear"].V.fill_(1.0)
+        ci = spd.module.ci.functions["linear"]
+        ci.w2.zero_()
+        ci.b2.fill_(0.25)
+    x = torch.tensor([[1.0], [3.0]])
+    output = spd.training_loss(x, _generator(7))
+    generator = _generator(7)  # the same draws: first the all-sites pass, then the layerwise pass
+    r_all = torch.rand(2, 1, generator=generator)
+    r_layer = torch.rand(2, 1, generator=generator)
+    mask_all, mask_layer = 0.25 + 0.75 * r_all, 0.25 + 0.75 * r_layer
+    expected = {
+        "faithfulness": (2.0 - 1.0) ** 2 / 1,
+        "importance_minimality": 0.25**2,
+        "stochastic_recon": ((mask_all * x - 2 * x) ** 2).mean().item(),
+        "layerwise_recon": ((mask_layer * x - 2 * x) ** 2).mean().item(),
+    }
+    for name, value in expected.items():
+        assert output.terms[name].item() == pytest.approx(value, rel=1e-6), name
+    total = expected["faithfulness"] + 0.5 * expected["importance_minimality"]
+    total += expected["stochastic_recon"] + expected["layerwise_recon"]
+    assert output.loss.item() == pytest.approx(total, rel=1e-6)
+    assert losses.stochastic_masks(torch.full((2, 1), 0.25), _generator(7)).allclose(mask_all)
+
+
+def test_site_pattern_that_matches_nothing_names_the_candidates() -> None:
+    target = TMSModel(TMSConfig(n_features=5, n_hidden=2))
+    with pytest.raises(SiteError, match=r"'mlp\.\*' matches no module.*linear1, linear2"):
+        ComponentModel(target, [SiteConfig(pattern="mlp.*", C=3)], ci_hidden=2, generator=_generator())
+
+
+def test_site_that_is_not_linear_is_refused() -> None:
+    target = ResidMLP(ResidMLPConfig(n_features=4, d_embed=6, d_mlp=2), embedding_seed=0)
+    with pytest.raises(SiteError, match="not a linear map"):
+        ComponentModel(target, [SiteConfig(pattern="layers.0", C=3)], ci_hidden=2, generator=_generator())
