@@ -115,7 +115,7 @@ def train(
         output = method.training_loss(batch, step_generator(config.seed, "noise", step, rank))
         if not torch.isfinite(output.loss):
             raise NonFiniteLossError(
-                f"the loss became {float(output.loss)} at step {step} (terms: {_scalars(output.terms)}); the last "
+                f"the loss became {float(output.loss.detach())} at step {step} (terms: {_scalars(output.terms)}); the last "
                 f"good checkpoint is untouched. Lower the learning rate (train.optim.lr={lr:g} now) or the loss "
                 "coefficients, then rerun the same command to resume."
             )

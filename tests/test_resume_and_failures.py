@@ -1,0 +1,90 @@
+"""Checkpoints and resume (bitwise identical after SIGKILL), NaN losses and corrupt checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unmerge import api
+from unmerge.errors import CheckpointError, NonFiniteLossError
+from unmerge.spd.method import SPD
+from unmerge.train import checkpoint
+from tests.conftest import TINY_TMS
+
+
+def _decompose_command(out: Path, steps: int) -> list[str]:
+    overrides = [o for o in TINY_TMS if not o.startswith("train.steps")]
+    return [sys.executable, "-m", "unmerge.cli", "decompose", "tms-5-2-id", "--out", str(out),
+            "--steps", str(steps), *overrides, "train.threads=1"]
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint.checkpoint_dirs(run_dir)[-1] / checkpoint.WEIGHTS_FILE))
+
+
+def test_sigkill_midway_then_rerun_is_bitwise_identical(tmp_path: Path) -> None:
+    steps = 400
+    subprocess.run(_decompose_command(tmp_path / "whole", steps), check=True, capture_output=True)
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(_decompose_command(interrupted, steps), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(
+        int(d.name.split("-")[1]) >= 100 for d in checkpoint.checkpoint_dirs(interrupted)
+    ):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = int(checkpoint.checkpoint_dirs(interrupted)[-1].name.split("-")[1])
+    assert 100 <= killed_at < steps, "the run was not interrupted midway"
+    rerun = subprocess.run(_decompose_command(interrupted, steps), check=True, capture_output=True, text=True)
+    assert f"resumed from step {killed_at}" in rerun.stdout
+    whole, resumed = _final_weights(tmp_path / "whole"), _final_weights(interrupted)
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    assert (tmp_path / "whole" / "metrics.json").read_text() == (interrupted / "metrics.json").read_text()
+    assert (tmp_path / "whole" / "train_log.jsonl").read_text() == (interrupted / "train_log.jsonl").read_text()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    original, calls = SPD.training_loss, []
+
+    def poisoned_after_30_steps(self: SPD, batch: torch.Tensor, generator: torch.Generator):
+        output = original(self, batch, generator)
+        calls.append(1)
+        if len(calls) > 30:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(SPD, "training_loss", poisoned_after_30_steps)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 30 .*checkpoint is untouched"):
+        api.decompose(api.load_run_config("tms-5-2", TINY_TMS), tmp_path)
+    saved = checkpoint.checkpoint_dirs(tmp_path)
+    assert [d.name for d in saved] == ["step-0000020"]
+    checkpoint.load_checkpoint(saved[-1])  # intact: its checksum verifies
+    before = {p.name: _sha(p) for p in saved[-1].iterdir()}
+    with pytest.raises(CheckpointError, match="different config"):
+        api.decompose(api.load_run_config("tms-5-2", [*TINY_TMS, "train.steps=80"]), tmp_path)
+    assert {p.name: _sha(p) for p in saved[-1].iterdir()} == before
+
+
+def test_corrupt_checkpoint_is_detected(tmp_path: Path) -> None:
+    api.decompose(api.load_run_config("tms-5-2", TINY_TMS), tmp_path)
+    newest = checkpoint.checkpoint_dirs(tmp_path)[-1] / checkpoint.WEIGHTS_FILE
+    newest.write_bytes(newest.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"corrupt .*delete"):
+        api.evaluate(tmp_path)
