@@ -111,6 +111,10 @@ class SPDConfig(StrictModel):
     pnorm: PositiveFloat = Field(1.0, description="p of the importance-minimality penalty")
     leak: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.01, description="slope of the hard sigmoids' leaks")
     output_loss: Literal["mse", "kl"] = Field("mse", description="divergence D between masked and target outputs")
+    faithfulness_warmup_steps: NonNegativeInt = Field(
+        0, description="Adam steps on ‖W − UV‖² alone before training (removes the init's overshoot)"
+    )
+    faithfulness_warmup_lr: PositiveFloat = Field(1e-2, description="learning rate of the faithfulness warm-up")
 
 
 class RunConfig(StrictModel):

@@ -78,10 +78,14 @@ class SiteCIFunctions(nn.Module):
         self.keys = list(site_C)
         self.functions = nn.ModuleDict({key: ScalarMLPCI(C, hidden, generator) for key, C in site_C.items()})
 
-    def forward(self, inner: dict[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, inner: dict[str, Tensor]) -> Tensor:
+        """γ of all sites concatenated along the last axis, in `self.keys` order (one kernel call)."""
         functions = [self.functions[key] for key in self.keys]
-        sizes = [inner[key].shape[-1] for key in self.keys]
         h = torch.cat([inner[key] for key in self.keys], dim=-1)
         params = [torch.cat([getattr(f, name) for f in functions]) for name in ("w1", "b1", "w2", "b2")]
-        gamma = scalar_mlp_ci(h, *params)
-        return dict(zip(self.keys, gamma.split(sizes, dim=-1), strict=True))
+        return scalar_mlp_ci(h, *params)
+
+    def split(self, concatenated: Tensor) -> dict[str, Tensor]:
+        """Per-site views of a tensor laid out like `forward`'s output."""
+        sizes = [self.functions[key].b2.shape[0] for key in self.keys]
+        return dict(zip(self.keys, concatenated.split(sizes, dim=-1), strict=True))

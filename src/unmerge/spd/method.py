@@ -19,9 +19,12 @@ from unmerge.train.rng import step_generator
 
 @dataclass
 class Importances:
-    """Causal importances of one batch: `lower` feeds masks, `upper` the penalty (both per site, (..., C))."""
+    """Causal importances of one batch, all sites concatenated along the last axis (elementwise work is done
+    once for all sites) with per-site views: `lower` feeds masks, `upper` the penalty."""
 
     inner: dict[str, Tensor]
+    lower_all: Tensor
+    upper_all: Tensor
     lower: dict[str, Tensor]
     upper: dict[str, Tensor]
 
@@ -35,14 +38,26 @@ class SPD:
         self.seed = seed
         self.eval_batch_size = eval_batch_size
         self.module = ComponentModel(target.model, config.sites, config.ci_hidden, step_generator(seed, "init"))
+        self.warm_up_faithfulness(config.faithfulness_warmup_steps, config.faithfulness_warmup_lr)
+
+    def warm_up_faithfulness(self, steps: int, lr: float) -> None:
+        """Fit U V to W alone for a few steps (deterministic, data-free), so training starts near W = U V."""
+        if not steps:
+            return
+        parameters = list(self.module.components.parameters())
+        optimizer = torch.optim.Adam(parameters, lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            self.faithfulness().backward()
+            optimizer.step()
 
     def importances(self, clean: CleanPass) -> Importances:
         inner = self.module.inner_acts(clean)
         gamma = self.module.causal_importance(inner)
-        leak = self.config.leak
-        lower = {name: lower_leaky_hard_sigmoid(g, leak) for name, g in gamma.items()}
-        upper = {name: upper_leaky_hard_sigmoid(g, leak) for name, g in gamma.items()}
-        return Importances(inner=inner, lower=lower, upper=upper)
+        lower_all = lower_leaky_hard_sigmoid(gamma, self.config.leak)
+        upper_all = upper_leaky_hard_sigmoid(gamma, self.config.leak)
+        return Importances(inner, lower_all, upper_all, self.module.split_sites(lower_all),
+                           self.module.split_sites(upper_all))
 
     def faithfulness(self) -> Tensor:
         names = self.module.site_names
@@ -54,17 +69,17 @@ class SPD:
         output = self.module.masked_pass(x, masks, clean, ci.inner)
         return losses.output_divergence(output, clean.output, self.config.output_loss)
 
-    def stochastic_recon(self, x: Tensor, clean: CleanPass, ci: Importances, generator: torch.Generator) -> Tensor:
-        """All sites masked with one stochastic draw."""
-        masks = {name: losses.stochastic_masks(g, generator) for name, g in ci.lower.items()}
+    def stochastic_masks(self, ci: Importances, generator: torch.Generator) -> dict[str, Tensor]:
+        """One mask sample for every site (S = 1), shared by the all-sites and the layerwise passes."""
+        return self.module.split_sites(losses.stochastic_masks(ci.lower_all, generator))
+
+    def stochastic_recon(self, x: Tensor, clean: CleanPass, ci: Importances, masks: dict[str, Tensor]) -> Tensor:
+        """All sites masked."""
         return self._divergence(x, masks, clean, ci)
 
-    def layerwise_recon(self, x: Tensor, clean: CleanPass, ci: Importances, generator: torch.Generator) -> Tensor:
+    def layerwise_recon(self, x: Tensor, clean: CleanPass, ci: Importances, masks: dict[str, Tensor]) -> Tensor:
         """Mean over sites of the divergence with only that site masked."""
-        terms = [
-            self._divergence(x, {name: losses.stochastic_masks(g, generator)}, clean, ci)
-            for name, g in ci.lower.items()
-        ]
+        terms = [self._divergence(x, {name: mask}, clean, ci) for name, mask in masks.items()]
         return torch.stack(terms).mean()
 
     def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
@@ -73,12 +88,13 @@ class SPD:
         config = self.config
         terms = {
             "faithfulness": self.faithfulness(),
-            "importance_minimality": losses.importance_minimality_loss(list(ci.upper.values()), config.pnorm),
+            "importance_minimality": losses.importance_minimality_loss([ci.upper_all], config.pnorm),
         }
+        masks = self.stochastic_masks(ci, generator)
         if config.stochastic_recon_coeff:
-            terms["stochastic_recon"] = self.stochastic_recon(batch, clean, ci, generator)
+            terms["stochastic_recon"] = self.stochastic_recon(batch, clean, ci, masks)
         if config.layerwise_recon_coeff:
-            terms["layerwise_recon"] = self.layerwise_recon(batch, clean, ci, generator)
+            terms["layerwise_recon"] = self.layerwise_recon(batch, clean, ci, masks)
         coefficients = {
             "faithfulness": config.faithfulness_coeff,
             "importance_minimality": config.importance_minimality_coeff,
@@ -99,12 +115,12 @@ class SPD:
         x = self.target.sample_inputs(self.eval_batch_size, step_generator(self.seed, "eval"))
         clean = self.module.clean_pass(x)
         ci = self.importances(clean)
-        generator = step_generator(self.seed, "eval-masks")
+        masks = self.stochastic_masks(ci, step_generator(self.seed, "eval-masks"))
         ones = {name: torch.ones_like(g) for name, g in ci.lower.items()}
         results: dict[str, float] = {
             "faithfulness": float(self.faithfulness()),
-            "stochastic_recon": float(self.stochastic_recon(x, clean, ci, generator)),
-            "layerwise_recon": float(self.layerwise_recon(x, clean, ci, generator)),
+            "stochastic_recon": float(self.stochastic_recon(x, clean, ci, masks)),
+            "layerwise_recon": float(self.layerwise_recon(x, clean, ci, masks)),
             "ci_masked_recon": float(self._divergence(x, ci.lower, clean, ci)),
             "unmasked_recon": float(self._divergence(x, ones, clean, ci)),
         }

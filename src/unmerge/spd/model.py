@@ -161,10 +161,14 @@ class ComponentModel(nn.Module):
         """`h = a Vᵀ` for every site on its clean input (gradient flows to V)."""
         return {name: F.linear(clean.site_inputs[name], self.site_components(name).V) for name in self.site_names}
 
-    def causal_importance(self, inner: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Pre-sigmoid γ per site."""
-        gamma = self.ci({site_key(n): inner[n] for n in self.site_names})
-        return {name: gamma[site_key(name)] for name in self.site_names}
+    def causal_importance(self, inner: dict[str, Tensor]) -> Tensor:
+        """Pre-sigmoid γ of all sites, concatenated in `site_names` order (see `split_sites`)."""
+        return self.ci({site_key(n): inner[n] for n in self.site_names})
+
+    def split_sites(self, concatenated: Tensor) -> dict[str, Tensor]:
+        """Per-site views of a (..., ΣC) tensor laid out like `causal_importance`'s output."""
+        views = self.ci.split(concatenated)
+        return {name: views[site_key(name)] for name in self.site_names}
 
     def masked_pass(self, x: Tensor, masks: dict[str, Tensor], clean: CleanPass, inner: dict[str, Tensor]) -> Tensor:
         """Forward with the sites in `masks` replaced by their masked subcomponents, the rest by the target weight."""
