@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,24 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: unmerge " + command in capsys.readouterr().out
+
+
+def test_decompose_writes_config_metrics_figures_and_evaluate_reproduces_them(tmp_path: Path) -> None:
+    from tests.conftest import TINY_TMS
+
+    run = tmp_path / "run"
+    result = _cli("decompose", "tms-5-2-id", "--out", str(run), *TINY_TMS, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for line in ("mmcs", "ml2r", "ci_l0/linear1/0.1", f"run directory: {run}"):
+        assert line in result.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("mmcs", "ml2r", "matrix_cosine", "ci_pattern_errors", "ci_pattern_errors/hidden", "alive/hidden",
+                "ci_l0/linear1/0.01", "ci_l0/hidden/0.5", "faithfulness", "stochastic_recon", "layerwise_recon",
+                "ci_masked_recon", "unmasked_recon"):
+        assert key in metrics, key
+    for figure in ("ci_one_hot.png", "weights_linear1.png"):
+        assert (run / "figures" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert api.load_run_config(str(run / "config.yaml")).train.steps == 60
+    again = _cli("evaluate", str(run), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((run / "metrics.json").read_text()) == metrics

@@ -28,6 +28,10 @@ class Importances:
     lower: dict[str, Tensor]
     upper: dict[str, Tensor]
 
+    def clipped(self) -> dict[str, Tensor]:
+        """CI in [0, 1] per site, for metrics: the sigmoids' leaks exist for gradients, not for reading."""
+        return {name: g.clamp(0.0, 1.0) for name, g in self.lower.items()}
+
 
 class SPD:
     """Stochastic Parameter Decomposition of a target's sites (DESIGN.md §4)."""
@@ -105,9 +109,9 @@ class SPD:
         return StepOutput(loss=loss, terms=terms)
 
     def one_hot_importance(self) -> dict[str, Tensor]:
-        """Lower-sigmoid CI per site on one input per feature."""
+        """CI in [0, 1] per site on one input per feature."""
         with torch.no_grad():
-            return self.importances(self.module.clean_pass(self.target.one_hot_inputs())).lower
+            return self.importances(self.module.clean_pass(self.target.one_hot_inputs())).clipped()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -124,7 +128,7 @@ class SPD:
             "ci_masked_recon": float(self._divergence(x, ci.lower, clean, ci)),
             "unmasked_recon": float(self._divergence(x, ones, clean, ci)),
         }
-        for name, g in ci.lower.items():
+        for name, g in ci.clipped().items():
             results[f"alive/{name}"] = metrics.alive_count(g)
             for threshold in metrics.L0_THRESHOLDS:
                 results[f"ci_l0/{name}/{threshold}"] = metrics.ci_l0(g, threshold)
