@@ -4,7 +4,6 @@ VENV_STAMP := .venv/.installed
 
 $(VENV_STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(VENV_STAMP)
 
