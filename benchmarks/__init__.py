@@ -1,0 +1,1 @@
+"""Reproducible speed and quality benchmarks; each script prints one JSON line per result."""
