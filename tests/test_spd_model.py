@@ -44,7 +44,7 @@ def test_batched_ci_equals_per_subcomponent_loop() -> None:
             f.b1.normal_(generator=_generator(1))
             f.b2.normal_(generator=_generator(2))
     inner = {"a": torch.randn(5, 3, generator=_generator(3)), "b": torch.randn(5, 2, generator=_generator(4))}
-    batched = functions(inner)
+    batched = functions.split(functions(inner))
     for key, h in inner.items():
         f = functions.functions[key]
         for c in range(h.shape[1]):
@@ -127,10 +127,8 @@ def test_spd_losses_by_hand_on_a_one_weight_target() -> None:
         ci.b2.fill_(0.25)
     x = torch.tensor([[1.0], [3.0]])
     output = spd.training_loss(x, _generator(7))
-    generator = _generator(7)  # the same draws: first the all-sites pass, then the layerwise pass
-    r_all = torch.rand(2, 1, generator=generator)
-    r_layer = torch.rand(2, 1, generator=generator)
-    mask_all, mask_layer = 0.25 + 0.75 * r_all, 0.25 + 0.75 * r_layer
+    r = torch.rand(2, 1, generator=_generator(7))  # one draw, shared by the all-sites and layerwise passes
+    mask_all = mask_layer = 0.25 + 0.75 * r
     expected = {
         "faithfulness": (2.0 - 1.0) ** 2 / 1,
         "importance_minimality": 0.25**2,
