@@ -18,6 +18,7 @@ from unmerge.errors import CheckpointError, ConfigError
 from unmerge.spd.method import SPD
 from unmerge.targets import cached_target, load_target, save_target
 from unmerge.targets.toys import CONFIG_FILE as TARGET_CONFIG_FILE
+from unmerge.targets.toys import target_cache_dir, train_target
 from unmerge.train import checkpoint, distributed
 from unmerge.train.loop import train
 
@@ -148,14 +149,14 @@ def evaluate(run_dir: Path) -> RunResult:
     return RunResult(Path(run_dir), metrics, figures, step)
 
 
-def train_target_preset(preset_or_path: str, overrides: list[str] = (), out: Path | None = None) -> tuple[Path, float]:
-    """Train (or reuse from the cache) a preset's target; optionally save a copy to `out`."""
-    from unmerge.targets.toys import cache_root, target_name, train_target
-
+def train_target_preset(
+    preset_or_path: str, overrides: list[str] = (), out: Path | None = None
+) -> tuple[Path, float | None]:
+    """Train a preset's target into the cache (or `out`); the final loss, or None if it was already trained."""
     config: TargetConfig = load_run_config(preset_or_path, overrides).target
-    directory = Path(out) if out else cache_root() / "targets" / f"{target_name(config)}-{config.digest()}"
+    directory = Path(out) if out else target_cache_dir(config)
     if (directory / TARGET_CONFIG_FILE).is_file():
-        return directory, float("nan")
+        return directory, None
     target, loss = train_target(config)
     save_target(target, config, directory)
     return directory, loss

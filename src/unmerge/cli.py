@@ -32,7 +32,7 @@ def _report(result: api.RunResult) -> None:
 
 def cmd_train_target(args: argparse.Namespace) -> None:
     directory, loss = api.train_target_preset(args.preset, args.overrides, args.out)
-    status = f"final training loss {loss:.4g}" if loss == loss else "already trained (reused)"
+    status = "already trained (reused)" if loss is None else f"final training loss {loss:.4g}"
     print(f"target of {args.preset}: {status}\nsaved in {directory}")
 
 

@@ -20,13 +20,12 @@ from unmerge.train.rng import step_generator
 @dataclass
 class Importances:
     """Causal importances of one batch, all sites concatenated along the last axis (elementwise work is done
-    once for all sites) with per-site views: `lower` feeds masks, `upper` the penalty."""
+    once for all sites): `lower_all` feeds masks (per-site views in `lower`), `upper_all` the penalty."""
 
     inner: dict[str, Tensor]
     lower_all: Tensor
     upper_all: Tensor
     lower: dict[str, Tensor]
-    upper: dict[str, Tensor]
 
     def clipped(self) -> dict[str, Tensor]:
         """CI in [0, 1] per site, for metrics: the sigmoids' leaks exist for gradients, not for reading."""
@@ -42,15 +41,14 @@ class SPD:
         self.seed = seed
         self.eval_batch_size = eval_batch_size
         self.module = ComponentModel(target.model, config.sites, config.ci_hidden, step_generator(seed, "init"))
-        self.warm_up_faithfulness(config.faithfulness_warmup_steps, config.faithfulness_warmup_lr)
 
-    def warm_up_faithfulness(self, steps: int, lr: float) -> None:
-        """Fit U V to W alone for a few steps (deterministic, data-free), so training starts near W = U V."""
-        if not steps:
+    def before_training(self) -> None:
+        """Faithfulness warm-up: fit U V to W alone for a few data-free steps, so training starts near W = U V.
+        The loop calls this only on a fresh start; a resumed or evaluated run loads its weights instead."""
+        if not self.config.faithfulness_warmup_steps:
             return
-        parameters = list(self.module.components.parameters())
-        optimizer = torch.optim.Adam(parameters, lr=lr)
-        for _ in range(steps):
+        optimizer = torch.optim.Adam(self.module.components.parameters(), lr=self.config.faithfulness_warmup_lr)
+        for _ in range(self.config.faithfulness_warmup_steps):
             optimizer.zero_grad(set_to_none=True)
             self.faithfulness().backward()
             optimizer.step()
@@ -60,8 +58,7 @@ class SPD:
         gamma = self.module.causal_importance(inner)
         lower_all = lower_leaky_hard_sigmoid(gamma, self.config.leak)
         upper_all = upper_leaky_hard_sigmoid(gamma, self.config.leak)
-        return Importances(inner, lower_all, upper_all, self.module.split_sites(lower_all),
-                           self.module.split_sites(upper_all))
+        return Importances(inner, lower_all, upper_all, self.module.split_sites(lower_all))
 
     def faithfulness(self) -> Tensor:
         names = self.module.site_names

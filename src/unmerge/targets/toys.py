@@ -86,6 +86,9 @@ class _TargetTraining:
         self.module = model
         self.loss = loss
 
+    def before_training(self) -> None:
+        """Nothing to prepare: the model is initialised by its recipe."""
+
     def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
         return StepOutput(loss=self.loss(self.module, batch))
 
@@ -136,9 +139,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("UNMERGE_CACHE_DIR", Path.home() / ".cache" / "unmerge"))
 
 
+def target_cache_dir(config: TargetConfig) -> Path:
+    """Where the trained target of `config` is cached (keyed by the config's digest)."""
+    return cache_root() / "targets" / f"{target_name(config)}-{config.digest()}"
+
+
 def cached_target(config: TargetConfig) -> Target:
     """The trained target for `config`, trained and saved on first use."""
-    directory = cache_root() / "targets" / f"{target_name(config)}-{config.digest()}"
+    directory = target_cache_dir(config)
     if (directory / CONFIG_FILE).is_file():
         return load_target(directory)[0]
     target, _ = train_target(config)

@@ -1,7 +1,7 @@
 """The one training loop, shared by every method (SPD, dictionaries, APD) and by toy-target training.
 
-A method is anything with a `module` (the learned state to checkpoint), a `training_loss(batch, generator)` and an
-`evaluate()`. Each step is named up front: draw the batch, compute the loss, check it is finite, step the
+A method is anything with a `module` (the learned state to checkpoint), a `before_training()` hook for a fresh
+start, a `training_loss(batch, generator)` and an `evaluate()`. Each step is named up front: draw the batch, compute the loss, check it is finite, step the
 optimiser; then log, evaluate, checkpoint when their cadence says so. Data and noise come from counter-based
 generators (`rng.step_generator`), so a resumed run is bitwise identical to an uninterrupted one.
 """
@@ -38,6 +38,9 @@ class StepOutput:
 
 class Method(Protocol):
     module: nn.Module
+
+    def before_training(self) -> None:
+        """Called once when a run starts from step 0 (not on resume), before the first optimiser step."""
 
     def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput: ...
 
@@ -98,6 +101,8 @@ def train(
     optimizer = torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     rank, writes = distributed.rank(), run_dir is not None and distributed.is_main_process()
     start = _resume(run_dir, method.module, optimizer) if run_dir is not None else 0
+    if start == 0:
+        method.before_training()
     if writes:
         assert run_dir is not None
         for log in (TRAIN_LOG, EVAL_LOG):
