@@ -22,6 +22,7 @@ from unmerge import api
 from unmerge.spd.method import SPD
 from unmerge.targets import cached_target
 from unmerge.targets.toys import RECIPES
+from unmerge.train.memory import keep_freed_memory
 from unmerge.train.rng import step_generator
 
 SETTINGS = [
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="timed steps per setting (after 20 warm-up steps)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the training loop does
     for preset, batch_size, _ in SETTINGS:
         print(json.dumps(measure(preset, batch_size, args.steps)), flush=True)
 

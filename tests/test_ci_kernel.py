@@ -241,3 +241,58 @@ def test_compile_cache_is_reused(fused: None, tmp_path: Path) -> None:
     mtime = path.stat().st_mtime_ns
     assert ck._compile_kernel(tmp_path) == path and path.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left
+
+
+def test_fused_hard_sigmoids_match_the_eager_formulas_and_gradients(fused: None) -> None:
+    from unmerge.spd.components import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+
+    x = torch.cat([torch.randn(5000, generator=torch.Generator().manual_seed(0)) * 2, torch.tensor([0.0, 1.0, -1.0])])
+    fused_x, eager_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    lower, upper = ck.fused_hard_sigmoids(fused_x, 0.01)
+    eager_lower, eager_upper = lower_leaky_hard_sigmoid(eager_x, 0.01), upper_leaky_hard_sigmoid(eager_x, 0.01)
+    assert torch.equal(lower, eager_lower)
+    torch.testing.assert_close(upper, eager_upper, rtol=0, atol=2.4e-7)  # one ulp: the kernel may fuse a*b+c
+    weights = torch.randn(2, x.numel(), generator=torch.Generator().manual_seed(1))
+    (lower * weights[0] + upper * weights[1]).sum().backward()
+    (eager_lower * weights[0] + eager_upper * weights[1]).sum().backward()
+    assert torch.equal(fused_x.grad, eager_x.grad)
+    fused_x.grad = None
+    ck.fused_hard_sigmoids(fused_x, 0.01)[1].sum().backward()  # only one output used: the other gradient is None
+    assert torch.equal(fused_x.grad, ((x >= 0) & (x <= 1)).float() + 0.01 * (x > 1).float())
+
+
+def _mix32(word: int) -> int:
+    """lowbias32 in plain Python integers: the closed form the kernel and the torch reference implement."""
+    word ^= word >> 16
+    word = (word * 0x7FEB352D) & 0xFFFFFFFF
+    word ^= word >> 15
+    word = (word * 0x846CA68B) & 0xFFFFFFFF
+    return word ^ (word >> 16)
+
+
+def test_counter_uniform_is_the_documented_hash_and_uniform() -> None:
+    keys = (0xDEADBEEF, 12345)
+    r = ck.counter_uniform_reference((1000, 100), keys)
+    flat = r.flatten()
+    for i in (0, 1, 99, 54321, 99999):
+        assert flat[i].item() == (_mix32(_mix32((i + keys[0]) & 0xFFFFFFFF) ^ keys[1]) >> 8) / 2**24
+    assert 0.0 <= flat.min() and flat.max() < 1.0
+    assert flat.mean().item() == pytest.approx(0.5, abs=3e-3)  # 5 standard errors of 1e5 uniforms
+    assert flat.var().item() == pytest.approx(1 / 12, abs=2e-3)
+    counts = torch.histc(flat, bins=10, min=0.0, max=1.0)
+    assert ((counts - 1e4).abs() < 500).all()  # each decile within 5 standard deviations
+
+
+def test_fused_masks_draw_the_reference_noise_and_gradient(fused: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from unmerge.spd.losses import stochastic_masks
+
+    g = torch.rand(300, 70, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    fused_masks = stochastic_masks(g, torch.Generator().manual_seed(5))
+    monkeypatch.setenv("UNMERGE_DISABLE_FUSED_CI", "1")
+    eager_g = g.detach().clone().requires_grad_()
+    eager_masks = stochastic_masks(eager_g, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(fused_masks, eager_masks, rtol=0, atol=1.2e-7)
+    upstream = torch.randn(300, 70, generator=torch.Generator().manual_seed(2))
+    (fused_masks * upstream).sum().backward()
+    (eager_masks * upstream).sum().backward()
+    torch.testing.assert_close(g.grad, eager_g.grad, rtol=0, atol=1e-6)

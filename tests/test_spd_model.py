@@ -10,6 +10,7 @@ from torch import nn
 from unmerge.config import ResidMLPConfig, SiteConfig, SPDConfig, TMSConfig
 from unmerge.errors import SiteError
 from unmerge.spd import losses
+from unmerge.spd.ci_kernel import counter_uniform_reference
 from unmerge.spd.components import SiteCIFunctions
 from unmerge.spd.method import SPD
 from unmerge.spd.model import ComponentModel
@@ -127,7 +128,8 @@ def test_spd_losses_by_hand_on_a_one_weight_target() -> None:
         ci.b2.fill_(0.25)
     x = torch.tensor([[1.0], [3.0]])
     output = spd.training_loss(x, _generator(7))
-    r = torch.rand(2, 1, generator=_generator(7))  # one draw, shared by the all-sites and layerwise passes
+    keys = tuple(int(k) for k in torch.randint(0, 2**32, (2,), generator=_generator(7)))
+    r = counter_uniform_reference((2, 1), keys)  # one draw, shared by the all-sites and layerwise passes
     mask_all = mask_layer = 0.25 + 0.75 * r
     expected = {
         "faithfulness": (2.0 - 1.0) ** 2 / 1,

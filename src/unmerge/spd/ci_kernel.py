@@ -1,4 +1,5 @@
-"""Fused CPU kernel for SPD's scalar-MLP causal-importance function.
+"""Fused CPU kernels for SPD's causal importances: the scalar-MLP CI function, and (elementwise, one pass
+each way) the two leaky hard sigmoids and the stochastic masks, which eager torch runs as many slow passes.
 
 Stochastic Parameter Decomposition gives every subcomponent ``c`` its own
 tiny MLP acting on a scalar::
@@ -46,6 +47,9 @@ The library is cached in ``kernels/`` under ``$UNMERGE_CACHE_DIR`` (default
 ``~/.cache/unmerge``) under a hash of source, compiler, flags, machine
 and CPU flags.
 
+The masks' noise r comes from a counter-based hash (``counter_uniform_reference`` is the same map in torch),
+so the eager fallback draws exactly the kernel's numbers and the backward pass recomputes r instead of storing it.
+
 ``python -m unmerge.spd.ci_kernel`` prints a single-thread timing comparison.
 """
 
@@ -68,7 +72,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-__all__ = ["fused_kernel_available", "scalar_mlp_ci", "scalar_mlp_ci_reference"]
+__all__ = ["counter_uniform_reference", "fused_hard_sigmoids", "fused_kernel_available", "fused_kernel_serves",
+           "fused_stochastic_masks", "scalar_mlp_ci", "scalar_mlp_ci_reference"]
 
 _DISABLE_ENV = "UNMERGE_DISABLE_FUSED_CI"
 _CACHE_ENV = "UNMERGE_CACHE_DIR"
@@ -356,6 +361,58 @@ int ci_backward(const float *h, const float *w1, const float *b1, const float *w
     free(parts);
     return 0;
 }
+/* SPD's two leaky hard sigmoids of gamma in one pass (the torch formulas, elementwise):
+   lower = x > 0 ? min(x, 1) : leak x;  upper = x > 1 ? 1 + leak (x - 1) : max(x, 0). */
+void hard_sigmoids_forward(const float *x, float *lower, float *upper, int64_t n, float leak, int nthreads)
+{
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        float below_one = v < 1.0f ? v : 1.0f;
+        float above_zero = v > 0.0f ? v : 0.0f;
+        lower[i] = v > 0.0f ? below_one : leak * v;
+        upper[i] = v > 1.0f ? 1.0f + leak * (v - 1.0f) : above_zero;
+    }
+}
+
+/* Their gradient, as torch's autograd of the formulas above defines it (clamp passes the gradient at the
+   boundary); either upstream gradient may be NULL. */
+void hard_sigmoids_backward(const float *x, const float *glower, const float *gupper, float *gx, int64_t n,
+                            float leak, int nthreads)
+{
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        float dl = v > 0.0f ? (v <= 1.0f ? 1.0f : 0.0f) : leak;
+        float du = v > 1.0f ? leak : (v >= 0.0f ? 1.0f : 0.0f);
+        gx[i] = (glower ? glower[i] * dl : 0.0f) + (gupper ? gupper[i] * du : 0.0f);
+    }
+}
+/* Stochastic masks m = g + (1 - g) r with r ~ U[0, 1) from a counter-based hash: r_i is the top 24 bits of
+   mix(mix(i + k0) ^ k1), mix the "lowbias32" integer hash (xorshift-multiply, a bijection of 32-bit words).
+   The backward pass recomputes r instead of storing it. counter_uniform_reference in Python is the same map. */
+static inline uint32_t mix32(uint32_t x)
+{
+    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+    return x;
+}
+
+static inline float counter_uniform(int64_t i, uint32_t k0, uint32_t k1)
+{
+    return (float)(mix32(mix32((uint32_t)i + k0) ^ k1) >> 8) * 5.9604644775390625e-08f;
+}
+
+void masks_forward(const float *g, float *m, int64_t n, uint32_t k0, uint32_t k1, int nthreads)
+{
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < n; i++) m[i] = g[i] + (1.0f - g[i]) * counter_uniform(i, k0, k1);
+}
+
+void masks_backward(const float *gm, float *gg, int64_t n, uint32_t k0, uint32_t k1, int nthreads)
+{
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < n; i++) gg[i] = gm[i] * (1.0f - counter_uniform(i, k0, k1));
+}
 """
 
 _BASE_FLAGS = (
@@ -456,6 +513,16 @@ def _load_kernel() -> tuple[ctypes.CDLL | None, str | None]:
                 lib.ci_forward.restype = i32
                 lib.ci_backward.argtypes = [ptr] * 10 + [i64] * 3 + [i32] * 4
                 lib.ci_backward.restype = i32
+                f32 = ctypes.c_float
+                lib.hard_sigmoids_forward.argtypes = [ptr] * 3 + [i64, f32, i32]
+                lib.hard_sigmoids_forward.restype = None
+                lib.hard_sigmoids_backward.argtypes = [ptr] * 4 + [i64, f32, i32]
+                lib.hard_sigmoids_backward.restype = None
+                u32 = ctypes.c_uint32
+                lib.masks_forward.argtypes = [ptr] * 2 + [i64, u32, u32, i32]
+                lib.masks_forward.restype = None
+                lib.masks_backward.argtypes = [ptr] * 2 + [i64, u32, u32, i32]
+                lib.masks_backward.restype = None
                 _kernel = (lib, None)
             except (OSError, RuntimeError, AttributeError) as exc:
                 _kernel = (None, f"fused CI kernel unavailable: {exc}")
@@ -582,6 +649,93 @@ def scalar_mlp_ci(
         h.reshape(-1, c).contiguous(), w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous()
     )
     return out.reshape(h.shape)
+
+
+class _FusedHardSigmoids(torch.autograd.Function):
+    """Both leaky hard sigmoids in one pass over a contiguous float32 CPU tensor (torch.where is slow here)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: torch.Tensor, leak: float) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        lower, upper = torch.empty_like(x), torch.empty_like(x)
+        _load_kernel()[0].hard_sigmoids_forward(
+            x.data_ptr(), lower.data_ptr(), upper.data_ptr(), x.numel(), leak, _num_chunks(x.numel() // 1024)
+        )
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x)
+        ctx.leak = leak
+        return lower, upper
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad_lower: torch.Tensor | None, grad_upper: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, None]:
+        (x,) = ctx.saved_tensors
+        if grad_lower is None and grad_upper is None:
+            return None, None
+        grads = [g.contiguous() if g is not None else None for g in (grad_lower, grad_upper)]
+        grad_x = torch.empty_like(x)
+        _load_kernel()[0].hard_sigmoids_backward(
+            x.data_ptr(), *(g.data_ptr() if g is not None else None for g in grads), grad_x.data_ptr(),
+            x.numel(), ctx.leak, _num_chunks(x.numel() // 1024),
+        )
+        return grad_x, None
+
+
+def fused_kernel_serves(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled kernel can take these tensors (float32, CPU, kernel built, not disabled)."""
+    return _fallback_reason(tensors) is None
+
+
+def fused_hard_sigmoids(x: torch.Tensor, leak: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(σ_lower(x), σ_upper(x))` of SPD in one kernel pass; callers check `fused_kernel_serves(x)` first."""
+    lower, upper = _FusedHardSigmoids.apply(x.contiguous(), leak)
+    return lower, upper
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's 32-bit "lowbias32" hash on int64 tensors holding 32-bit words (products wrap mod 2^64)."""
+    low = 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & low
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & low
+    return x ^ (x >> 16)
+
+
+def counter_uniform_reference(shape: torch.Size | tuple[int, ...], keys: tuple[int, int]) -> torch.Tensor:
+    """U[0, 1) float32 numbers of the counter-based hash, element i (row-major) = top 24 bits of
+    `mix(mix(i + k0) ^ k1)`: bit-identical to what the fused mask kernel draws."""
+    count = torch.arange(torch.Size(shape).numel(), dtype=torch.int64)
+    words = _mix32(_mix32((count + keys[0]) & 0xFFFFFFFF) ^ keys[1])
+    return ((words >> 8).to(torch.float32) * 2.0**-24).reshape(shape)
+
+
+class _FusedStochasticMasks(torch.autograd.Function):
+    """`g + (1 − g) r` with r from the counter hash, recomputed in backward rather than stored."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, g: torch.Tensor, k0: int, k1: int) -> torch.Tensor:  # type: ignore[override]
+        masks = torch.empty_like(g)
+        _load_kernel()[0].masks_forward(g.data_ptr(), masks.data_ptr(), g.numel(), k0, k1,
+                                        _num_chunks(g.numel() // 1024))
+        ctx.keys = (k0, k1)
+        return masks
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_masks: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        grad_masks = grad_masks.contiguous()
+        grad_g = torch.empty_like(grad_masks)
+        _load_kernel()[0].masks_backward(grad_masks.data_ptr(), grad_g.data_ptr(), grad_masks.numel(), *ctx.keys,
+                                         _num_chunks(grad_masks.numel() // 1024))
+        return grad_g, None, None
+
+
+def fused_stochastic_masks(g: torch.Tensor, keys: tuple[int, int]) -> torch.Tensor:
+    """`g + (1 − g) r`, `r = counter_uniform_reference(g.shape, keys)`, in one kernel pass each way; callers
+    check `fused_kernel_serves(g)` first."""
+    return _FusedStochasticMasks.apply(g.contiguous(), *keys)
 
 
 def _time_fwd_bwd(

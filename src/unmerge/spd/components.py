@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unmerge.spd.ci_kernel import scalar_mlp_ci
+from unmerge.spd.ci_kernel import fused_hard_sigmoids, fused_kernel_serves, scalar_mlp_ci
 
 
 def lower_leaky_hard_sigmoid(x: Tensor, leak: float) -> Tensor:
@@ -17,6 +17,13 @@ def lower_leaky_hard_sigmoid(x: Tensor, leak: float) -> Tensor:
 def upper_leaky_hard_sigmoid(x: Tensor, leak: float) -> Tensor:
     """σ_upper: 0 for x ≤ 0, x on [0, 1], `1 + leak·(x − 1)` above. Feeds the importance penalty."""
     return torch.where(x > 1, 1 + leak * (x - 1), x.clamp(min=0.0))
+
+
+def leaky_hard_sigmoids(x: Tensor, leak: float) -> tuple[Tensor, Tensor]:
+    """`(σ_lower(x), σ_upper(x))`, by one fused kernel pass where it can run (same values and gradients)."""
+    if fused_kernel_serves(x):
+        return fused_hard_sigmoids(x, leak)
+    return lower_leaky_hard_sigmoid(x, leak), upper_leaky_hard_sigmoid(x, leak)
 
 
 class LinearComponents(nn.Module):

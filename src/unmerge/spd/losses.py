@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from unmerge.spd.ci_kernel import counter_uniform_reference, fused_kernel_serves, fused_stochastic_masks
+
 
 def faithfulness_loss(target_weights: list[Tensor], reconstructions: list[Tensor]) -> Tensor:
     """`(1/N) Σ_l ‖W^l − U^l V^l‖²_F`, N the number of decomposed weight entries."""
@@ -15,9 +17,11 @@ def faithfulness_loss(target_weights: list[Tensor], reconstructions: list[Tensor
 
 
 def importance_minimality_loss(upper_importances: list[Tensor], pnorm: float) -> Tensor:
-    """`(1/B) Σ_b Σ_l Σ_c |g⁺_{b,l,c}|^p`; B counts every leading position (examples × tokens)."""
+    """`(1/B) Σ_b Σ_l Σ_c |g⁺_{b,l,c}|^p`; B counts every leading position (examples × tokens).
+
+    g⁺ = σ_upper(γ) is never negative, so |g⁺| = g⁺ and no absolute value is taken."""
     n_positions = upper_importances[0][..., 0].numel()
-    return sum(g.abs().pow(pnorm).sum() for g in upper_importances) / n_positions
+    return sum((g if pnorm == 1 else g.pow(pnorm)).sum() for g in upper_importances) / n_positions
 
 
 def output_divergence(prediction: Tensor, target: Tensor, kind: str) -> Tensor:
@@ -32,6 +36,12 @@ def output_divergence(prediction: Tensor, target: Tensor, kind: str) -> Tensor:
 
 
 def stochastic_masks(lower_importance: Tensor, generator: torch.Generator) -> Tensor:
-    """`m = g + (1 − g) r`, `r ~ U(0, 1)` per position and subcomponent; gradient flows through g."""
-    r = torch.rand(lower_importance.shape, generator=generator, dtype=lower_importance.dtype)
+    """`m = g + (1 − g) r`, `r ~ U[0, 1)` per position and subcomponent; gradient flows through g.
+
+    r comes from a counter-based hash keyed by two words drawn from `generator`: the fused kernel computes it
+    in the same pass as the mask (and recomputes it for the gradient), and the eager path draws the same r."""
+    k0, k1 = (int(k) for k in torch.randint(0, 2**32, (2,), generator=generator))
+    if fused_kernel_serves(lower_importance):
+        return fused_stochastic_masks(lower_importance, (k0, k1))
+    r = counter_uniform_reference(lower_importance.shape, (k0, k1)).to(lower_importance.dtype)
     return lower_importance + (1 - lower_importance) * r

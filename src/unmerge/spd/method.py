@@ -10,7 +10,7 @@ from torch import Tensor
 from unmerge import metrics
 from unmerge.config import SPDConfig
 from unmerge.spd import losses
-from unmerge.spd.components import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+from unmerge.spd.components import leaky_hard_sigmoids
 from unmerge.spd.model import CleanPass, ComponentModel
 from unmerge.targets.base import Target
 from unmerge.train.loop import StepOutput
@@ -56,8 +56,7 @@ class SPD:
     def importances(self, clean: CleanPass) -> Importances:
         inner = self.module.inner_acts(clean)
         gamma = self.module.causal_importance(inner)
-        lower_all = lower_leaky_hard_sigmoid(gamma, self.config.leak)
-        upper_all = upper_leaky_hard_sigmoid(gamma, self.config.leak)
+        lower_all, upper_all = leaky_hard_sigmoids(gamma, self.config.leak)
         return Importances(inner, lower_all, upper_all, self.module.split_sites(lower_all))
 
     def faithfulness(self) -> Tensor:

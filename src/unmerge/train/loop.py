@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from unmerge.config import TrainConfig
 from unmerge.errors import CheckpointError, NonFiniteLossError
 from unmerge.train import checkpoint, distributed
+from unmerge.train.memory import keep_freed_memory
 from unmerge.train.rng import step_generator
 from unmerge.train.schedule import learning_rate
 
@@ -97,6 +98,7 @@ def train(
     description: str = "train",
 ) -> TrainResult:
     """Optimise `method.module` for `config.steps` steps, resuming from `run_dir`'s newest checkpoint if any."""
+    keep_freed_memory()
     parameters = [p for p in method.module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
     rank, writes = distributed.rank(), run_dir is not None and distributed.is_main_process()
