@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
-from unmerge.config import RunConfig, TargetConfig, apply_overrides, load_yaml, save_yaml, validate
+from unmerge.config import DictionaryRunConfig, RunConfig, TargetConfig, apply_overrides, load_yaml, save_yaml, validate
+from unmerge.data import sparse_feature_source
 from unmerge.errors import CheckpointError, ConfigError
+from unmerge.sae.method import DictionaryMethod
 from unmerge.spd.method import SPD
 from unmerge.targets import cached_target, load_target, save_target
 from unmerge.targets.toys import CONFIG_FILE as TARGET_CONFIG_FILE
@@ -23,6 +25,7 @@ from unmerge.train import checkpoint, distributed
 from unmerge.train.loop import train
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
+DICTIONARY_PRESET_DIR = PRESET_DIR / "dictionaries"
 RUN_CONFIG = "config.yaml"
 METRICS_FILE = "metrics.json"
 TARGET_DIR = "target"
@@ -33,16 +36,22 @@ def preset_names() -> list[str]:
     return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
 
 
-def config_source(preset_or_path: str) -> Path:
-    """The YAML file for a preset name or a path; an unknown name lists the presets."""
+def dictionary_preset_names() -> list[str]:
+    """Names of the shipped dictionary presets (`configs/dictionaries/<name>.yaml`)."""
+    return sorted(path.stem for path in DICTIONARY_PRESET_DIR.glob("*.yaml"))
+
+
+def config_source(preset_or_path: str, directory: Path = PRESET_DIR) -> Path:
+    """The YAML file for a preset name (in `directory`) or a path; an unknown name lists the presets."""
     path = Path(preset_or_path)
     if path.suffix in {".yaml", ".yml"} or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         return path
-    preset = PRESET_DIR / f"{preset_or_path}.yaml"
+    preset = directory / f"{preset_or_path}.yaml"
     if not preset.is_file():
-        raise ConfigError(f"unknown preset {preset_or_path!r}; available presets: {', '.join(preset_names())} "
+        names = sorted(p.stem for p in directory.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {preset_or_path!r}; available presets: {', '.join(names)} "
                           "(or pass a path to a YAML file)")
     return preset
 
@@ -52,6 +61,13 @@ def load_run_config(preset_or_path: str, overrides: list[str] = ()) -> RunConfig
     source = config_source(preset_or_path)
     data = apply_overrides(load_yaml(source), list(overrides))
     return validate(RunConfig, data, str(source) + (f" with overrides {list(overrides)}" if overrides else ""))
+
+
+def load_dictionary_config(preset_or_path: str, overrides: list[str] = ()) -> DictionaryRunConfig:
+    """Load a dictionary preset or YAML file and apply overrides; strict validation."""
+    source = config_source(preset_or_path, DICTIONARY_PRESET_DIR)
+    data = apply_overrides(load_yaml(source), list(overrides))
+    return validate(DictionaryRunConfig, data, str(source) + (f" with overrides {list(overrides)}" if overrides else ""))
 
 
 def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -66,11 +82,11 @@ def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") 
     return differences
 
 
-def _prepare_run_dir(config: RunConfig, run_dir: Path) -> None:
+def _prepare_run_dir(config: RunConfig | DictionaryRunConfig, run_dir: Path) -> None:
     """Create a run directory, or check that an existing one belongs to the same config (then we resume)."""
     saved = run_dir / RUN_CONFIG
     if saved.is_file():
-        previous = validate(RunConfig, load_yaml(saved), str(saved))
+        previous = validate(type(config), load_yaml(saved), str(saved))
         if previous != config:
             differences = "; ".join(_config_differences(previous.model_dump(mode="json"),
                                                         config.model_dump(mode="json")))
@@ -123,6 +139,22 @@ def decompose(config: RunConfig, run_dir: Path) -> RunResult:
     result = train(spd, target.sample_inputs, config.train, run_dir, description=f"SPD {config.name}")
     metrics, figures = _finish(spd, run_dir)
     return RunResult(run_dir, metrics, figures, result.resumed_from)
+
+
+def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
+    """Train a dictionary on the config's activations in `run_dir` (resuming from its newest checkpoint) and write
+    its `metrics.json`."""
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    run_dir = Path(run_dir)
+    _prepare_run_dir(config, run_dir)
+    method = DictionaryMethod(sparse_feature_source(config.data), config.method, seed=config.train.seed,
+                              total_steps=config.train.steps, eval_batch_size=config.train.eval_batch_size)
+    result = train(method, method.source.sample, config.train, run_dir, description=f"dictionary {config.name}")
+    metrics = method.evaluate()
+    if distributed.is_main_process():
+        checkpoint.write_atomic(run_dir / METRICS_FILE, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
+    return RunResult(run_dir, metrics, [], result.resumed_from)
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, SPD, int]:

@@ -50,6 +50,21 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     _report(result)
 
 
+DICTIONARY_KEYS = ("recall_mmcs", "precision_mmcs", "mcc", "matched/0.9", "matched/0.99", "fvu", "l0",
+                   "dead_latents", "duplicate_latents", "shrinkage")
+
+
+def cmd_train_dictionary(args: argparse.Namespace) -> None:
+    config = api.load_dictionary_config(args.config, _overrides(args))
+    result = api.train_dictionary(config, args.out)
+    if result.resumed_from:
+        print(f"resumed from step {result.resumed_from}")
+    rows = [(key, result.metrics[key]) for key in DICTIONARY_KEYS if key in result.metrics]
+    width = max(len(key) for key, _ in rows)
+    print("\n".join(f"  {key:<{width}}  {value:.6g}" for key, value in rows))
+    print(f"run directory: {result.run_dir}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     _report(api.evaluate(args.run_dir))
 
@@ -87,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     decompose.add_argument("--seed", type=int, help="decomposition seed (train.seed)")
     decompose.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
     decompose.set_defaults(handler=cmd_decompose)
+
+    dictionary_presets = ", ".join(api.dictionary_preset_names())
+    train_dictionary = commands.add_parser(
+        "train-dictionary", help="train a sparse dictionary (SAE) on a preset or YAML config",
+        description=f"Train a sparse dictionary and write a run directory with metrics.json. Presets: "
+                    f"{dictionary_presets}. Rerunning the same command on the same --out resumes.",
+    )
+    train_dictionary.add_argument("config", metavar="PRESET_OR_YAML")
+    train_dictionary.add_argument("overrides", nargs="*", help="key.path=value, e.g. method.penalty.coeff=3e-3")
+    train_dictionary.add_argument("--out", type=Path, required=True, help="run directory")
+    train_dictionary.add_argument("--seed", type=int, help="training seed (train.seed)")
+    train_dictionary.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
+    train_dictionary.set_defaults(handler=cmd_train_dictionary)
 
     evaluate = commands.add_parser(
         "evaluate", help="recompute metrics.json and figures of a run",

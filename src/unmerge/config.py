@@ -132,6 +132,84 @@ class RunConfig(StrictModel):
         return self
 
 
+class SparseFeaturesConfig(StrictModel):
+    """Synthetic activations: sparse non-negative combinations of known unit-norm directions (DESIGN.md §6)."""
+
+    kind: Literal["sparse_features"] = "sparse_features"
+    n_features: PositiveInt = Field(512, description="true features")
+    dim: PositiveInt = Field(256, description="activation dimension d")
+    mean_active: PositiveFloat = Field(5.0, description="expected number of firing features per sample")
+    decay: Annotated[float, Field(gt=0.0, le=1.0)] = Field(0.99, description="p_i ∝ decay^i")
+    correlated: bool = Field(False, description="correlate firing through a Gaussian copula")
+    correlation_rank: PositiveInt = Field(16, description="rank of the copula's random correlation factor")
+    seed: NonNegativeInt = Field(0, description="fixes the directions and correlations")
+
+    @model_validator(mode="after")
+    def _expected_count_fits(self) -> SparseFeaturesConfig:
+        if self.mean_active > self.n_features:
+            raise ValueError(f"mean_active {self.mean_active} exceeds n_features {self.n_features}")
+        return self
+
+
+Activation = Literal["relu", "topk", "batchtopk", "jumprelu"]
+PenaltyName = Literal["none", "l1", "lp", "cauchy", "log1p", "tanh"]
+
+
+class PenaltyConfig(StrictModel):
+    """Sparsity penalty on the latents, summed over latents, averaged over the batch (never ÷ width)."""
+
+    name: PenaltyName = Field("l1", description="l1 | lp | cauchy | log1p | tanh | none")
+    coeff: NonNegativeFloat = Field(1e-3, description="λ")
+    p: Annotated[float, Field(gt=0.0, le=1.0)] = Field(0.5, description="exponent of lp")
+    p_final: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(None, description="anneal p linearly to this")
+    epsilon: PositiveFloat = Field(1e-3, description="lp smoothing: (f + ε)^p − ε^p keeps the gradient finite")
+    sigma: PositiveFloat = Field(0.1, description="scale of cauchy: log(1 + f²/σ²)")
+    scale: PositiveFloat = Field(4.0, description="c of tanh(c·f)")
+    decoder_norm_weighted: bool = Field(False, description="multiply each latent by its decoder row norm ‖d_i‖")
+
+
+class DictionaryConfig(StrictModel):
+    """A sparse dictionary (SAE) on activations (DESIGN.md §5)."""
+
+    kind: Literal["dictionary"] = "dictionary"
+    width: PositiveInt = Field(description="latents m")
+    activation: Activation = Field("relu", description="relu | topk | batchtopk | jumprelu")
+    k: PositiveInt | None = Field(None, description="active latents per example for topk / batchtopk")
+    penalty: PenaltyConfig = PenaltyConfig()
+    aux_k: PositiveInt | None = Field(None, description="AuxK: dead latents used to model the residual (topk)")
+    aux_k_coeff: NonNegativeFloat = Field(1 / 32, description="weight of the AuxK loss")
+    jumprelu_bandwidth: PositiveFloat = Field(1e-3, description="ε of the rectangle kernel in θ's gradient")
+    jumprelu_init_threshold: PositiveFloat = Field(1e-3, description="initial θ")
+    l0_coeff: NonNegativeFloat = Field(0.0, description="λ of JumpReLU's L0 penalty Σ H(z − θ)")
+    init: Literal["random", "data"] = Field("random", description="decoder atoms random or from data samples")
+    init_decoder_norm: PositiveFloat = Field(0.1, description="row norm of a random decoder (encoder = its transpose)")
+    decoder_bias_init: Literal["zero", "mean", "geometric_median"] = Field("geometric_median")
+    unit_norm_decoder: bool = Field(True, description="renormalise decoder rows to 1 after every step")
+    dead_window: PositiveInt = Field(100_000, description="a latent is dead if it has not fired in this many samples")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DictionaryConfig:
+        if self.activation in ("topk", "batchtopk"):
+            if self.k is None:
+                raise ValueError(f"activation {self.activation!r} needs k (active latents per example)")
+            if self.k > self.width:
+                raise ValueError(f"k = {self.k} is larger than the width {self.width}; choose k ≤ width")
+        elif self.k is not None:
+            raise ValueError(f"k is only used by topk / batchtopk, not {self.activation!r}; remove it")
+        if self.aux_k is not None and self.aux_k > self.width:
+            raise ValueError(f"aux_k = {self.aux_k} is larger than the width {self.width}")
+        return self
+
+
+class DictionaryRunConfig(StrictModel):
+    """One dictionary run: which activations, which dictionary, how to train."""
+
+    name: str = Field("dictionary", description="human-readable name (the preset's name)")
+    data: SparseFeaturesConfig
+    method: DictionaryConfig
+    train: TrainConfig
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for item in error.errors():

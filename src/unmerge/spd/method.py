@@ -53,6 +53,9 @@ class SPD:
             self.faithfulness().backward()
             optimizer.step()
 
+    def after_step(self) -> None:
+        """SPD's parameters are unconstrained."""
+
     def importances(self, clean: CleanPass) -> Importances:
         inner = self.module.inner_acts(clean)
         gamma = self.module.causal_importance(inner)

@@ -95,6 +95,9 @@ class _TargetTraining:
     def evaluate(self) -> dict[str, float]:
         return {}
 
+    def after_step(self) -> None:
+        """No constraints on a toy model's parameters."""
+
 
 def train_target(config: TargetConfig) -> tuple[Target, float]:
     """Train a toy target from its seeded recipe; returns the target and its final training loss."""

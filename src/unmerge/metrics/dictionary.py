@@ -1,0 +1,87 @@
+"""Scores of a dictionary: reconstruction (FVU, cosine, norm ratio), sparsity (L0, dead latents), and recovery of
+known features (MMCS both ways, Hungarian-matched MCC, matched counts, duplicates, shrinkage)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+MATCH_THRESHOLDS = (0.9, 0.99)
+DUPLICATE_COSINE = 0.95
+
+
+def fvu(x: Tensor, reconstruction: Tensor) -> float:
+    """Fraction of variance unexplained: `Σ‖x − x̂‖² / Σ‖x − mean(x)‖²` (the mean predictor scores exactly 1)."""
+    residual = (x - reconstruction).double().square().sum()
+    variance = (x - x.mean(0)).double().square().sum()
+    return float(residual / variance)
+
+
+def reconstruction_cosine(x: Tensor, reconstruction: Tensor) -> float:
+    """Mean cosine between each input and its reconstruction."""
+    return float(F.cosine_similarity(x.double(), reconstruction.double(), dim=-1).mean())
+
+
+def norm_ratio(x: Tensor, reconstruction: Tensor) -> float:
+    """Mean ‖x̂‖ / mean ‖x‖ (< 1: the reconstruction is shrunk)."""
+    return float(reconstruction.double().norm(dim=-1).mean() / x.double().norm(dim=-1).mean())
+
+
+def l0(latents: Tensor) -> float:
+    """Mean number of non-zero latents per example."""
+    return float((latents != 0).double().sum(-1).mean())
+
+
+def cosine_matrix(true_features: Tensor, atoms: Tensor) -> Tensor:
+    """(n_true × m) cosines between true feature directions and decoder atoms."""
+    return F.normalize(true_features.double(), dim=1) @ F.normalize(atoms.double(), dim=1).T
+
+
+def recall_mmcs(cosines: Tensor) -> float:
+    """Mean over true features of the best cosine with any atom: is every feature found?"""
+    return float(cosines.max(1).values.mean())
+
+
+def precision_mmcs(cosines: Tensor) -> float:
+    """Mean over atoms of the best cosine with any true feature: is every atom a true feature?"""
+    return float(cosines.max(0).values.mean())
+
+
+def matched_fraction(cosines: Tensor, threshold: float) -> float:
+    """Fraction of true features whose best atom has cosine above `threshold`."""
+    return float((cosines.max(1).values > threshold).double().mean())
+
+
+def hungarian_mcc(cosines: Tensor) -> float:
+    """Mean cosine of the best one-to-one matching of true features to atoms (each atom used at most once),
+    averaged over true features: unlike MMCS, one atom cannot explain several features."""
+    rows, cols = linear_sum_assignment(cosines.cpu().numpy(), maximize=True)
+    total = cosines[torch.as_tensor(rows), torch.as_tensor(cols)].sum()
+    return float(total / cosines.shape[0])
+
+
+def duplicate_latents(atoms: Tensor, threshold: float = DUPLICATE_COSINE) -> int:
+    """Atoms that have a near-copy (cosine above `threshold`) among the other atoms (counted once each)."""
+    unit = F.normalize(atoms.double(), dim=1)
+    similarity = unit @ unit.T
+    similarity.fill_diagonal_(-1.0)
+    return int((similarity > threshold).any(1).sum())
+
+
+def shrinkage(true_coefficients: Tensor, latents: Tensor, cosines: Tensor, atom_norms: Tensor) -> float:
+    """Mean ratio of recovered to true coefficient over active (feature, example) pairs, where each true feature
+    is read from its best-matching atom: `f_atom ‖d_atom‖ cos / c_true`. 1 is unbiased; < 1 is shrinkage."""
+    best = cosines.max(1)
+    recovered = latents[:, best.indices].double() * (atom_norms[best.indices].double() * best.values)
+    active = true_coefficients > 0
+    if not bool(active.any()):
+        return float("nan")
+    return float((recovered[active] / true_coefficients[active].double()).mean())
+
+
+def dead_fraction(samples_since_fired: Tensor, window: int) -> float:
+    """Fraction of latents that have not fired within the last `window` samples."""
+    return float((samples_since_fired >= window).double().mean())
+

@@ -1,0 +1,168 @@
+"""A sparse dictionary as a method of the one training loop: loss of a batch, constraints after each step,
+dead-latent bookkeeping, and evaluation against known features."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from unmerge.config import DictionaryConfig
+from unmerge.data import ActivationSource
+from unmerge.errors import UnmergeError
+from unmerge.metrics import dictionary as scores
+from unmerge.sae import activations
+from unmerge.sae.dictionary import Dictionary
+from unmerge.sae.penalties import sparsity_penalty
+from unmerge.train.loop import StepOutput
+from unmerge.train.rng import step_generator
+
+GEOMETRIC_MEDIAN_ITERATIONS = 100
+INIT_SAMPLES = 8192
+
+
+def squared_error(x: Tensor, reconstruction: Tensor) -> Tensor:
+    """Mean over examples of ‖x − x̂‖² (summed over dimensions)."""
+    return (x - reconstruction).square().sum(-1).mean()
+
+
+def geometric_median(points: Tensor, iterations: int = GEOMETRIC_MEDIAN_ITERATIONS) -> Tensor:
+    """The point minimising the sum of Euclidean distances (Weiszfeld's iterations from the mean)."""
+    median = points.mean(0)
+    for _ in range(iterations):
+        weights = 1 / (points - median).norm(dim=1).clamp(min=1e-8)
+        median = (weights[:, None] * points).sum(0) / weights.sum()
+    return median
+
+
+def aux_k_loss(x: Tensor, reconstruction: Tensor, z: Tensor, W_d: Tensor, dead: Tensor, k: int) -> Tensor:
+    """AuxK (Gao et al. 2024): the k largest pre-activations among dead latents reconstruct the main
+    reconstruction's residual `e = x − x̂` (detached, so it trains only the dead latents). The decoder bias is
+    already inside x̂, so the auxiliary reconstruction `f_aux W_d` does not add it again. Normalised by the
+    residual's own squared norm, so the term is scale-free."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return z.new_zeros(())
+    residual = (x - reconstruction).detach()
+    dead_z = z.masked_fill(~dead, float("-inf"))
+    auxiliary = activations.topk(dead_z, min(k, n_dead)) @ W_d
+    return (residual - auxiliary).square().sum(-1).mean() / residual.square().sum(-1).mean().clamp(min=1e-12)
+
+
+class DictionaryMethod:
+    """Train a `Dictionary` on an activation source (DESIGN.md §5)."""
+
+    def __init__(self, source: ActivationSource, config: DictionaryConfig, seed: int, total_steps: int,
+                 eval_batch_size: int = 4096) -> None:
+        self.source = source
+        self.config = config
+        self.seed = seed
+        self.total_steps = total_steps
+        self.eval_batch_size = eval_batch_size
+        self.module = Dictionary(source.dim, config, step_generator(seed, "init"))
+        self.module.register_buffer("samples_since_fired", torch.zeros(config.width, dtype=torch.int64))
+        self.module.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        if config.unit_norm_decoder:
+            self.module.W_d.register_hook(self._tangent_gradient)
+
+    def _tangent_gradient(self, grad: Tensor) -> Tensor:
+        """Drop the part of each decoder row's gradient along the row: with rows renormalised after every step,
+        that part would only change a norm that is then undone (and would skew Adam's moments)."""
+        rows = F.normalize(self.module.W_d.detach(), dim=1)
+        return grad - (grad * rows).sum(1, keepdim=True) * rows
+
+    def before_training(self) -> None:
+        """Initialise the decoder bias (mean or geometric median of a data sample) and, optionally, the atoms
+        from data samples; the encoder starts as the decoder's transpose."""
+        config = self.config
+        sample = self.source.sample(INIT_SAMPLES, step_generator(self.seed, "dictionary-init"))
+        check_activations(sample, self.source.dim)
+        with torch.no_grad():
+            if config.decoder_bias_init == "mean":
+                self.module.b_d.copy_(sample.mean(0))
+            elif config.decoder_bias_init == "geometric_median":
+                self.module.b_d.copy_(geometric_median(sample))
+            if config.init == "data":
+                order = torch.randperm(INIT_SAMPLES, generator=step_generator(self.seed, "atoms"))
+                atoms = sample[order[torch.arange(config.width) % INIT_SAMPLES]] - self.module.b_d
+                self.module.W_d.copy_(F.normalize(atoms, dim=1) * config.init_decoder_norm)
+                self.module.W_e.copy_(self.module.W_d.T)
+            if config.unit_norm_decoder:
+                self.module.W_d.copy_(F.normalize(self.module.W_d, dim=1))
+
+    def progress(self) -> float:
+        return float(self.module.step) / max(self.total_steps, 1)
+
+    def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
+        check_activations(batch, self.source.dim)
+        module, config = self.module, self.config
+        module.train()
+        reconstruction, f, z = module(batch)
+        self._track_firing(f)
+        terms = {"reconstruction": squared_error(batch, reconstruction)}
+        if config.penalty.name != "none" and config.penalty.coeff:
+            terms["sparsity"] = sparsity_penalty(f, config.penalty, module.decoder_norms(), self.progress())
+        if config.activation == "jumprelu" and config.l0_coeff:
+            terms["l0"] = activations.jumprelu_l0(z, module.log_threshold.exp(), config.jumprelu_bandwidth)
+        if config.aux_k:
+            dead = module.samples_since_fired >= config.dead_window
+            terms["aux_k"] = aux_k_loss(batch, reconstruction, z, module.W_d, dead, config.aux_k)
+        coefficients = {"reconstruction": 1.0, "sparsity": config.penalty.coeff, "l0": config.l0_coeff,
+                        "aux_k": config.aux_k_coeff}
+        loss = sum(coefficients[name] * value for name, value in terms.items())
+        return StepOutput(loss=loss, terms=terms)
+
+    @torch.no_grad()
+    def _track_firing(self, f: Tensor) -> None:
+        fired = (f != 0).any(0)
+        self.module.samples_since_fired.add_(f.shape[0]).masked_fill_(fired, 0)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Unit-norm decoder rows (in place, so the optimiser keeps its state for the same tensor)."""
+        self.module.step += 1
+        if self.config.unit_norm_decoder:
+            self.module.W_d.copy_(F.normalize(self.module.W_d, dim=1))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Reconstruction, sparsity and (for sources with known features) recovery on a fixed evaluation batch."""
+        self.module.eval()
+        generator = step_generator(self.seed, "eval")
+        if self.source.sample_with_coefficients is not None:
+            x, coefficients = self.source.sample_with_coefficients(self.eval_batch_size, generator)
+        else:
+            x, coefficients = self.source.sample(self.eval_batch_size, generator), None
+        reconstruction, f, _ = self.module(x)
+        results = {
+            "fvu": scores.fvu(x, reconstruction),
+            "reconstruction_cosine": scores.reconstruction_cosine(x, reconstruction),
+            "norm_ratio": scores.norm_ratio(x, reconstruction),
+            "l0": scores.l0(f),
+            "dead_fraction": scores.dead_fraction(self.module.samples_since_fired, self.config.dead_window),
+            "dead_latents": float((self.module.samples_since_fired >= self.config.dead_window).sum()),
+            "duplicate_latents": float(scores.duplicate_latents(self.module.W_d)),
+        }
+        if self.source.true_features is not None:
+            cosines = scores.cosine_matrix(self.source.true_features, self.module.W_d)
+            results |= {
+                "recall_mmcs": scores.recall_mmcs(cosines),
+                "precision_mmcs": scores.precision_mmcs(cosines),
+                "mcc": scores.hungarian_mcc(cosines),
+                **{f"matched/{t}": scores.matched_fraction(cosines, t) for t in scores.MATCH_THRESHOLDS},
+            }
+            if coefficients is not None:
+                results["shrinkage"] = scores.shrinkage(coefficients, f, cosines, self.module.decoder_norms())
+        self.module.train()
+        return results
+
+
+def check_activations(x: Tensor, dim: int) -> None:
+    """Activations must be finite and of the dictionary's dimension; say which and how to fix it."""
+    if x.dim() != 2 or x.shape[1] != dim:
+        raise UnmergeError(f"activations have shape {tuple(x.shape)}, but the dictionary expects (batch, {dim}); "
+                           "check the hook point or the dictionary's input dimension")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).any(1).sum())
+        raise UnmergeError(f"{bad} of {x.shape[0]} activation vectors contain NaN or infinity; "
+                           "fix or filter the source before training a dictionary on it")

@@ -1,0 +1,199 @@
+"""Sparse dictionaries: activation functions, penalties, AuxK, metrics, data and training, each against a closed
+form or a hand computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unmerge import api, cli
+from unmerge.config import DictionaryConfig, PenaltyConfig, SparseFeaturesConfig, TrainConfig
+from unmerge.data import sparse_feature_source
+from unmerge.data.sparse_features import firing_probabilities
+from unmerge.errors import ConfigError, UnmergeError
+from unmerge.metrics import dictionary as scores
+from unmerge.sae import activations, penalties
+from unmerge.sae.dictionary import Dictionary
+from unmerge.sae.method import DictionaryMethod, aux_k_loss, geometric_median
+from unmerge.train.loop import train
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_jumprelu_threshold_gradient_is_the_rectangle_kernel_formula() -> None:
+    z = torch.tensor([[0.10, 0.5004, 0.4990, 0.70], [0.5002, 0.20, 0.5010, 0.4996]], requires_grad=True)
+    theta = torch.full((4,), 0.5, requires_grad=True)
+    eps = 1e-3
+    upstream = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    (activations.jumprelu(z, theta, eps) * upstream).sum().backward()
+    inside = ((z.detach() - 0.5).abs() < eps / 2).float()  # K((z − θ)/ε) = 1 inside the window
+    assert torch.allclose(theta.grad, (upstream * -(0.5 / eps) * inside).sum(0))
+    assert torch.equal(z.grad, upstream * (z.detach() > 0.5))
+    theta.grad = None
+    activations.jumprelu_l0(z, theta, eps).backward()
+    assert torch.allclose(theta.grad, (-(1 / eps) * inside).sum(0) / 2)
+
+
+def test_topk_and_batch_topk_keep_the_largest() -> None:
+    z = torch.tensor([[3.0, -1.0, 2.0, 0.5], [0.1, 0.2, 5.0, 4.0]])
+    assert torch.equal(activations.topk(z, 2), torch.tensor([[3.0, 0.0, 2.0, 0.0], [0.0, 0.0, 5.0, 4.0]]))
+    kept, smallest = activations.batch_topk(z, 2)  # the 4 largest of the batch: 5, 4, 3, 2
+    assert torch.equal(kept, torch.tensor([[3.0, 0.0, 2.0, 0.0], [0.0, 0.0, 5.0, 4.0]]))
+    assert smallest.item() == 2.0
+
+
+def test_aux_k_reconstructs_the_detached_residual_without_a_second_decoder_bias() -> None:
+    W_d = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], requires_grad=True)
+    x = torch.tensor([[2.0, 3.0]])
+    reconstruction = torch.tensor([[1.5, 1.0]], requires_grad=True)  # already includes b_d
+    z = torch.tensor([[0.4, 0.9, 0.2]], requires_grad=True)
+    dead = torch.tensor([True, True, False])
+    loss = aux_k_loss(x, reconstruction, z, W_d, dead, k=1)
+    residual = torch.tensor([[0.5, 2.0]])
+    expected = (residual - 0.9 * W_d.detach()[1]).square().sum() / residual.square().sum()  # latent 1 only, no b_d
+    assert loss.item() == pytest.approx(expected.item())
+    loss.backward()
+    assert reconstruction.grad is None  # the residual is a detached target
+    assert torch.count_nonzero(W_d.grad[[0, 2]]) == 0 and torch.count_nonzero(W_d.grad[1]) == 2
+    assert aux_k_loss(x, reconstruction, z, W_d, torch.zeros(3, dtype=torch.bool), k=1).item() == 0.0
+
+
+def test_penalties_match_their_formulas_and_are_not_divided_by_width() -> None:
+    f = torch.tensor([[0.0, 0.5, 2.0]])
+    config = PenaltyConfig(name="l1")
+    assert penalties.sparsity_penalty(f, config).item() == pytest.approx(2.5)
+    wide = torch.cat([f, f], dim=1)  # twice the latents carrying the same values: twice the penalty
+    assert penalties.sparsity_penalty(wide, config).item() == pytest.approx(5.0)
+    assert penalties.cauchy(torch.tensor(0.2), 0.1).item() == pytest.approx(math.log(5.0))
+    assert penalties.log1p_abs(torch.tensor(1.0)).item() == pytest.approx(math.log(2.0))
+    assert penalties.tanh(torch.tensor(0.5), 2.0).item() == pytest.approx(math.tanh(1.0))
+    tiny = torch.full((1,), 1e-9, requires_grad=True)
+    penalties.lp(tiny, 0.5, 1e-3).sum().backward()  # finite next to 0: ≈ p ε^(p−1), not (1e-9)^(−1/2)
+    assert tiny.grad.item() == pytest.approx(0.5 * 1e-3**-0.5, rel=1e-5)
+    assert penalties.lp(torch.tensor(0.0), 0.5, 1e-3).item() == pytest.approx(0.0, abs=1e-8)
+    annealed = PenaltyConfig(name="lp", p=1.0, p_final=0.5)
+    assert penalties.penalty_exponent(annealed, 0.5) == pytest.approx(0.75)
+    weighted = PenaltyConfig(name="l1", decoder_norm_weighted=True)
+    assert penalties.sparsity_penalty(f, weighted, torch.tensor([1.0, 2.0, 3.0])).item() == pytest.approx(7.0)
+
+
+def test_fvu_cosine_and_norm_ratio_closed_forms() -> None:
+    x = torch.randn(100, 8, generator=_generator())
+    assert scores.fvu(x, x.mean(0).expand_as(x)) == pytest.approx(1.0)
+    assert scores.fvu(x, x) == 0.0
+    assert scores.reconstruction_cosine(x, 2 * x) == pytest.approx(1.0)
+    assert scores.norm_ratio(x, 0.5 * x) == pytest.approx(0.5)
+    assert scores.l0(torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0]])) == 1.5
+
+
+def test_recovery_metrics_closed_forms() -> None:
+    truth = torch.eye(3)
+    # atom 0 = feature 0, atom 1 halfway between features 1 and 2, atom 2 = feature 0 again
+    atoms = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [2.0, 0.0, 0.0]])
+    cosines = scores.cosine_matrix(truth, atoms)
+    half = 1 / math.sqrt(2)
+    assert scores.recall_mmcs(cosines) == pytest.approx((1 + half + half) / 3)
+    assert scores.precision_mmcs(cosines) == pytest.approx((1 + half + 1) / 3)
+    assert scores.hungarian_mcc(cosines) == pytest.approx((1 + half + 0) / 3)  # atoms 0 and 2 cannot both serve 0
+    assert scores.matched_fraction(cosines, 0.9) == pytest.approx(1 / 3)
+    assert scores.duplicate_latents(atoms) == 2
+
+
+def test_shrinkage_is_the_mean_recovered_over_true_coefficient() -> None:
+    truth = torch.eye(2)
+    atoms = torch.eye(2)
+    coefficients = torch.tensor([[1.0, 0.0], [0.5, 2.0]])
+    latents = coefficients * 0.8
+    cosines = scores.cosine_matrix(truth, atoms)
+    assert scores.shrinkage(coefficients, latents, cosines, atoms.norm(dim=1)) == pytest.approx(0.8)
+
+
+def test_geometric_median_ignores_an_outlier() -> None:
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [100.0, 100.0]])
+    median = geometric_median(points)
+    assert median.norm().item() < 1.5 and points.mean(0).norm().item() > 20
+
+
+def test_sparse_features_are_reproducible_with_the_documented_statistics() -> None:
+    config = SparseFeaturesConfig()
+    source = sparse_feature_source(config)
+    assert torch.allclose(source.true_features.norm(dim=1), torch.ones(512))
+    assert firing_probabilities(config).sum().item() == pytest.approx(5.0, rel=1e-5)
+    x, coefficients = source.sample_with_coefficients(4096, _generator(1))
+    again = sparse_feature_source(config).sample(4096, _generator(1))
+    assert torch.equal(x, again)
+    assert (coefficients > 0).sum(1).float().mean().item() == pytest.approx(5.0, abs=0.15)
+    assert torch.allclose(x, coefficients @ source.true_features, atol=1e-5)
+    correlated = sparse_feature_source(SparseFeaturesConfig(correlated=True))
+    _, correlated_coefficients = correlated.sample_with_coefficients(8192, _generator(2))
+    rates = (correlated_coefficients[:, :5] > 0).float().mean(0)  # marginals unchanged by the copula
+    assert torch.allclose(rates, firing_probabilities(config)[:5], atol=0.02)
+
+
+def test_bad_dictionary_configs_and_activations_are_named() -> None:
+    with pytest.raises(ValueError, match="greater than 0"):
+        DictionaryConfig(width=0)
+    with pytest.raises(ValueError, match="larger than the width"):
+        DictionaryConfig(width=4, activation="topk", k=5)
+    with pytest.raises(ValueError, match="needs k"):
+        DictionaryConfig(width=4, activation="batchtopk")
+    with pytest.raises(ConfigError, match="method.penalty.name: Input should be 'none', 'l1'"):
+        api.load_dictionary_config("sparse-512-relu-l1", ["method.penalty.name=l3"])
+    method = DictionaryMethod(sparse_feature_source(SparseFeaturesConfig(n_features=8, dim=4, mean_active=1)),
+                              DictionaryConfig(width=8), seed=0, total_steps=10)
+    with pytest.raises(UnmergeError, match="expects \\(batch, 4\\)"):
+        method.training_loss(torch.zeros(2, 5), _generator())
+    with pytest.raises(UnmergeError, match="NaN"):
+        method.training_loss(torch.tensor([[0.0, float("nan"), 0.0, 0.0]]), _generator())
+
+
+def test_cli_reports_a_bad_dictionary_preset_and_key(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["train-dictionary", "no-such-preset", "--out", "x"]) == 2
+    assert "available presets: sparse-512-relu-l1" in capsys.readouterr().err
+    assert cli.main(["train-dictionary", "sparse-512-topk", "--out", "x", "method.widht=3"]) == 2
+    assert "method.widht: unknown key" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="larger than the width"):
+        api.load_dictionary_config("sparse-512-topk", ["method.k=1000"])
+
+
+def _small_method(activation: str, **overrides: object) -> DictionaryMethod:
+    data = SparseFeaturesConfig(n_features=32, dim=16, mean_active=2.0, decay=1.0)
+    config = DictionaryConfig(width=32, activation=activation, init="data", **overrides)
+    return DictionaryMethod(sparse_feature_source(data), config, seed=0, total_steps=1500)
+
+
+def test_unit_norm_decoder_keeps_the_optimizer_on_the_same_tensor() -> None:
+    method = _small_method("relu", penalty=PenaltyConfig(coeff=0.05))
+    decoder = method.module.W_d
+    train(method, method.source.sample, TrainConfig(steps=5, batch_size=64, log_every=1))
+    assert method.module.W_d is decoder
+    assert torch.allclose(decoder.norm(dim=1), torch.ones(32), atol=1e-6)
+    grad = torch.randn_like(decoder)
+    rows = F.normalize(decoder.detach(), dim=1)
+    assert torch.allclose((method._tangent_gradient(grad) * rows).sum(1), torch.zeros(32), atol=1e-6)
+
+
+def test_topk_dictionary_recovers_small_sparse_features() -> None:
+    method = _small_method("topk", k=3, penalty=PenaltyConfig(name="none"), aux_k=8, dead_window=5000)
+    train(method, method.source.sample, TrainConfig(steps=1000, batch_size=256, log_every=100,
+                                                    optim={"lr": 3e-3, "schedule": "cosine"}))
+    metrics = method.evaluate()
+    assert metrics["recall_mmcs"] > 0.9 and metrics["mcc"] > 0.85 and metrics["fvu"] < 0.2, metrics
+
+
+def test_batch_topk_inference_threshold_matches_training_l0() -> None:
+    method = _small_method("batchtopk", k=3, penalty=PenaltyConfig(name="none"))
+    train(method, method.source.sample, TrainConfig(steps=600, batch_size=256, log_every=100,
+                                                    optim={"lr": 3e-3}))
+    x = method.source.sample(4096, _generator(9))
+    with torch.no_grad():
+        training_l0 = scores.l0(activations.batch_topk(method.module.pre_activations(x), 3)[0])
+        method.module.eval()
+        inference_l0 = scores.l0(method.module(x)[1])
+    assert training_l0 == pytest.approx(3.0)
+    assert abs(inference_l0 - training_l0) <= 0.1 * training_l0
