@@ -10,6 +10,9 @@ Keys written to a run's `metrics.json` (flat; `/` separates a metric from its si
   pattern for dense groups); `ci_pattern_errors` — their sum.
 * `faithfulness`, `stochastic_recon`, `layerwise_recon`, `ci_masked_recon`, `unmasked_recon` — SPD losses on an
   evaluation batch.
+
+Dictionary runs (see `metrics.dictionary`): `recall_mmcs`, `precision_mmcs`, `mcc`, `matched/<cosine>`, `fvu`,
+`reconstruction_cosine`, `norm_ratio`, `l0`, `dead_fraction`, `dead_latents`, `duplicate_latents`, `shrinkage`.
 """
 
 from unmerge.metrics.importance import (
