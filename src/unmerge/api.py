@@ -56,18 +56,19 @@ def config_source(preset_or_path: str, directory: Path = PRESET_DIR) -> Path:
     return preset
 
 
+def _load_config(model_cls: type, source: Path, overrides: list[str]) -> Any:
+    data = apply_overrides(load_yaml(source), list(overrides))
+    return validate(model_cls, data, str(source) + (f" with overrides {list(overrides)}" if overrides else ""))
+
+
 def load_run_config(preset_or_path: str, overrides: list[str] = ()) -> RunConfig:
     """Load a preset or YAML file and apply `key.path=value` overrides; strict validation."""
-    source = config_source(preset_or_path)
-    data = apply_overrides(load_yaml(source), list(overrides))
-    return validate(RunConfig, data, str(source) + (f" with overrides {list(overrides)}" if overrides else ""))
+    return _load_config(RunConfig, config_source(preset_or_path), overrides)
 
 
 def load_dictionary_config(preset_or_path: str, overrides: list[str] = ()) -> DictionaryRunConfig:
     """Load a dictionary preset or YAML file and apply overrides; strict validation."""
-    source = config_source(preset_or_path, DICTIONARY_PRESET_DIR)
-    data = apply_overrides(load_yaml(source), list(overrides))
-    return validate(DictionaryRunConfig, data, str(source) + (f" with overrides {list(overrides)}" if overrides else ""))
+    return _load_config(DictionaryRunConfig, config_source(preset_or_path, DICTIONARY_PRESET_DIR), overrides)
 
 
 def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -124,8 +125,12 @@ def _finish(spd: SPD, run_dir: Path) -> tuple[dict[str, float], list[Path]]:
     metrics = spd.evaluate()
     if not distributed.is_main_process():
         return metrics, []
-    checkpoint.write_atomic(run_dir / METRICS_FILE, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
+    _write_metrics(run_dir, metrics)
     return metrics, spd_figures(spd, run_dir / "figures")
+
+
+def _write_metrics(run_dir: Path, metrics: dict[str, float]) -> None:
+    checkpoint.write_atomic(run_dir / METRICS_FILE, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
 
 
 def decompose(config: RunConfig, run_dir: Path) -> RunResult:
@@ -153,7 +158,7 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
     result = train(method, method.source.sample, config.train, run_dir, description=f"dictionary {config.name}")
     metrics = method.evaluate()
     if distributed.is_main_process():
-        checkpoint.write_atomic(run_dir / METRICS_FILE, lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
+        _write_metrics(run_dir, metrics)
     return RunResult(run_dir, metrics, [], result.resumed_from)
 
 

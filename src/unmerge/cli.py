@@ -19,6 +19,10 @@ def _results_table(metrics: dict[str, float]) -> str:
     rows += [(key, value) for key, value in metrics.items() if key.startswith(("ci_l0/", "alive/"))
              and (not key.startswith("ci_l0/") or key.endswith("/0.1"))]
     rows += [(key, metrics[key]) for key in ("faithfulness", "stochastic_recon", "ci_masked_recon") if key in metrics]
+    return _format_rows(rows)
+
+
+def _format_rows(rows: list[tuple[str, float]]) -> str:
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"  {key:<{width}}  {value:.6g}" for key, value in rows)
 
@@ -59,9 +63,7 @@ def cmd_train_dictionary(args: argparse.Namespace) -> None:
     result = api.train_dictionary(config, args.out)
     if result.resumed_from:
         print(f"resumed from step {result.resumed_from}")
-    rows = [(key, result.metrics[key]) for key in DICTIONARY_KEYS if key in result.metrics]
-    width = max(len(key) for key, _ in rows)
-    print("\n".join(f"  {key:<{width}}  {value:.6g}" for key, value in rows))
+    print(_format_rows([(key, result.metrics[key]) for key in DICTIONARY_KEYS if key in result.metrics]))
     print(f"run directory: {result.run_dir}")
 
 
@@ -73,6 +75,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     config = api.load_run_config(DEMO_PRESET, DEMO_OVERRIDES)
     print(f"demo: SPD of the toy model of superposition 5-2 ({config.train.steps} steps) in {args.out}")
     _report(api.decompose(config, args.out))
+
+
+def _add_run_arguments(command: argparse.ArgumentParser, override_example: str) -> None:
+    """The arguments every training command shares: config, overrides, run directory, seed and steps."""
+    command.add_argument("config", metavar="PRESET_OR_YAML")
+    command.add_argument("overrides", nargs="*", help=f"key.path=value, e.g. {override_example}")
+    command.add_argument("--out", type=Path, required=True, help="run directory")
+    command.add_argument("--seed", type=int, help="training seed (train.seed)")
+    command.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,11 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Run SPD and write a run directory. Presets: {presets}. Rerunning the same command on the "
                     "same --out resumes from the newest checkpoint.",
     )
-    decompose.add_argument("config", metavar="PRESET_OR_YAML")
-    decompose.add_argument("overrides", nargs="*", help="key.path=value, e.g. method.importance_minimality_coeff=1e-3")
-    decompose.add_argument("--out", type=Path, required=True, help="run directory")
-    decompose.add_argument("--seed", type=int, help="decomposition seed (train.seed)")
-    decompose.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
+    _add_run_arguments(decompose, "method.importance_minimality_coeff=1e-3")
     decompose.set_defaults(handler=cmd_decompose)
 
     dictionary_presets = ", ".join(api.dictionary_preset_names())
@@ -109,11 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Train a sparse dictionary and write a run directory with metrics.json. Presets: "
                     f"{dictionary_presets}. Rerunning the same command on the same --out resumes.",
     )
-    train_dictionary.add_argument("config", metavar="PRESET_OR_YAML")
-    train_dictionary.add_argument("overrides", nargs="*", help="key.path=value, e.g. method.penalty.coeff=3e-3")
-    train_dictionary.add_argument("--out", type=Path, required=True, help="run directory")
-    train_dictionary.add_argument("--seed", type=int, help="training seed (train.seed)")
-    train_dictionary.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
+    _add_run_arguments(train_dictionary, "method.penalty.coeff=3e-3")
     train_dictionary.set_defaults(handler=cmd_train_dictionary)
 
     evaluate = commands.add_parser(

@@ -81,7 +81,3 @@ def shrinkage(true_coefficients: Tensor, latents: Tensor, cosines: Tensor, atom_
     return float((recovered[active] / true_coefficients[active].double()).mean())
 
 
-def dead_fraction(samples_since_fired: Tensor, window: int) -> float:
-    """Fraction of latents that have not fired within the last `window` samples."""
-    return float((samples_since_fired >= window).double().mean())
-

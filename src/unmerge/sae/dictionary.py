@@ -30,14 +30,6 @@ class Dictionary(nn.Module):
             self.register_buffer("inference_threshold", torch.zeros(()))
             self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
 
-    @property
-    def width(self) -> int:
-        return self.W_d.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.W_d.shape[1]
-
     def pre_activations(self, x: Tensor) -> Tensor:
         return (x - self.b_d) @ self.W_e + self.b_e
 

@@ -105,12 +105,15 @@ class DictionaryMethod:
         if config.activation == "jumprelu" and config.l0_coeff:
             terms["l0"] = activations.jumprelu_l0(z, module.log_threshold.exp(), config.jumprelu_bandwidth)
         if config.aux_k:
-            dead = module.samples_since_fired >= config.dead_window
-            terms["aux_k"] = aux_k_loss(batch, reconstruction, z, module.W_d, dead, config.aux_k)
+            terms["aux_k"] = aux_k_loss(batch, reconstruction, z, module.W_d, self.dead(), config.aux_k)
         coefficients = {"reconstruction": 1.0, "sparsity": config.penalty.coeff, "l0": config.l0_coeff,
                         "aux_k": config.aux_k_coeff}
         loss = sum(coefficients[name] * value for name, value in terms.items())
         return StepOutput(loss=loss, terms=terms)
+
+    def dead(self) -> Tensor:
+        """Latents that have not fired within the last `dead_window` training samples."""
+        return self.module.samples_since_fired >= self.config.dead_window
 
     @torch.no_grad()
     def _track_firing(self, f: Tensor) -> None:
@@ -139,8 +142,8 @@ class DictionaryMethod:
             "reconstruction_cosine": scores.reconstruction_cosine(x, reconstruction),
             "norm_ratio": scores.norm_ratio(x, reconstruction),
             "l0": scores.l0(f),
-            "dead_fraction": scores.dead_fraction(self.module.samples_since_fired, self.config.dead_window),
-            "dead_latents": float((self.module.samples_since_fired >= self.config.dead_window).sum()),
+            "dead_fraction": float(self.dead().double().mean()),
+            "dead_latents": float(self.dead().sum()),
             "duplicate_latents": float(scores.duplicate_latents(self.module.W_d)),
         }
         if self.source.true_features is not None:

@@ -565,6 +565,11 @@ def _num_chunks(rows: int) -> int:
     return max(1, min(torch.get_num_threads(), rows // 64))
 
 
+def _elementwise_chunks(tensor: torch.Tensor) -> int:
+    """Threads for an elementwise kernel: at least 64 Ki elements each, so small tensors stay single-threaded."""
+    return _num_chunks(tensor.numel() // 1024)
+
+
 def _check(code: int, what: str) -> None:
     """Raise if the kernel reported an allocation failure."""
     if code != 0:
@@ -658,7 +663,7 @@ class _FusedHardSigmoids(torch.autograd.Function):
     def forward(ctx: FunctionCtx, x: torch.Tensor, leak: float) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         lower, upper = torch.empty_like(x), torch.empty_like(x)
         _load_kernel()[0].hard_sigmoids_forward(
-            x.data_ptr(), lower.data_ptr(), upper.data_ptr(), x.numel(), leak, _num_chunks(x.numel() // 1024)
+            x.data_ptr(), lower.data_ptr(), upper.data_ptr(), x.numel(), leak, _elementwise_chunks(x)
         )
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x)
@@ -677,7 +682,7 @@ class _FusedHardSigmoids(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         _load_kernel()[0].hard_sigmoids_backward(
             x.data_ptr(), *(g.data_ptr() if g is not None else None for g in grads), grad_x.data_ptr(),
-            x.numel(), ctx.leak, _num_chunks(x.numel() // 1024),
+            x.numel(), ctx.leak, _elementwise_chunks(x),
         )
         return grad_x, None
 
@@ -718,7 +723,7 @@ class _FusedStochasticMasks(torch.autograd.Function):
     def forward(ctx: FunctionCtx, g: torch.Tensor, k0: int, k1: int) -> torch.Tensor:  # type: ignore[override]
         masks = torch.empty_like(g)
         _load_kernel()[0].masks_forward(g.data_ptr(), masks.data_ptr(), g.numel(), k0, k1,
-                                        _num_chunks(g.numel() // 1024))
+                                        _elementwise_chunks(g))
         ctx.keys = (k0, k1)
         return masks
 
@@ -728,7 +733,7 @@ class _FusedStochasticMasks(torch.autograd.Function):
         grad_masks = grad_masks.contiguous()
         grad_g = torch.empty_like(grad_masks)
         _load_kernel()[0].masks_backward(grad_masks.data_ptr(), grad_g.data_ptr(), grad_masks.numel(), *ctx.keys,
-                                         _num_chunks(grad_masks.numel() // 1024))
+                                         _elementwise_chunks(grad_masks))
         return grad_g, None, None
 
 
