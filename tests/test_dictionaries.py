@@ -10,15 +10,25 @@ import torch
 import torch.nn.functional as F
 
 from unmerge import api, cli
-from unmerge.config import DictionaryConfig, PenaltyConfig, SparseFeaturesConfig, TrainConfig
-from unmerge.data import sparse_feature_source
+from unmerge.config import (
+    DictionaryConfig,
+    HierarchyConfig,
+    PenaltyConfig,
+    SparseFeaturesConfig,
+    TMSConfig,
+    TrainConfig,
+)
+from unmerge.data import hierarchy_source, sparse_feature_source, target_activation_source
 from unmerge.data.sparse_features import firing_probabilities
 from unmerge.errors import ConfigError, UnmergeError
 from unmerge.metrics import dictionary as scores
 from unmerge.sae import activations, penalties
 from unmerge.sae.dictionary import Dictionary
 from unmerge.sae.method import DictionaryMethod, aux_k_loss, geometric_median
+from unmerge.targets.tms import TMSModel
+from unmerge.targets.toys import build_target
 from unmerge.train.loop import train
+from unmerge.train.rng import step_generator
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -154,7 +164,7 @@ def test_bad_dictionary_configs_and_activations_are_named() -> None:
 
 def test_cli_reports_a_bad_dictionary_preset_and_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["train-dictionary", "no-such-preset", "--out", "x"]) == 2
-    assert "available presets: sparse-512-relu-l1" in capsys.readouterr().err
+    assert "available presets: hierarchy-relu-l1, sparse-512-relu-l1" in capsys.readouterr().err
     assert cli.main(["train-dictionary", "sparse-512-topk", "--out", "x", "method.widht=3"]) == 2
     assert "method.widht: unknown key" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="larger than the width"):
@@ -197,3 +207,72 @@ def test_batch_topk_inference_threshold_matches_training_l0() -> None:
         inference_l0 = scores.l0(method.module(x)[1])
     assert training_l0 == pytest.approx(3.0)
     assert abs(inference_l0 - training_l0) <= 0.1 * training_l0
+
+
+def test_hierarchy_children_fire_only_with_their_parent_one_at_a_time() -> None:
+    config = HierarchyConfig()
+    source = hierarchy_source(config)
+    x, coefficients = source.sample_with_coefficients(20_000, _generator(3))
+    assert source.dim == config.n_features == 20
+    assert torch.allclose(source.true_features @ source.true_features.T, torch.eye(20), atol=1e-5)
+    assert torch.allclose(x, coefficients @ source.true_features)
+    assert source.parents.tolist() == [-1, -1, -1, 0, 0, 0, 1, 1, 1, 2, 2, 2] + [-1] * 8
+    active = coefficients > 0
+    children = active[:, 3:12].view(-1, 3, 3)
+    assert not bool((children.any(2) & ~active[:, :3]).any())
+    assert int(children.sum(2).max()) == 1
+    assert float(active[:, :3].double().mean()) == pytest.approx(0.15, abs=0.01)
+    assert float(children.any(2)[active[:, :3]].double().mean()) == pytest.approx(0.6, abs=0.02)
+    assert torch.equal(source.sample(64, _generator(1)), source.sample(64, _generator(1)))
+
+
+def test_parent_recall_and_absorption_closed_forms() -> None:
+    parents = torch.tensor([-1, 0, 0])
+    cosines = torch.eye(3, dtype=torch.float64)
+    coefficients = torch.tensor([[1.0, 0, 0], [1.0, 1, 0], [1.0, 0, 1], [1.0, 1, 0]])
+    latents = torch.tensor([[1.0, 0, 0], [0.0, 1, 0], [1.0, 0, 1], [1.0, 1, 0]])
+    assert scores.parent_recall(coefficients, latents, cosines, parents) == pytest.approx(3 / 4)
+    assert scores.absorption(coefficients, latents, cosines, parents) == pytest.approx(1 / 3)
+
+
+def test_resampling_points_dead_latents_at_badly_reconstructed_inputs_and_resets_adam() -> None:
+    method = _small_method("relu", penalty=PenaltyConfig(coeff=0.05), dead_window=64, resample_samples=512)
+    module = method.module
+    optimizer = torch.optim.Adam(module.parameters())
+    method.before_training()
+    loss = method.training_loss(method.source.sample(64, _generator()), _generator()).loss
+    loss.backward()
+    optimizer.step()
+    module.samples_since_fired.zero_()
+    module.samples_since_fired[[2, 5]] = 64
+    before = {name: value.detach().clone() for name, value in module.named_parameters()}
+    scored = method.source.sample(512, step_generator(0, "resample", 0))
+    with torch.no_grad():
+        residuals = F.normalize(scored - module(scored)[0], dim=1)
+    assert method.resample_dead(optimizer) == 2
+    assert torch.allclose((module.W_d[[2, 5]] @ residuals.T).max(1).values, torch.ones(2, dtype=torch.float32))
+    live = torch.ones(32, dtype=torch.bool)
+    live[[2, 5]] = False
+    assert torch.equal(module.W_d[live], before["W_d"][live]) and torch.equal(module.b_e[live], before["b_e"][live])
+    assert torch.allclose(module.W_d[[2, 5]].norm(dim=1), torch.ones(2))
+    assert torch.allclose(F.normalize(module.W_e[:, [2, 5]].T, dim=1), module.W_d[[2, 5]], atol=1e-6)
+    live_norm = before["W_e"][:, live].norm(dim=0).mean()
+    assert torch.allclose(module.W_e[:, [2, 5]].norm(dim=0), 0.2 * live_norm.expand(2))
+    assert module.b_e[[2, 5]].abs().sum() == 0 and int(module.samples_since_fired.sum()) == 0
+    state = optimizer.state[module.W_d]
+    assert state["exp_avg"][[2, 5]].abs().sum() == 0 and state["exp_avg_sq"][[2, 5]].abs().sum() == 0
+    assert state["exp_avg_sq"][live].abs().sum() > 0
+    assert optimizer.state[module.W_e]["exp_avg"][:, [2, 5]].abs().sum() == 0
+
+
+def test_target_activations_are_the_hooked_output_and_true_features_the_columns_of_w() -> None:
+    config = TMSConfig(n_features=5, n_hidden=2)
+    target = build_target(config, TMSModel(config))
+    source = target_activation_source(target, "linear1")
+    inputs = target.sample_inputs(16, _generator(4))
+    W = target.model.linear1.weight
+    assert source.dim == 2
+    assert torch.equal(source.sample(16, _generator(4)), inputs @ W.T)
+    assert torch.equal(source.true_features, W.T)
+    with pytest.raises(UnmergeError, match="no module 'linear3'; hook points: linear1, linear2"):
+        target_activation_source(target, "linear3")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from unmerge.config import DictionaryRunConfig, RunConfig, TargetConfig, apply_overrides, load_yaml, save_yaml, validate
-from unmerge.data import sparse_feature_source
+from unmerge.data import activation_source
 from unmerge.errors import CheckpointError, ConfigError
 from unmerge.sae.method import DictionaryMethod
 from unmerge.spd.method import SPD
@@ -153,7 +153,7 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
         torch.set_num_threads(config.train.threads)
     run_dir = Path(run_dir)
     _prepare_run_dir(config, run_dir)
-    method = DictionaryMethod(sparse_feature_source(config.data), config.method, seed=config.train.seed,
+    method = DictionaryMethod(activation_source(config.data), config.method, seed=config.train.seed,
                               total_steps=config.train.steps, eval_batch_size=config.train.eval_batch_size)
     result = train(method, method.source.sample, config.train, run_dir, description=f"dictionary {config.name}")
     metrics = method.evaluate()

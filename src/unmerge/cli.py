@@ -55,7 +55,7 @@ def cmd_decompose(args: argparse.Namespace) -> None:
 
 
 DICTIONARY_KEYS = ("recall_mmcs", "precision_mmcs", "mcc", "matched/0.9", "matched/0.99", "fvu", "l0",
-                   "dead_latents", "duplicate_latents", "shrinkage")
+                   "dead_latents", "duplicate_latents", "shrinkage", "parent_recall", "absorption")
 
 
 def cmd_train_dictionary(args: argparse.Namespace) -> None:

@@ -151,6 +151,36 @@ class SparseFeaturesConfig(StrictModel):
         return self
 
 
+class HierarchyConfig(StrictModel):
+    """The absorption toy: orthogonal features where each child fires only together with its parent
+    (DESIGN.md §6, issue #3). With the defaults: 3 parents × 3 children + 8 independent = 20 features in R^20."""
+
+    kind: Literal["hierarchy"] = "hierarchy"
+    n_parents: PositiveInt = Field(3, description="parent features")
+    children_per_parent: PositiveInt = Field(3, description="children of each parent (at most one fires at a time)")
+    n_independent: NonNegativeInt = Field(8, description="features without parent or children")
+    parent_probability: Annotated[float, Field(gt=0.0, le=1.0)] = Field(0.15, description="P(a parent fires)")
+    child_probability: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.6, description="P(one of its children fires | the parent fires); the child is chosen uniformly")
+    independent_probability: Annotated[float, Field(gt=0.0, le=1.0)] = Field(0.1, description="P(fires)")
+    magnitude_spread: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0, description="a firing feature's coefficient is U[1 − spread, 1 + spread] (0: always 1)")
+    seed: NonNegativeInt = Field(0, description="fixes the random orthonormal directions")
+
+    @property
+    def n_features(self) -> int:
+        return self.n_parents * (1 + self.children_per_parent) + self.n_independent
+
+
+class TargetActivationsConfig(StrictModel):
+    """Activations of a toy target at one module's output (e.g. TMS's hidden layer `linear1`), for a dictionary
+    scored against the same ground truth as SPD on that target's weights."""
+
+    kind: Literal["target_activations"] = "target_activations"
+    target: TargetConfig
+    hook: str = Field(description="name of the module whose output is recorded (as in model.named_modules())")
+
+
 Activation = Literal["relu", "topk", "batchtopk", "jumprelu"]
 PenaltyName = Literal["none", "l1", "lp", "cauchy", "log1p", "tanh"]
 
@@ -186,6 +216,12 @@ class DictionaryConfig(StrictModel):
     decoder_bias_init: Literal["zero", "mean", "geometric_median"] = Field("geometric_median")
     unit_norm_decoder: bool = Field(True, description="renormalise decoder rows to 1 after every step")
     dead_window: PositiveInt = Field(100_000, description="a latent is dead if it has not fired in this many samples")
+    resample_every: NonNegativeInt = Field(0, description="every N steps, re-initialise dead latents (0: never)")
+    resample_until: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.5, description="resample only within this fraction of training, so the last part can settle")
+    resample_samples: PositiveInt = Field(8192, description="inputs scored to choose the resampled directions")
+    resample_encoder_norm: PositiveFloat = Field(
+        0.2, description="a resampled encoder column's norm, as a fraction of the mean live column's norm")
 
     @model_validator(mode="after")
     def _consistent(self) -> DictionaryConfig:
@@ -205,7 +241,7 @@ class DictionaryRunConfig(StrictModel):
     """One dictionary run: which activations, which dictionary, how to train."""
 
     name: str = Field("dictionary", description="human-readable name (the preset's name)")
-    data: SparseFeaturesConfig
+    data: SparseFeaturesConfig | HierarchyConfig | TargetActivationsConfig = Field(discriminator="kind")
     method: DictionaryConfig
     train: TrainConfig
 

@@ -24,13 +24,15 @@ from unmerge.config import SparseFeaturesConfig
 @dataclass(frozen=True)
 class ActivationSource:
     """What a dictionary trains on: a batch sampler of d-dimensional activations and, for toys, the true features
-    (rows of `true_features`, unit norm) and their coefficients' generator for shrinkage measurements."""
+    (rows of `true_features`, unit norm), their coefficients' generator for shrinkage measurements and, for the
+    hierarchy toy, each feature's parent index (−1: none)."""
 
     name: str
     dim: int
     sample: Callable[[int, torch.Generator], Tensor]
     true_features: Tensor | None = None
     sample_with_coefficients: Callable[[int, torch.Generator], tuple[Tensor, Tensor]] | None = None
+    parents: Tensor | None = None
 
 
 def firing_probabilities(config: SparseFeaturesConfig) -> Tensor:

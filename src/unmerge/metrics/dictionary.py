@@ -81,3 +81,26 @@ def shrinkage(true_coefficients: Tensor, latents: Tensor, cosines: Tensor, atom_
     return float((recovered[active] / true_coefficients[active].double()).mean())
 
 
+
+
+def parent_recall(true_coefficients: Tensor, latents: Tensor, cosines: Tensor, parents: Tensor) -> float:
+    """Hierarchy toy: mean over parent features of P(the parent's best-matching latent fires | the parent fires)."""
+    fires = latents[:, cosines.max(1).indices] != 0
+    rates = [fires[true_coefficients[:, g] > 0, g].double().mean() for g in parents.unique().tolist() if g >= 0]
+    return float(torch.stack(rates).mean())
+
+
+def absorption(true_coefficients: Tensor, latents: Tensor, cosines: Tensor, parents: Tensor) -> float:
+    """Hierarchy toy: over samples where a child fires (so its parent fires too), the fraction in which the
+    parent's best-matching latent is silent while the child's latent fires: the child latent has absorbed the
+    parent. Averaged over parents; 0 is no absorption."""
+    fires = latents[:, cosines.max(1).indices] != 0
+    children = (parents >= 0).nonzero().squeeze(1)
+    child_on = true_coefficients[:, children] > 0
+    absorbed = fires[:, children] & ~fires[:, parents[children]]
+    per_parent = []
+    for g in parents[children].unique():
+        mine = parents[children] == g
+        on = child_on[:, mine]
+        per_parent.append(absorbed[:, mine][on].double().mean() if bool(on.any()) else torch.tensor(0.0))
+    return float(torch.stack(per_parent).mean())

@@ -83,8 +83,13 @@ class DictionaryMethod:
             elif config.decoder_bias_init == "geometric_median":
                 self.module.b_d.copy_(geometric_median(sample))
             if config.init == "data":
-                order = torch.randperm(INIT_SAMPLES, generator=step_generator(self.seed, "atoms"))
-                atoms = sample[order[torch.arange(config.width) % INIT_SAMPLES]] - self.module.b_d
+                centred = sample - self.module.b_d
+                candidates = centred[centred.norm(dim=1) > 1e-6 * float(centred.norm(dim=1).max())]
+                if candidates.shape[0] == 0:
+                    raise UnmergeError("every initialisation sample equals the decoder bias, so no atom can be taken "
+                                       "from data; use method.init=random")
+                order = torch.randperm(candidates.shape[0], generator=step_generator(self.seed, "atoms"))
+                atoms = candidates[order[torch.arange(config.width) % candidates.shape[0]]]
                 self.module.W_d.copy_(F.normalize(atoms, dim=1) * config.init_decoder_norm)
                 self.module.W_e.copy_(self.module.W_d.T)
             if config.unit_norm_decoder:
@@ -117,15 +122,52 @@ class DictionaryMethod:
 
     @torch.no_grad()
     def _track_firing(self, f: Tensor) -> None:
-        fired = (f != 0).any(0)
+        fired = f.detach().amax(0) > 0  # latents are never negative; faster than (f != 0).any(0)
         self.module.samples_since_fired.add_(f.shape[0]).masked_fill_(fired, 0)
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        """Unit-norm decoder rows (in place, so the optimiser keeps its state for the same tensor)."""
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Unit-norm decoder rows (in place, so the optimiser keeps its state for the same tensor); dead latents
+        resampled on the configured cadence."""
         self.module.step += 1
         if self.config.unit_norm_decoder:
             self.module.W_d.copy_(F.normalize(self.module.W_d, dim=1))
+        step, every = int(self.module.step), self.config.resample_every
+        if every and step % every == 0 and step <= self.config.resample_until * self.total_steps:
+            self.resample_dead(optimizer)
+
+    @torch.no_grad()
+    def resample_dead(self, optimizer: torch.optim.Optimizer) -> int:
+        """Point every dead latent at an input the dictionary reconstructs badly (Bricken et al. 2023): draw
+        inputs with probability ∝ squared loss², set the atom to the normalised residual `x − x̂` (the part not yet
+        explained), the encoder column to the atom at `resample_encoder_norm` × the mean live column norm, the
+        encoder bias to 0, and zero those entries' Adam moments. Returns the number resampled."""
+        dead = self.dead()
+        rows = dead.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return 0
+        module, config = self.module, self.config
+        generator = step_generator(self.seed, "resample", int(module.step))
+        x = self.source.sample(config.resample_samples, generator)
+        module.eval()
+        residual = x - module(x)[0]
+        module.train()
+        weights = residual.square().sum(1).square()
+        if not bool(weights.sum() > 0):
+            weights = torch.ones_like(weights)
+        chosen = torch.multinomial(weights, rows.numel(), replacement=rows.numel() > x.shape[0],
+                                   generator=generator)
+        atoms = F.normalize(residual[chosen], dim=1)
+        live_norm = module.W_e[:, ~dead].norm(dim=0).mean() if bool((~dead).any()) else torch.tensor(1.0)
+        module.W_d[rows] = atoms
+        module.W_e[:, rows] = atoms.T * (config.resample_encoder_norm * live_norm)
+        module.b_e[rows] = 0.0
+        for parameter, index in ((module.W_d, rows), (module.W_e, (slice(None), rows)), (module.b_e, rows)):
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in optimizer.state.get(parameter, {}):
+                    optimizer.state[parameter][moment][index] = 0.0
+        module.samples_since_fired[rows] = 0
+        return rows.numel()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -156,6 +198,9 @@ class DictionaryMethod:
             }
             if coefficients is not None:
                 results["shrinkage"] = scores.shrinkage(coefficients, f, cosines, self.module.decoder_norms())
+            if coefficients is not None and self.source.parents is not None:
+                results["parent_recall"] = scores.parent_recall(coefficients, f, cosines, self.source.parents)
+                results["absorption"] = scores.absorption(coefficients, f, cosines, self.source.parents)
         self.module.train()
         return results
 

@@ -53,7 +53,7 @@ class SPD:
             self.faithfulness().backward()
             optimizer.step()
 
-    def after_step(self) -> None:
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """SPD's parameters are unconstrained."""
 
     def importances(self, clean: CleanPass) -> Importances:

@@ -95,7 +95,7 @@ class _TargetTraining:
     def evaluate(self) -> dict[str, float]:
         return {}
 
-    def after_step(self) -> None:
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """No constraints on a toy model's parameters."""
 
 

@@ -1,9 +1,8 @@
 """The one training loop, shared by every method (SPD, dictionaries, APD) and by toy-target training.
 
 A method is anything with a `module` (the learned state to checkpoint), a `before_training()` hook for a fresh
-start, a `training_loss(batch, generator)`, an `after_step()` hook and an `evaluate()`. Each step is named up
-front: draw the batch, compute the loss, check it is finite, step the
-optimiser; then log, evaluate, checkpoint when their cadence says so. Data and noise come from counter-based
+start, a `training_loss(batch, generator)`, an `after_step(optimizer)` hook and an `evaluate()`. Each step is named
+up front: draw the batch, compute the loss, check it is finite, step the optimiser; then log, evaluate, checkpoint when their cadence says so. Data and noise come from counter-based
 generators (`rng.step_generator`), so a resumed run is bitwise identical to an uninterrupted one.
 """
 
@@ -46,8 +45,9 @@ class Method(Protocol):
 
     def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput: ...
 
-    def after_step(self) -> None:
-        """Called after every optimiser step: constraints on the parameters (e.g. unit-norm decoder rows)."""
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called after every optimiser step: constraints on the parameters (e.g. unit-norm decoder rows) and
+        edits that must also reset the optimiser's state (e.g. resampled dictionary latents)."""
 
     def evaluate(self) -> dict[str, float]: ...
 
@@ -134,7 +134,7 @@ def train(
         output.loss.backward()
         distributed.average_gradients(parameters)
         optimizer.step()
-        method.after_step()
+        method.after_step(optimizer)
         done = step + 1
         is_last = done == config.steps
         if done % config.log_every == 0 or is_last:
