@@ -3,6 +3,7 @@ form or a hand computation."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -24,7 +25,7 @@ from unmerge.errors import ConfigError, UnmergeError
 from unmerge.metrics import dictionary as scores
 from unmerge.sae import activations, penalties
 from unmerge.sae.dictionary import Dictionary
-from unmerge.sae.method import DictionaryMethod, aux_k_loss, geometric_median
+from unmerge.sae.method import DictionaryMethod, aux_k_loss, gated_auxiliary_loss, geometric_median
 from unmerge.targets.tms import TMSModel
 from unmerge.targets.toys import build_target
 from unmerge.train.loop import train
@@ -164,7 +165,8 @@ def test_bad_dictionary_configs_and_activations_are_named() -> None:
 
 def test_cli_reports_a_bad_dictionary_preset_and_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["train-dictionary", "no-such-preset", "--out", "x"]) == 2
-    assert "available presets: hierarchy-relu-l1, sparse-512-relu-l1" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "available presets: " in error and "sparse-512-relu-l1, sparse-512-topk" in error
     assert cli.main(["train-dictionary", "sparse-512-topk", "--out", "x", "method.widht=3"]) == 2
     assert "method.widht: unknown key" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="larger than the width"):
@@ -276,3 +278,69 @@ def test_target_activations_are_the_hooked_output_and_true_features_the_columns_
     assert torch.equal(source.true_features, W.T)
     with pytest.raises(UnmergeError, match="no module 'linear3'; hook points: linear1, linear2"):
         target_activation_source(target, "linear3")
+
+
+def test_gated_auxiliary_loss_trains_the_gate_but_not_the_decoder() -> None:
+    method = _small_method("gated", penalty=PenaltyConfig(coeff=0.05))
+    module = method.module
+    x = method.source.sample(64, _generator())
+    gate = module.forward_normalised(x)[2]
+    gated_auxiliary_loss(x, gate, module).backward()
+    assert module.W_d.grad is None and module.b_d.grad is not None  # b_d reaches the gate through the encoder
+    assert module.W_e.grad is not None and module.W_e.grad.abs().sum() > 0
+    assert module.r_mag.grad is None and module.b_mag.grad is None
+    module.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        z = (x - module.b_d) @ module.W_e + module.b_e
+        magnitude = (x - module.b_d) @ module.W_e * module.r_mag.exp() + module.b_mag
+        assert torch.allclose(module(x)[1], F.relu(magnitude) * (z > 0))
+    output = method.training_loss(x, _generator())
+    assert set(output.terms) == {"reconstruction", "sparsity", "gate_reconstruction"}
+    expected_sparsity = F.relu(z).sum(1).mean()  # on the gate's ReLU, not on the magnitudes
+    assert torch.allclose(output.terms["sparsity"], expected_sparsity)
+
+
+def test_matryoshka_sums_the_reconstruction_errors_of_nested_prefixes() -> None:
+    method = _small_method("relu", penalty=PenaltyConfig(name="none"), matryoshka_prefixes=[4, 16])
+    module = method.module
+    x = method.source.sample(32, _generator())
+    with torch.no_grad():
+        f = module(x)[1]
+        expected = sum(((x - f[:, :m] @ module.W_d[:m] - module.b_d).square().sum(1).mean() for m in (4, 16, 32)))
+        assert torch.allclose(method.training_loss(x, _generator()).terms["reconstruction"], expected)
+    for bad in ([16, 4], [4, 32], [4, 4]):
+        with pytest.raises(ValueError, match="must increase strictly and stay below the width 32"):
+            DictionaryConfig(width=32, matryoshka_prefixes=bad)
+
+
+@pytest.mark.parametrize(("activation", "extra"), [("relu", {}), ("topk", {"k": 3}), ("batchtopk", {"k": 3}),
+                                                   ("gated", {}), ("jumprelu", {"l0_coeff": 0.01})])
+def test_normalisation_folds_back_into_the_weights(activation: str, extra: dict[str, object]) -> None:
+    data = SparseFeaturesConfig(n_features=32, dim=16, mean_active=2.0, decay=1.0)
+    raw = sparse_feature_source(data)
+    source = dataclasses.replace(raw, sample=lambda size, generator: 37.0 * raw.sample(size, generator))
+    config = DictionaryConfig(width=32, activation=activation, normalise_activations=True,
+                              penalty=PenaltyConfig(coeff=0.01), **extra)
+    method = DictionaryMethod(source, config, seed=0, total_steps=50)
+    train(method, source.sample, TrainConfig(steps=50, batch_size=64, log_every=10, optim={"lr": 3e-3}))
+    module = method.module.eval()
+    scale = float(module.input_scale)
+    assert scale == 2.0 ** round(math.log2(4.0 / float(source.sample(8192, _generator(5)).norm(dim=1).mean())))
+    assert scale != 1.0
+    x = source.sample(512, _generator(7))
+    with torch.no_grad():
+        before, latents_before, _ = module(x)
+        module.fold_input_scale()
+        after, latents_after, _ = module(x)
+    assert float(module.input_scale) == 1.0 and scores.l0(latents_after) > 0
+    if activation == "jumprelu":  # its threshold is stored as log θ, so the fold is exact to float rounding
+        assert torch.allclose(after, before, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(latents_after, latents_before / scale, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(after, before) and torch.equal(latents_after, latents_before / scale)
+
+
+def test_later_duplicates_keep_one_atom_of_each_group() -> None:
+    atoms = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.01], [1.0, 0.0], [0.0, -1.0]])
+    assert scores.later_duplicates(atoms).tolist() == [False, False, True, True, False]
+    assert scores.duplicate_latents(atoms) == 3

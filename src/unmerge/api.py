@@ -1,4 +1,5 @@
-"""The Python API behind every CLI command: presets, `decompose`, `evaluate`, `train_target_preset`, `demo`.
+"""The Python API behind every CLI command: presets, `decompose`, `evaluate`, `train_target_preset`,
+`train_dictionary`, `sweep`.
 
 A run directory holds `config.yaml` (resolved config), `target/` (the trained target, so the directory is
 self-contained), `checkpoints/`, `train_log.jsonl`, `eval_log.jsonl`, `metrics.json` and `figures/`.
@@ -7,17 +8,30 @@ self-contained), `checkpoints/`, `train_log.jsonl`, `eval_log.jsonl`, `metrics.j
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from unmerge.config import DictionaryRunConfig, RunConfig, TargetConfig, apply_overrides, load_yaml, save_yaml, validate
 from unmerge.data import activation_source
 from unmerge.errors import CheckpointError, ConfigError
 from unmerge.sae.method import DictionaryMethod
 from unmerge.spd.method import SPD
+from unmerge.sweep import (
+    SweepPoint,
+    SweepResult,
+    SweepRow,
+    SweepSpec,
+    csv_text,
+    expand,
+    markdown_table,
+    parse_grid_argument,
+    parse_override,
+)
 from unmerge.targets import cached_target, load_target, save_target
 from unmerge.targets.toys import CONFIG_FILE as TARGET_CONFIG_FILE
 from unmerge.targets.toys import target_cache_dir, train_target
@@ -28,6 +42,7 @@ PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
 DICTIONARY_PRESET_DIR = PRESET_DIR / "dictionaries"
 RUN_CONFIG = "config.yaml"
 METRICS_FILE = "metrics.json"
+DICTIONARY_FILE = "dictionary.safetensors"  # the trained dictionary with its normalisation folded in
 TARGET_DIR = "target"
 
 
@@ -156,8 +171,11 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
     method = DictionaryMethod(activation_source(config.data), config.method, seed=config.train.seed,
                               total_steps=config.train.steps, eval_batch_size=config.train.eval_batch_size)
     result = train(method, method.source.sample, config.train, run_dir, description=f"dictionary {config.name}")
+    method.module.fold_input_scale()
     metrics = method.evaluate()
     if distributed.is_main_process():
+        tensors = {name: value.contiguous() for name, value in method.module.state_dict().items()}
+        checkpoint.write_atomic(run_dir / DICTIONARY_FILE, lambda tmp: save_file(tensors, str(tmp)))
         _write_metrics(run_dir, metrics)
     return RunResult(run_dir, metrics, [], result.resumed_from)
 
@@ -197,3 +215,100 @@ def train_target_preset(
     target, loss = train_target(config)
     save_target(target, config, directory)
     return directory, loss
+
+
+SWEEP_SPEC = "sweep.yaml"
+SWEEP_RUNS = "runs"
+SWEEP_CSV = "results.csv"
+SWEEP_MARKDOWN = "results.md"
+
+
+def load_sweep_spec(source: str, grid: list[str] = (), overrides: list[str] = ()) -> SweepSpec:
+    """A sweep spec from a YAML file that has a `grid` (see `unmerge.sweep`), or from a base dictionary preset or
+    config plus `--grid`-style `key=v1,v2` strings. `grid` strings add or replace grid keys; `overrides`
+    (`key=value`) add fixed overrides. A relative `base` path in a spec file is read relative to that file."""
+    path = Path(source)
+    from_file = load_yaml(path) if path.suffix in {".yaml", ".yml"} and path.is_file() else {}
+    if "grid" in from_file:
+        base = Path(str(from_file.get("base", "")))
+        if from_file.get("base") and not base.is_absolute() and (path.parent / base).is_file():
+            from_file["base"] = str(path.parent / base)
+        data = validate(SweepSpec, from_file, str(path)).model_dump(mode="json")
+    else:
+        config_source(source, DICTIONARY_PRESET_DIR)  # an unknown preset or missing file is named here
+        data = {"base": source, "grid": {}, "overrides": {}}
+    data["grid"] |= dict(parse_grid_argument(text) for text in grid)
+    data["overrides"] |= dict(parse_override(text) for text in overrides)
+    described = f"sweep of {source}" + (f" with --grid {list(grid)}" if grid else "")
+    if not data["grid"]:
+        raise ConfigError(f"{described}: no grid; add --grid key=v1,v2 (e.g. --grid method.penalty.coeff=0.03,0.1) "
+                          "or pass a sweep YAML file with a `grid:` mapping")
+    return validate(SweepSpec, data, described)
+
+
+def _sweep_configs(spec: SweepSpec) -> list[tuple[SweepPoint, DictionaryRunConfig]]:
+    """Every grid point's validated config, built before any training so that a bad point fails the sweep early."""
+    fixed = spec.override_strings()
+    load_dictionary_config(spec.base, fixed)  # errors in the base or in the fixed overrides, named once
+    configs = []
+    for point in expand(spec):
+        try:
+            configs.append((point, load_dictionary_config(spec.base, fixed + point.overrides)))
+        except ConfigError as error:
+            raise ConfigError(f"sweep grid point {point.name} ({' '.join(point.overrides)}): {error}") from None
+    return configs
+
+
+def _check_sweep_dir(out_dir: Path, configs: list[tuple[SweepPoint, DictionaryRunConfig]]) -> None:
+    """Refuse, before anything is trained or written, a sweep directory whose runs were made with other settings."""
+    for point, config in configs:
+        saved = out_dir / SWEEP_RUNS / point.name / RUN_CONFIG
+        if not saved.is_file():
+            continue
+        previous = validate(type(config), load_yaml(saved), str(saved))
+        if previous != config:
+            differences = "; ".join(_config_differences(previous.model_dump(mode="json"),
+                                                        config.model_dump(mode="json")))
+            raise CheckpointError(f"{saved.parent} was trained with other settings ({differences}); a sweep directory "
+                                  "holds one config per grid point, so give the changed sweep a new --out (or rerun "
+                                  "it with the original settings)")
+
+
+def _finished_run(run_dir: Path, config: DictionaryRunConfig) -> bool:
+    """Whether `run_dir` holds a finished run (metrics.json written) of exactly this config."""
+    saved = run_dir / RUN_CONFIG
+    if not (run_dir / METRICS_FILE).is_file() or not saved.is_file():
+        return False
+    return validate(type(config), load_yaml(saved), str(saved)) == config
+
+
+def sweep(spec: SweepSpec, out_dir: Path, log: Callable[[str], None] | None = print) -> SweepResult:
+    """Train every grid point of `spec` in turn into `out_dir/runs/<name>` and write `results.csv`, `results.md`,
+    the Pareto figures and `sweep.yaml` to `out_dir`.
+
+    Rerunning the same sweep reuses finished runs (same config, metrics.json present) and resumes interrupted ones
+    from their newest checkpoint; extending the grid trains only the new points. Metrics are read from each run's
+    metrics.json, never recomputed. `log` receives one progress line per run (None: silent).
+    """
+    from unmerge.report.pareto import sweep_figures
+
+    out_dir = Path(out_dir)
+    configs = _sweep_configs(spec)
+    _check_sweep_dir(out_dir, configs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_atomic(out_dir / SWEEP_SPEC, lambda tmp: save_yaml(spec, tmp))
+    rows: list[SweepRow] = []
+    keys = list(spec.grid)
+    for number, (point, config) in enumerate(configs, start=1):
+        run_dir = out_dir / SWEEP_RUNS / point.name
+        skipped = _finished_run(run_dir, config)
+        if log:
+            log(f"[{number}/{len(configs)}] {point.name}: " + ("finished earlier, reused" if skipped else "training"))
+        if not skipped:
+            train_dictionary(config, run_dir)
+        metrics = json.loads((run_dir / METRICS_FILE).read_text())
+        rows.append(SweepRow(point.name, point.settings, run_dir, metrics, skipped))
+        for name, text in ((SWEEP_CSV, csv_text(rows, keys)), (SWEEP_MARKDOWN, markdown_table(rows, keys))):
+            checkpoint.write_atomic(out_dir / name, lambda tmp, text=text: tmp.write_text(text))  # partial on a crash
+    figures = sweep_figures(rows, spec.group_keys(), out_dir)
+    return SweepResult(out_dir, spec, rows, out_dir / SWEEP_CSV, out_dir / SWEEP_MARKDOWN, figures)

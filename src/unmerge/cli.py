@@ -67,6 +67,29 @@ def cmd_train_dictionary(args: argparse.Namespace) -> None:
     print(f"run directory: {result.run_dir}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+    spec = api.load_sweep_spec(args.config, args.grid or [], overrides)
+    result = api.sweep(spec, args.out)
+    print(result.markdown(), end="")
+    print(f"table: {result.csv_path}, {result.markdown_path}")
+    for figure in result.figures:
+        print(f"figure: {figure}")
+
+
+SWEEP_EXAMPLES = """examples:
+  unmerge sweep hierarchy-relu-l1 --out runs/sweep --steps 2000 \\
+      --grid method.penalty.coeff=0.01,0.03,0.1 --grid train.seed=0,1
+  unmerge sweep sparse-512-relu-l1 --out runs/penalties train.threads=1 \\
+      --grid method.penalty.name=l1,cauchy --grid method.penalty.coeff=0.03,0.1,0.3 --grid method.width=512,1024
+  unmerge sweep my-sweep.yaml --out runs/my-sweep      # a YAML file with base, grid, overrides (see unmerge.sweep)
+
+Writes DIR/runs/<name> (one run directory per grid point, e.g. penalty=l1,coeff=0.03), DIR/results.csv,
+DIR/results.md, DIR/pareto_l0_fvu.png, DIR/pareto_l0_mcc.png (data with true features) and DIR/dead_latents.png.
+Rerunning the same command reuses finished runs and resumes interrupted ones; extending the grid trains only the
+new points."""
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     _report(api.evaluate(args.run_dir))
 
@@ -118,6 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arguments(train_dictionary, "method.penalty.coeff=3e-3")
     train_dictionary.set_defaults(handler=cmd_train_dictionary)
+
+    sweep = commands.add_parser(
+        "sweep", help="train dictionaries over a grid of settings; write a results table and Pareto figures",
+        description="Train one dictionary per point of a grid (the Cartesian product of the --grid values) on a\n"
+                    "base preset or YAML config, one after another, and compare them in one table and figures.\n"
+                    f"Presets: {dictionary_presets}.",
+        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("config", metavar="PRESET_OR_YAML",
+                       help="base dictionary preset or config, or a sweep YAML file (one with a `grid:` mapping)")
+    sweep.add_argument("overrides", nargs="*", help="key.path=value for every run, e.g. train.threads=1")
+    sweep.add_argument("--out", type=Path, required=True, help="sweep directory (tables, figures, runs/)")
+    sweep.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
+                       help="a grid axis, repeatable, e.g. method.penalty.coeff=0.03,0.1 (or KEY=[v1, v2] in YAML)")
+    sweep.add_argument("--steps", type=int, help="optimiser steps of every run (train.steps)")
+    sweep.set_defaults(handler=cmd_sweep)
 
     evaluate = commands.add_parser(
         "evaluate", help="recompute metrics.json and figures of a run",

@@ -181,7 +181,7 @@ class TargetActivationsConfig(StrictModel):
     hook: str = Field(description="name of the module whose output is recorded (as in model.named_modules())")
 
 
-Activation = Literal["relu", "topk", "batchtopk", "jumprelu"]
+Activation = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 PenaltyName = Literal["none", "l1", "lp", "cauchy", "log1p", "tanh"]
 
 
@@ -203,7 +203,7 @@ class DictionaryConfig(StrictModel):
 
     kind: Literal["dictionary"] = "dictionary"
     width: PositiveInt = Field(description="latents m")
-    activation: Activation = Field("relu", description="relu | topk | batchtopk | jumprelu")
+    activation: Activation = Field("relu", description="relu | topk | batchtopk | jumprelu | gated")
     k: PositiveInt | None = Field(None, description="active latents per example for topk / batchtopk")
     penalty: PenaltyConfig = PenaltyConfig()
     aux_k: PositiveInt | None = Field(None, description="AuxK: dead latents used to model the residual (topk)")
@@ -216,9 +216,15 @@ class DictionaryConfig(StrictModel):
     decoder_bias_init: Literal["zero", "mean", "geometric_median"] = Field("geometric_median")
     unit_norm_decoder: bool = Field(True, description="renormalise decoder rows to 1 after every step")
     dead_window: PositiveInt = Field(100_000, description="a latent is dead if it has not fired in this many samples")
+    matryoshka_prefixes: list[PositiveInt] | None = Field(
+        None, description="Matryoshka: also reconstruct from the first m_i latents for each of these widths")
+    normalise_activations: bool = Field(
+        False, description="train on s·x with s ≈ √d / E‖x‖ (a power of two), folded into the weights at the end")
     resample_every: NonNegativeInt = Field(0, description="every N steps, re-initialise dead latents (0: never)")
     resample_until: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         0.5, description="resample only within this fraction of training, so the last part can settle")
+    resample_duplicates: bool = Field(
+        False, description="also resample a latent whose atom nearly copies an earlier one's (cosine > 0.95)")
     resample_samples: PositiveInt = Field(8192, description="inputs scored to choose the resampled directions")
     resample_encoder_norm: PositiveFloat = Field(
         0.2, description="a resampled encoder column's norm, as a fraction of the mean live column's norm")
@@ -234,6 +240,10 @@ class DictionaryConfig(StrictModel):
             raise ValueError(f"k is only used by topk / batchtopk, not {self.activation!r}; remove it")
         if self.aux_k is not None and self.aux_k > self.width:
             raise ValueError(f"aux_k = {self.aux_k} is larger than the width {self.width}")
+        prefixes = self.matryoshka_prefixes
+        if prefixes is not None and (sorted(set(prefixes)) != prefixes or prefixes[-1] >= self.width):
+            raise ValueError(f"matryoshka_prefixes {prefixes} must increase strictly and stay below the width "
+                             f"{self.width} (the full width is always one of the nested dictionaries)")
         return self
 
 

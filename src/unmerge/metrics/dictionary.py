@@ -70,6 +70,13 @@ def duplicate_latents(atoms: Tensor, threshold: float = DUPLICATE_COSINE) -> int
     return int((similarity > threshold).any(1).sum())
 
 
+def later_duplicates(atoms: Tensor, threshold: float = DUPLICATE_COSINE) -> Tensor:
+    """Mask of atoms that nearly copy (cosine above `threshold`) an atom with a lower index: freeing these keeps
+    exactly one atom of every group of copies."""
+    unit = F.normalize(atoms.double(), dim=1)
+    return ((unit @ unit.T).tril(-1) > threshold).any(1)
+
+
 def shrinkage(true_coefficients: Tensor, latents: Tensor, cosines: Tensor, atom_norms: Tensor) -> float:
     """Mean ratio of recovered to true coefficient over active (feature, example) pairs, where each true feature
     is read from its best-matching atom: `f_atom ‖d_atom‖ cos / c_true`. 1 is unbiased; < 1 is shrinkage."""

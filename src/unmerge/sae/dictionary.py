@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,8 +63,14 @@ class _ReLUDictionary(torch.autograd.Function):
 
 
 class Dictionary(nn.Module):
-    """Encoder `W_e` (d × m), `b_e`; decoder `W_d` (m × d, rows are atoms), `b_d`; JumpReLU's `log θ` or
-    BatchTopK's running inference threshold where the activation needs them."""
+    """Encoder `W_e` (d × m), `b_e`; decoder `W_d` (m × d, rows are atoms), `b_d`; JumpReLU's `log θ`,
+    BatchTopK's running inference threshold, or the Gated magnitude path (`r_mag`, `b_mag`) where the activation
+    needs them.
+
+    With activation normalisation the dictionary works on `s·x` for a fixed scale `s` (`input_scale`, a power of
+    two); `forward` takes and returns raw activations, and `fold_input_scale` moves `s` into the biases and
+    thresholds so that the same reconstructions come out with `s = 1` (bit for bit: scaling by a power of two is
+    exact in floating point) and the latents are in raw units."""
 
     def __init__(self, dim: int, config: DictionaryConfig, generator: torch.Generator) -> None:
         super().__init__()
@@ -77,6 +85,10 @@ class Dictionary(nn.Module):
         if config.activation == "batchtopk":
             self.register_buffer("inference_threshold", torch.zeros(()))
             self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
+        if config.activation == "gated":
+            self.r_mag = nn.Parameter(torch.zeros(config.width))
+            self.b_mag = nn.Parameter(torch.zeros(config.width))
+        self.register_buffer("input_scale", torch.ones(()))
 
     def pre_activations(self, x: Tensor) -> Tensor:
         return (x - self.b_d) @ self.W_e + self.b_e
@@ -108,11 +120,26 @@ class Dictionary(nn.Module):
         return f @ self.W_d + self.b_d
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(reconstruction x̂, latents f, pre-activations z). ReLU runs as one fused function; TopK encodes and
-        decodes through its k active latents per example (`sparse_decode`), and its dense f, formed for the caller
-        (firing counts, penalties), is not on the decoder's gradient path. Both form the input's B × d gradient
-        only when the input needs one."""
+        """(reconstruction x̂, latents f, pre-activations z) of raw activations x; f and z are in the normalised
+        units until the scale is folded."""
+        scale = float(self.input_scale)
+        if scale == 1.0:
+            return self.forward_normalised(x)
+        reconstruction, f, z = self.forward_normalised(x * scale)
+        return reconstruction / scale, f, z
+
+    def forward_normalised(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(x̂, f, z) of activations already multiplied by the input scale. ReLU runs as one fused function; TopK
+        encodes and decodes through its k active latents per example (`sparse_decode`), and its dense f, formed
+        for the caller (firing counts, penalties), is not on the decoder's gradient path. Both form the input's
+        B × d gradient only when the input needs one. For Gated, z is the gate's pre-activation."""
         config = self.config
+        if config.activation == "gated":
+            projection = (x - self.b_d) @ self.W_e
+            z = projection + self.b_e
+            magnitude = projection * self.r_mag.exp() + self.b_mag
+            f = F.relu(magnitude) * (z > 0)
+            return self.decode(f), f, z
         if config.activation == "topk":
             assert config.k is not None
             values, indices, z = topk_encode(x, self.W_e, self.b_e, self.b_d, config.k)
@@ -125,3 +152,16 @@ class Dictionary(nn.Module):
 
     def decoder_norms(self) -> Tensor:
         return self.W_d.norm(dim=1)
+
+    @torch.no_grad()
+    def fold_input_scale(self) -> None:
+        """Fold the activation normalisation into the weights: divide every additive term and threshold by `s`
+        and set `s = 1`. Reconstructions of raw activations are unchanged (exactly, as `s` is a power of two; a
+        JumpReLU threshold, stored as log θ, to float rounding) and latents become raw-unit `f / s`."""
+        scale = float(self.input_scale)
+        for bias in (self.b_e, self.b_d, getattr(self, "b_mag", None), getattr(self, "inference_threshold", None)):
+            if bias is not None:
+                bias.div_(scale)
+        if self.config.activation == "jumprelu":
+            self.log_threshold.sub_(math.log(scale))
+        self.input_scale.fill_(1.0)

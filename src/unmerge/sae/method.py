@@ -3,6 +3,8 @@ dead-latent bookkeeping, and evaluation against known features."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,6 +35,34 @@ def geometric_median(points: Tensor, iterations: int = GEOMETRIC_MEDIAN_ITERATIO
         weights = 1 / (points - median).norm(dim=1).clamp(min=1e-8)
         median = (weights[:, None] * points).sum(0) / weights.sum()
     return median
+
+
+def normalising_scale(sample: Tensor) -> float:
+    """The power of two closest (in log scale) to `√d / mean ‖x‖`, so that normalised activations have a mean
+    norm near √d and folding the scale back is exact."""
+    mean_norm = float(sample.norm(dim=1).mean())
+    if mean_norm == 0:
+        raise UnmergeError("every activation in the initialisation sample is zero, so there is no scale to normalise "
+                           "by; check the source or set method.normalise_activations=false")
+    return 2.0 ** round(math.log2(math.sqrt(sample.shape[1]) / mean_norm))
+
+
+def matryoshka_loss(x: Tensor, f: Tensor, module: Dictionary, prefixes: list[int]) -> Tensor:
+    """Matryoshka (Bussmann et al. 2025; Nabeshima 2024): the sum over nested prefixes m_1 < m_2 < … of the
+    squared error of reconstructing from the first m_i latents only (the full width is the main reconstruction),
+    so early latents must stand on their own as a smaller dictionary. Built up block by block."""
+    partial = module.b_d.expand_as(x)
+    total = x.new_zeros(())
+    for start, end in zip([0, *prefixes[:-1]], prefixes, strict=True):
+        partial = partial + f[:, start:end] @ module.W_d[start:end]
+        total = total + squared_error(x, partial)
+    return total
+
+
+def gated_auxiliary_loss(x: Tensor, gate: Tensor, module: Dictionary) -> Tensor:
+    """Gated SAE's auxiliary term (Rajamanoharan et al. 2024): the gate path's `ReLU(π_gate)` must reconstruct x
+    through a frozen copy of the decoder, so this term trains the encoder (gate) but never the decoder."""
+    return squared_error(x, F.relu(gate) @ module.W_d.detach() + module.b_d.detach())
 
 
 def aux_k_loss(x: Tensor, reconstruction: Tensor, z: Tensor, W_d: Tensor, dead: Tensor, k: int) -> Tensor:
@@ -78,6 +108,9 @@ class DictionaryMethod:
         sample = self.source.sample(INIT_SAMPLES, step_generator(self.seed, "dictionary-init"))
         check_activations(sample, self.source.dim)
         with torch.no_grad():
+            if config.normalise_activations:
+                self.module.input_scale.fill_(normalising_scale(sample))
+                sample = sample * self.module.input_scale
             if config.decoder_bias_init == "mean":
                 self.module.b_d.copy_(sample.mean(0))
             elif config.decoder_bias_init == "geometric_median":
@@ -99,20 +132,28 @@ class DictionaryMethod:
         return float(self.module.step) / max(self.total_steps, 1)
 
     def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
+        """Reconstruction (summed over Matryoshka prefixes if configured), sparsity penalty, and the
+        activation's own terms (JumpReLU's L0, AuxK, Gated's auxiliary reconstruction), all in normalised units."""
         check_activations(batch, self.source.dim)
         module, config = self.module, self.config
         module.train()
-        reconstruction, f, z = module(batch)
+        x = batch * module.input_scale if config.normalise_activations else batch
+        reconstruction, f, z = module.forward_normalised(x)
         self._track_firing(f)
-        terms = {"reconstruction": squared_error(batch, reconstruction)}
+        terms = {"reconstruction": squared_error(x, reconstruction)}
+        if config.matryoshka_prefixes:
+            terms["reconstruction"] = terms["reconstruction"] + matryoshka_loss(x, f, module, config.matryoshka_prefixes)
         if config.penalty.name != "none" and config.penalty.coeff:
-            terms["sparsity"] = sparsity_penalty(f, config.penalty, module.decoder_norms(), self.progress())
+            penalised = F.relu(z) if config.activation == "gated" else f
+            terms["sparsity"] = sparsity_penalty(penalised, config.penalty, module.decoder_norms(), self.progress())
         if config.activation == "jumprelu" and config.l0_coeff:
             terms["l0"] = activations.jumprelu_l0(z, module.log_threshold.exp(), config.jumprelu_bandwidth)
         if config.aux_k:
-            terms["aux_k"] = aux_k_loss(batch, reconstruction, z, module.W_d, self.dead(), config.aux_k)
+            terms["aux_k"] = aux_k_loss(x, reconstruction, z, module.W_d, self.dead(), config.aux_k)
+        if config.activation == "gated":
+            terms["gate_reconstruction"] = gated_auxiliary_loss(x, z, module)
         coefficients = {"reconstruction": 1.0, "sparsity": config.penalty.coeff, "l0": config.l0_coeff,
-                        "aux_k": config.aux_k_coeff}
+                        "aux_k": config.aux_k_coeff, "gate_reconstruction": 1.0}
         loss = sum(coefficients[name] * value for name, value in terms.items())
         return StepOutput(loss=loss, terms=terms)
 
@@ -141,8 +182,12 @@ class DictionaryMethod:
         """Point every dead latent at an input the dictionary reconstructs badly (Bricken et al. 2023): draw
         inputs with probability ∝ squared loss², set the atom to the normalised residual `x − x̂` (the part not yet
         explained), the encoder column to the atom at `resample_encoder_norm` × the mean live column norm, the
-        encoder bias to 0, and zero those entries' Adam moments. Returns the number resampled."""
+        encoder bias to 0, and zero those entries' Adam moments. With `resample_duplicates`, the later copy of
+        each near-duplicate pair is freed the same way (it adds nothing a single atom does not). Returns the
+        number resampled."""
         dead = self.dead()
+        if self.config.resample_duplicates:
+            dead = dead | scores.later_duplicates(self.module.W_d)
         rows = dead.nonzero().squeeze(1)
         if rows.numel() == 0:
             return 0
@@ -179,6 +224,7 @@ class DictionaryMethod:
         else:
             x, coefficients = self.source.sample(self.eval_batch_size, generator), None
         reconstruction, f, _ = self.module(x)
+        f = f / self.module.input_scale
         results = {
             "fvu": scores.fvu(x, reconstruction),
             "reconstruction_cosine": scores.reconstruction_cosine(x, reconstruction),

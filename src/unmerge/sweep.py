@@ -1,0 +1,262 @@
+"""Sweeps of dictionary runs over a grid of config values, their results table and the Pareto front.
+
+A sweep is a base dictionary config (a preset or YAML file), a grid (dotted config key → list of values, expanded
+as a Cartesian product) and fixed overrides. Each grid point becomes one ordinary run directory,
+`DIR/runs/<name>`, with a name made from the grid values (`penalty=l1,coeff=0.03,seed=0`). As YAML::
+
+    base: sparse-512-relu-l1            # a dictionary preset name, or a path (relative to this file)
+    grid:
+      method.penalty.name: [l1, cauchy]
+      method.penalty.coeff: [0.03, 0.1, 0.3]
+      method.width: [512, 1024]
+      train.seed: [0, 1]
+    overrides: {train.steps: 5000, train.threads: 1}
+    group_by: [method.penalty.name, method.width]   # optional; see `SweepSpec.group_keys`
+
+The training itself (`unmerge.api.sweep`) and the figures (`unmerge.report.pareto`) live elsewhere; this module
+holds the pure pieces: the spec, its expansion, the Pareto front and the results table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from unmerge.config import StrictModel
+from unmerge.errors import ConfigError
+
+STRENGTH_KEYS = ("method.penalty.coeff", "method.k", "method.l0_coeff")
+"""Keys that trade sparsity against reconstruction: they move a run along its group's Pareto front."""
+
+TABLE_METRICS = ("l0", "fvu", "recall_mmcs", "mcc", "matched/0.9", "dead_latents", "duplicate_latents", "shrinkage")
+"""Columns of the results table after the grid keys, each shown when at least one run's metrics.json has it."""
+
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_UNSAFE = re.compile(r"[^A-Za-z0-9.+_-]+")
+_GENERIC_LEAVES = ("name", "kind")
+_EXPONENT_ONLY = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-3: a float that PyYAML reads as text
+
+
+def yaml_text(value: Any) -> str:
+    """`value` as one line of YAML that `yaml.safe_load` reads back as the same value (for `key=value` overrides)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).removesuffix("...\n").strip()
+
+
+def _is_seed(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] == "seed"
+
+
+class SweepSpec(StrictModel):
+    """A grid of dictionary runs: `base` config, `grid` values (Cartesian product) and fixed `overrides`."""
+
+    base: str = Field(min_length=1, description="dictionary preset name or path to a dictionary YAML config")
+    grid: dict[str, list[Any]] = Field(
+        min_length=1, description="dotted config key → the values it takes; runs are the Cartesian product")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config key → value, for every run")
+    group_by: list[str] | None = Field(
+        None, description="grid keys whose values colour the figures (default: all but strengths and seeds)")
+
+    @field_validator("grid", "overrides", mode="before")
+    @classmethod
+    def _exponent_numbers_are_floats(cls, value: Any) -> Any:
+        """`1e-3` is a string to PyYAML (YAML 1.1 wants `1.0e-3`); read it as the number everyone means."""
+        def number(item: Any) -> Any:
+            return float(item) if isinstance(item, str) and _EXPONENT_ONLY.fullmatch(item) else item
+
+        if not isinstance(value, dict):
+            return value
+        return {key: [number(v) for v in values] if isinstance(values, list) else number(values)
+                for key, values in value.items()}
+
+    @model_validator(mode="after")
+    def _well_formed_grid(self) -> SweepSpec:
+        for key, values in self.grid.items():
+            if not _KEY.fullmatch(key):
+                raise ValueError(f"grid key {key!r} must be a dotted config key such as method.penalty.coeff")
+            if not values:
+                raise ValueError(f"grid key {key!r} has no values; give at least one")
+            texts = [yaml_text(value) for value in values]
+            repeated = sorted({text for text in texts if texts.count(text) > 1})
+            if repeated:
+                raise ValueError(f"grid key {key!r} lists {', '.join(repeated)} more than once")
+        for key in self.overrides:
+            if not _KEY.fullmatch(key):
+                raise ValueError(f"override key {key!r} must be a dotted config key such as train.steps")
+        both = sorted(set(self.grid) & set(self.overrides))
+        if both:
+            raise ValueError(f"{', '.join(both)} is both a grid key and a fixed override; keep one of them")
+        unknown = sorted(set(self.group_by or ()) - set(self.grid))
+        if unknown:
+            raise ValueError(f"group_by names {', '.join(unknown)}, which is not a grid key")
+        return self
+
+    def group_keys(self) -> list[str]:
+        """Grid keys whose combinations are drawn as separate groups (colours, one Pareto front each): `group_by`,
+        or every grid key except the strengths (`STRENGTH_KEYS`) and seeds, whose runs share their group."""
+        if self.group_by is not None:
+            return list(self.group_by)
+        return [key for key in self.grid if key not in STRENGTH_KEYS and not _is_seed(key)]
+
+    def override_strings(self) -> list[str]:
+        """The fixed overrides as `key=value` strings for `unmerge.config.apply_overrides`."""
+        return [f"{key}={yaml_text(value)}" for key, value in self.overrides.items()]
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One grid point: its run name, the grid values that define it, and those values as `key=value` overrides
+    (applied after the spec's fixed overrides)."""
+
+    name: str
+    settings: dict[str, Any]
+    overrides: list[str]
+
+
+def short_labels(keys: Sequence[str]) -> dict[str, str]:
+    """The shortest dotted suffix of each key that tells it apart from the others (`method.penalty.coeff` →
+    `coeff`); a generic leaf (`name`, `kind`) is named by its section instead (`method.penalty.name` → `penalty`)."""
+    trimmed = {key: key.split(".")[:-1] if key.split(".")[-1] in _GENERIC_LEAVES and "." in key else key.split(".")
+               for key in keys}
+    labels = {}
+    for key, parts in trimmed.items():
+        for n in range(1, len(parts) + 1):
+            label = ".".join(parts[-n:])
+            if all(other == key or ".".join(o[-n:]) != label for other, o in trimmed.items()):
+                break
+        labels[key] = label
+    return labels
+
+
+def format_value(value: Any) -> str:
+    """A grid value as short text for run names, legends and tables (`0.03`, `l1`, `true`)."""
+    if isinstance(value, bool) or value is None:
+        return yaml_text(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int | str):
+        return str(value)
+    return yaml_text(value)
+
+
+def expand(spec: SweepSpec) -> list[SweepPoint]:
+    """The grid's points in product order (the last grid key varies fastest), each with a distinct run name."""
+    labels = short_labels(list(spec.grid))
+    points, seen = [], set()
+    for index, values in enumerate(itertools.product(*spec.grid.values())):
+        settings = dict(zip(spec.grid, values, strict=True))
+        name = ",".join(f"{labels[key]}={_UNSAFE.sub('-', format_value(value))}" for key, value in settings.items())
+        if name in seen:  # two values that only differ in characters a file name cannot hold
+            name = f"{name},{index}"
+        seen.add(name)
+        overrides = [f"{key}={yaml_text(value)}" for key, value in settings.items()]
+        points.append(SweepPoint(name, settings, overrides))
+    return points
+
+
+def parse_grid_argument(text: str) -> tuple[str, list[Any]]:
+    """`key=v1,v2,v3` (each value read as YAML) or `key=[v1, v2]` (a YAML list) → (key, values)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or not raw:
+        raise ConfigError(f"--grid {text!r} must look like key.path=value1,value2, e.g. method.penalty.coeff=0.03,0.1")
+    try:
+        parsed = yaml.safe_load(raw)
+        values = parsed if isinstance(parsed, list) else [yaml.safe_load(item) for item in raw.split(",")]
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--grid {text!r}: the values are not valid YAML ({error})") from None
+    return key, values
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` (value read as YAML, as everywhere else) → (key, value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like key.path=value, e.g. train.steps=2000")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from None
+
+
+def pareto_front(xs: Sequence[float], ys: Sequence[float], maximize_y: bool = False) -> list[int]:
+    """Indices of the points not dominated by another, ordered by x. Lower x is better; lower y is better, or
+    higher with `maximize_y`. Point j dominates i when it is at least as good in both and better in one; equal
+    points do not dominate each other, so both stay. Points with a NaN or infinite coordinate are left out."""
+    sign = -1.0 if maximize_y else 1.0
+    points = [(i, float(x), sign * float(y)) for i, (x, y) in enumerate(zip(xs, ys, strict=True))
+              if math.isfinite(x) and math.isfinite(y)]
+    front = [(x, i) for i, x, y in points
+             if not any(xj <= x and yj <= y and (xj < x or yj < y) for _, xj, yj in points)]
+    return [i for _, i in sorted(front)]
+
+
+@dataclass
+class SweepRow:
+    """One finished run of a sweep: its grid values and the metrics read from its `metrics.json`."""
+
+    name: str
+    settings: dict[str, Any]
+    run_dir: Path
+    metrics: dict[str, float]
+    skipped: bool = False  # finished by an earlier invocation of the sweep, so not trained again
+
+
+def table_columns(rows: Sequence[SweepRow]) -> list[str]:
+    """`TABLE_METRICS` that at least one row has, in that order."""
+    return [key for key in TABLE_METRICS if any(key in row.metrics for row in rows)]
+
+
+def _format_number(value: float | None) -> str:
+    if value is None:
+        return ""
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.4g}"
+
+
+def csv_text(rows: Sequence[SweepRow], grid_keys: Sequence[str]) -> str:
+    """The results as CSV: `run`, the grid keys, then the metrics (full precision, empty where absent)."""
+    columns = table_columns(rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["run", *grid_keys, *columns])
+    for row in rows:
+        writer.writerow([row.name, *(yaml_text(row.settings[key]) for key in grid_keys),
+                         *(repr(row.metrics[key]) if key in row.metrics else "" for key in columns)])
+    return buffer.getvalue()
+
+
+def markdown_table(rows: Sequence[SweepRow], grid_keys: Sequence[str]) -> str:
+    """The results as a Markdown table (4 significant digits), readable in a terminal too."""
+    columns = table_columns(rows)
+    header = [*grid_keys, *columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        cells = [format_value(row.settings[key]) for key in grid_keys]
+        cells += [_format_number(row.metrics.get(key)) for key in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class SweepResult:
+    """What `unmerge.api.sweep` wrote: one row per grid point (in grid order), the tables and the figures."""
+
+    directory: Path
+    spec: SweepSpec
+    rows: list[SweepRow]
+    csv_path: Path
+    markdown_path: Path
+    figures: list[Path]
+
+    def markdown(self) -> str:
+        return markdown_table(self.rows, list(self.spec.grid))
