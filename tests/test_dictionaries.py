@@ -25,7 +25,13 @@ from unmerge.errors import ConfigError, UnmergeError
 from unmerge.metrics import dictionary as scores
 from unmerge.sae import activations, penalties
 from unmerge.sae.dictionary import Dictionary
-from unmerge.sae.method import DictionaryMethod, aux_k_loss, gated_auxiliary_loss, geometric_median
+from unmerge.sae.method import (
+    DictionaryMethod,
+    aux_k_loss,
+    gated_auxiliary_loss,
+    geometric_median,
+    refit_magnitudes,
+)
 from unmerge.targets.tms import TMSModel
 from unmerge.targets.toys import build_target
 from unmerge.train.loop import train
@@ -344,3 +350,18 @@ def test_later_duplicates_keep_one_atom_of_each_group() -> None:
     atoms = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.01], [1.0, 0.0], [0.0, -1.0]])
     assert scores.later_duplicates(atoms).tolist() == [False, False, True, True, False]
     assert scores.duplicate_latents(atoms) == 3
+
+
+def test_refit_recovers_the_true_magnitudes_on_the_support() -> None:
+    atoms = F.normalize(torch.randn(6, 4, generator=_generator(2)), dim=1)
+    b_d = torch.tensor([0.1, -0.2, 0.0, 0.3])
+    true = torch.tensor([[0.5, 0.0, 1.2, 0.0, 0.0, 0.0], [0.0, 0.7, 0.0, 0.0, 0.0, 0.0], [0.0] * 6])
+    x = true @ atoms + b_d
+    shrunk = 0.6 * true + 0.1 * (true > 0)  # the right support, wrong magnitudes
+    refitted = refit_magnitudes(x, shrunk, atoms, b_d)
+    assert torch.allclose(refitted, true, atol=1e-5)
+    method = _small_method("relu", penalty=PenaltyConfig(coeff=0.3), refit_magnitudes=True)
+    train(method, method.source.sample, TrainConfig(steps=300, batch_size=256, log_every=100, optim={"lr": 3e-3}))
+    metrics = method.evaluate()
+    assert metrics["shrinkage"] < 0.9 and abs(metrics["shrinkage_refit"] - 1) < abs(metrics["shrinkage"] - 1)
+    assert metrics["fvu_refit"] < metrics["fvu"]

@@ -220,6 +220,8 @@ class DictionaryConfig(StrictModel):
         None, description="Matryoshka: also reconstruct from the first m_i latents for each of these widths")
     normalise_activations: bool = Field(
         False, description="train on s·x with s ≈ √d / E‖x‖ (a power of two), folded into the weights at the end")
+    refit_magnitudes: bool = Field(
+        False, description="also evaluate with magnitudes refitted by least squares on each input's support")
     resample_every: NonNegativeInt = Field(0, description="every N steps, re-initialise dead latents (0: never)")
     resample_until: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         0.5, description="resample only within this fraction of training, so the last part can settle")

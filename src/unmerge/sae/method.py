@@ -65,6 +65,22 @@ def gated_auxiliary_loss(x: Tensor, gate: Tensor, module: Dictionary) -> Tensor:
     return squared_error(x, F.relu(gate) @ module.W_d.detach() + module.b_d.detach())
 
 
+def refit_magnitudes(x: Tensor, f: Tensor, W_d: Tensor, b_d: Tensor, ridge: float = 1e-6) -> Tensor:
+    """Latents with each input's support kept and its magnitudes refitted by least squares,
+    `min_c ‖x − b_d − Σ_{i∈S} c_i d_i‖²`, which removes the shrinkage an L1 penalty leaves (DESIGN.md §5). All
+    inputs at once: supports are padded to the largest one, padding rows of the Gram matrix are the identity, and
+    a tiny ridge keeps near-parallel atoms solvable. Refitted values may be negative."""
+    size = int((f > 0).sum(1).max()) if f.numel() else 0
+    if size == 0:
+        return torch.zeros_like(f)
+    on, indices = (f > 0).to(f.dtype).topk(size, dim=1)
+    atoms = W_d[indices] * on[..., None]
+    gram = atoms @ atoms.transpose(1, 2) + torch.diag_embed(1 - on + ridge)
+    target = (atoms @ (x - b_d)[..., None]).squeeze(-1)
+    values = torch.linalg.solve(gram.double(), target.double()).to(f.dtype) * on
+    return torch.zeros_like(f).scatter(1, indices, values)
+
+
 def aux_k_loss(x: Tensor, reconstruction: Tensor, z: Tensor, W_d: Tensor, dead: Tensor, k: int) -> Tensor:
     """AuxK (Gao et al. 2024): the k largest pre-activations among dead latents reconstruct the main
     reconstruction's residual `e = x − x̂` (detached, so it trains only the dead latents). The decoder bias is
@@ -244,6 +260,12 @@ class DictionaryMethod:
             }
             if coefficients is not None:
                 results["shrinkage"] = scores.shrinkage(coefficients, f, cosines, self.module.decoder_norms())
+            if coefficients is not None and self.config.refit_magnitudes:
+                scale, module = self.module.input_scale, self.module
+                refitted = refit_magnitudes(x * scale, f * scale, module.W_d, module.b_d)
+                results["fvu_refit"] = scores.fvu(x, module.decode(refitted) / scale)
+                results["shrinkage_refit"] = scores.shrinkage(coefficients, refitted / scale, cosines,
+                                                              module.decoder_norms())
             if coefficients is not None and self.source.parents is not None:
                 results["parent_recall"] = scores.parent_recall(coefficients, f, cosines, self.source.parents)
                 results["absorption"] = scores.absorption(coefficients, f, cosines, self.source.parents)
