@@ -99,12 +99,12 @@ def _training_loss_and_grads(method: DictionaryMethod, batch: torch.Tensor, dens
     for parameter in parameters:
         parameter.grad = None
     if dense:  # the method's own loss, with the module's forward replaced by the dense formula
-        forward = method.module.forward
-        method.module.forward = lambda x: _dense_forward(method.module, x)  # type: ignore[method-assign]
+        forward = method.module.forward_normalised
+        method.module.forward_normalised = lambda x: _dense_forward(method.module, x)  # type: ignore[method-assign]
         try:
             output = method.training_loss(batch, step_generator(0, "noise"))
         finally:
-            method.module.forward = forward  # type: ignore[method-assign]
+            method.module.forward_normalised = forward  # type: ignore[method-assign]
     else:
         output = method.training_loss(batch, step_generator(0, "noise"))
     output.loss.backward()

@@ -16,7 +16,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from unmerge.config import DictionaryRunConfig, RunConfig, TargetConfig, apply_overrides, load_yaml, save_yaml, validate
+from unmerge.config import (
+    DictionaryRunConfig,
+    RunConfig,
+    TargetConfig,
+    apply_overrides,
+    load_yaml,
+    parse_override,
+    save_yaml,
+    validate,
+)
 from unmerge.data import activation_source
 from unmerge.errors import CheckpointError, ConfigError
 from unmerge.sae.method import DictionaryMethod
@@ -30,7 +39,6 @@ from unmerge.sweep import (
     expand,
     markdown_table,
     parse_grid_argument,
-    parse_override,
 )
 from unmerge.targets import cached_target, load_target, save_target
 from unmerge.targets.toys import CONFIG_FILE as TARGET_CONFIG_FILE
@@ -274,12 +282,10 @@ def _check_sweep_dir(out_dir: Path, configs: list[tuple[SweepPoint, DictionaryRu
                                   "it with the original settings)")
 
 
-def _finished_run(run_dir: Path, config: DictionaryRunConfig) -> bool:
-    """Whether `run_dir` holds a finished run (metrics.json written) of exactly this config."""
-    saved = run_dir / RUN_CONFIG
-    if not (run_dir / METRICS_FILE).is_file() or not saved.is_file():
-        return False
-    return validate(type(config), load_yaml(saved), str(saved)) == config
+def _finished_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a finished run (metrics.json written); `_check_sweep_dir` has already made sure
+    that any saved config there is this grid point's."""
+    return (run_dir / METRICS_FILE).is_file() and (run_dir / RUN_CONFIG).is_file()
 
 
 def sweep(spec: SweepSpec, out_dir: Path, log: Callable[[str], None] | None = print) -> SweepResult:
@@ -301,7 +307,7 @@ def sweep(spec: SweepSpec, out_dir: Path, log: Callable[[str], None] | None = pr
     keys = list(spec.grid)
     for number, (point, config) in enumerate(configs, start=1):
         run_dir = out_dir / SWEEP_RUNS / point.name
-        skipped = _finished_run(run_dir, config)
+        skipped = _finished_run(run_dir)
         if log:
             log(f"[{number}/{len(configs)}] {point.name}: " + ("finished earlier, reused" if skipped else "training"))
         if not skipped:

@@ -290,13 +290,22 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.path=value` (value read as YAML) → (key, value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like key.path=value, e.g. train.steps=2000")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from None
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to nested plain data; returns a new dict."""
     result = json.loads(json.dumps(data))
     for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {override!r} must look like key.path=value, e.g. train.steps=2000")
+        key, value = parse_override(override)
         node = result
         *parents, leaf = key.split(".")
         for part in parents:
@@ -304,7 +313,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override {override!r}: {part!r} is not a config section")
             node = child
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = value
     return result
 
 

@@ -176,17 +176,6 @@ def parse_grid_argument(text: str) -> tuple[str, list[Any]]:
     return key, values
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key=value` (value read as YAML, as everywhere else) → (key, value)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {text!r} must look like key.path=value, e.g. train.steps=2000")
-    try:
-        return key, yaml.safe_load(raw)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from None
-
-
 def pareto_front(xs: Sequence[float], ys: Sequence[float], maximize_y: bool = False) -> list[int]:
     """Indices of the points not dominated by another, ordered by x. Lower x is better; lower y is better, or
     higher with `maximize_y`. Point j dominates i when it is at least as good in both and better in one; equal

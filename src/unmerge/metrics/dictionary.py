@@ -62,19 +62,21 @@ def hungarian_mcc(cosines: Tensor) -> float:
     return float(total / cosines.shape[0])
 
 
+def _near_copies(atoms: Tensor, threshold: float) -> Tensor:
+    """(m × m) mask of distinct atom pairs with cosine above `threshold`."""
+    unit = F.normalize(atoms.double(), dim=1)
+    return (unit @ unit.T > threshold).fill_diagonal_(False)
+
+
 def duplicate_latents(atoms: Tensor, threshold: float = DUPLICATE_COSINE) -> int:
     """Atoms that have a near-copy (cosine above `threshold`) among the other atoms (counted once each)."""
-    unit = F.normalize(atoms.double(), dim=1)
-    similarity = unit @ unit.T
-    similarity.fill_diagonal_(-1.0)
-    return int((similarity > threshold).any(1).sum())
+    return int(_near_copies(atoms, threshold).any(1).sum())
 
 
 def later_duplicates(atoms: Tensor, threshold: float = DUPLICATE_COSINE) -> Tensor:
     """Mask of atoms that nearly copy (cosine above `threshold`) an atom with a lower index: freeing these keeps
     exactly one atom of every group of copies."""
-    unit = F.normalize(atoms.double(), dim=1)
-    return ((unit @ unit.T).tril(-1) > threshold).any(1)
+    return _near_copies(atoms, threshold).tril(-1).any(1)
 
 
 def shrinkage(true_coefficients: Tensor, latents: Tensor, cosines: Tensor, atom_norms: Tensor) -> float:
@@ -90,9 +92,14 @@ def shrinkage(true_coefficients: Tensor, latents: Tensor, cosines: Tensor, atom_
 
 
 
+def _best_latent_fires(latents: Tensor, cosines: Tensor) -> Tensor:
+    """(examples × true features): whether each feature's best-matching latent fires."""
+    return latents[:, cosines.max(1).indices] != 0
+
+
 def parent_recall(true_coefficients: Tensor, latents: Tensor, cosines: Tensor, parents: Tensor) -> float:
     """Hierarchy toy: mean over parent features of P(the parent's best-matching latent fires | the parent fires)."""
-    fires = latents[:, cosines.max(1).indices] != 0
+    fires = _best_latent_fires(latents, cosines)
     rates = [fires[true_coefficients[:, g] > 0, g].double().mean() for g in parents.unique().tolist() if g >= 0]
     return float(torch.stack(rates).mean())
 
@@ -101,7 +108,7 @@ def absorption(true_coefficients: Tensor, latents: Tensor, cosines: Tensor, pare
     """Hierarchy toy: over samples where a child fires (so its parent fires too), the fraction in which the
     parent's best-matching latent is silent while the child's latent fires: the child latent has absorbed the
     parent. Averaged over parents; 0 is no absorption."""
-    fires = latents[:, cosines.max(1).indices] != 0
+    fires = _best_latent_fires(latents, cosines)
     children = (parents >= 0).nonzero().squeeze(1)
     child_on = true_coefficients[:, children] > 0
     absorbed = fires[:, children] & ~fires[:, parents[children]]

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 STYLE = {"figure.dpi": 110, "font.size": 9, "axes.titlesize": 9, "image.cmap": "RdBu_r"}
 
 
-def _save(figure: plt.Figure, path: Path) -> Path:
+def save_figure(figure: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, bbox_inches="tight")
     plt.close(figure)
@@ -48,7 +48,7 @@ def importance_figure(one_hot: dict[str, Tensor], path: Path) -> Path:
             axis.set_xlabel("subcomponent (permuted)")
             axis.set_ylabel("active feature")
         figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-        return _save(figure, path)
+        return save_figure(figure, path)
 
 
 def weights_figure(spd: SPD, site: str, axis: str, path: Path) -> Path:
@@ -78,7 +78,7 @@ def weights_figure(spd: SPD, site: str, axis: str, path: Path) -> Path:
         axes[1, 0].set_ylabel("SPD")
         figure.suptitle(f"{site}: MMCS {recovery.mmcs:.4f}, ML2R {recovery.ml2r:.3f}"
                         + (f" (first {shown} of {n_features} features)" if shown < n_features else ""))
-        return _save(figure, path)
+        return save_figure(figure, path)
 
 
 def spd_figures(spd: SPD, directory: Path) -> list[Path]:

@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
-from unmerge.report.figures import STYLE, _save  # noqa: E402
+from unmerge.report.figures import STYLE, save_figure  # noqa: E402
 from unmerge.sweep import STRENGTH_KEYS, format_value, pareto_front, short_labels  # noqa: E402
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def tradeoff_figure(groups: dict[str, list[Point]], x_label: str, y_label: str, 
         axis.grid(alpha=0.3)
         if any(groups):
             axis.legend(fontsize=7, frameon=False)
-        return _save(figure, path)
+        return save_figure(figure, path)
 
 
 def _groups(rows: list[SweepRow], group_keys: list[str], x: str, y: str,

@@ -119,14 +119,17 @@ class Dictionary(nn.Module):
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_d + self.b_d
 
+    def normalise(self, x: Tensor) -> Tensor:
+        """Raw activations in the units the dictionary works in, `s·x` (no copy when `s = 1`)."""
+        scale = float(self.input_scale)
+        return x if scale == 1.0 else x * scale
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(reconstruction x̂, latents f, pre-activations z) of raw activations x; f and z are in the normalised
         units until the scale is folded."""
+        reconstruction, f, z = self.forward_normalised(self.normalise(x))
         scale = float(self.input_scale)
-        if scale == 1.0:
-            return self.forward_normalised(x)
-        reconstruction, f, z = self.forward_normalised(x * scale)
-        return reconstruction / scale, f, z
+        return (reconstruction if scale == 1.0 else reconstruction / scale), f, z
 
     def forward_normalised(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(x̂, f, z) of activations already multiplied by the input scale. ReLU runs as one fused function; TopK

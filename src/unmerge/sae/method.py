@@ -153,7 +153,7 @@ class DictionaryMethod:
         check_activations(batch, self.source.dim)
         module, config = self.module, self.config
         module.train()
-        x = batch * module.input_scale if config.normalise_activations else batch
+        x = module.normalise(batch)
         reconstruction, f, z = module.forward_normalised(x)
         self._track_firing(f)
         terms = {"reconstruction": squared_error(x, reconstruction)}
@@ -239,19 +239,21 @@ class DictionaryMethod:
             x, coefficients = self.source.sample_with_coefficients(self.eval_batch_size, generator)
         else:
             x, coefficients = self.source.sample(self.eval_batch_size, generator), None
-        reconstruction, f, _ = self.module(x)
-        f = f / self.module.input_scale
+        module, scale = self.module, self.module.input_scale
+        reconstruction, normalised_latents, _ = module(x)
+        f = normalised_latents / scale
+        dead = self.dead()
         results = {
             "fvu": scores.fvu(x, reconstruction),
             "reconstruction_cosine": scores.reconstruction_cosine(x, reconstruction),
             "norm_ratio": scores.norm_ratio(x, reconstruction),
             "l0": scores.l0(f),
-            "dead_fraction": float(self.dead().double().mean()),
-            "dead_latents": float(self.dead().sum()),
-            "duplicate_latents": float(scores.duplicate_latents(self.module.W_d)),
+            "dead_fraction": float(dead.double().mean()),
+            "dead_latents": float(dead.sum()),
+            "duplicate_latents": float(scores.duplicate_latents(module.W_d)),
         }
         if self.source.true_features is not None:
-            cosines = scores.cosine_matrix(self.source.true_features, self.module.W_d)
+            cosines = scores.cosine_matrix(self.source.true_features, module.W_d)
             results |= {
                 "recall_mmcs": scores.recall_mmcs(cosines),
                 "precision_mmcs": scores.precision_mmcs(cosines),
@@ -259,17 +261,16 @@ class DictionaryMethod:
                 **{f"matched/{t}": scores.matched_fraction(cosines, t) for t in scores.MATCH_THRESHOLDS},
             }
             if coefficients is not None:
-                results["shrinkage"] = scores.shrinkage(coefficients, f, cosines, self.module.decoder_norms())
-            if coefficients is not None and self.config.refit_magnitudes:
-                scale, module = self.module.input_scale, self.module
-                refitted = refit_magnitudes(x * scale, f * scale, module.W_d, module.b_d)
-                results["fvu_refit"] = scores.fvu(x, module.decode(refitted) / scale)
-                results["shrinkage_refit"] = scores.shrinkage(coefficients, refitted / scale, cosines,
-                                                              module.decoder_norms())
-            if coefficients is not None and self.source.parents is not None:
-                results["parent_recall"] = scores.parent_recall(coefficients, f, cosines, self.source.parents)
-                results["absorption"] = scores.absorption(coefficients, f, cosines, self.source.parents)
-        self.module.train()
+                norms = module.decoder_norms()
+                results["shrinkage"] = scores.shrinkage(coefficients, f, cosines, norms)
+                if self.config.refit_magnitudes:
+                    refitted = refit_magnitudes(module.normalise(x), normalised_latents, module.W_d, module.b_d)
+                    results["fvu_refit"] = scores.fvu(x, module.decode(refitted) / scale)
+                    results["shrinkage_refit"] = scores.shrinkage(coefficients, refitted / scale, cosines, norms)
+                if self.source.parents is not None:
+                    results["parent_recall"] = scores.parent_recall(coefficients, f, cosines, self.source.parents)
+                    results["absorption"] = scores.absorption(coefficients, f, cosines, self.source.parents)
+        module.train()
         return results
 
 
