@@ -15,6 +15,7 @@ from unmerge.config import (
     DictionaryConfig,
     HierarchyConfig,
     PenaltyConfig,
+    ResidMLPConfig,
     SparseFeaturesConfig,
     TMSConfig,
     TrainConfig,
@@ -32,6 +33,8 @@ from unmerge.sae.method import (
     geometric_median,
     refit_magnitudes,
 )
+from unmerge.targets.base import Target
+from unmerge.targets.resid_mlp import ResidMLP
 from unmerge.targets.tms import TMSModel
 from unmerge.targets.toys import build_target
 from unmerge.train.loop import train
@@ -282,9 +285,53 @@ def test_target_activations_are_the_hooked_output_and_true_features_the_columns_
     W = target.model.linear1.weight
     assert source.dim == 2
     assert torch.equal(source.sample(16, _generator(4)), inputs @ W.T)
-    assert torch.equal(source.true_features, W.T)
+    assert torch.allclose(source.true_features, F.normalize(W.T, dim=1))
     with pytest.raises(UnmergeError, match="no module 'linear3'; hook points: linear1, linear2"):
         target_activation_source(target, "linear3")
+
+
+def _resid_mlp_target() -> Target:
+    config = ResidMLPConfig(n_features=12, d_embed=20, d_mlp=6, n_layers=1)
+    return build_target(config, ResidMLP(config, embedding_seed=0))
+
+
+def test_transcoder_source_pairs_a_blocks_input_with_its_output() -> None:
+    target = _resid_mlp_target()
+    source = target_activation_source(target, "layers.0", transcoder=True)
+    assert (source.dim, source.output_dim, source.row_width) == (20, 20, 40)
+    inputs = target.sample_inputs(32, _generator(1))
+    x, y = source.split(source.sample(32, _generator(1)))
+    block = target.model.layers[0]
+    assert torch.equal(x, inputs @ target.model.W_E)
+    assert torch.allclose(y, block(x))
+    one_hot = target.one_hot_inputs()
+    assert torch.allclose(source.true_features, F.normalize(block(one_hot @ target.model.W_E), dim=1))
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk", "gated"])
+def test_transcoder_with_skip_path_trains_and_folds_exactly(activation: str) -> None:
+    source = target_activation_source(_resid_mlp_target(), "layers.0", transcoder=True)
+    config = DictionaryConfig(width=16, activation=activation, k=3 if activation == "topk" else None, skip=True,
+                              normalise_activations=True, matryoshka_prefixes=[4],
+                              penalty=PenaltyConfig(coeff=0 if activation == "topk" else 1e-3))
+    method = DictionaryMethod(source, config, seed=0, total_steps=50)
+    train(method, source.sample, TrainConfig(steps=50, batch_size=64, optim={"lr": 1e-2}), None)
+    module = method.module
+    assert module.W_skip.abs().sum() > 0 and module.W_e.shape == (20, 16) and module.W_d.shape == (16, 20)
+    assert float(module.input_scale) != 1.0 or float(module.output_scale) != 1.0
+    x, y = source.split(source.sample(256, _generator(2)))
+    module.eval()
+    with torch.no_grad():
+        before = module(x)[0]
+        module.fold_input_scale()
+        assert float(module.input_scale) == float(module.output_scale) == 1.0
+        assert torch.equal(module(x)[0], before)
+    assert scores.fvu(y, before) < 1.0
+
+
+def test_skip_path_needs_transcoder_data() -> None:
+    with pytest.raises(ConfigError, match="method.skip .* needs transcoder data"):
+        api.load_dictionary_config("sparse-512-relu-l1", ["method.skip=true"])
 
 
 def test_gated_auxiliary_loss_trains_the_gate_but_not_the_decoder() -> None:
@@ -292,7 +339,7 @@ def test_gated_auxiliary_loss_trains_the_gate_but_not_the_decoder() -> None:
     module = method.module
     x = method.source.sample(64, _generator())
     gate = module.forward_normalised(x)[2]
-    gated_auxiliary_loss(x, gate, module).backward()
+    gated_auxiliary_loss(x, gate, module.W_d, module.b_d).backward()
     assert module.W_d.grad is None and module.b_d.grad is not None  # b_d reaches the gate through the encoder
     assert module.W_e.grad is not None and module.W_e.grad.abs().sum() > 0
     assert module.r_mag.grad is None and module.b_mag.grad is None

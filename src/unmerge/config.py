@@ -179,6 +179,8 @@ class TargetActivationsConfig(StrictModel):
     kind: Literal["target_activations"] = "target_activations"
     target: TargetConfig
     hook: str = Field(description="name of the module whose output is recorded (as in model.named_modules())")
+    transcoder: bool = Field(
+        False, description="record the module's input and output: a transcoder encodes the one, decodes the other")
 
 
 Activation = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
@@ -230,6 +232,7 @@ class DictionaryConfig(StrictModel):
     resample_samples: PositiveInt = Field(8192, description="inputs scored to choose the resampled directions")
     resample_encoder_norm: PositiveFloat = Field(
         0.2, description="a resampled encoder column's norm, as a fraction of the mean live column's norm")
+    skip: bool = Field(False, description="transcoders: add a linear skip path x W_skip (zero at the start)")
 
     @model_validator(mode="after")
     def _consistent(self) -> DictionaryConfig:
@@ -256,6 +259,13 @@ class DictionaryRunConfig(StrictModel):
     data: SparseFeaturesConfig | HierarchyConfig | TargetActivationsConfig = Field(discriminator="kind")
     method: DictionaryConfig
     train: TrainConfig
+
+    @model_validator(mode="after")
+    def _skip_needs_a_transcoder(self) -> DictionaryRunConfig:
+        if self.method.skip and not getattr(self.data, "transcoder", False):
+            raise ValueError("method.skip adds a linear path from a block's input to its output, so it needs "
+                             "transcoder data (data.kind: target_activations with data.transcoder: true)")
+        return self
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:

@@ -13,7 +13,7 @@ def activation_source(config: SparseFeaturesConfig | HierarchyConfig | TargetAct
     if isinstance(config, HierarchyConfig):
         return hierarchy_source(config)
     if isinstance(config, TargetActivationsConfig):
-        return target_activation_source(cached_target(config.target), config.hook)
+        return target_activation_source(cached_target(config.target), config.hook, config.transcoder)
     return sparse_feature_source(config)
 
 

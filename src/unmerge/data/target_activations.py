@@ -1,13 +1,15 @@
 """Activations recorded at a module of a trained target, with the target's own input distribution.
 
-Where the target's ground truth stores one direction per feature in that module's output space (TMS: column i of
-W is feature i's hidden direction), those directions are the source's true features, so a dictionary on the hidden
-activations is scored by the same MMCS as SPD on the weights.
+Where the target has ground truth, feature i's true direction at the module is how the module's output moves when
+feature i alone is on (TMS: column i of W, so a dictionary on the hidden activations is scored by the same MMCS as
+SPD on the weights). A transcoder source records the module's input beside its output (a residual MLP's block: the
+residual stream in, what the MLP writes out).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unmerge.data.sparse_features import ActivationSource
@@ -18,52 +20,60 @@ from unmerge.targets.base import Target
 class _Captured(Exception):
     """Raised by the hook to stop the forward pass once the wanted activations are recorded."""
 
-    def __init__(self, output: Tensor) -> None:
+    def __init__(self, inputs: Tensor, output: Tensor) -> None:
         super().__init__()
+        self.inputs = inputs
         self.output = output
 
 
-def _raise_output(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-    raise _Captured(output.detach())
+def _raise_activations(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    raise _Captured(inputs[0].detach(), output.detach())
 
 
-def record_activations(target: Target, module: nn.Module, inputs: Tensor) -> Tensor:
-    """The output of `module` when `target.model` runs on `inputs`, flattened to (examples, width); the rest of
-    the forward pass is skipped."""
-    handle = module.register_forward_hook(_raise_output)
+def record_activations(target: Target, module: nn.Module, inputs: Tensor, with_input: bool = False) -> Tensor:
+    """The output of `module` when `target.model` runs on `inputs`, flattened to (examples, width), preceded
+    column-wise by the module's (first) input when `with_input`; the rest of the forward pass is skipped."""
+    handle = module.register_forward_hook(_raise_activations)
     try:
         with torch.no_grad():
             target.model(inputs)
     except _Captured as captured:
-        return captured.output.reshape(-1, captured.output.shape[-1])
+        output = captured.output.reshape(-1, captured.output.shape[-1])
+        if not with_input:
+            return output
+        return torch.cat([captured.inputs.reshape(-1, captured.inputs.shape[-1]), output], dim=1)
     finally:
         handle.remove()
     raise UnmergeError(f"the hooked module never ran in {target.name}'s forward pass; choose a module on its path")
 
 
-def _feature_directions(target: Target, hook: str, module: nn.Module) -> Tensor | None:
-    """Feature i's direction in the module's output space, where the ground truth says its weight's input columns
-    index the features."""
-    truth = target.ground_truth
-    if truth is None or truth.feature_directions.get(hook) != "in":
+def _feature_directions(target: Target, module: nn.Module) -> Tensor | None:
+    """Feature i's direction in the module's output space: how that output moves when feature i alone is on
+    (the ground truth's one-hot input) against when nothing is (TMS's hidden layer: column i of W; a residual MLP
+    block: what the block writes for feature i). None without ground truth."""
+    if target.ground_truth is None:
         return None
-    weight = getattr(module, "weight", None)
-    if weight is None or weight.shape[1] != truth.n_features:
-        return None
-    return weight.detach().T.clone()
+    one_hot = target.one_hot_inputs()
+    moved = record_activations(target, module, one_hot) - record_activations(target, module, torch.zeros_like(one_hot))
+    return F.normalize(moved, dim=1)
 
 
-def target_activation_source(target: Target, hook: str) -> ActivationSource:
-    """Activations of `target` at the module named `hook`, with true features where the ground truth has them."""
+def target_activation_source(target: Target, hook: str, transcoder: bool = False) -> ActivationSource:
+    """Activations of `target` at the module named `hook` (a transcoder's: its input and output), with true
+    features where the ground truth has them."""
     modules = dict(target.model.named_modules())
     if hook not in modules or not hook:
         names = ", ".join(name for name in modules if name)
         raise UnmergeError(f"{target.name} has no module {hook!r}; hook points: {names}")
     module = modules[hook]
-    dim = record_activations(target, module, target.sample_inputs(1, torch.Generator().manual_seed(0))).shape[1]
+    probe = target.sample_inputs(1, torch.Generator().manual_seed(0))
+    input_dim = record_activations(target, module, probe, with_input=True).shape[1]
+    dim = record_activations(target, module, probe).shape[1]
     return ActivationSource(
-        name=f"{target.name}/{hook}",
-        dim=dim,
-        sample=lambda size, generator: record_activations(target, module, target.sample_inputs(size, generator)),
-        true_features=_feature_directions(target, hook, module),
+        name=f"{target.name}/{hook}" + ("/transcoder" if transcoder else ""),
+        dim=input_dim - dim if transcoder else dim,
+        sample=lambda size, generator: record_activations(target, module, target.sample_inputs(size, generator),
+                                                          with_input=transcoder),
+        true_features=_feature_directions(target, module),
+        output_dim=dim if transcoder else None,
     )

@@ -1,4 +1,8 @@
-"""The dictionary: `z = (x − b_d) W_e + b_e`, `f = act(z)`, `x̂ = f W_d + b_d` (DESIGN.md §5)."""
+"""The dictionary: `z = (x − b_d) W_e + b_e`, `f = act(z)`, `x̂ = f W_d + b_d` (DESIGN.md §5).
+
+A transcoder is the same module with an output space of its own: it encodes a block's input x and decodes the
+block's output y, `z = x W_e + b_e`, `ŷ = f W_d + b_d (+ x W_skip)`; the encoder is not centred by b_d, which lives
+in the output space, and the optional linear skip path (zero at the start) carries what is linear in x."""
 
 from __future__ import annotations
 
@@ -63,23 +67,31 @@ class _ReLUDictionary(torch.autograd.Function):
 
 
 class Dictionary(nn.Module):
-    """Encoder `W_e` (d × m), `b_e`; decoder `W_d` (m × d, rows are atoms), `b_d`; JumpReLU's `log θ`,
+    """Encoder `W_e` (d × m), `b_e`; decoder `W_d` (m × d_out, rows are atoms), `b_d`; JumpReLU's `log θ`,
     BatchTopK's running inference threshold, or the Gated magnitude path (`r_mag`, `b_mag`) where the activation
-    needs them.
+    needs them; a transcoder's skip path `W_skip` (d × d_out). `output_dim` None: an autoencoder (d_out = d).
 
-    With activation normalisation the dictionary works on `s·x` for a fixed scale `s` (`input_scale`, a power of
-    two); `forward` takes and returns raw activations, and `fold_input_scale` moves `s` into the biases and
-    thresholds so that the same reconstructions come out with `s = 1` (bit for bit: scaling by a power of two is
-    exact in floating point) and the latents are in raw units."""
+    With activation normalisation the dictionary works on `s·x` (and a transcoder's targets on `s_out·y`) for
+    fixed scales (`input_scale`, `output_scale`, powers of two); `forward` takes and returns raw activations, and
+    `fold_input_scale` moves the scales into the weights, biases and thresholds so that the same reconstructions
+    come out with both scales 1 (bit for bit: scaling by a power of two is exact in floating point) and the latents
+    are in raw units."""
 
-    def __init__(self, dim: int, config: DictionaryConfig, generator: torch.Generator) -> None:
+    def __init__(self, dim: int, config: DictionaryConfig, generator: torch.Generator,
+                 output_dim: int | None = None) -> None:
         super().__init__()
         self.config = config
-        decoder = F.normalize(torch.randn(config.width, dim, generator=generator), dim=1) * config.init_decoder_norm
+        self.transcoder = output_dim is not None
+        out = dim if output_dim is None else output_dim
+        decoder = F.normalize(torch.randn(config.width, out, generator=generator), dim=1) * config.init_decoder_norm
+        encoder = decoder.T.clone() if out == dim else (
+            F.normalize(torch.randn(dim, config.width, generator=generator), dim=0) * config.init_decoder_norm)
         self.W_d = nn.Parameter(decoder)
-        self.W_e = nn.Parameter(decoder.T.clone())
+        self.W_e = nn.Parameter(encoder)
         self.b_e = nn.Parameter(torch.zeros(config.width))
-        self.b_d = nn.Parameter(torch.zeros(dim))
+        self.b_d = nn.Parameter(torch.zeros(out))
+        if config.skip:
+            self.W_skip = nn.Parameter(torch.zeros(dim, out))
         if config.activation == "jumprelu":
             self.log_threshold = nn.Parameter(torch.full((config.width,), config.jumprelu_init_threshold).log())
         if config.activation == "batchtopk":
@@ -89,9 +101,16 @@ class Dictionary(nn.Module):
             self.r_mag = nn.Parameter(torch.zeros(config.width))
             self.b_mag = nn.Parameter(torch.zeros(config.width))
         self.register_buffer("input_scale", torch.ones(()))
+        if self.transcoder:
+            self.register_buffer("output_scale", torch.ones(()))
+            self.register_buffer("encoder_centre", torch.zeros(dim))
+
+    def centre(self) -> Tensor:
+        """What the encoder subtracts from its input: the decoder bias for an autoencoder, zero for a transcoder."""
+        return self.encoder_centre if self.transcoder else self.b_d
 
     def pre_activations(self, x: Tensor) -> Tensor:
-        return (x - self.b_d) @ self.W_e + self.b_e
+        return (x - self.centre()) @ self.W_e + self.b_e
 
     def activate(self, z: Tensor) -> Tensor:
         """Latents from pre-activations; BatchTopK uses its batch rule in training mode, its threshold in eval."""
@@ -116,19 +135,39 @@ class Dictionary(nn.Module):
         weight = (1 - BATCHTOPK_THRESHOLD_MOMENTUM) / (1 - BATCHTOPK_THRESHOLD_MOMENTUM ** int(self.threshold_updates))
         self.inference_threshold.lerp_(smallest_kept, weight)
 
-    def decode(self, f: Tensor) -> Tensor:
-        return f @ self.W_d + self.b_d
+    def add_skip(self, reconstruction: Tensor, x: Tensor) -> Tensor:
+        """`reconstruction + x W_skip` with a skip path, else `reconstruction` itself."""
+        return reconstruction + x @ self.W_skip if self.config.skip else reconstruction
+
+    def offset(self, x: Tensor) -> Tensor:
+        """The part of the reconstruction no latent makes: `b_d` (+ `x W_skip`)."""
+        return self.add_skip(self.b_d, x)
+
+    def decode(self, f: Tensor, x: Tensor | None = None) -> Tensor:
+        """`f W_d + b_d` (+ `x W_skip` with a skip path, which needs the input x)."""
+        decoded = f @ self.W_d + self.b_d
+        return decoded if x is None else self.add_skip(decoded, x)
+
+    def target_scale(self) -> Tensor:
+        """The scale of what the decoder reconstructs: the input's for an autoencoder, the output's for a
+        transcoder."""
+        return self.output_scale if self.transcoder else self.input_scale
 
     def normalise(self, x: Tensor) -> Tensor:
-        """Raw activations in the units the dictionary works in, `s·x` (no copy when `s = 1`)."""
+        """Raw inputs in the units the dictionary works in, `s·x` (no copy when `s = 1`)."""
         scale = float(self.input_scale)
         return x if scale == 1.0 else x * scale
 
+    def normalise_target(self, y: Tensor) -> Tensor:
+        """Raw reconstruction targets (a transcoder's outputs; an autoencoder's inputs) in working units."""
+        scale = float(self.target_scale())
+        return y if scale == 1.0 else y * scale
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(reconstruction x̂, latents f, pre-activations z) of raw activations x; f and z are in the normalised
-        units until the scale is folded."""
+        """(reconstruction x̂ or ŷ, latents f, pre-activations z) of raw inputs x, reconstruction in raw units; f
+        and z are in the normalised units until the scales are folded."""
         reconstruction, f, z = self.forward_normalised(self.normalise(x))
-        scale = float(self.input_scale)
+        scale = float(self.target_scale())
         return (reconstruction if scale == 1.0 else reconstruction / scale), f, z
 
     def forward_normalised(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -138,33 +177,41 @@ class Dictionary(nn.Module):
         B × d gradient only when the input needs one. For Gated, z is the gate's pre-activation."""
         config = self.config
         if config.activation == "gated":
-            projection = (x - self.b_d) @ self.W_e
+            projection = (x - self.centre()) @ self.W_e
             z = projection + self.b_e
             magnitude = projection * self.r_mag.exp() + self.b_mag
             f = F.relu(magnitude) * (z > 0)
-            return self.decode(f), f, z
+            return self.decode(f, x), f, z
         if config.activation == "topk":
             assert config.k is not None
-            values, indices, z = topk_encode(x, self.W_e, self.b_e, self.b_d, config.k)
-            return sparse_decode(values, indices, self.W_d, self.b_d), dense_latents(values, indices, config.width), z
-        if config.activation == "relu":
+            values, indices, z = topk_encode(x, self.W_e, self.b_e, self.centre(), config.k)
+            reconstruction = self.add_skip(sparse_decode(values, indices, self.W_d, self.b_d), x)
+            return reconstruction, dense_latents(values, indices, config.width), z
+        if config.activation == "relu" and not self.transcoder:
             return _ReLUDictionary.apply(x, self.W_e, self.b_e, self.W_d, self.b_d)
         z = self.pre_activations(x)
         f = self.activate(z)
-        return self.decode(f), f, z
+        return self.decode(f, x), f, z
 
     def decoder_norms(self) -> Tensor:
         return self.W_d.norm(dim=1)
 
     @torch.no_grad()
     def fold_input_scale(self) -> None:
-        """Fold the activation normalisation into the weights: divide every additive term and threshold by `s`
-        and set `s = 1`. Reconstructions of raw activations are unchanged (exactly, as `s` is a power of two; a
-        JumpReLU threshold, stored as log θ, to float rounding) and latents become raw-unit `f / s`."""
-        scale = float(self.input_scale)
+        """Fold the activation normalisation into the weights: divide every additive term and threshold by the
+        target scale `s_out` (an autoencoder's is its input scale `s`), multiply the linear maps of the input
+        (`W_e`, `W_skip`) by `s / s_out` (1 for an autoencoder), and set both scales to 1. Reconstructions of raw
+        activations are unchanged (exactly, as the scales are powers of two; a JumpReLU threshold, stored as log θ,
+        to float rounding) and latents become raw-unit `f / s_out`."""
+        scale, target_scale = float(self.input_scale), float(self.target_scale())
         for bias in (self.b_e, self.b_d, getattr(self, "b_mag", None), getattr(self, "inference_threshold", None)):
             if bias is not None:
-                bias.div_(scale)
+                bias.div_(target_scale)
+        if scale != target_scale:
+            for weight in (self.W_e, getattr(self, "W_skip", None)):
+                if weight is not None:
+                    weight.mul_(scale / target_scale)
         if self.config.activation == "jumprelu":
-            self.log_threshold.sub_(math.log(scale))
+            self.log_threshold.sub_(math.log(target_scale))
         self.input_scale.fill_(1.0)
+        self.target_scale().fill_(1.0)

@@ -47,36 +47,39 @@ def normalising_scale(sample: Tensor) -> float:
     return 2.0 ** round(math.log2(math.sqrt(sample.shape[1]) / mean_norm))
 
 
-def matryoshka_loss(x: Tensor, f: Tensor, module: Dictionary, prefixes: list[int]) -> Tensor:
+def matryoshka_loss(target: Tensor, f: Tensor, W_d: Tensor, offset: Tensor, prefixes: list[int]) -> Tensor:
     """Matryoshka (Bussmann et al. 2025; Nabeshima 2024): the sum over nested prefixes m_1 < m_2 < … of the
     squared error of reconstructing from the first m_i latents only (the full width is the main reconstruction),
-    so early latents must stand on their own as a smaller dictionary. Built up block by block."""
-    partial = module.b_d.expand_as(x)
-    total = x.new_zeros(())
+    so early latents must stand on their own as a smaller dictionary. Built up block by block from `offset`, the
+    part of the reconstruction no latent makes."""
+    partial = offset.expand_as(target)
+    total = target.new_zeros(())
     for start, end in zip([0, *prefixes[:-1]], prefixes, strict=True):
-        partial = partial + f[:, start:end] @ module.W_d[start:end]
-        total = total + squared_error(x, partial)
+        partial = partial + f[:, start:end] @ W_d[start:end]
+        total = total + squared_error(target, partial)
     return total
 
 
-def gated_auxiliary_loss(x: Tensor, gate: Tensor, module: Dictionary) -> Tensor:
-    """Gated SAE's auxiliary term (Rajamanoharan et al. 2024): the gate path's `ReLU(π_gate)` must reconstruct x
-    through a frozen copy of the decoder, so this term trains the encoder (gate) but never the decoder."""
-    return squared_error(x, F.relu(gate) @ module.W_d.detach() + module.b_d.detach())
+def gated_auxiliary_loss(target: Tensor, gate: Tensor, W_d: Tensor, offset: Tensor) -> Tensor:
+    """Gated SAE's auxiliary term (Rajamanoharan et al. 2024): the gate path's `ReLU(π_gate)` must reconstruct the
+    target through a frozen copy of the decoder (and of `offset`, the part no latent makes), so this term trains
+    the encoder (gate) but never the decoder."""
+    return squared_error(target, F.relu(gate) @ W_d.detach() + offset.detach())
 
 
-def refit_magnitudes(x: Tensor, f: Tensor, W_d: Tensor, b_d: Tensor, ridge: float = 1e-6) -> Tensor:
+def refit_magnitudes(x: Tensor, f: Tensor, W_d: Tensor, offset: Tensor, ridge: float = 1e-6) -> Tensor:
     """Latents with each input's support kept and its magnitudes refitted by least squares,
-    `min_c ‖x − b_d − Σ_{i∈S} c_i d_i‖²`, which removes the shrinkage an L1 penalty leaves (DESIGN.md §5). All
-    inputs at once: supports are padded to the largest one, padding rows of the Gram matrix are the identity, and
-    a tiny ridge keeps near-parallel atoms solvable. Refitted values may be negative."""
+    `min_c ‖x − offset − Σ_{i∈S} c_i d_i‖²` (offset: b_d, or a transcoder's b_d + skip path), which removes the
+    shrinkage an L1 penalty leaves (DESIGN.md §5). All inputs at once: supports are padded to the largest one,
+    padding rows of the Gram matrix are the identity, and a tiny ridge keeps near-parallel atoms solvable.
+    Refitted values may be negative."""
     size = int((f > 0).sum(1).max()) if f.numel() else 0
     if size == 0:
         return torch.zeros_like(f)
     on, indices = (f > 0).to(f.dtype).topk(size, dim=1)
     atoms = W_d[indices] * on[..., None]
     gram = atoms @ atoms.transpose(1, 2) + torch.diag_embed(1 - on + ridge)
-    target = (atoms @ (x - b_d)[..., None]).squeeze(-1)
+    target = (atoms @ (x - offset)[..., None]).squeeze(-1)
     values = torch.linalg.solve(gram.double(), target.double()).to(f.dtype) * on
     return torch.zeros_like(f).scatter(1, indices, values)
 
@@ -105,7 +108,7 @@ class DictionaryMethod:
         self.seed = seed
         self.total_steps = total_steps
         self.eval_batch_size = eval_batch_size
-        self.module = Dictionary(source.dim, config, step_generator(seed, "init"))
+        self.module = Dictionary(source.dim, config, step_generator(seed, "init"), source.output_dim)
         self.module.register_buffer("samples_since_fired", torch.zeros(config.width, dtype=torch.int64))
         self.module.register_buffer("step", torch.zeros((), dtype=torch.int64))
         if config.unit_norm_decoder:
@@ -118,31 +121,35 @@ class DictionaryMethod:
         return grad - (grad * rows).sum(1, keepdim=True) * rows
 
     def before_training(self) -> None:
-        """Initialise the decoder bias (mean or geometric median of a data sample) and, optionally, the atoms
-        from data samples; the encoder starts as the decoder's transpose."""
-        config = self.config
+        """Initialise the decoder bias (mean or geometric median of a sample of reconstruction targets) and,
+        optionally, the atoms from data samples; the encoder starts as the decoder's transpose (a transcoder's
+        as the same samples' normalised inputs)."""
+        config, module = self.config, self.module
         sample = self.source.sample(INIT_SAMPLES, step_generator(self.seed, "dictionary-init"))
-        check_activations(sample, self.source.dim)
+        check_activations(sample, self.source.row_width)
+        x, target = self.source.split(sample)
         with torch.no_grad():
             if config.normalise_activations:
-                self.module.input_scale.fill_(normalising_scale(sample))
-                sample = sample * self.module.input_scale
+                module.input_scale.fill_(normalising_scale(x))
+                module.target_scale().fill_(normalising_scale(target))
+                x, target = module.normalise(x), module.normalise_target(target)
             if config.decoder_bias_init == "mean":
-                self.module.b_d.copy_(sample.mean(0))
+                module.b_d.copy_(target.mean(0))
             elif config.decoder_bias_init == "geometric_median":
-                self.module.b_d.copy_(geometric_median(sample))
+                module.b_d.copy_(geometric_median(target))
             if config.init == "data":
-                centred = sample - self.module.b_d
-                candidates = centred[centred.norm(dim=1) > 1e-6 * float(centred.norm(dim=1).max())]
-                if candidates.shape[0] == 0:
+                centred = target - module.b_d
+                usable = (centred.norm(dim=1) > 1e-6 * float(centred.norm(dim=1).max())).nonzero().squeeze(1)
+                if usable.numel() == 0:
                     raise UnmergeError("every initialisation sample equals the decoder bias, so no atom can be taken "
                                        "from data; use method.init=random")
-                order = torch.randperm(candidates.shape[0], generator=step_generator(self.seed, "atoms"))
-                atoms = candidates[order[torch.arange(config.width) % candidates.shape[0]]]
-                self.module.W_d.copy_(F.normalize(atoms, dim=1) * config.init_decoder_norm)
-                self.module.W_e.copy_(self.module.W_d.T)
+                order = torch.randperm(usable.numel(), generator=step_generator(self.seed, "atoms"))
+                rows = usable[order[torch.arange(config.width) % usable.numel()]]
+                module.W_d.copy_(F.normalize(centred[rows], dim=1) * config.init_decoder_norm)
+                encoder = F.normalize(x[rows], dim=1) * config.init_decoder_norm if module.transcoder else module.W_d
+                module.W_e.copy_(encoder.T)
             if config.unit_norm_decoder:
-                self.module.W_d.copy_(F.normalize(self.module.W_d, dim=1))
+                module.W_d.copy_(F.normalize(module.W_d, dim=1))
 
     def progress(self) -> float:
         return float(self.module.step) / max(self.total_steps, 1)
@@ -150,24 +157,26 @@ class DictionaryMethod:
     def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
         """Reconstruction (summed over Matryoshka prefixes if configured), sparsity penalty, and the
         activation's own terms (JumpReLU's L0, AuxK, Gated's auxiliary reconstruction), all in normalised units."""
-        check_activations(batch, self.source.dim)
+        check_activations(batch, self.source.row_width)
         module, config = self.module, self.config
         module.train()
-        x = module.normalise(batch)
+        inputs, targets = self.source.split(batch)
+        x, target = module.normalise(inputs), module.normalise_target(targets)
         reconstruction, f, z = module.forward_normalised(x)
         self._track_firing(f)
-        terms = {"reconstruction": squared_error(x, reconstruction)}
+        terms = {"reconstruction": squared_error(target, reconstruction)}
         if config.matryoshka_prefixes:
-            terms["reconstruction"] = terms["reconstruction"] + matryoshka_loss(x, f, module, config.matryoshka_prefixes)
+            terms["reconstruction"] = terms["reconstruction"] + matryoshka_loss(
+                target, f, module.W_d, module.offset(x), config.matryoshka_prefixes)
         if config.penalty.name != "none" and config.penalty.coeff:
             penalised = F.relu(z) if config.activation == "gated" else f
             terms["sparsity"] = sparsity_penalty(penalised, config.penalty, module.decoder_norms(), self.progress())
         if config.activation == "jumprelu" and config.l0_coeff:
             terms["l0"] = activations.jumprelu_l0(z, module.log_threshold.exp(), config.jumprelu_bandwidth)
         if config.aux_k:
-            terms["aux_k"] = aux_k_loss(x, reconstruction, z, module.W_d, self.dead(), config.aux_k)
+            terms["aux_k"] = aux_k_loss(target, reconstruction, z, module.W_d, self.dead(), config.aux_k)
         if config.activation == "gated":
-            terms["gate_reconstruction"] = gated_auxiliary_loss(x, z, module)
+            terms["gate_reconstruction"] = gated_auxiliary_loss(target, z, module.W_d, module.offset(x))
         coefficients = {"reconstruction": 1.0, "sparsity": config.penalty.coeff, "l0": config.l0_coeff,
                         "aux_k": config.aux_k_coeff, "gate_reconstruction": 1.0}
         loss = sum(coefficients[name] * value for name, value in terms.items())
@@ -209,9 +218,9 @@ class DictionaryMethod:
             return 0
         module, config = self.module, self.config
         generator = step_generator(self.seed, "resample", int(module.step))
-        x = self.source.sample(config.resample_samples, generator)
+        x, target = self.source.split(self.source.sample(config.resample_samples, generator))
         module.eval()
-        residual = x - module(x)[0]
+        residual = target - module(x)[0]
         module.train()
         weights = residual.square().sum(1).square()
         if not bool(weights.sum() > 0):
@@ -219,9 +228,10 @@ class DictionaryMethod:
         chosen = torch.multinomial(weights, rows.numel(), replacement=rows.numel() > x.shape[0],
                                    generator=generator)
         atoms = F.normalize(residual[chosen], dim=1)
+        encoder = F.normalize(x[chosen], dim=1) if module.transcoder else atoms
         live_norm = module.W_e[:, ~dead].norm(dim=0).mean() if bool((~dead).any()) else torch.tensor(1.0)
         module.W_d[rows] = atoms
-        module.W_e[:, rows] = atoms.T * (config.resample_encoder_norm * live_norm)
+        module.W_e[:, rows] = encoder.T * (config.resample_encoder_norm * live_norm)
         module.b_e[rows] = 0.0
         for parameter, index in ((module.W_d, rows), (module.W_e, (slice(None), rows)), (module.b_e, rows)):
             for moment in ("exp_avg", "exp_avg_sq"):
@@ -236,17 +246,18 @@ class DictionaryMethod:
         self.module.eval()
         generator = step_generator(self.seed, "eval")
         if self.source.sample_with_coefficients is not None:
-            x, coefficients = self.source.sample_with_coefficients(self.eval_batch_size, generator)
+            batch, coefficients = self.source.sample_with_coefficients(self.eval_batch_size, generator)
         else:
-            x, coefficients = self.source.sample(self.eval_batch_size, generator), None
-        module, scale = self.module, self.module.input_scale
+            batch, coefficients = self.source.sample(self.eval_batch_size, generator), None
+        x, target = self.source.split(batch)
+        module, scale = self.module, self.module.target_scale()
         reconstruction, normalised_latents, _ = module(x)
         f = normalised_latents / scale
         dead = self.dead()
         results = {
-            "fvu": scores.fvu(x, reconstruction),
-            "reconstruction_cosine": scores.reconstruction_cosine(x, reconstruction),
-            "norm_ratio": scores.norm_ratio(x, reconstruction),
+            "fvu": scores.fvu(target, reconstruction),
+            "reconstruction_cosine": scores.reconstruction_cosine(target, reconstruction),
+            "norm_ratio": scores.norm_ratio(target, reconstruction),
             "l0": scores.l0(f),
             "dead_fraction": float(dead.double().mean()),
             "dead_latents": float(dead.sum()),
@@ -264,8 +275,9 @@ class DictionaryMethod:
                 norms = module.decoder_norms()
                 results["shrinkage"] = scores.shrinkage(coefficients, f, cosines, norms)
                 if self.config.refit_magnitudes:
-                    refitted = refit_magnitudes(module.normalise(x), normalised_latents, module.W_d, module.b_d)
-                    results["fvu_refit"] = scores.fvu(x, module.decode(refitted) / scale)
+                    refitted = refit_magnitudes(module.normalise_target(target), normalised_latents, module.W_d,
+                                                module.offset(module.normalise(x)))
+                    results["fvu_refit"] = scores.fvu(target, module.decode(refitted, module.normalise(x)) / scale)
                     results["shrinkage_refit"] = scores.shrinkage(coefficients, refitted / scale, cosines, norms)
                 if self.source.parents is not None:
                     results["parent_recall"] = scores.parent_recall(coefficients, f, cosines, self.source.parents)
