@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from unmerge import api, cli
 from unmerge.config import (
@@ -413,3 +415,19 @@ def test_refit_recovers_the_true_magnitudes_on_the_support() -> None:
     metrics = method.evaluate()
     assert metrics["shrinkage"] < 0.9 and abs(metrics["shrinkage_refit"] - 1) < abs(metrics["shrinkage"] - 1)
     assert metrics["fvu_refit"] < metrics["fvu"]
+
+
+def test_train_dictionary_writes_the_folded_dictionary_and_the_ground_truth(tmp_path: Path) -> None:
+    config = api.load_dictionary_config("hierarchy-matryoshka", ["train.steps=20", "method.normalise_activations=true"])
+    result = api.train_dictionary(config, tmp_path / "run")
+    source = hierarchy_source(config.data)
+    truth = load_file(str(tmp_path / "run" / api.GROUND_TRUTH_FILE))
+    assert torch.equal(truth["true_features"], source.true_features) and torch.equal(truth["parents"], source.parents)
+    weights = load_file(str(tmp_path / "run" / api.DICTIONARY_FILE))
+    assert float(weights["input_scale"]) == 1.0
+    module = Dictionary(source.dim, config.method, _generator())
+    module.load_state_dict(weights)
+    x = source.sample(config.train.eval_batch_size, step_generator(config.train.seed, "eval"))
+    module.eval()
+    with torch.no_grad():
+        assert scores.fvu(x, module(x)[0]) == pytest.approx(result.metrics["fvu"], rel=1e-6)

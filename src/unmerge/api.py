@@ -51,6 +51,7 @@ DICTIONARY_PRESET_DIR = PRESET_DIR / "dictionaries"
 RUN_CONFIG = "config.yaml"
 METRICS_FILE = "metrics.json"
 DICTIONARY_FILE = "dictionary.safetensors"  # the trained dictionary with its normalisation folded in
+GROUND_TRUTH_FILE = "ground_truth.safetensors"  # a toy source's true features (and hierarchy parents)
 TARGET_DIR = "target"
 
 
@@ -171,7 +172,8 @@ def decompose(config: RunConfig, run_dir: Path) -> RunResult:
 
 def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
     """Train a dictionary on the config's activations in `run_dir` (resuming from its newest checkpoint) and write
-    its `metrics.json`."""
+    its `metrics.json`, the trained `dictionary.safetensors` and, for sources with known features, the ground
+    truth it was scored against (`ground_truth.safetensors`: `true_features`, and `parents` on the hierarchy toy)."""
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     run_dir = Path(run_dir)
@@ -182,8 +184,13 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
     method.module.fold_input_scale()
     metrics = method.evaluate()
     if distributed.is_main_process():
-        tensors = {name: value.contiguous() for name, value in method.module.state_dict().items()}
+        tensors = method.dictionary_state()
         checkpoint.write_atomic(run_dir / DICTIONARY_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        source = method.source
+        truth = {name: value.contiguous() for name, value in
+                 (("true_features", source.true_features), ("parents", source.parents)) if value is not None}
+        if truth:
+            checkpoint.write_atomic(run_dir / GROUND_TRUTH_FILE, lambda tmp: save_file(truth, str(tmp)))
         _write_metrics(run_dir, metrics)
     return RunResult(run_dir, metrics, [], result.resumed_from)
 

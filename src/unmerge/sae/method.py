@@ -21,6 +21,7 @@ from unmerge.train.rng import step_generator
 
 GEOMETRIC_MEDIAN_ITERATIONS = 100
 INIT_SAMPLES = 8192
+TRAINING_BUFFERS = ("samples_since_fired", "step")  # added to the module by DictionaryMethod, kept by checkpoints
 
 
 def squared_error(x: Tensor, reconstruction: Tensor) -> Tensor:
@@ -150,6 +151,12 @@ class DictionaryMethod:
                 module.W_e.copy_(encoder.T)
             if config.unit_norm_decoder:
                 module.W_d.copy_(F.normalize(module.W_d, dim=1))
+
+    def dictionary_state(self) -> dict[str, Tensor]:
+        """The dictionary's own tensors, without the training bookkeeping (firing counters, step) that the
+        checkpoints keep: what `dictionary.safetensors` holds and `Dictionary.load_state_dict` takes."""
+        return {name: value.contiguous() for name, value in self.module.state_dict().items()
+                if name not in TRAINING_BUFFERS}
 
     def progress(self) -> float:
         return float(self.module.step) / max(self.total_steps, 1)
