@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from unmerge.config import (
     DictionaryRunConfig,
@@ -28,7 +29,9 @@ from unmerge.config import (
 )
 from unmerge.data import activation_source
 from unmerge.errors import CheckpointError, ConfigError
+from unmerge.sae.dictionary import Dictionary
 from unmerge.sae.method import DictionaryMethod
+from unmerge.sae.saelens import save_saelens
 from unmerge.spd.method import SPD
 from unmerge.sweep import (
     SweepPoint,
@@ -193,6 +196,34 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
             checkpoint.write_atomic(run_dir / GROUND_TRUTH_FILE, lambda tmp: save_file(truth, str(tmp)))
         _write_metrics(run_dir, metrics)
     return RunResult(run_dir, metrics, [], result.resumed_from)
+
+
+def load_dictionary(run_dir: Path) -> tuple[DictionaryRunConfig, Dictionary]:
+    """A finished `train-dictionary` run's config and trained dictionary (normalisation folded in), in eval mode."""
+    run_dir = Path(run_dir)
+    config_path, weights_path = run_dir / RUN_CONFIG, run_dir / DICTIONARY_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory ({RUN_CONFIG} missing)")
+    config = validate(DictionaryRunConfig, load_yaml(config_path), str(config_path))
+    if not weights_path.is_file():
+        raise CheckpointError(f"{run_dir} has no {DICTIONARY_FILE}: the run has not finished; rerun its "
+                              "train-dictionary command to resume and finish it")
+    try:
+        weights = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{weights_path} cannot be read ({error}); rerun the train-dictionary command "
+                              "after deleting it (the run re-evaluates from its newest checkpoint)") from None
+    transcoder = bool(getattr(config.data, "transcoder", False))
+    module = Dictionary(weights["W_e"].shape[0], config.method, torch.Generator(),
+                        weights["W_d"].shape[1] if transcoder else None)
+    module.load_state_dict(weights)
+    return config, module.eval()
+
+
+def export_saelens(run_dir: Path, out_dir: Path) -> Path:
+    """Write a finished dictionary run in SAELens's on-disk format (`unmerge.sae.saelens`); returns `out_dir`."""
+    config, module = load_dictionary(run_dir)
+    return save_saelens(module, out_dir, hook_name=getattr(config.data, "hook", None), model_name=config.name)
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, SPD, int]:

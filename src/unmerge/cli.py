@@ -67,6 +67,10 @@ def cmd_train_dictionary(args: argparse.Namespace) -> None:
     print(f"run directory: {result.run_dir}")
 
 
+def cmd_export_saelens(args: argparse.Namespace) -> None:
+    print(f"SAELens dictionary: {api.export_saelens(args.run_dir, args.out)}")
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
     spec = api.load_sweep_spec(args.config, args.grid or [], overrides)
@@ -157,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a grid axis, repeatable, e.g. method.penalty.coeff=0.03,0.1 (or KEY=[v1, v2] in YAML)")
     sweep.add_argument("--steps", type=int, help="optimiser steps of every run (train.steps)")
     sweep.set_defaults(handler=cmd_sweep)
+
+    export = commands.add_parser(
+        "export-saelens", help="write a trained dictionary in SAELens's format",
+        description="Write a finished train-dictionary run's dictionary as cfg.json + sae_weights.safetensors, "
+                    "loadable with sae_lens.SAE.load_from_disk.",
+    )
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--out", type=Path, required=True, help="directory to write")
+    export.set_defaults(handler=cmd_export_saelens)
 
     evaluate = commands.add_parser(
         "evaluate", help="recompute metrics.json and figures of a run",
