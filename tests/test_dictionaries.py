@@ -431,3 +431,30 @@ def test_train_dictionary_writes_the_folded_dictionary_and_the_ground_truth(tmp_
     module.eval()
     with torch.no_grad():
         assert scores.fvu(x, module(x)[0]) == pytest.approx(result.metrics["fvu"], rel=1e-6)
+
+
+def test_atom_alignment_is_one_on_a_feature_and_low_between_features() -> None:
+    e1, e2, e3 = torch.eye(3)
+    atoms = torch.stack([e1, (e1 + e2) / math.sqrt(2), e3])  # on a feature, between two, never used
+    x = torch.stack([2 * e1, e1, e2])
+    latents = torch.tensor([[1.5, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.5, 0.0]])
+    residual = x - latents @ atoms  # the mixed atom is asked to explain e1 and e2 in turn
+    alignment = scores.atom_alignment(residual, latents, atoms)
+    assert torch.allclose(alignment, torch.tensor([1.0, 1 / math.sqrt(2), 0.0]), atol=1e-6)
+
+
+def test_misaligned_latents_are_resampled_and_aligned_ones_kept() -> None:
+    source = hierarchy_source(HierarchyConfig())  # orthonormal true features
+    truth = source.true_features
+    n = truth.shape[0]
+    config = DictionaryConfig(width=n + 4, resample_misaligned=0.5, resample_samples=4096)
+    method = DictionaryMethod(source, config, seed=0, total_steps=100)
+    module = method.module
+    between = F.normalize(truth[:4] + truth[4:8], dim=1)
+    with torch.no_grad():  # one exact atom per feature, and four atoms each halfway between two features
+        module.W_d.copy_(torch.cat([truth, between]))
+        module.W_e.copy_(torch.cat([truth, 0.01 * between]).T)
+        module.b_e.zero_()
+    assert method.resample_dead(torch.optim.Adam(module.parameters())) == 4
+    assert torch.equal(module.W_d[:n], truth)
+    assert (F.normalize(module.W_d[n:], dim=1) * between).sum(1).abs().max() < 0.99

@@ -229,6 +229,8 @@ class DictionaryConfig(StrictModel):
         0.5, description="resample only within this fraction of training, so the last part can settle")
     resample_duplicates: bool = Field(
         False, description="also resample a latent whose atom nearly copies an earlier one's (cosine > 0.95)")
+    resample_misaligned: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0, description="also resample a latent whose atom_alignment on the resampling inputs is below this (0: off)")
     resample_samples: PositiveInt = Field(8192, description="inputs scored to choose the resampled directions")
     resample_encoder_norm: PositiveFloat = Field(
         0.2, description="a resampled encoder column's norm, as a fraction of the mean live column's norm")

@@ -79,6 +79,22 @@ def later_duplicates(atoms: Tensor, threshold: float = DUPLICATE_COSINE) -> Tens
     return _near_copies(atoms, threshold).tril(-1).any(1)
 
 
+def atom_alignment(residual: Tensor, latents: Tensor, atoms: Tensor) -> Tensor:
+    """Per latent j: how well its atom points where its firings go, the f²-weighted mean over inputs it fires on
+    of the cosine between d_j and `r + f_j d_j` (the residual with j's own contribution put back, i.e. what j is
+    asked to explain). About 1 for an atom on one feature; low for an atom between features, which fires on each
+    but explains neither. 0 for a latent that never fires in the sample. Needs no ground truth."""
+    norms = atoms.norm(dim=1)
+    contribution = latents * norms  # f_j ‖d_j‖ (latents ≥ 0)
+    along = residual @ (atoms / norms.clamp(min=1e-12)[:, None]).T  # r · d̂_j
+    scale = residual.square().sum(1, keepdim=True) + contribution.square()
+    explained = scale + 2 * contribution * along  # ‖r + f_j d_j‖², from norms and one product
+    resolvable = explained > 1e-6 * scale  # below that, rounding decides the sign: call it unexplained (0)
+    cosine = torch.where(resolvable, (along + contribution) / explained.clamp(min=1e-30).sqrt(), 0.0)
+    weights = latents.square()
+    return (cosine * weights).sum(0) / weights.sum(0).clamp(min=1e-24)
+
+
 def shrinkage(true_coefficients: Tensor, latents: Tensor, cosines: Tensor, atom_norms: Tensor) -> float:
     """Mean ratio of recovered to true coefficient over active (feature, example) pairs, where each true feature
     is read from its best-matching atom: `f_atom ‖d_atom‖ cos / c_true`. 1 is unbiased; < 1 is shrinkage."""

@@ -215,20 +215,27 @@ class DictionaryMethod:
         inputs with probability ∝ squared loss², set the atom to the normalised residual `x − x̂` (the part not yet
         explained), the encoder column to the atom at `resample_encoder_norm` × the mean live column norm, the
         encoder bias to 0, and zero those entries' Adam moments. With `resample_duplicates`, the later copy of
-        each near-duplicate pair is freed the same way (it adds nothing a single atom does not). Returns the
-        number resampled."""
+        each near-duplicate pair is freed the same way (it adds nothing a single atom does not); with
+        `resample_misaligned`, so is a latent whose atom sits between features (`atom_alignment` below the
+        threshold on the resampling inputs). Returns the number resampled."""
+        module, config = self.module, self.config
         dead = self.dead()
-        if self.config.resample_duplicates:
-            dead = dead | scores.later_duplicates(self.module.W_d)
+        if config.resample_duplicates:
+            dead = dead | scores.later_duplicates(module.W_d)
+        if not bool(dead.any()) and not config.resample_misaligned:
+            return 0
+        generator = step_generator(self.seed, "resample", int(module.step))
+        inputs, targets = self.source.split(self.source.sample(config.resample_samples, generator))
+        x = module.normalise(inputs)
+        module.eval()
+        reconstruction, f, _ = module.forward_normalised(x)
+        module.train()
+        residual = module.normalise_target(targets) - reconstruction
+        if config.resample_misaligned:
+            dead = dead | (scores.atom_alignment(residual, f, module.W_d) < config.resample_misaligned)
         rows = dead.nonzero().squeeze(1)
         if rows.numel() == 0:
             return 0
-        module, config = self.module, self.config
-        generator = step_generator(self.seed, "resample", int(module.step))
-        x, target = self.source.split(self.source.sample(config.resample_samples, generator))
-        module.eval()
-        residual = target - module(x)[0]
-        module.train()
         weights = residual.square().sum(1).square()
         if not bool(weights.sum() > 0):
             weights = torch.ones_like(weights)
