@@ -30,7 +30,7 @@ from unmerge.config import (
 from unmerge.data import activation_source
 from unmerge.errors import CheckpointError, ConfigError
 from unmerge.sae.dictionary import Dictionary
-from unmerge.sae.method import DictionaryMethod
+from unmerge.sae.method import TRAINING_BUFFERS, DictionaryMethod
 from unmerge.sae.saelens import save_saelens
 from unmerge.spd.method import SPD
 from unmerge.sweep import (
@@ -216,7 +216,7 @@ def load_dictionary(run_dir: Path) -> tuple[DictionaryRunConfig, Dictionary]:
     transcoder = bool(getattr(config.data, "transcoder", False))
     module = Dictionary(weights["W_e"].shape[0], config.method, torch.Generator(),
                         weights["W_d"].shape[1] if transcoder else None)
-    module.load_state_dict(weights)
+    module.load_state_dict({name: value for name, value in weights.items() if name not in TRAINING_BUFFERS})
     return config, module.eval()
 
 

@@ -21,7 +21,7 @@ from unmerge.train.rng import step_generator
 
 GEOMETRIC_MEDIAN_ITERATIONS = 100
 INIT_SAMPLES = 8192
-TRAINING_BUFFERS = ("samples_since_fired", "step")  # added to the module by DictionaryMethod, kept by checkpoints
+TRAINING_BUFFERS = ("samples_since_fired", "step")  # added to the module by DictionaryMethod; not the dictionary's
 
 
 def squared_error(x: Tensor, reconstruction: Tensor) -> Tensor:
