@@ -49,7 +49,7 @@ from unmerge.targets.toys import target_cache_dir, train_target
 from unmerge.train import checkpoint, distributed
 from unmerge.train.loop import train
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
+PRESET_DIR = Path(__file__).parent / "configs"  # configs/ at the repository root, linked into the package
 DICTIONARY_PRESET_DIR = PRESET_DIR / "dictionaries"
 RUN_CONFIG = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -59,7 +59,7 @@ TARGET_DIR = "target"
 
 
 def preset_names() -> list[str]:
-    """Names of the shipped presets (`configs/<name>.yaml` in the source tree)."""
+    """Names of the shipped presets (`configs/<name>.yaml`, also inside the installed package)."""
     return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
 
 
