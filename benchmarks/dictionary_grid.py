@@ -32,11 +32,14 @@ def _row(family: str, row: SweepRow) -> str:
 def main() -> None:
     families = sorted(path.stem for path in SWEEPS.glob("*.yaml"))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("families", nargs="*", default=families, choices=families)
+    parser.add_argument("families", nargs="*", help=f"default: all of {', '.join(families)}")
     parser.add_argument("--out", type=Path, default=Path("runs/grid"))
     args = parser.parse_args()
+    unknown = sorted(set(args.families) - set(families))
+    if unknown:
+        parser.error(f"no sweep {', '.join(unknown)} in {SWEEPS}; choose from {', '.join(families)}")
     lines = ["| family | strength | steps | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 3) + "|"]
-    for family in args.families:
+    for family in args.families or families:
         result = api.sweep(api.load_sweep_spec(str(SWEEPS / f"{family}.yaml")), args.out / family)
         lines += [_row(family, row) for row in result.rows]
     print("\n".join(lines))
