@@ -15,17 +15,16 @@ from pathlib import Path
 
 from unmerge import api
 from unmerge.config import load_yaml
-from unmerge.sweep import SweepRow, format_value
+from unmerge.sweep import TABLE_METRICS, SweepRow, format_number, format_value
 
 SWEEPS = Path(__file__).parent / "sweeps"
-COLUMNS = ("l0", "fvu", "recall_mmcs", "mcc", "matched/0.9", "dead_latents", "duplicate_latents", "shrinkage")
 
 
 def _row(family: str, row: SweepRow) -> str:
     config = load_yaml(row.run_dir / api.RUN_CONFIG)
     strength = ", ".join(f"{key.rsplit('.', 1)[-1]}={format_value(value)}" for key, value in row.settings.items())
     cells = [family, strength, str(config["train"]["steps"])]
-    cells += [f"{row.metrics[key]:.4g}" if key in row.metrics else "" for key in COLUMNS]
+    cells += [format_number(row.metrics.get(key)) for key in TABLE_METRICS]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -38,7 +37,7 @@ def main() -> None:
     unknown = sorted(set(args.families) - set(families))
     if unknown:
         parser.error(f"no sweep {', '.join(unknown)} in {SWEEPS}; choose from {', '.join(families)}")
-    lines = ["| family | strength | steps | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 3) + "|"]
+    lines = ["| family | strength | steps | " + " | ".join(TABLE_METRICS) + " |", "|---" * (len(TABLE_METRICS) + 3) + "|"]
     for family in args.families or families:
         result = api.sweep(api.load_sweep_spec(str(SWEEPS / f"{family}.yaml")), args.out / family)
         lines += [_row(family, row) for row in result.rows]

@@ -204,7 +204,8 @@ def table_columns(rows: Sequence[SweepRow]) -> list[str]:
     return [key for key in TABLE_METRICS if any(key in row.metrics for row in rows)]
 
 
-def _format_number(value: float | None) -> str:
+def format_number(value: float | None) -> str:
+    """A metric as the results tables show it: integers plain, others to 4 significant digits."""
     if value is None:
         return ""
     if float(value).is_integer() and abs(value) < 1e15:
@@ -231,7 +232,7 @@ def markdown_table(rows: Sequence[SweepRow], grid_keys: Sequence[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         cells = [format_value(row.settings[key]) for key in grid_keys]
-        cells += [_format_number(row.metrics.get(key)) for key in columns]
+        cells += [format_number(row.metrics.get(key)) for key in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

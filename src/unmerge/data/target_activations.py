@@ -30,21 +30,26 @@ def _raise_activations(module: nn.Module, inputs: tuple[Tensor, ...], output: Te
     raise _Captured(inputs[0].detach(), output.detach())
 
 
-def record_activations(target: Target, module: nn.Module, inputs: Tensor, with_input: bool = False) -> Tensor:
-    """The output of `module` when `target.model` runs on `inputs`, flattened to (examples, width), preceded
-    column-wise by the module's (first) input when `with_input`; the rest of the forward pass is skipped."""
+def _module_activations(target: Target, module: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """(first input, output) of `module` when `target.model` runs on `inputs`, each flattened to (examples,
+    width); the rest of the forward pass is skipped."""
     handle = module.register_forward_hook(_raise_activations)
     try:
         with torch.no_grad():
             target.model(inputs)
     except _Captured as captured:
-        output = captured.output.reshape(-1, captured.output.shape[-1])
-        if not with_input:
-            return output
-        return torch.cat([captured.inputs.reshape(-1, captured.inputs.shape[-1]), output], dim=1)
+        return (captured.inputs.reshape(-1, captured.inputs.shape[-1]),
+                captured.output.reshape(-1, captured.output.shape[-1]))
     finally:
         handle.remove()
     raise UnmergeError(f"the hooked module never ran in {target.name}'s forward pass; choose a module on its path")
+
+
+def record_activations(target: Target, module: nn.Module, inputs: Tensor, with_input: bool = False) -> Tensor:
+    """The output of `module` when `target.model` runs on `inputs`, flattened to (examples, width), preceded
+    column-wise by the module's (first) input when `with_input`."""
+    module_input, output = _module_activations(target, module, inputs)
+    return torch.cat([module_input, output], dim=1) if with_input else output
 
 
 def _feature_directions(target: Target, module: nn.Module) -> Tensor | None:
@@ -66,12 +71,11 @@ def target_activation_source(target: Target, hook: str, transcoder: bool = False
         names = ", ".join(name for name in modules if name)
         raise UnmergeError(f"{target.name} has no module {hook!r}; hook points: {names}")
     module = modules[hook]
-    probe = target.sample_inputs(1, torch.Generator().manual_seed(0))
-    input_dim = record_activations(target, module, probe, with_input=True).shape[1]
-    dim = record_activations(target, module, probe).shape[1]
+    input_dim, dim = (part.shape[1] for part in
+                      _module_activations(target, module, target.sample_inputs(1, torch.Generator().manual_seed(0))))
     return ActivationSource(
         name=f"{target.name}/{hook}" + ("/transcoder" if transcoder else ""),
-        dim=input_dim - dim if transcoder else dim,
+        dim=input_dim if transcoder else dim,
         sample=lambda size, generator: record_activations(target, module, target.sample_inputs(size, generator),
                                                           with_input=transcoder),
         true_features=_feature_directions(target, module),

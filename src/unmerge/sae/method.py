@@ -289,9 +289,10 @@ class DictionaryMethod:
                 norms = module.decoder_norms()
                 results["shrinkage"] = scores.shrinkage(coefficients, f, cosines, norms)
                 if self.config.refit_magnitudes:
+                    x_normalised = module.normalise(x)
                     refitted = refit_magnitudes(module.normalise_target(target), normalised_latents, module.W_d,
-                                                module.offset(module.normalise(x)))
-                    results["fvu_refit"] = scores.fvu(target, module.decode(refitted, module.normalise(x)) / scale)
+                                                module.offset(x_normalised))
+                    results["fvu_refit"] = scores.fvu(target, module.decode(refitted, x_normalised) / scale)
                     results["shrinkage_refit"] = scores.shrinkage(coefficients, refitted / scale, cosines, norms)
                 if self.source.parents is not None:
                     results["parent_recall"] = scores.parent_recall(coefficients, f, cosines, self.source.parents)
