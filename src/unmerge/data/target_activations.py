@@ -26,23 +26,29 @@ class _Captured(Exception):
         self.output = output
 
 
-def _raise_activations(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-    raise _Captured(inputs[0].detach(), output.detach())
+def _raise_activations(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor | tuple) -> None:
+    raise _Captured(inputs[0].detach(), (output[0] if isinstance(output, tuple) else output).detach())
+
+
+def capture_module(model: nn.Module, module: nn.Module, inputs: Tensor, model_name: str) -> tuple[Tensor, Tensor]:
+    """(first input, output) of `module` when `model` runs on `inputs`, as the module sees them (a tuple output
+    gives its first element); the rest of the forward pass is skipped."""
+    handle = module.register_forward_hook(_raise_activations)
+    try:
+        with torch.no_grad():
+            model(inputs)
+    except _Captured as captured:
+        return captured.inputs, captured.output
+    finally:
+        handle.remove()
+    raise UnmergeError(f"the hooked module never ran in {model_name}'s forward pass; choose a module on its path")
 
 
 def _module_activations(target: Target, module: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
     """(first input, output) of `module` when `target.model` runs on `inputs`, each flattened to (examples,
-    width); the rest of the forward pass is skipped."""
-    handle = module.register_forward_hook(_raise_activations)
-    try:
-        with torch.no_grad():
-            target.model(inputs)
-    except _Captured as captured:
-        return (captured.inputs.reshape(-1, captured.inputs.shape[-1]),
-                captured.output.reshape(-1, captured.output.shape[-1]))
-    finally:
-        handle.remove()
-    raise UnmergeError(f"the hooked module never ran in {target.name}'s forward pass; choose a module on its path")
+    width)."""
+    module_input, output = capture_module(target.model, module, inputs, target.name)
+    return module_input.reshape(-1, module_input.shape[-1]), output.reshape(-1, output.shape[-1])
 
 
 def record_activations(target: Target, module: nn.Module, inputs: Tensor, with_input: bool = False) -> Tensor:
@@ -63,14 +69,19 @@ def _feature_directions(target: Target, module: nn.Module) -> Tensor | None:
     return F.normalize(moved, dim=1)
 
 
+def find_module(model: nn.Module, hook: str, model_name: str) -> nn.Module:
+    """The module named `hook` in `model.named_modules()`; an error listing the hook points if there is none."""
+    modules = dict(model.named_modules())
+    if hook not in modules or not hook:
+        names = ", ".join(name for name in modules if name)
+        raise UnmergeError(f"{model_name} has no module {hook!r}; hook points: {names}")
+    return modules[hook]
+
+
 def target_activation_source(target: Target, hook: str, transcoder: bool = False) -> ActivationSource:
     """Activations of `target` at the module named `hook` (a transcoder's: its input and output), with true
     features where the ground truth has them."""
-    modules = dict(target.model.named_modules())
-    if hook not in modules or not hook:
-        names = ", ".join(name for name in modules if name)
-        raise UnmergeError(f"{target.name} has no module {hook!r}; hook points: {names}")
-    module = modules[hook]
+    module = find_module(target.model, hook, target.name)
     input_dim, dim = (part.shape[1] for part in
                       _module_activations(target, module, target.sample_inputs(1, torch.Generator().manual_seed(0))))
     return ActivationSource(

