@@ -186,3 +186,40 @@ def test_dictionary_trains_from_a_cache_and_reports_spliced_metrics(tmp_path: Pa
     assert metrics["kl_spliced"] >= 0.0 and metrics["heldout/tokens"] >= 300
     manifest = json.loads((api.activation_cache_dir(config.data) / "manifest.json").read_text())
     assert manifest["complete"] and manifest["description"]["hook"] == "model.layers.0"
+
+
+def _tiny_language_run(tmp_path: Path, isolated_cache: Path, extra: list[str]):
+    _tiny_corpus(isolated_cache)
+    _tiny_hf_directory(tmp_path / "model")
+    overrides = [
+        "target.model.kind=hf_directory", f"target.model.path={tmp_path / 'model'}", "target.text.seq_len=16",
+        "target.text.heldout_every=4", "target.module_tokens=600", "method.faithfulness_warmup_steps=5",
+        "train.steps=6", "train.batch_size=32", "train.eval_batch_size=64", "train.checkpoint_every=3", *extra,
+    ]
+    return api.load_run_config("smollm2-mlp", overrides)
+
+
+def test_spd_decomposes_one_module_of_a_language_model(tmp_path: Path, isolated_cache: Path) -> None:
+    config = _tiny_language_run(tmp_path, isolated_cache, ["target.module=model.layers.1.mlp"])
+    result = api.decompose(config, tmp_path / "run")
+    for site in ("gate_proj", "up_proj", "down_proj"):
+        assert math.isfinite(result.metrics[f"ci_l0/{site}/0.1"]) and result.metrics[f"alive/{site}"] >= 0
+    assert math.isfinite(result.metrics["stochastic_recon"])
+    assert api.evaluate(tmp_path / "run").metrics["faithfulness"] == pytest.approx(result.metrics["faithfulness"])
+
+
+def test_spd_on_a_whole_language_model_uses_kl_over_positions(tmp_path: Path, isolated_cache: Path) -> None:
+    sites = ("method.sites=[{pattern: 'model.layers.*.mlp.up_proj', C: 4}, "
+             "{pattern: 'model.layers.0.self_attn.*', C: 4}]")
+    config = _tiny_language_run(tmp_path, isolated_cache, ["target.module=null", "method.output_loss=kl", sites,
+                                                           "train.batch_size=4", "train.eval_batch_size=8"])
+    result = api.decompose(config, tmp_path / "run")
+    assert result.metrics["unmasked_recon"] >= 0.0 and math.isfinite(result.metrics["ci_masked_recon"])
+    assert {"alive/model.layers.1.mlp.up_proj", "alive/model.layers.0.self_attn.o_proj"} <= result.metrics.keys()
+
+
+def test_whole_language_model_needs_the_kl_output_loss(tmp_path: Path, isolated_cache: Path) -> None:
+    from unmerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="output_loss must be 'kl'"):
+        _tiny_language_run(tmp_path, isolated_cache, ["target.module=null"])

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from unmerge.config import (
     DictionaryRunConfig,
     LanguageActivationsConfig,
+    LanguageTargetConfig,
     RunConfig,
-    TargetConfig,
     apply_overrides,
     load_yaml,
     parse_override,
@@ -31,7 +31,7 @@ from unmerge.config import (
 )
 from unmerge.data import activation_source
 from unmerge.data.activation_cache import ActivationCache
-from unmerge.data.language_activations import activation_cache_dir, cached_source, language_data
+from unmerge.data.language_activations import activation_cache_dir, cached_source, language_data, language_target
 from unmerge.data.target_activations import find_module
 from unmerge.data.text import fetch_shakespeare
 from unmerge.errors import CheckpointError, ConfigError
@@ -49,7 +49,7 @@ from unmerge.sweep import (
     markdown_table,
     parse_grid_argument,
 )
-from unmerge.targets import cached_target, load_target, save_target
+from unmerge.targets import Target, cached_target, load_target, save_target
 from unmerge.targets.toys import CONFIG_FILE as TARGET_CONFIG_FILE
 from unmerge.targets.toys import cache_root, target_cache_dir, train_target
 from unmerge.train import checkpoint, distributed
@@ -133,8 +133,11 @@ def _prepare_run_dir(config: RunConfig | DictionaryRunConfig, run_dir: Path) -> 
     checkpoint.write_atomic(saved, lambda tmp: save_yaml(config, tmp))
 
 
-def _run_target(config: RunConfig, run_dir: Path):
-    """The run's own copy of its target (copied from the cache on first use)."""
+def _run_target(config: RunConfig, run_dir: Path) -> Target:
+    """The run's own copy of a toy target (copied from the cache on first use); a language model is loaded
+    from its package cache or directory instead (it is not copied)."""
+    if isinstance(config.target, LanguageTargetConfig):
+        return language_target(config.target)
     target_dir = run_dir / TARGET_DIR
     if (target_dir / TARGET_CONFIG_FILE).is_file():
         return load_target(target_dir)[0]
@@ -268,7 +271,7 @@ def load_run(run_dir: Path) -> tuple[RunConfig, SPD, int]:
     if not config_path.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory ({RUN_CONFIG} missing)")
     config = validate(RunConfig, load_yaml(config_path), str(config_path))
-    target, _ = load_target(run_dir / TARGET_DIR)
+    target = _run_target(config, run_dir)
     spd = SPD(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
     saved = checkpoint.checkpoint_dirs(run_dir)
     if not saved:
@@ -289,7 +292,10 @@ def train_target_preset(
     preset_or_path: str, overrides: list[str] = (), out: Path | None = None
 ) -> tuple[Path, float | None]:
     """Train a preset's target into the cache (or `out`); the final loss, or None if it was already trained."""
-    config: TargetConfig = load_run_config(preset_or_path, overrides).target
+    config = load_run_config(preset_or_path, overrides).target
+    if isinstance(config, LanguageTargetConfig):
+        raise ConfigError(f"{preset_or_path} decomposes a pretrained language model, which is not trained here; "
+                          "train-target is for toy targets")
     directory = Path(out) if out else target_cache_dir(config)
     if (directory / TARGET_CONFIG_FILE).is_file():
         return directory, None

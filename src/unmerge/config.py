@@ -117,19 +117,6 @@ class SPDConfig(StrictModel):
     faithfulness_warmup_lr: PositiveFloat = Field(1e-2, description="learning rate of the faithfulness warm-up")
 
 
-class RunConfig(StrictModel):
-    """One decomposition run: which target, which method, how to train."""
-
-    name: str = Field("run", description="human-readable name (the preset's name)")
-    target: TargetConfig
-    method: SPDConfig
-    train: TrainConfig
-
-    @model_validator(mode="after")
-    def _kl_only_for_language_targets(self) -> RunConfig:
-        if self.method.output_loss == "kl":
-            raise ValueError("output_loss 'kl' needs a language-model target; toy targets use 'mse'")
-        return self
 
 
 class SparseFeaturesConfig(StrictModel):
@@ -205,6 +192,37 @@ class TextConfig(StrictModel):
     tokenizer: Literal["model", "gpt2"] = Field("model", description="the model's own tokeniser, or GPT-2's")
     seq_len: Annotated[int, Field(ge=2)] = Field(128, description="tokens per window, BOS included")
     heldout_every: Annotated[int, Field(ge=2)] = Field(10, description="every N-th document (by name) is held out")
+
+
+class LanguageTargetConfig(StrictModel):
+    """A language model as an SPD target: its inputs are training windows of the corpus and the output loss is
+    KL. With `module`, only that module is the target (e.g. `model.layers.3.mlp`, sites named inside it such as
+    `up_proj`): its inputs are recorded from the model at `module_tokens` ordinary training positions, and the
+    output loss is the MSE of the module's own output."""
+
+    kind: Literal["language_model"] = "language_model"
+    model: LanguageModelConfig = LanguageModelConfig()
+    text: TextConfig = TextConfig()
+    module: str | None = Field(None, description="decompose this module alone, on its recorded inputs")
+    module_tokens: PositiveInt = Field(65_536, description="recorded input positions of `module`")
+
+
+class RunConfig(StrictModel):
+    """One decomposition run: which target, which method, how to train."""
+
+    name: str = Field("run", description="human-readable name (the preset's name)")
+    target: TMSConfig | ResidMLPConfig | LanguageTargetConfig = Field(discriminator="kind")
+    method: SPDConfig
+    train: TrainConfig
+
+    @model_validator(mode="after")
+    def _output_loss_fits_the_target(self) -> RunConfig:
+        whole_language_model = isinstance(self.target, LanguageTargetConfig) and self.target.module is None
+        wanted = "kl" if whole_language_model else "mse"
+        if self.method.output_loss != wanted:
+            kind = "a whole language model" if whole_language_model else "a toy target or a single module"
+            raise ValueError(f"method.output_loss must be {wanted!r} for {kind}, not {self.method.output_loss!r}")
+        return self
 
 
 class LanguageActivationsConfig(StrictModel):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from unmerge.config import LanguageActivationsConfig, LanguageModelConfig, TextConfig
+from unmerge.config import LanguageActivationsConfig, LanguageModelConfig, LanguageTargetConfig, TextConfig
 from unmerge.data import text as text_data
 from unmerge.data.activation_cache import ActivationCache, build_activation_cache
 from unmerge.data.sparse_features import ActivationSource
@@ -178,3 +178,29 @@ def language_activation_source(config: LanguageActivationsConfig) -> ActivationS
     windows = evaluation_windows(data.heldout_windows, config.eval_tokens, config.text.seq_len)
     return ActivationSource(name=f"{data.lm.name}/{config.hook}", dim=dim, sample=sample,
                             spliced_evaluation=spliced_evaluator(data, module, windows, sample))
+
+
+def _module_inputs(data: LanguageData, module: nn.Module, tokens: int, record_batch: int) -> Tensor:
+    """The module's inputs at ordinary positions of a seeded choice of training windows, (≥ tokens, d)."""
+    count = min(math.ceil(tokens / (data.train_windows.shape[1] - 1)), data.train_windows.shape[0])
+    chosen = torch.randperm(data.train_windows.shape[0], generator=step_generator(0, "module-windows"))[:count]
+    rows = []
+    for start in range(0, count, record_batch):
+        windows = data.train_windows[chosen[start:start + record_batch]]
+        rows.append(capture_module(data.lm, module, windows, data.lm.name)[0][data.lm.ordinary_positions(windows)])
+    return torch.cat(rows)
+
+
+def language_target(config: LanguageTargetConfig, record_batch: int = 32) -> Target:
+    """The SPD target a `LanguageTargetConfig` describes: the whole model on training windows, or one module on
+    its recorded inputs (rows drawn uniformly)."""
+    data = language_data(config.model, config.text)
+    if config.module is None:
+        return data.target()
+    module = find_module(data.lm, config.module, data.lm.name)
+    inputs = _module_inputs(data, module, config.module_tokens, record_batch)
+
+    def sample(batch_size: int, generator: torch.Generator) -> Tensor:
+        return inputs[torch.randint(inputs.shape[0], (batch_size,), generator=generator)]
+
+    return Target(name=f"{data.lm.name}/{config.module}", model=module, sample_inputs=sample)
