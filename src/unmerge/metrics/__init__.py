@@ -13,6 +13,9 @@ Keys written to a run's `metrics.json` (flat; `/` separates a metric from its si
 
 Dictionary runs (see `metrics.dictionary`): `recall_mmcs`, `precision_mmcs`, `mcc`, `matched/<cosine>`, `fvu`,
 `reconstruction_cosine`, `norm_ratio`, `l0`, `dead_fraction`, `dead_latents`, `duplicate_latents`, `shrinkage`.
+On a language model (see `metrics.spliced`), on held-out text: `heldout/fvu`, `heldout/l0`, `heldout/tokens`,
+`ce_original`, `ce_spliced`, `ce_zero_ablation`, `ce_mean_ablation` (nats per counted prediction), `kl_spliced`,
+`ce_recovered_zero`, `ce_recovered_mean`.
 """
 
 from unmerge.metrics.importance import (
