@@ -200,7 +200,8 @@ def _tiny_language_run(tmp_path: Path, isolated_cache: Path, extra: list[str]):
 
 
 def test_spd_decomposes_one_module_of_a_language_model(tmp_path: Path, isolated_cache: Path) -> None:
-    config = _tiny_language_run(tmp_path, isolated_cache, ["target.module=model.layers.1.mlp"])
+    sites = "method.sites=[{pattern: gate_proj, C: 8}, {pattern: up_proj, C: 8}, {pattern: down_proj, C: 8}]"
+    config = _tiny_language_run(tmp_path, isolated_cache, ["target.module=model.layers.1.mlp", sites])
     result = api.decompose(config, tmp_path / "run")
     for site in ("gate_proj", "up_proj", "down_proj"):
         assert math.isfinite(result.metrics[f"ci_l0/{site}/0.1"]) and result.metrics[f"alive/{site}"] >= 0
