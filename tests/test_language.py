@@ -224,3 +224,28 @@ def test_whole_language_model_needs_the_kl_output_loss(tmp_path: Path, isolated_
 
     with pytest.raises(ConfigError, match="output_loss must be 'kl'"):
         _tiny_language_run(tmp_path, isolated_cache, ["target.module=null"])
+
+
+def test_small_lm_trains_once_and_its_spd_reports_ce_of_the_ci_masked_model(tmp_path: Path,
+                                                                             isolated_cache: Path) -> None:
+    _tiny_corpus(isolated_cache)
+    recipe = ("target.model.recipe={n_layers: 1, d_model: 16, n_heads: 2, d_mlp: 32, vocab_size: 12, "
+              "train: {steps: 30, batch_size: 8, optim: {lr: 0.01}}}")
+    overrides = [recipe, "target.text.seq_len=12", "target.text.heldout_every=4", "train.steps=4",
+                 "train.batch_size=4", "train.eval_batch_size=8", "method.faithfulness_warmup_steps=2",
+                 "method.sites=[{pattern: 'blocks.*.mlp.fc_in', C: 4}, {pattern: 'blocks.0.attn.q_proj', C: 4}]"]
+    directory, loss = api.train_target_preset("shakespeare-lm", overrides)
+    assert loss is not None and math.isfinite(loss)
+    summary = json.loads((directory / "training.json").read_text())
+    assert summary["heldout_ce"] < math.log(12) and 0.0 < summary["unknown_fraction"] < 1.0
+    assert api.train_target_preset("shakespeare-lm", overrides) == (directory, None)  # cached, not retrained
+    result = api.decompose(api.load_run_config("shakespeare-lm", overrides), tmp_path / "run")
+    assert result.metrics["ce_original"] == pytest.approx(summary["heldout_ce"], rel=0.5)
+    assert math.isfinite(result.metrics["ce_ci_masked"]) and result.metrics["ci_masked_recon"] >= 0.0
+
+
+def test_compact_vocabulary_keeps_bos_and_frequent_tokens() -> None:
+    windows = torch.tensor([[7, 3, 3, 3, 5, 5, 9], [7, 3, 5, 2, 2, 2, 2]])
+    kept = text.compact_vocabulary(windows, size=4, bos_id=7)
+    assert kept.tolist() == [7, 2, 3]  # BOS, then by frequency; id 3 (size − 1) is every other token
+    assert text.remap_windows(windows, kept, 4).tolist() == [[0, 2, 2, 2, 3, 3, 3], [0, 2, 3, 1, 1, 1, 1]]

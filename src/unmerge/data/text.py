@@ -126,3 +126,20 @@ def token_windows(documents: dict[str, str], tokenizer: TextTokenizer, seq_len: 
     body = torch.cat(pieces) if pieces else torch.zeros(0, seq_len - 1, dtype=torch.int64)
     return torch.cat([torch.full((body.shape[0], 1), tokenizer.bos_id, dtype=torch.int64), body], dim=1)
 
+
+
+def compact_vocabulary(train_windows: Tensor, size: int, bos_id: int) -> Tensor:
+    """The original ids a compact vocabulary of `size` keeps, in new-id order: BOS first, then the most frequent
+    training tokens (ties by id); new id `size − 1` stands for every other token."""
+    counts = torch.bincount(train_windows.flatten())
+    counts[bos_id] = 0
+    frequent = torch.argsort(counts, descending=True, stable=True)[: size - 2]
+    frequent = frequent[counts[frequent] > 0]
+    return torch.cat([torch.tensor([bos_id]), frequent])
+
+
+def remap_windows(windows: Tensor, kept_ids: Tensor, size: int) -> Tensor:
+    """Windows in compact ids (`compact_vocabulary`): kept tokens by position in `kept_ids`, others `size − 1`."""
+    table = torch.full((int(max(windows.max(), kept_ids.max())) + 1,), size - 1, dtype=torch.int64)
+    table[kept_ids] = torch.arange(kept_ids.numel())
+    return table[windows]

@@ -83,6 +83,14 @@ def counted_predictions(ordinary: Tensor) -> Tensor:
     return ordinary[:, :-1] & ordinary[:, 1:]
 
 
+def next_token_nll(logits: Tensor, ids: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed next-token cross-entropy (nats) of `logits` (batch, seq, vocab) over the `counted` predictions
+    (batch, seq − 1), and their count. Uncounted targets get the ignore index, so no logits-sized copy is made."""
+    targets = F.pad(torch.where(counted, ids[:, 1:], -100), (0, 1), value=-100)
+    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    return total, counted.sum()
+
+
 def _ce_and_kl(clean_log_probs: Tensor, logits: Tensor, ids: Tensor, counted: Tensor) -> tuple[float, float]:
     """Summed CE of `logits` on the next tokens and summed KL(clean ‖ logits), over counted predictions."""
     log_probs = F.log_softmax(logits[:, :-1][counted].float(), dim=-1)

@@ -11,8 +11,10 @@ from unmerge import metrics
 from unmerge.config import SPDConfig
 from unmerge.spd import losses
 from unmerge.spd.components import leaky_hard_sigmoids
+from unmerge.metrics import spliced
 from unmerge.spd.model import CleanPass, ComponentModel
 from unmerge.targets.base import Target
+from unmerge.targets.language import CausalLM
 from unmerge.train.loop import StepOutput
 from unmerge.train.rng import step_generator
 
@@ -124,9 +126,12 @@ class SPD:
             "faithfulness": float(self.faithfulness()),
             "stochastic_recon": float(self.stochastic_recon(x, clean, ci, masks)),
             "layerwise_recon": float(self.layerwise_recon(x, clean, ci, masks)),
-            "ci_masked_recon": float(self._divergence(x, ci.lower, clean, ci)),
             "unmasked_recon": float(self._divergence(x, ones, clean, ci)),
         }
+        ci_masked = self.module.masked_pass(x, ci.lower, clean, ci.inner)
+        results["ci_masked_recon"] = float(losses.output_divergence(ci_masked, clean.output, self.config.output_loss))
+        if isinstance(self.target.model, CausalLM):
+            results |= self.next_token_losses(x, clean.output, ci_masked)
         for name, g in ci.clipped().items():
             results[f"alive/{name}"] = metrics.alive_count(g)
             for threshold in metrics.L0_THRESHOLDS:
@@ -134,6 +139,14 @@ class SPD:
         if self.target.ground_truth is not None:
             results.update(self.ground_truth_metrics())
         return results
+
+    def next_token_losses(self, ids: Tensor, original: Tensor, ci_masked: Tensor) -> dict[str, float]:
+        """CE (nats per prediction, special tokens excluded by id) of the language model and of the model whose
+        sites keep only their causally important subcomponents (masks = CI)."""
+        counted = spliced.counted_predictions(self.target.model.ordinary_positions(ids))
+        count = float(counted.sum().clamp(min=1))
+        return {"ce_original": float(spliced.next_token_nll(original, ids, counted)[0]) / count,
+                "ce_ci_masked": float(spliced.next_token_nll(ci_masked, ids, counted)[0]) / count}
 
     def ground_truth_metrics(self) -> dict[str, float]:
         """MMCS/ML2R on sites with known feature directions; CI pattern errors on one-hot inputs."""

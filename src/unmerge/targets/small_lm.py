@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from unmerge.config import SmallLMConfig
 from unmerge.errors import CheckpointError
+from unmerge.metrics import spliced
 from unmerge.train.checkpoint import write_atomic
 from unmerge.train.loop import StepOutput, train
 from unmerge.train.rng import derive_seed
@@ -103,16 +104,10 @@ class SmallLM(nn.Module):
 
 
 def next_token_nll(model: nn.Module, ids: Tensor, ignore_ids: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Summed next-token cross-entropy (nats) over the counted predictions of `ids` (batch, seq), and their count.
-
-    The prediction at t counts only when tokens t and t+1 are both ordinary (not in `ignore_ids`). Targets are
-    aligned with the full logits (the last position gets the ignore index), so no logits-sized copy is made."""
-    logits = model(ids)
+    """Summed next-token cross-entropy (nats) over the counted predictions of `ids` (batch, seq), and their count:
+    the prediction at t counts only when tokens t and t+1 are both ordinary (not in `ignore_ids`)."""
     ordinary = ~torch.isin(ids, torch.tensor(ignore_ids, dtype=ids.dtype, device=ids.device))
-    counted = ordinary[:, :-1] & ordinary[:, 1:]
-    targets = F.pad(torch.where(counted, ids[:, 1:], -100), (0, 1), value=-100)
-    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-    return total, counted.sum()
+    return spliced.next_token_nll(model(ids), ids, spliced.counted_predictions(ordinary))
 
 
 def next_token_loss(model: nn.Module, ids: Tensor, ignore_ids: tuple[int, ...]) -> Tensor:
