@@ -20,7 +20,7 @@ from unmerge.config import SmallLMConfig
 from unmerge.errors import CheckpointError
 from unmerge.metrics import spliced
 from unmerge.train.checkpoint import write_atomic
-from unmerge.train.loop import StepOutput, train
+from unmerge.train.loop import ModelTraining, train
 from unmerge.train.rng import derive_seed
 
 MODEL_FILE = "model.safetensors"
@@ -124,26 +124,6 @@ def heldout_cross_entropy(model: nn.Module, windows: Tensor, ignore_ids: tuple[i
     return float(total / count.clamp(min=1))
 
 
-class _LMTraining:
-    """Adapts a `SmallLM` and its next-token loss to the training loop's method interface."""
-
-    def __init__(self, model: SmallLM, ignore_ids: tuple[int, ...]) -> None:
-        self.module = model
-        self.ignore_ids = ignore_ids
-
-    def before_training(self) -> None:
-        """Nothing to prepare: the model is initialised on construction."""
-
-    def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
-        return StepOutput(loss=next_token_loss(self.module, batch, self.ignore_ids))
-
-    def evaluate(self) -> dict[str, float]:
-        return {}
-
-    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """No constraints on the parameters."""
-
-
 def train_small_lm(config: SmallLMConfig, train_windows: Tensor, heldout_windows: Tensor, vocab_size: int,
                    ignore_ids: tuple[int, ...]) -> tuple[SmallLM, dict[str, float]]:
     """Train a seeded `SmallLM` on rows of `train_windows` (batch_size rows drawn with replacement per step).
@@ -156,7 +136,7 @@ def train_small_lm(config: SmallLMConfig, train_windows: Tensor, heldout_windows
         torch.manual_seed(derive_seed(config.train.seed, "small-lm-init"))
         model = SmallLM(config, vocab_size, train_windows.shape[1])
     result = train(
-        _LMTraining(model, ignore_ids),
+        ModelTraining(model, lambda m, batch: next_token_loss(m, batch, ignore_ids)),
         lambda batch_size, generator: train_windows[
             torch.randint(train_windows.shape[0], (batch_size,), generator=generator)],
         config.train,

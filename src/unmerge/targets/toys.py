@@ -28,7 +28,7 @@ from unmerge.errors import CheckpointError
 from unmerge.targets import resid_mlp, tms
 from unmerge.targets.base import GroundTruth, Target
 from unmerge.train.checkpoint import write_atomic
-from unmerge.train.loop import StepOutput, train
+from unmerge.train.loop import ModelTraining, train
 from unmerge.train.rng import derive_seed
 
 MODEL_FILE = "model.safetensors"
@@ -79,26 +79,6 @@ def build_target(config: TargetConfig, model: nn.Module) -> Target:
     )
 
 
-class _TargetTraining:
-    """Adapts a toy model and its loss to the training loop's method interface."""
-
-    def __init__(self, model: nn.Module, loss: Callable[[nn.Module, Tensor], Tensor]) -> None:
-        self.module = model
-        self.loss = loss
-
-    def before_training(self) -> None:
-        """Nothing to prepare: the model is initialised by its recipe."""
-
-    def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
-        return StepOutput(loss=self.loss(self.module, batch))
-
-    def evaluate(self) -> dict[str, float]:
-        return {}
-
-    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """No constraints on a toy model's parameters."""
-
-
 def train_target(config: TargetConfig) -> tuple[Target, float]:
     """Train a toy target from its seeded recipe; returns the target and its final training loss."""
     recipe = RECIPES[config.kind]
@@ -106,7 +86,7 @@ def train_target(config: TargetConfig) -> tuple[Target, float]:
         torch.manual_seed(derive_seed(config.train.seed, "target-init"))
         model = recipe.build(config)
     result = train(
-        _TargetTraining(model, recipe.loss),
+        ModelTraining(model, recipe.loss),
         lambda batch_size, generator: recipe.inputs(config, batch_size, generator),
         config.train,
         description=f"train {target_name(config)}",

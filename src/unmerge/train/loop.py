@@ -62,6 +62,27 @@ class TrainResult:
     last_terms: dict[str, float]
 
 
+class ModelTraining:
+    """Adapts a model and its loss to the method interface, to train the model itself (toy targets, the small
+    language model): no preparation, no constraints, no evaluation."""
+
+    def __init__(self, model: nn.Module, loss: Callable[[nn.Module, Tensor], Tensor]) -> None:
+        self.module = model
+        self.loss = loss
+
+    def before_training(self) -> None:
+        """Nothing to prepare: the model is initialised by its builder."""
+
+    def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
+        return StepOutput(loss=self.loss(self.module, batch))
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """No constraints on the model's parameters."""
+
+
 def _append_jsonl(path: Path, record: dict[str, float]) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
