@@ -72,6 +72,8 @@ SETTINGS: dict[str, Any] = {
 }
 LOG_EVERY = 50
 PROBE_ROWS = 512
+DIAGNOSTIC_ROWS = 65_536  # cached rows for the outlier split (`outlier_split`)
+OUTLIER_FACTOR = 10.0  # a row is a massive-norm outlier above this multiple of the median norm
 
 CONFIG_DIFFERENCES = [
     ("activation scale", "√d / mean‖x‖ on the 8,192-row init sample, exact (SAELens's ActivationScaler)",
@@ -149,7 +151,8 @@ def train(args: argparse.Namespace) -> None:
     print(f"cache {args.cache}: {n} rows × {d_in}", flush=True)
 
     # unmerge's initialisation sample: the scale and the decoder bias come from the same rows.
-    init_sample = rows[torch.randint(n, (SETTINGS["init_samples"],), generator=rng.step_generator(seed, "dictionary-init"))]
+    init_generator = rng.step_generator(seed, "dictionary-init")
+    init_sample = rows[torch.randint(n, (SETTINGS["init_samples"],), generator=init_generator)]
     scaler = ActivationScaler()
     scaler.estimate_scaling_factor(d_in, iter(init_sample.split(batch_size)),
                                    n_batches_for_norm_estimate=math.ceil(len(init_sample) / batch_size))
@@ -157,8 +160,8 @@ def train(args: argparse.Namespace) -> None:
     unmerge_scale = 2.0 ** round(math.log2(math.sqrt(d_in) / mean_norm))
     if args.scale == "power-of-two":
         scaler.scaling_factor = unmerge_scale
-    print(f"mean ‖x‖ {mean_norm:.4f}; scale {scaler.scaling_factor:.6f} ({args.scale}; unmerge's {unmerge_scale:g})",
-          flush=True)
+    print(f"mean ‖x‖ {mean_norm:.4f}; scale {scaler.scaling_factor:.6f} ({args.scale}; unmerge's "
+          f"{unmerge_scale:g})", flush=True)
 
     torch.manual_seed(seed)
     sae_config = TopKTrainingSAEConfig(
@@ -195,6 +198,21 @@ def train(args: argparse.Namespace) -> None:
     log_path.write_text("")
 
     learning_rates: list[float] = []
+    grad_norms: list[float] = []
+    clip_grad_norm = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters: Any, max_norm: float, *rest: Any, **options: Any) -> torch.Tensor:
+        """SAETrainer's hard-coded `clip_grad_norm_(sae.parameters(), 1.0)`, recording the norm before clipping;
+        with --no-grad-clip (an ablation) it only measures."""
+        parameters = list(parameters)
+        if args.no_grad_clip:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+        else:
+            norm = clip_grad_norm(parameters, max_norm, *rest, **options)
+        grad_norms.append(float(norm))
+        return norm
+
+    torch.nn.utils.clip_grad_norm_ = recording_clip
 
     class LoggingTrainer(SAETrainer):
         """SAELens's trainer, unchanged but for a training log every LOG_EVERY steps (and the lr every step)."""
@@ -209,7 +227,7 @@ def train(args: argparse.Namespace) -> None:
                     fvu = float((x - x_hat).square().sum() / (x - x.mean(0)).square().sum())
                     record = {"step": done, "lr": learning_rates[-1], "fvu": fvu,
                               "l0": float((output.feature_acts != 0).float().sum(-1).mean()),
-                              "dead": int(self.dead_neurons.sum()),
+                              "dead": int(self.dead_neurons.sum()), "grad_norm": grad_norms[-1],
                               **{name: float(value) for name, value in output.losses.items()}}
                 with log_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
@@ -237,12 +255,16 @@ def train(args: argparse.Namespace) -> None:
         "wall_s": wall, "steps_per_s": steps / wall, "threads": torch.get_num_threads(),
         "scaling_factor": scaler.scaling_factor, "scale_mode": args.scale, "unmerge_scale": unmerge_scale,
         "b_dec_init": args.b_dec_init, "dead_feature_window": trainer_config.dead_feature_window,
-        "final_dead": int(trainer.dead_neurons.sum()), "sae_lens": sae_lens.__version__, "torch": torch.__version__,
+        "final_dead": int(trainer.dead_neurons.sum()), "grad_clip": not args.no_grad_clip,
+        "clipped_fraction": sum(norm > 1.0 for norm in grad_norms) / len(grad_norms),
+        "grad_norm_median": float(torch.tensor(grad_norms).median()), "sae_lens": sae_lens.__version__,
+        "torch": torch.__version__,
         "sae_config": {key: value for key, value in sae_config.to_dict().items() if key != "metadata"},
         "trainer_config": {key: value for key, value in vars(trainer_config).items() if key != "logger"},
     }
     (args.out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print(json.dumps({key: summary[key] for key in ("wall_s", "steps_per_s", "scaling_factor", "final_dead")}))
+    print(json.dumps({key: summary[key] for key in ("wall_s", "steps_per_s", "scaling_factor", "final_dead",
+                                                      "clipped_fraction", "grad_norm_median")}))
 
 
 # -------------------------------------------------------------------------------------------------- compare
@@ -263,11 +285,33 @@ def check_settings(config: Any) -> list[str]:
     fixed = {"activation": ("topk", method.activation), "schedule": ("cosine", train_config.optim.schedule),
              "decoder_bias_init": ("mean", method.decoder_bias_init),
              "normalise_activations": (True, method.normalise_activations),
-             "unit_norm_decoder": (True, method.unit_norm_decoder), "weight_decay": (0.0, train_config.optim.weight_decay),
+             "unit_norm_decoder": (True, method.unit_norm_decoder),
+             "weight_decay": (0.0, train_config.optim.weight_decay),
              "penalty": ("none", method.penalty.name)}
     problems += [f"{key}: the comparison assumes {want!r}, the preset says {got!r}"
                  for key, (want, got) in fixed.items() if want != got]
     return problems
+
+
+def outlier_split(dictionary: Any, rows: torch.Tensor) -> dict[str, float]:
+    """FVU on a larger sample of cached rows, split into the rare rows of massive norm (> OUTLIER_FACTOR × the
+    median norm), which hold much of the variance, and the rest; plus the mean per-row relative error."""
+    residuals = torch.cat([(chunk - dictionary(chunk)[0]).square().sum(1).double() for chunk in rows.split(8192)])
+    norms = rows.norm(dim=1)
+    outliers = norms > OUTLIER_FACTOR * norms.median()
+    variance = (rows - rows.mean(0)).square().sum(1).double()
+    typical = ~outliers
+    typical_variance = (rows[typical] - rows[typical].mean(0)).square().sum(1).double()
+    return {
+        "fvu_large": float(residuals.sum() / variance.sum()),
+        "outlier_rows": int(outliers.sum()),
+        "outlier_variance_share": float(variance[outliers].sum() / variance.sum()),
+        "outlier_residual_share": float(residuals[outliers].sum() / residuals.sum()),
+        "fvu_typical": float(residuals[typical].sum() / typical_variance.sum()),
+        "outlier_relative_error": float((residuals[outliers] / norms[outliers].double().square()).mean())
+        if bool(outliers.any()) else float("nan"),
+        "typical_relative_error": float((residuals[typical] / norms[typical].double().square()).mean()),
+    }
 
 
 def score(dictionary: Any, source: Any, seed: int, eval_batch_size: int) -> dict[str, float]:
@@ -285,6 +329,7 @@ def score(dictionary: Any, source: Any, seed: int, eval_batch_size: int) -> dict
             reconstruction, latents, _ = dictionary(activations)
             return reconstruction, latents
 
+        results |= outlier_split(dictionary, source.sample(DIAGNOSTIC_ROWS, step_generator(seed, "saelens-comparison")))
         start = time.perf_counter()
         results |= source.spliced_evaluation(reconstruct)
     results["eval_s"] = time.perf_counter() - start
@@ -294,7 +339,15 @@ def score(dictionary: Any, source: Any, seed: int, eval_batch_size: int) -> dict
 ROWS = [("fvu", "FVU, training distribution (4,096 cached rows)"), ("l0", "L0, training distribution"),
         ("heldout/fvu", "FVU, held-out"), ("heldout/l0", "L0, held-out"), ("ce_original", "CE original"),
         ("ce_spliced", "CE spliced"), ("kl_spliced", "KL spliced"), ("ce_recovered_zero", "CE recovered (zero abl.)"),
-        ("ce_recovered_mean", "CE recovered (mean abl.)"), ("dead_latents", "dead latents at the end (training)"),
+        ("ce_recovered_mean", "CE recovered (mean abl.)"),
+        ("fvu_large", "FVU, training distribution (65,536 cached rows)"),
+        ("outlier_rows", f"of which rows with ‖x‖ > {OUTLIER_FACTOR:g}× median"),
+        ("outlier_variance_share", "their share of the variance"),
+        ("outlier_residual_share", "their share of the squared error"),
+        ("fvu_typical", "FVU without them"),
+        ("typical_relative_error", "mean ‖x − x̂‖²/‖x‖², typical rows"),
+        ("outlier_relative_error", "mean ‖x − x̂‖²/‖x‖², outlier rows"),
+        ("dead_latents", "dead latents at the end (training)"),
         ("train_wall_s", "training wall s"), ("train_steps_per_s", "training steps/s")]
 
 
@@ -367,8 +420,11 @@ def compare(args: argparse.Namespace) -> None:
     print("| setting | SAELens 6.54 | unmerge |\n|---|---|---|")
     for name, saelens_side, unmerge_side in CONFIG_DIFFERENCES:
         print(f"| {name} | {saelens_side} | {unmerge_side} |")
-    print(f"\nSAELens scale {summary['scaling_factor']:.6g} ({summary['scale_mode']}), unmerge's "
-          f"{summary['unmerge_scale']:g}; b_dec start: {summary['b_dec_init']}")
+    print(f"\nSAELens run: scale {summary['scaling_factor']:.6g} ({summary['scale_mode']}; unmerge's "
+          f"{summary['unmerge_scale']:g}), b_dec start {summary['b_dec_init']}, gradient clipping "
+          f"{'on' if summary.get('grad_clip', True) else 'off'} (norm > 1 on "
+          f"{summary.get('clipped_fraction', float('nan')):.1%} of steps, median norm "
+          f"{summary.get('grad_norm_median', float('nan')):.3g})")
     if "unmerge" in columns:
         ours, theirs = columns["unmerge"], columns["SAELens"]
         better = [key for key, lower in (("heldout/fvu", True), ("fvu", True), ("ce_recovered_zero", False),
@@ -394,6 +450,8 @@ def main() -> None:
                               help="SAELens's exact √d/mean-norm factor, or unmerge's power of two (ablation)")
     train_parser.add_argument("--b-dec-init", choices=("mean", "zeros"), default="mean",
                               help="mean: as unmerge's preset; zeros: SAELens 6's own start")
+    train_parser.add_argument("--no-grad-clip", action="store_true",
+                              help="ablation: skip SAETrainer's hard-coded gradient-norm clipping at 1.0")
     train_parser.add_argument("--threads", type=int, default=1)
     compare_parser = commands.add_parser("compare", help="score both with unmerge's evaluation (unmerge's venv)")
     compare_parser.add_argument("--saelens", type=Path, required=True, help="the directory `train` wrote")

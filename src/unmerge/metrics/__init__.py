@@ -9,7 +9,9 @@ Keys written to a run's `metrics.json` (flat; `/` separates a metric from its si
 * `ci_pattern_errors/<group>` — one-hot CI pattern errors (identity pattern for per-feature groups, dense
   pattern for dense groups); `ci_pattern_errors` — their sum.
 * `faithfulness`, `stochastic_recon`, `layerwise_recon`, `ci_masked_recon`, `unmasked_recon` — SPD losses on an
-  evaluation batch.
+  evaluation batch; `faithfulness_relative` = faithfulness ÷ the mean squared target weight; with the MSE
+  output loss also `output_mean_square` (the MSE of predicting 0, for scale); on a
+  whole language model `ce_original` and `ce_ci_masked` (next-token CE with masks = CI).
 
 Dictionary runs (see `metrics.dictionary`): `recall_mmcs`, `precision_mmcs`, `mcc`, `matched/<cosine>`, `fvu`,
 `reconstruction_cosine`, `norm_ratio`, `l0`, `dead_fraction`, `dead_latents`, `duplicate_latents`, `shrinkage`.

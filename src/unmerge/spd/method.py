@@ -122,8 +122,11 @@ class SPD:
         ci = self.importances(clean)
         masks = self.stochastic_masks(ci, step_generator(self.seed, "eval-masks"))
         ones = {name: torch.ones_like(g) for name, g in ci.lower.items()}
+        weights = [self.module.target_weight(name) for name in self.module.site_names]
+        weight_mean_square = sum(float(w.square().sum()) for w in weights) / sum(w.numel() for w in weights)
         results: dict[str, float] = {
             "faithfulness": float(self.faithfulness()),
+            "faithfulness_relative": float(self.faithfulness()) / weight_mean_square,
             "stochastic_recon": float(self.stochastic_recon(x, clean, ci, masks)),
             "layerwise_recon": float(self.layerwise_recon(x, clean, ci, masks)),
             "unmasked_recon": float(self._divergence(x, ones, clean, ci)),
@@ -132,6 +135,8 @@ class SPD:
         results["ci_masked_recon"] = float(losses.output_divergence(ci_masked, clean.output, self.config.output_loss))
         if isinstance(self.target.model, CausalLM):
             results |= self.next_token_losses(x, clean.output, ci_masked)
+        elif self.config.output_loss == "mse":
+            results["output_mean_square"] = float(clean.output.square().mean())  # the MSE of predicting 0
         for name, g in ci.clipped().items():
             results[f"alive/{name}"] = metrics.alive_count(g)
             for threshold in metrics.L0_THRESHOLDS:
