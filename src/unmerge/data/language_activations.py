@@ -134,8 +134,10 @@ def activation_cache_dir(config: LanguageActivationsConfig) -> Path:
 
 
 def cache_settings(config: LanguageActivationsConfig) -> dict:
-    """What determines a cache's contents (stored in its manifest and checked on resume)."""
-    return config.model_dump(mode="json", include={"model", "text", "hook", "cache_tokens", "cache_dtype"})
+    """What determines a cache's contents (stored in its manifest and checked on resume); unset options are left
+    out, so adding an option to the configs does not orphan existing caches."""
+    return config.model_dump(mode="json", include={"model", "text", "hook", "cache_tokens", "cache_dtype"},
+                             exclude_none=True)
 
 
 def cache_settings_digest(config: LanguageActivationsConfig) -> str:
