@@ -1,5 +1,6 @@
 """Language-model targets on tiny random models: adapters, BOS masking by id, text windows, splicing, and a
-dictionary trained end to end from an activation cache of a tiny Hugging Face model on a tiny corpus."""
+dictionary trained end to end from an activation cache of a tiny Hugging Face model on a tiny corpus. Every test
+runs with network connections refused (and HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set by conftest)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,18 @@ from unmerge.sae.dictionary import Dictionary
 from unmerge.targets.language import from_hf, from_module, load_hf_directory
 
 transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing here may reach a hub: any socket connection fails the test."""
+    import socket
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a test tried to open a network connection to {args[1:]!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
 
 VOCAB, BOS, EOS = 64, 1, 2
 
