@@ -9,12 +9,16 @@ environments:
     # 1. train with SAELens (in SAELens's venv; reads the cache directly, imports nothing of unmerge but
     #    src/unmerge/train/rng.py, loaded by path, for the same batches)
     OMP_NUM_THREADS=1 /tmp/saelensres/venv/bin/python benchmarks/saelens_comparison.py train \\
-        --cache /tmp/umcache/activations/smollm2-model.layers.14-ce715882e5e5 --out runs/saelens-topk
+        --cache /tmp/umcache/activations/smollm2-model.layers.14-51096027c85f --out runs/saelens-topk
 
     # 2. score both dictionaries with unmerge's spliced evaluation (in unmerge's venv, offline)
     OMP_NUM_THREADS=1 UNMERGE_CACHE_DIR=/tmp/umcache HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \\
         .venv/bin/python benchmarks/saelens_comparison.py compare --saelens runs/saelens-topk \\
         --unmerge runs/smollm2-topk
+
+The cache is the preset's (`unmerge cache-activations smollm2-resid-topk` builds it; its directory, keyed by the
+settings, is `activation_cache_dir(load_dictionary_config("smollm2-resid-topk").data)` from
+`unmerge.data.language_activations`; `compare` checks by the shards' checksums that SAELens trained on it).
 
 `train` writes SAELens's inference export (`cfg.json`, `sae_weights.safetensors`, the activation normalisation
 folded in by SAELens's trainer and the decoder norms by its `save_inference_model`), `train_log.jsonl` (losses,
@@ -44,6 +48,12 @@ norm), SAELens's fixed gradient-norm clipping at 1.0 (unmerge does not clip), th
 Kaiming-uniform rows at norm 0.1; unmerge: Gaussian rows, decoder at norm 1, encoder its transpose at 0.1), the
 decoder bias start (SAELens 6 has no option for it; this script sets the parameter before training), and the
 dead mask's timing (SAELens's counts the steps before the current batch, unmerge's includes it).
+
+Ablations of `train` (each changes one of these, for explaining a gap): `--scale power-of-two` (unmerge's scale),
+`--b-dec-init zeros` (SAELens 6's own start), `--no-grad-clip` (skips SAETrainer's clipping) and
+`--aux-coefficient C` (e.g. about (1/32) / mean‖e‖² ≈ 8e-4, the weight unmerge's normalised AuxK has relative to
+its reconstruction term). `compare --set KEY=VALUE` scores an unmerge run trained with overrides (reported as a
+config difference).
 """
 
 from __future__ import annotations
@@ -101,6 +111,13 @@ def load_rng_module() -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def cache_fingerprint(directory: Path) -> list[str]:
+    """The SHA-256 checksums of a cache's shards, in order, from its manifest: two caches with the same list hold
+    the same rows in the same order, wherever their directories are (the directory name is a key of the settings
+    that unmerge may change)."""
+    return [shard["sha256"] for shard in json.loads((directory / "manifest.json").read_text())["shards"]]
 
 
 def read_cache_rows(directory: Path) -> torch.Tensor:
@@ -165,7 +182,7 @@ def train(args: argparse.Namespace) -> None:
 
     torch.manual_seed(seed)
     sae_config = TopKTrainingSAEConfig(
-        d_in=d_in, d_sae=SETTINGS["width"], k=SETTINGS["k"], aux_loss_coefficient=SETTINGS["aux_k_coeff"],
+        d_in=d_in, d_sae=SETTINGS["width"], k=SETTINGS["k"], aux_loss_coefficient=args.aux_coefficient,
         rescale_acts_by_decoder_norm=True, decoder_init_norm=SETTINGS["init_decoder_norm"],
         normalize_activations="expected_average_only_in", apply_b_dec_to_input=True, dtype="float32", device="cpu",
     )
@@ -251,10 +268,12 @@ def train(args: argparse.Namespace) -> None:
                  "learning_rates": torch.tensor(learning_rates, dtype=torch.float64)}
     save_file(probe, str(args.out / "probe.safetensors"))
     summary = {
-        "cache": str(args.cache), "cache_rows": n, "steps": steps, "batch_size": batch_size,
+        "cache": str(args.cache), "cache_rows": n, "cache_shards_sha256": cache_fingerprint(args.cache),
+        "steps": steps, "batch_size": batch_size,
         "wall_s": wall, "steps_per_s": steps / wall, "threads": torch.get_num_threads(),
         "scaling_factor": scaler.scaling_factor, "scale_mode": args.scale, "unmerge_scale": unmerge_scale,
-        "b_dec_init": args.b_dec_init, "dead_feature_window": trainer_config.dead_feature_window,
+        "b_dec_init": args.b_dec_init, "aux_coefficient": args.aux_coefficient,
+        "dead_feature_window": trainer_config.dead_feature_window,
         "final_dead": int(trainer.dead_neurons.sum()), "grad_clip": not args.no_grad_clip,
         "clipped_fraction": sum(norm > 1.0 for norm in grad_norms) / len(grad_norms),
         "grad_norm_median": float(torch.tensor(grad_norms).median()), "sae_lens": sae_lens.__version__,
@@ -367,7 +386,8 @@ def compare(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
     from unmerge import api
-    from unmerge.data.language_activations import language_activation_source
+    from unmerge.data.activation_cache import ActivationCache
+    from unmerge.data.language_activations import activation_cache_dir, language_activation_source
     from unmerge.sae.saelens import load_saelens
 
     torch.set_num_threads(args.threads)
@@ -392,6 +412,12 @@ def compare(args: argparse.Namespace) -> None:
         problems.append("the export or the learning-rate schedule does not match (see the line above)")
 
     source = language_activation_source(config.data)
+    cache_dir = activation_cache_dir(config.data)
+    if "cache_shards_sha256" in summary:
+        if summary["cache_shards_sha256"] != cache_fingerprint(cache_dir):
+            problems.append(f"SAELens trained on {summary['cache']}, whose shards differ from {cache_dir}'s")
+    elif summary["cache_rows"] != ActivationCache(cache_dir, verify=False).n_tokens:
+        problems.append(f"SAELens trained on {summary['cache']} ({summary['cache_rows']} rows), not {cache_dir}")
     columns: dict[str, dict[str, float]] = {}
     unmerge_metrics = None
     if args.unmerge is not None and (args.unmerge / "dictionary.safetensors").is_file():
@@ -421,7 +447,8 @@ def compare(args: argparse.Namespace) -> None:
     for name, saelens_side, unmerge_side in CONFIG_DIFFERENCES:
         print(f"| {name} | {saelens_side} | {unmerge_side} |")
     print(f"\nSAELens run: scale {summary['scaling_factor']:.6g} ({summary['scale_mode']}; unmerge's "
-          f"{summary['unmerge_scale']:g}), b_dec start {summary['b_dec_init']}, gradient clipping "
+          f"{summary['unmerge_scale']:g}), b_dec start {summary['b_dec_init']}, AuxK coefficient "
+          f"{summary.get('aux_coefficient', SETTINGS['aux_k_coeff']):.4g}, gradient clipping "
           f"{'on' if summary.get('grad_clip', True) else 'off'} (norm > 1 on "
           f"{summary.get('clipped_fraction', float('nan')):.1%} of steps, median norm "
           f"{summary.get('grad_norm_median', float('nan')):.3g})")
@@ -450,6 +477,8 @@ def main() -> None:
                               help="SAELens's exact √d/mean-norm factor, or unmerge's power of two (ablation)")
     train_parser.add_argument("--b-dec-init", choices=("mean", "zeros"), default="mean",
                               help="mean: as unmerge's preset; zeros: SAELens 6's own start")
+    train_parser.add_argument("--aux-coefficient", type=float, default=SETTINGS["aux_k_coeff"],
+                              help="SAELens's aux_loss_coefficient (default unmerge's 1/32; other values: ablation)")
     train_parser.add_argument("--no-grad-clip", action="store_true",
                               help="ablation: skip SAETrainer's hard-coded gradient-norm clipping at 1.0")
     train_parser.add_argument("--threads", type=int, default=1)
