@@ -299,7 +299,7 @@ def check_settings(config: Any) -> list[str]:
         "lr": train_config.optim.lr, "warmup_steps": train_config.optim.warmup_steps,
         "final_lr_fraction": train_config.optim.final_lr_fraction, "eval_batch_size": train_config.eval_batch_size,
     }
-    problems = [f"{key}: train used {SETTINGS[key]!r}, the preset says {value!r}"
+    problems = [f"{key}: train used {SETTINGS[key]!r}, the config (preset and --set) says {value!r}"
                 for key, value in resolved.items() if SETTINGS[key] != value and key != "steps"]  # steps: below
     fixed = {"activation": ("topk", method.activation), "schedule": ("cosine", train_config.optim.schedule),
              "decoder_bias_init": ("mean", method.decoder_bias_init),
