@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated target cache, offline hub settings, and tiny configs that train in seconds."""
+"""Shared fixtures: an isolated target cache, offline hub settings, tiny configs that train in seconds, and an
+exact factorisation of SPD sites."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+from unmerge.spd.model import ComponentModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -27,3 +31,18 @@ TINY_TMS = [
     "train.checkpoint_every=20",
     "train.log_every=10",
 ]
+
+
+def set_exact_factorisation(model: ComponentModel) -> None:
+    """Put each untied site's SVD into its first rank(W) subcomponents and zero the rest: U V = W exactly."""
+    with torch.no_grad():
+        for name in model.site_names:
+            if name in model.tied:
+                continue
+            components = model.site_components(name)
+            u, s, vh = torch.linalg.svd(model.target_weight(name))
+            rank = len(s)
+            components.U.zero_()
+            components.V.zero_()
+            components.U[:, :rank] = u[:, :rank] * s
+            components.V[:rank] = vh[:rank]

@@ -15,12 +15,16 @@ import torch
 from torch import nn
 
 from unmerge import api
-from unmerge.config import DictionaryConfig
+from unmerge.config import DictionaryConfig, SiteConfig, SPDConfig
 from unmerge.data import text
 from unmerge.data.target_activations import capture_module
 from unmerge.metrics.spliced import ce_recovered, counted_predictions, spliced, spliced_losses
 from unmerge.sae.dictionary import Dictionary
+from unmerge.spd.model import ComponentModel
+from unmerge.spd.method import SPD
+from unmerge.targets.base import Target
 from unmerge.targets.language import from_hf, from_module, load_hf_directory
+from tests.conftest import set_exact_factorisation
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,6 +74,39 @@ def test_hf_adapter_matches_plain_forward_and_keeps_module_names(build) -> None:
         assert torch.equal(lm(ids), model(input_ids=ids).logits)
     assert dict(lm.named_modules()).keys() == dict(model.named_modules()).keys()
     assert not any(p.requires_grad for p in lm.parameters())
+
+
+GPT2_SITES = [SiteConfig(pattern="transformer.wte", C=16), SiteConfig(pattern="transformer.h.*.attn.c_attn", C=16),
+              SiteConfig(pattern="transformer.h.0.mlp.c_*", C=16), SiteConfig(pattern="lm_head", C=16)]
+
+
+def test_gpt2_conv1d_embedding_and_tied_unembedding_are_spd_sites() -> None:
+    lm = from_hf(_tiny_gpt2())
+    model = ComponentModel(lm, GPT2_SITES, ci_hidden=2, generator=torch.Generator().manual_seed(0))
+    kinds = {name: site.kind for name, site in model.sites.items()}
+    assert kinds["transformer.wte"] == "embedding" and kinds["lm_head"] == "linear"
+    assert kinds["transformer.h.1.attn.c_attn"] == kinds["transformer.h.0.mlp.c_proj"] == "transposed linear"
+    assert model.target_weight("transformer.h.0.mlp.c_fc").shape == (64, 16)  # (d_out, d_in), Conv1D transposed
+    assert model.tied == {"lm_head": "transformer.wte"}
+    ids = _ids()
+    clean = model.clean_pass(ids)
+    torch.testing.assert_close(clean.output, lm(ids))
+    set_exact_factorisation(model)
+    ones = {name: torch.ones(*ids.shape, 16) for name in model.site_names}
+    torch.testing.assert_close(model.masked_pass(ids, ones, clean, model.inner_acts(clean)), lm(ids),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_spd_training_loss_reaches_gpt2_token_sites() -> None:
+    lm = from_hf(_tiny_gpt2())
+    target = Target(name="gpt2", model=lm, sample_inputs=lambda n, g: _ids(n))
+    spd = SPD(target, SPDConfig(sites=GPT2_SITES, output_loss="kl", importance_minimality_coeff=1e-3), seed=0)
+    output = spd.training_loss(_ids(), torch.Generator().manual_seed(1))
+    output.loss.backward()
+    assert torch.isfinite(output.loss)
+    embedding = spd.module.components["transformer--wte"]
+    assert embedding.U.grad.abs().sum() > 0 and embedding.V.grad.abs().sum() > 0
+    assert not any(p.grad is not None for p in lm.parameters())
 
 
 def test_plain_module_adapter_and_identity_splice_change_nothing() -> None:

@@ -17,25 +17,11 @@ from unmerge.spd.model import ComponentModel
 from unmerge.targets.base import Target
 from unmerge.targets.resid_mlp import ResidMLP
 from unmerge.targets.tms import TMSModel
+from tests.conftest import set_exact_factorisation
 
 
 def _generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _set_exact_factorisation(model: ComponentModel) -> None:
-    """Put each untied site's SVD into its first rank(W) subcomponents and zero the rest: U V = W exactly."""
-    with torch.no_grad():
-        for name in model.site_names:
-            if name in model.tied:
-                continue
-            components = model.site_components(name)
-            u, s, vh = torch.linalg.svd(model.target_weight(name))
-            rank = len(s)
-            components.U.zero_()
-            components.V.zero_()
-            components.U[:, :rank] = u[:, :rank] * s
-            components.V[:rank] = vh[:rank]
 
 
 def test_batched_ci_equals_per_subcomponent_loop() -> None:
@@ -59,7 +45,7 @@ def test_all_ones_masks_with_faithful_weights_reproduce_the_target(identity: boo
     sites = [SiteConfig(pattern="linear*", C=4)] + ([SiteConfig(pattern="hidden", C=4)] if identity else [])
     model = ComponentModel(target, sites, ci_hidden=3, generator=_generator())
     assert model.tied == {"linear2": "linear1"}
-    _set_exact_factorisation(model)
+    set_exact_factorisation(model)
     x = torch.rand(16, 5, generator=_generator(1))
     clean = model.clean_pass(x)
     inner = model.inner_acts(clean)
@@ -155,3 +141,70 @@ def test_site_that_is_not_linear_is_refused() -> None:
     target = ResidMLP(ResidMLPConfig(n_features=4, d_embed=6, d_mlp=2), embedding_seed=0)
     with pytest.raises(SiteError, match="not a linear map"):
         ComponentModel(target, [SiteConfig(pattern="layers.0", C=3)], ci_hidden=2, generator=_generator())
+
+
+class _RowMajorLinear(nn.Module):
+    """`x W + b` with W: (d_in, d_out), like GPT-2's Conv1D."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out, generator=_generator(5)))
+        self.bias = nn.Parameter(torch.randn(d_out, generator=_generator(6)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+class _TokenModel(nn.Module):
+    """ids → embedding → row-major linear → ReLU → unembedding tied to the embedding."""
+
+    def __init__(self, vocab: int = 7, d: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mix = _RowMajorLinear(d, d)
+        self.unembed = nn.Linear(d, vocab, bias=False)
+        self.unembed.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.unembed(F.relu(self.mix(self.embed(ids))))
+
+
+def test_embedding_and_row_major_sites_are_found_in_one_orientation_and_tied() -> None:
+    target = _TokenModel()
+    model = ComponentModel(target, [SiteConfig(pattern="*", C=4)], ci_hidden=2, generator=_generator())
+    assert {n: s.kind for n, s in model.sites.items()} == {
+        "embed": "embedding", "mix": "transposed linear", "unembed": "linear"}
+    assert model.target_weight("embed").shape == (4, 7) and model.target_weight("mix").shape == (4, 4)
+    assert model.tied == {"unembed": "embed"}
+    torch.testing.assert_close(model.target_weight("mix"), target.mix.weight.T)
+
+
+def test_masked_pass_on_token_indexed_and_row_major_sites_matches_per_example_weights() -> None:
+    target = _TokenModel()
+    model = ComponentModel(target, [SiteConfig(pattern="*", C=4)], ci_hidden=2, generator=_generator())
+    ids = torch.randint(7, (3, 5), generator=_generator(1))
+    masks = {n: torch.rand(3, 5, 4, generator=_generator(i + 2)) for i, n in enumerate(model.site_names)}
+    clean = model.clean_pass(ids)
+    torch.testing.assert_close(clean.output, target(ids))
+    output = model.masked_pass(ids, masks, clean, model.inner_acts(clean))
+    weights = {n: model.site_components(n) for n in model.site_names}
+    for b in range(3):
+        for t in range(5):
+            def masked(name: str) -> torch.Tensor:
+                c = weights[name]
+                return c.U @ torch.diag(masks[name][b, t]) @ c.V
+
+            resid = masked("embed")[:, ids[b, t]]
+            hidden = F.relu(masked("mix") @ resid + target.mix.bias)
+            torch.testing.assert_close(output[b, t], masked("unembed") @ hidden, atol=1e-5, rtol=1e-5)
+
+
+def test_exact_factorisation_of_token_sites_reproduces_the_target() -> None:
+    target = _TokenModel()
+    model = ComponentModel(target, [SiteConfig(pattern="*", C=4)], ci_hidden=2, generator=_generator())
+    set_exact_factorisation(model)
+    ids = torch.randint(7, (2, 6), generator=_generator(1))
+    clean = model.clean_pass(ids)
+    ones = {n: torch.ones(2, 6, 4) for n in model.site_names}
+    torch.testing.assert_close(model.masked_pass(ids, ones, clean, model.inner_acts(clean)), target(ids),
+                               atol=1e-5, rtol=1e-5)
