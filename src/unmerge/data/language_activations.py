@@ -4,7 +4,8 @@ the model, with special tokens excluded by id, and a spliced-in evaluation on he
 `language_data` loads the model and cuts the corpus into training and held-out windows; the source samples rows
 of (kept) activations; its `spliced_evaluation` replaces the hook's output on held-out windows by the dictionary's
 reconstruction and reports FVU and L0 there, CE and KL of the spliced model, and CE recovered against zero and
-mean ablation (`unmerge.metrics.spliced`).
+mean ablation (`unmerge.metrics.spliced`); for a sentence encoder, the cosine distance of its embeddings to the
+original's and the embedding distance recovered instead.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ from unmerge.data import text as text_data
 from unmerge.data.activation_cache import ActivationCache, build_activation_cache
 from unmerge.data.sparse_features import ActivationSource
 from unmerge.data.target_activations import capture_module, find_module
-from unmerge.metrics import dictionary as scores
-from unmerge.metrics.spliced import ce_recovered, spliced_losses
+from unmerge.metrics import dictionary as dictionary_scores
+from unmerge.metrics.spliced import Replacement, loss_recovered, spliced_embeddings, spliced_losses
 from unmerge.targets.base import Target
 from unmerge.errors import ConfigError
-from unmerge.targets.language import CausalLM, LoadedModel, from_module, load_language_model
+from unmerge.targets.language import LanguageModel, LoadedModel, SentenceEncoder, from_module, load_language_model
 from unmerge.targets.small_lm import load_small_lm, save_small_lm, train_small_lm
 from unmerge.targets.toys import cache_root
 from unmerge.train.checkpoint import write_atomic
@@ -56,8 +57,13 @@ class LanguageData:
     heldout_windows: Tensor
 
     @property
-    def lm(self) -> CausalLM:
+    def lm(self) -> LanguageModel:
         return self.loaded.lm
+
+    @property
+    def tokens_per_window(self) -> int:
+        """Ordinary tokens in a window: all but BOS (and the end id closing an encoder's windows)."""
+        return self.train_windows.shape[1] - 1 - (self.tokenizer.end_id is not None)
 
     def target(self) -> Target:
         """The model as an SPD target: its inputs are training windows drawn uniformly."""
@@ -145,7 +151,7 @@ def cache_settings_digest(config: LanguageActivationsConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _recorder(lm: CausalLM, module: nn.Module) -> Callable[[Tensor], Tensor]:
+def _recorder(lm: LanguageModel, module: nn.Module) -> Callable[[Tensor], Tensor]:
     def record(windows: Tensor) -> Tensor:
         return capture_module(lm, module, windows, lm.name)[1]
 
@@ -156,8 +162,7 @@ def cached_source(config: LanguageActivationsConfig, data: LanguageData, module:
     """The activation cache of `config`, built (or resumed) on first use from a seeded choice of training
     windows holding at least `cache_tokens` ordinary tokens."""
     directory = activation_cache_dir(config)
-    per_window = config.text.seq_len - 1
-    count = min(math.ceil(config.cache_tokens / per_window), data.train_windows.shape[0])
+    count = min(math.ceil(config.cache_tokens / data.tokens_per_window), data.train_windows.shape[0])
     chosen = torch.randperm(data.train_windows.shape[0], generator=step_generator(0, "cache-windows"))[:count]
     return build_activation_cache(
         directory, data.train_windows[chosen.sort().values], _recorder(data.lm, module), data.lm.ordinary_positions,
@@ -183,36 +188,57 @@ def _live_sampler(data: LanguageData, module: nn.Module, record_batch: int) -> C
     return sample
 
 
-def evaluation_windows(heldout: Tensor, tokens: int, seq_len: int) -> Tensor:
+def evaluation_windows(heldout: Tensor, tokens: int, tokens_per_window: int) -> Tensor:
     """Held-out windows spread evenly over the held-out documents, enough for about `tokens` tokens."""
-    count = min(max(1, math.ceil(tokens / (seq_len - 1))), heldout.shape[0])
+    count = min(max(1, math.ceil(tokens / tokens_per_window)), heldout.shape[0])
     return heldout[torch.linspace(0, heldout.shape[0] - 1, count).round().long()]
+
+
+def _next_token_scores(lm: LanguageModel, module: nn.Module, windows: Tensor, ordinary: Tensor,
+                       variants: dict[str, Replacement]) -> tuple[dict[str, float], Tensor]:
+    losses = spliced_losses(lm, module, windows, ordinary, variants)
+    scores = {
+        "ce_original": losses.ce_original,
+        "ce_spliced": losses.ce["spliced"],
+        "ce_zero_ablation": losses.ce["zero_ablation"],
+        "ce_mean_ablation": losses.ce["mean_ablation"],
+        "kl_spliced": losses.kl["spliced"],
+        "ce_recovered_zero": loss_recovered(losses.ce["zero_ablation"], losses.ce["spliced"], losses.ce_original),
+        "ce_recovered_mean": loss_recovered(losses.ce["mean_ablation"], losses.ce["spliced"], losses.ce_original),
+    }
+    return scores, losses.activations
+
+
+def _embedding_scores(encoder: LanguageModel, module: nn.Module, windows: Tensor, ordinary: Tensor,
+                      variants: dict[str, Replacement]) -> tuple[dict[str, float], Tensor]:
+    result = spliced_embeddings(encoder, module, windows, ordinary, variants)
+    distance = result.cosine_distance
+    scores = {f"cosine_distance_{name}": value for name, value in distance.items()}
+    for ablation in ("zero", "mean"):
+        scores[f"embedding_recovered_{ablation}"] = loss_recovered(distance[f"{ablation}_ablation"],
+                                                                   distance["spliced"], 0.0)
+    return scores, result.activations
 
 
 def spliced_evaluator(data: LanguageData, module: nn.Module, windows: Tensor,
                       sample: Callable[[int, torch.Generator], Tensor]) -> Callable[[Reconstruct], dict[str, float]]:
-    """The held-out evaluation of a dictionary spliced in at `module` (see the module docstring)."""
+    """The held-out evaluation of a dictionary spliced in at `module` (see the module docstring): next-token CE
+    and KL for a causal LM, cosine distance of the sentence embeddings for an encoder."""
     lm = data.lm
     ordinary = lm.ordinary_positions(windows)
+    model_scores = _embedding_scores if isinstance(lm, SentenceEncoder) else _next_token_scores
 
     def evaluate(reconstruct: Reconstruct) -> dict[str, float]:
         mean = sample(MEAN_SAMPLE, step_generator(0, "ablation-mean")).mean(0)
         variants = {"spliced": lambda a: reconstruct(a)[0], "zero_ablation": torch.zeros_like,
                     "mean_ablation": lambda a: mean.expand_as(a)}
-        losses = spliced_losses(lm, module, windows, ordinary, variants)
-        reconstruction, latents = reconstruct(losses.activations)
+        scores, activations = model_scores(lm, module, windows, ordinary, variants)
+        reconstruction, latents = reconstruct(activations)
         return {
-            "heldout/fvu": scores.fvu(losses.activations, reconstruction),
-            "heldout/l0": scores.l0(latents),
-            "heldout/tokens": float(losses.activations.shape[0]),
-            "ce_original": losses.ce_original,
-            "ce_spliced": losses.ce["spliced"],
-            "ce_zero_ablation": losses.ce["zero_ablation"],
-            "ce_mean_ablation": losses.ce["mean_ablation"],
-            "kl_spliced": losses.kl["spliced"],
-            "ce_recovered_zero": ce_recovered(losses.ce["zero_ablation"], losses.ce["spliced"], losses.ce_original),
-            "ce_recovered_mean": ce_recovered(losses.ce["mean_ablation"], losses.ce["spliced"], losses.ce_original),
-        }
+            "heldout/fvu": dictionary_scores.fvu(activations, reconstruction),
+            "heldout/l0": dictionary_scores.l0(latents),
+            "heldout/tokens": float(activations.shape[0]),
+        } | scores
 
     return evaluate
 
@@ -228,14 +254,14 @@ def language_activation_source(config: LanguageActivationsConfig) -> ActivationS
     else:
         cache = cached_source(config, data, module)
         sample, dim = cache.source(config.hook).sample, cache.dim
-    windows = evaluation_windows(data.heldout_windows, config.eval_tokens, config.text.seq_len)
+    windows = evaluation_windows(data.heldout_windows, config.eval_tokens, data.tokens_per_window)
     return ActivationSource(name=f"{data.lm.name}/{config.hook}", dim=dim, sample=sample,
                             spliced_evaluation=spliced_evaluator(data, module, windows, sample))
 
 
 def _module_inputs(data: LanguageData, module: nn.Module, tokens: int, record_batch: int) -> Tensor:
     """The module's inputs at ordinary positions of a seeded choice of training windows, (≥ tokens, d)."""
-    count = min(math.ceil(tokens / (data.train_windows.shape[1] - 1)), data.train_windows.shape[0])
+    count = min(math.ceil(tokens / data.tokens_per_window), data.train_windows.shape[0])
     chosen = torch.randperm(data.train_windows.shape[0], generator=step_generator(0, "module-windows"))[:count]
     rows = []
     for start in range(0, count, record_batch):

@@ -73,21 +73,29 @@ def split_documents(documents: dict[str, str], heldout_every: int) -> tuple[dict
 
 @dataclass(frozen=True)
 class TextTokenizer:
-    """What windows need from a tokeniser: text → ids, and the BOS id every window starts with."""
+    """What windows need from a tokeniser: text → ids, the BOS id every window starts with and, for encoders, the
+    id every window ends with (BERT's CLS and SEP)."""
 
     name: str
     encode: Callable[[str], list[int]]
     bos_id: int
     vocab_size: int
+    end_id: int | None = None
 
 
 def from_hf_tokenizer(tokenizer: object, name: str) -> TextTokenizer:
-    """A Hugging Face tokenizer (SmolLM2's own); ids without added special tokens (BOS is added explicitly)."""
+    """A Hugging Face tokenizer (SmolLM2's own, or an encoder's); ids without added special tokens (BOS, or CLS
+    and SEP for a tokenizer without BOS, are added explicitly)."""
     bos = tokenizer.bos_token_id
+    end = None
     if bos is None:
-        raise UnmergeError(f"tokenizer {name} has no BOS token, so windows cannot start with one")
-    return TextTokenizer(name, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], bos,
-                         len(tokenizer))
+        bos, end = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    if bos is None:
+        raise UnmergeError(f"tokenizer {name} has neither a BOS nor a CLS token, so windows cannot start with one")
+    def encode(text: str) -> list[int]:  # whole documents: no warning about the model's maximum length
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    return TextTokenizer(name, encode, bos, len(tokenizer), end)
 
 
 def gpt2_tokenizer() -> TextTokenizer:
@@ -114,17 +122,22 @@ def gpt2_tokenizer() -> TextTokenizer:
 
 
 def token_windows(documents: dict[str, str], tokenizer: TextTokenizer, seq_len: int) -> Tensor:
-    """(windows, seq_len) int64: each document's tokens in pieces of seq_len − 1, each after an explicit BOS;
-    a document's last, shorter piece is dropped."""
-    if seq_len < 2:
-        raise UnmergeError(f"seq_len must be at least 2 (BOS plus one token), got {seq_len}")
+    """(windows, seq_len) int64: each document's tokens in pieces of seq_len − 1 after an explicit BOS (seq_len − 2
+    between BOS and the end id, for a tokenizer with one); a document's last, shorter piece is dropped."""
+    ends = [] if tokenizer.end_id is None else [tokenizer.end_id]
+    body_len = seq_len - 1 - len(ends)
+    if body_len < 1:
+        raise UnmergeError(f"seq_len must leave room for one token besides BOS{' and the end id' * len(ends)}, "
+                           f"got {seq_len}")
     pieces = []
     for text in documents.values():
         ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
-        usable = ids.numel() - ids.numel() % (seq_len - 1)
-        pieces.append(ids[:usable].view(-1, seq_len - 1))
-    body = torch.cat(pieces) if pieces else torch.zeros(0, seq_len - 1, dtype=torch.int64)
-    return torch.cat([torch.full((body.shape[0], 1), tokenizer.bos_id, dtype=torch.int64), body], dim=1)
+        usable = ids.numel() - ids.numel() % body_len
+        pieces.append(ids[:usable].view(-1, body_len))
+    body = torch.cat(pieces) if pieces else torch.zeros(0, body_len, dtype=torch.int64)
+    columns = [torch.full((body.shape[0], 1), tokenizer.bos_id, dtype=torch.int64), body]
+    columns += [torch.full((body.shape[0], 1), end, dtype=torch.int64) for end in ends]
+    return torch.cat(columns, dim=1)
 
 
 

@@ -17,7 +17,9 @@ Dictionary runs (see `metrics.dictionary`): `recall_mmcs`, `precision_mmcs`, `mc
 `reconstruction_cosine`, `norm_ratio`, `l0`, `dead_fraction`, `dead_latents`, `duplicate_latents`, `shrinkage`.
 On a language model (see `metrics.spliced`), on held-out text: `heldout/fvu`, `heldout/l0`, `heldout/tokens`,
 `ce_original`, `ce_spliced`, `ce_zero_ablation`, `ce_mean_ablation` (nats per counted prediction), `kl_spliced`,
-`ce_recovered_zero`, `ce_recovered_mean`.
+`ce_recovered_zero`, `ce_recovered_mean`; on a sentence encoder instead of the CE and KL keys:
+`cosine_distance_spliced`, `cosine_distance_zero_ablation`, `cosine_distance_mean_ablation` (mean 1 − cos of the
+window's embedding to the original's), `embedding_recovered_zero`, `embedding_recovered_mean`.
 """
 
 from unmerge.metrics.importance import (

