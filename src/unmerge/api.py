@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from unmerge.analysis.grouping import DEFAULT_ALPHA, DEFAULT_THRESHOLD, Grouping, group_subcomponents
 from unmerge.config import (
     DictionaryRunConfig,
     LanguageActivationsConfig,
@@ -69,6 +70,7 @@ METRICS_FILE = "metrics.json"
 DICTIONARY_FILE = "dictionary.safetensors"  # the trained dictionary with its normalisation folded in
 GROUND_TRUTH_FILE = "ground_truth.safetensors"  # a toy source's true features (and hierarchy parents)
 TARGET_DIR = "target"
+GROUPING_FILE = "grouping.json"  # the chosen grouping of a run's subcomponents, with its merge history
 
 
 def preset_names() -> list[str]:
@@ -293,6 +295,17 @@ def evaluate(run_dir: Path) -> RunResult:
     _, spd, step = load_run(run_dir)
     metrics, figures = _finish(spd, Path(run_dir))
     return RunResult(Path(run_dir), metrics, figures, step)
+
+
+def group_components(run_dir: Path, n_inputs: int = 16_384, threshold: float = DEFAULT_THRESHOLD,
+                     alpha: float = DEFAULT_ALPHA, batch_size: int = 1024) -> Grouping:
+    """Group a run's subcomponents into components by description length (`unmerge.analysis.grouping`) and save
+    the grouping, its merge history and, on toys, its agreement with the truth as `grouping.json` in the run."""
+    _, spd, _ = load_run(run_dir)
+    grouping = group_subcomponents(spd, n_inputs, batch_size, threshold, alpha, seed=0)
+    text = json.dumps(grouping.summary(), indent=1)
+    checkpoint.write_atomic(Path(run_dir) / GROUPING_FILE, lambda path: path.write_text(text))
+    return grouping
 
 
 def _train_small_lm(preset_or_path: str, config: LanguageTargetConfig, out: Path | None) -> tuple[Path, float | None]:

@@ -57,7 +57,8 @@ def cmd_decompose(args: argparse.Namespace) -> None:
 DICTIONARY_KEYS = ("recall_mmcs", "precision_mmcs", "mcc", "matched/0.9", "matched/0.99", "fvu", "l0",
                    "dead_latents", "duplicate_latents", "shrinkage", "parent_recall", "absorption", "heldout/fvu",
                    "heldout/l0", "ce_original", "ce_spliced", "kl_spliced", "ce_zero_ablation", "ce_mean_ablation",
-                   "ce_recovered_zero", "ce_recovered_mean")
+                   "ce_recovered_zero", "ce_recovered_mean", "cosine_distance_spliced", "embedding_recovered_zero",
+                   "embedding_recovered_mean")
 
 
 def cmd_train_dictionary(args: argparse.Namespace) -> None:
@@ -110,6 +111,19 @@ new points."""
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     _report(api.evaluate(args.run_dir))
+
+
+def cmd_group(args: argparse.Namespace) -> None:
+    grouping = api.group_components(args.run_dir, args.inputs, args.threshold, args.alpha)
+    summary = grouping.summary()
+    print(f"{summary['active_units']} active subcomponents ({len(grouping.inactive)} never active) → "
+          f"{summary['n_components']} components; description length "
+          f"{summary['description_length_unmerged_bits']:.4g} → {summary['description_length_bits']:.4g} bits/input")
+    for members in grouping.components()[: args.show]:
+        print(f"  {len(members):>4}  {', '.join(members[:6])}{' …' if len(members) > 6 else ''}")
+    if summary["adjusted_rand_index"] is not None:
+        print(f"adjusted Rand index against the known mechanisms: {summary['adjusted_rand_index']:.4f}")
+    print(f"saved: {Path(args.run_dir) / api.GROUPING_FILE}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -207,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("run_dir", type=Path)
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    group = commands.add_parser(
+        "group", help="group a run's subcomponents into components (mechanisms)",
+        description="Binarise the CI of every subcomponent on sampled inputs, merge greedily by description length "
+                    "(Σ s_i (log2 k + α r_i) bits per input), keep the cheapest grouping; writes grouping.json.",
+    )
+    group.add_argument("run_dir", type=Path)
+    group.add_argument("--inputs", type=int, default=16_384, help="sampled inputs (rows; default 16384)")
+    group.add_argument("--threshold", type=float, default=api.DEFAULT_THRESHOLD, help="CI above it is active")
+    group.add_argument("--alpha", type=float, default=api.DEFAULT_ALPHA, help="bits per active subcomponent")
+    group.add_argument("--show", type=int, default=10, help="components to print")
+    group.set_defaults(handler=cmd_group)
 
     demo = commands.add_parser(
         "demo", help="train TMS 5-2, decompose it, print the results",

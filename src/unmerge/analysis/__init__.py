@@ -1,0 +1,1 @@
+"""Analysis of trained decompositions: grouping subcomponents into components (mechanisms)."""

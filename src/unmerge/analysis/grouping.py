@@ -1,0 +1,219 @@
+"""Group SPD subcomponents into components — mechanisms that may span sites and layers — by greedy merging that
+minimises a description length of which groups are active (DESIGN.md §8).
+
+A unit is one subcomponent of one site, named `site/c`. On a sample of inputs (rows: examples, or token
+positions of a language model) a unit is active where its causal importance exceeds `threshold`. A grouping's
+cost, in bits per input, is
+
+    L = Σ_groups s_i (log2 k + α r_i)
+
+with k groups, s_i the fraction of inputs on which any unit of group i is active, r_i the number of units in it:
+naming each active group costs log2 k bits and describing it costs α bits per unit (the precision of one
+subcomponent's importance). Merging units that are always active together saves naming bits; merging units
+that fire independently costs α bits for every member whenever either fires. Starting from one group per active
+unit, the greedy step merges the pair that lowers L most (or raises it least) until one group is left; the
+history of merges and costs is kept and the grouping with the lowest L is chosen. Units never active on the
+sample are left out (reported as inactive).
+
+Memory: the sample's binarised activity, `inputs × units` bytes, is built batch by batch from the CI (the
+float importances of the whole sample are never held), and merging keeps one 0/1 column per group (4 bytes per
+entry) and the groups' pairwise co-activation (units² floats), so union frequencies are exact on the sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from unmerge.errors import UnmergeError
+from unmerge.metrics.clustering import adjusted_rand_index
+from unmerge.spd.method import SPD
+from unmerge.train.rng import step_generator
+
+DEFAULT_THRESHOLD = 0.1
+DEFAULT_ALPHA = 8.0
+
+
+@dataclass(frozen=True)
+class UnitActivity:
+    """Which units are active on each sampled input: `active` (inputs, units) bool over the `units` that fired at
+    least once; `inactive` names the units that never did."""
+
+    units: list[str]
+    active: Tensor
+    inactive: list[str]
+
+
+@dataclass(frozen=True)
+class Merge:
+    """One greedy step: groups `kept` and `absorbed` (indices of their first units) become one; cost after it."""
+
+    kept: int
+    absorbed: int
+    cost: float
+
+
+@dataclass(frozen=True)
+class MergeHistory:
+    """Every merge from singletons down to one group, the cost before any merge, and the cheapest step."""
+
+    initial_cost: float
+    merges: list[Merge]
+
+    @property
+    def costs(self) -> list[float]:
+        """Cost after 0, 1, 2, ... merges."""
+        return [self.initial_cost] + [m.cost for m in self.merges]
+
+    @property
+    def best_step(self) -> int:
+        costs = self.costs
+        return min(range(len(costs)), key=costs.__getitem__)
+
+    def labels(self, n_units: int, step: int | None = None) -> Tensor:
+        """Each unit's group (the index of the group's first unit) after `step` merges (default: the best)."""
+        parent = torch.arange(n_units)
+        for merge in self.merges[: self.best_step if step is None else step]:
+            parent[parent == merge.absorbed] = merge.kept
+        return parent
+
+
+def description_length(frequency: Tensor, sizes: Tensor, alpha: float) -> float:
+    """`Σ s_i (log2 k + α r_i)` bits per input for groups with activation frequencies s and sizes r."""
+    k = frequency.shape[0]
+    return float((frequency * (math.log2(k) + alpha * sizes)).sum()) if k else 0.0
+
+
+@torch.no_grad()
+def unit_activity(spd: SPD, n_inputs: int, batch_size: int, threshold: float = DEFAULT_THRESHOLD,
+                  seed: int = 0) -> UnitActivity:
+    """Binarised CI of every subcomponent of every site on `n_inputs` rows of the target's input distribution."""
+    names = [f"{site}/{c}" for site in spd.module.site_names for c in range(spd.module.site_C[site])]
+    active = torch.zeros(n_inputs, len(names), dtype=torch.bool)
+    filled, batch = 0, 0
+    while filled < n_inputs:
+        x = spd.target.sample_inputs(batch_size, step_generator(seed, "grouping", batch))
+        importance = spd.importances(spd.module.clean_pass(x)).lower_all.clamp(0.0, 1.0)
+        rows = (importance > threshold).reshape(-1, len(names))[: n_inputs - filled]
+        active[filled : filled + rows.shape[0]] = rows
+        filled, batch = filled + rows.shape[0], batch + 1
+    fired = active.any(dim=0)
+    return UnitActivity([n for n, f in zip(names, fired.tolist(), strict=True) if f], active[:, fired],
+                        [n for n, f in zip(names, fired.tolist(), strict=True) if not f])
+
+
+def _merge_costs(frequency: Tensor, sizes: Tensor, coactive: Tensor, alive: Tensor, alpha: float) -> Tensor:
+    """Cost after merging each pair (i, j), i < j, of alive groups (+inf elsewhere), as a (groups, groups) matrix."""
+    k = int(alive.sum())
+    naming_total = (frequency * alive).sum()
+    value_total = (frequency * sizes * alive).sum()
+    union = frequency[:, None] + frequency[None, :] - coactive
+    merged_size = sizes[:, None] + sizes[None, :]
+    naming = naming_total - frequency[:, None] - frequency[None, :] + union
+    values = (value_total - (frequency * sizes)[:, None] - (frequency * sizes)[None, :] + union * merged_size)
+    cost = math.log2(k - 1) * naming + alpha * values if k > 1 else torch.full_like(union, math.inf)
+    valid = alive[:, None] & alive[None, :] & torch.ones_like(union, dtype=torch.bool).triu(1)
+    return torch.where(valid, cost, math.inf)
+
+
+def greedy_merge(active: Tensor, alpha: float = DEFAULT_ALPHA) -> MergeHistory:
+    """Merge groups of units greedily by description length (module docstring) from `active` (inputs, units)."""
+    n_inputs, n_units = active.shape
+    columns = active.float()
+    frequency = columns.mean(0)
+    coactive = columns.T @ columns / n_inputs
+    sizes = torch.ones(n_units)
+    alive = torch.ones(n_units, dtype=torch.bool)
+    initial = description_length(frequency, sizes, alpha)
+    merges = []
+    for _ in range(n_units - 1):
+        costs = _merge_costs(frequency, sizes, coactive, alive, alpha)
+        flat = int(torch.argmin(costs))
+        kept, absorbed = divmod(flat, n_units)
+        merges.append(Merge(kept, absorbed, float(costs.view(-1)[flat])))
+        columns[:, kept] = torch.maximum(columns[:, kept], columns[:, absorbed])
+        alive[absorbed] = False
+        sizes[kept] += sizes[absorbed]
+        frequency[kept] = columns[:, kept].mean()
+        coactive[kept] = coactive[:, kept] = (columns.T @ columns[:, kept]) / n_inputs
+    return MergeHistory(initial, merges)
+
+
+def ground_truth_labels(spd: SPD, units: list[str]) -> Tensor | None:
+    """The known grouping of `units` on a toy target (None without ground truth): the units of a dense mechanism's
+    sites form one group (e.g. every residual MLP `W_out`, the TMS identity); a unit of a feature site belongs to
+    the feature whose one-hot input gives it the highest CI, across sites (feature i's `W` and `Wᵀ` units, or its
+    `W_in` unit in whichever layer, form one group); units of other sites stay alone."""
+    truth = spd.target.ground_truth
+    if truth is None:
+        return None
+    one_hot = spd.one_hot_importance()
+    dense_group = {site: group for group, (sites, _) in truth.dense_sites.items() for site in sites}
+    feature_sites = {site for sites in truth.feature_sites.values() for site in sites}
+    keys = []
+    for unit in units:
+        site, index = unit.rsplit("/", 1)
+        if site in dense_group:
+            keys.append(f"dense:{dense_group[site]}")
+        elif site in feature_sites:
+            keys.append(f"feature:{int(one_hot[site][:, int(index)].argmax())}")
+        else:
+            keys.append(f"unit:{unit}")
+    ids = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    return torch.tensor([ids[key] for key in keys])
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """The chosen grouping of a decomposition's active units, its merge history and, on toys, the truth."""
+
+    units: list[str]
+    labels: Tensor
+    history: MergeHistory
+    inactive: list[str]
+    settings: dict[str, float]
+    truth: Tensor | None
+
+    def components(self) -> list[list[str]]:
+        """Groups of unit names, largest first (ties: by first unit)."""
+        groups: dict[int, list[str]] = {}
+        for unit, label in zip(self.units, self.labels.tolist(), strict=True):
+            groups.setdefault(label, []).append(unit)
+        return sorted(groups.values(), key=lambda members: (-len(members), self.units.index(members[0])))
+
+    def ari(self) -> float | None:
+        """Adjusted Rand index of the chosen grouping against the ground truth (None without one)."""
+        return None if self.truth is None else adjusted_rand_index(self.labels, self.truth)
+
+    def summary(self) -> dict:
+        """JSON-ready: settings, costs, the components, ARI against the truth, and the whole merge history."""
+        costs = self.history.costs
+        return {
+            "settings": self.settings,
+            "active_units": len(self.units),
+            "inactive_units": self.inactive,
+            "components": self.components(),
+            "n_components": len(self.components()),
+            "description_length_bits": costs[self.history.best_step],
+            "description_length_unmerged_bits": costs[0],
+            "merges_chosen": self.history.best_step,
+            "adjusted_rand_index": self.ari(),
+            "history": [{"kept": self.units[m.kept], "absorbed": self.units[m.absorbed], "cost": m.cost}
+                        for m in self.history.merges],
+        }
+
+
+def group_subcomponents(spd: SPD, n_inputs: int = 16_384, batch_size: int = 1024,
+                        threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA, seed: int = 0) -> Grouping:
+    """Sample the units' activity, merge greedily, choose the cheapest grouping (module docstring)."""
+    activity = unit_activity(spd, n_inputs, batch_size, threshold, seed)
+    if not activity.units:
+        raise UnmergeError(f"no subcomponent has CI above {threshold} on any of {n_inputs} inputs; lower the "
+                           "threshold or check the run")
+    history = greedy_merge(activity.active, alpha)
+    settings = {"threshold": threshold, "alpha": alpha, "inputs": n_inputs, "seed": seed}
+    return Grouping(activity.units, history.labels(len(activity.units)), history, activity.inactive, settings,
+                    ground_truth_labels(spd, activity.units))
