@@ -65,4 +65,4 @@ def test_group_command_on_a_tiny_tms_run(tmp_path: Path, capsys: pytest.CaptureF
     assert len(units) == saved["active_units"] == len(set(units))
     assert len(saved["history"]) == saved["active_units"] - 1
     assert saved["description_length_bits"] <= saved["description_length_unmerged_bits"]
-    assert math.isfinite(saved["adjusted_rand_index"]) and saved["settings"]["alpha"] == 8.0
+    assert math.isfinite(saved["adjusted_rand_index"]) and saved["settings"]["alpha"] == 2.0

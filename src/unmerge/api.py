@@ -18,7 +18,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from unmerge.analysis.grouping import DEFAULT_ALPHA, DEFAULT_THRESHOLD, Grouping, group_subcomponents
+from unmerge.analysis.grouping import (
+    DEFAULT_ALPHA,
+    DEFAULT_MIN_ACTIVE,
+    DEFAULT_THRESHOLD,
+    Grouping,
+    group_subcomponents,
+)
 from unmerge.config import (
     DictionaryRunConfig,
     LanguageActivationsConfig,
@@ -298,11 +304,12 @@ def evaluate(run_dir: Path) -> RunResult:
 
 
 def group_components(run_dir: Path, n_inputs: int = 16_384, threshold: float = DEFAULT_THRESHOLD,
-                     alpha: float = DEFAULT_ALPHA, batch_size: int = 1024) -> Grouping:
+                     alpha: float = DEFAULT_ALPHA, min_active: int = DEFAULT_MIN_ACTIVE,
+                     batch_size: int = 1024) -> Grouping:
     """Group a run's subcomponents into components by description length (`unmerge.analysis.grouping`) and save
     the grouping, its merge history and, on toys, its agreement with the truth as `grouping.json` in the run."""
     _, spd, _ = load_run(run_dir)
-    grouping = group_subcomponents(spd, n_inputs, batch_size, threshold, alpha, seed=0)
+    grouping = group_subcomponents(spd, n_inputs, batch_size, threshold, alpha, min_active, seed=0)
     text = json.dumps(grouping.summary(), indent=1)
     checkpoint.write_atomic(Path(run_dir) / GROUPING_FILE, lambda path: path.write_text(text))
     return grouping

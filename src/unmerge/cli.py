@@ -114,9 +114,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_group(args: argparse.Namespace) -> None:
-    grouping = api.group_components(args.run_dir, args.inputs, args.threshold, args.alpha)
+    grouping = api.group_components(args.run_dir, args.inputs, args.threshold, args.alpha, args.min_active)
     summary = grouping.summary()
-    print(f"{summary['active_units']} active subcomponents ({len(grouping.inactive)} never active) → "
+    print(f"{summary['active_units']} active subcomponents ({len(grouping.inactive)} inactive) → "
           f"{summary['n_components']} components; description length "
           f"{summary['description_length_unmerged_bits']:.4g} → {summary['description_length_bits']:.4g} bits/input")
     for members in grouping.components()[: args.show]:
@@ -230,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("run_dir", type=Path)
     group.add_argument("--inputs", type=int, default=16_384, help="sampled inputs (rows; default 16384)")
     group.add_argument("--threshold", type=float, default=api.DEFAULT_THRESHOLD, help="CI above it is active")
-    group.add_argument("--alpha", type=float, default=api.DEFAULT_ALPHA, help="bits per active subcomponent")
+    group.add_argument("--alpha", type=float, default=api.DEFAULT_ALPHA,
+                       help=f"bits per active subcomponent (default {api.DEFAULT_ALPHA:g})")
+    group.add_argument("--min-active", type=int, default=api.DEFAULT_MIN_ACTIVE,
+                       help="inputs a subcomponent must be active on to be grouped")
     group.add_argument("--show", type=int, default=10, help="components to print")
     group.set_defaults(handler=cmd_group)
 

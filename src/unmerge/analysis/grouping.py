@@ -12,8 +12,10 @@ naming each active group costs log2 k bits and describing it costs α bits per u
 subcomponent's importance). Merging units that are always active together saves naming bits; merging units
 that fire independently costs α bits for every member whenever either fires. Starting from one group per active
 unit, the greedy step merges the pair that lowers L most (or raises it least) until one group is left; the
-history of merges and costs is kept and the grouping with the lowest L is chosen. Units never active on the
-sample are left out (reported as inactive).
+history of merges and costs is kept and the grouping with the lowest L is chosen. Units active on fewer than
+`min_active` sampled inputs (default 10) are left out and reported as inactive: their co-activation cannot be
+estimated. The default α = 2 is the value that recovers the known mechanisms of the toy runs in BENCHMARKS.md
+(`benchmarks/grouping.py` sweeps it); larger α splits more, smaller α merges more.
 
 Memory: the sample's binarised activity, `inputs × units` bytes, is built batch by batch from the CI (the
 float importances of the whole sample are never held), and merging keeps one 0/1 column per group (4 bytes per
@@ -34,13 +36,14 @@ from unmerge.spd.method import SPD
 from unmerge.train.rng import step_generator
 
 DEFAULT_THRESHOLD = 0.1
-DEFAULT_ALPHA = 8.0
+DEFAULT_ALPHA = 2.0
+DEFAULT_MIN_ACTIVE = 10
 
 
 @dataclass(frozen=True)
 class UnitActivity:
-    """Which units are active on each sampled input: `active` (inputs, units) bool over the `units` that fired at
-    least once; `inactive` names the units that never did."""
+    """Which units are active on each sampled input: `active` (inputs, units) bool over the `units` that fired
+    often enough to group; `inactive` names the others."""
 
     units: list[str]
     active: Tensor
@@ -89,8 +92,9 @@ def description_length(frequency: Tensor, sizes: Tensor, alpha: float) -> float:
 
 @torch.no_grad()
 def unit_activity(spd: SPD, n_inputs: int, batch_size: int, threshold: float = DEFAULT_THRESHOLD,
-                  seed: int = 0) -> UnitActivity:
-    """Binarised CI of every subcomponent of every site on `n_inputs` rows of the target's input distribution."""
+                  min_active: int = DEFAULT_MIN_ACTIVE, seed: int = 0) -> UnitActivity:
+    """Binarised CI of every subcomponent of every site on `n_inputs` rows of the target's input distribution;
+    units active on fewer than `min_active` rows are set aside as inactive."""
     names = [f"{site}/{c}" for site in spd.module.site_names for c in range(spd.module.site_C[site])]
     active = torch.zeros(n_inputs, len(names), dtype=torch.bool)
     filled, batch = 0, 0
@@ -100,7 +104,7 @@ def unit_activity(spd: SPD, n_inputs: int, batch_size: int, threshold: float = D
         rows = (importance > threshold).reshape(-1, len(names))[: n_inputs - filled]
         active[filled : filled + rows.shape[0]] = rows
         filled, batch = filled + rows.shape[0], batch + 1
-    fired = active.any(dim=0)
+    fired = active.sum(dim=0) >= min_active
     return UnitActivity([n for n, f in zip(names, fired.tolist(), strict=True) if f], active[:, fired],
                         [n for n, f in zip(names, fired.tolist(), strict=True) if not f])
 
@@ -142,8 +146,9 @@ def greedy_merge(active: Tensor, alpha: float = DEFAULT_ALPHA) -> MergeHistory:
     return MergeHistory(initial, merges)
 
 
-def ground_truth_labels(spd: SPD, units: list[str]) -> Tensor | None:
-    """The known grouping of `units` on a toy target (None without ground truth): the units of a dense mechanism's
+def ground_truth_labels(spd: SPD, units: list[str]) -> list[str] | None:
+    """The known mechanism of each of `units` on a toy target (None without ground truth), named `dense:<group>`,
+    `feature:<i>` or `unit:<name>`: the units of a dense mechanism's
     sites form one group (e.g. every residual MLP `W_out`, the TMS identity); a unit of a feature site belongs to
     the feature whose one-hot input gives it the highest CI, across sites (feature i's `W` and `Wᵀ` units, or its
     `W_in` unit in whichever layer, form one group); units of other sites stay alone."""
@@ -162,8 +167,7 @@ def ground_truth_labels(spd: SPD, units: list[str]) -> Tensor | None:
             keys.append(f"feature:{int(one_hot[site][:, int(index)].argmax())}")
         else:
             keys.append(f"unit:{unit}")
-    ids = {key: i for i, key in enumerate(dict.fromkeys(keys))}
-    return torch.tensor([ids[key] for key in keys])
+    return keys
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,7 @@ class Grouping:
     history: MergeHistory
     inactive: list[str]
     settings: dict[str, float]
-    truth: Tensor | None
+    truth: list[str] | None
 
     def components(self) -> list[list[str]]:
         """Groups of unit names, largest first (ties: by first unit)."""
@@ -186,7 +190,24 @@ class Grouping:
 
     def ari(self) -> float | None:
         """Adjusted Rand index of the chosen grouping against the ground truth (None without one)."""
-        return None if self.truth is None else adjusted_rand_index(self.labels, self.truth)
+        if self.truth is None:
+            return None
+        ids = {name: i for i, name in enumerate(dict.fromkeys(self.truth))}
+        return adjusted_rand_index(self.labels, torch.tensor([ids[name] for name in self.truth]))
+
+    def dense_mechanisms(self) -> dict[str, dict[str, int | bool]]:
+        """Per known dense mechanism (`dense:<group>` in the truth): its active units, how many components they
+        fall in, and whether it came out as exactly one component with nothing else in it."""
+        results: dict[str, dict[str, int | bool]] = {}
+        for name in dict.fromkeys(self.truth or []):
+            if not name.startswith("dense:"):
+                continue
+            members = torch.tensor([truth == name for truth in self.truth])
+            components = self.labels[members].unique()
+            pure = len(components) == 1 and int((self.labels == components[0]).sum()) == int(members.sum())
+            results[name.removeprefix("dense:")] = {"active_units": int(members.sum()),
+                                                    "components": len(components), "pure": pure}
+        return results
 
     def summary(self) -> dict:
         """JSON-ready: settings, costs, the components, ARI against the truth, and the whole merge history."""
@@ -201,19 +222,21 @@ class Grouping:
             "description_length_unmerged_bits": costs[0],
             "merges_chosen": self.history.best_step,
             "adjusted_rand_index": self.ari(),
+            "dense_mechanisms": self.dense_mechanisms(),
             "history": [{"kept": self.units[m.kept], "absorbed": self.units[m.absorbed], "cost": m.cost}
                         for m in self.history.merges],
         }
 
 
 def group_subcomponents(spd: SPD, n_inputs: int = 16_384, batch_size: int = 1024,
-                        threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA, seed: int = 0) -> Grouping:
+                        threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA,
+                        min_active: int = DEFAULT_MIN_ACTIVE, seed: int = 0) -> Grouping:
     """Sample the units' activity, merge greedily, choose the cheapest grouping (module docstring)."""
-    activity = unit_activity(spd, n_inputs, batch_size, threshold, seed)
+    activity = unit_activity(spd, n_inputs, batch_size, threshold, min_active, seed)
     if not activity.units:
-        raise UnmergeError(f"no subcomponent has CI above {threshold} on any of {n_inputs} inputs; lower the "
-                           "threshold or check the run")
+        raise UnmergeError(f"no subcomponent has CI above {threshold} on {min_active} or more of {n_inputs} "
+                           "inputs; lower the threshold, sample more inputs or check the run")
     history = greedy_merge(activity.active, alpha)
-    settings = {"threshold": threshold, "alpha": alpha, "inputs": n_inputs, "seed": seed}
+    settings = {"threshold": threshold, "alpha": alpha, "min_active": min_active, "inputs": n_inputs, "seed": seed}
     return Grouping(activity.units, history.labels(len(activity.units)), history, activity.inactive, settings,
                     ground_truth_labels(spd, activity.units))
