@@ -14,6 +14,7 @@ from unmerge import api
 from unmerge.analysis.grouping import description_length, greedy_merge
 from unmerge.cli import main
 from unmerge.metrics.clustering import adjusted_rand_index
+from unmerge.targets import load_target
 from tests.conftest import TINY_TMS
 
 
@@ -55,7 +56,7 @@ def test_greedy_merging_recovers_a_planted_grouping_and_its_history_is_exact() -
         assert history.costs[step] == pytest.approx(description_length(frequency, sizes, 8.0), rel=1e-5)
 
 
-def test_group_command_on_a_tiny_tms_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_group_then_unlearn_commands_on_a_tiny_tms_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     api.decompose(api.load_run_config("tms-5-2-id", TINY_TMS), tmp_path / "run")
     assert main(["group", str(tmp_path / "run"), "--inputs", "2048"]) == 0
     printed = capsys.readouterr().out
@@ -66,3 +67,13 @@ def test_group_command_on_a_tiny_tms_run(tmp_path: Path, capsys: pytest.CaptureF
     assert len(saved["history"]) == saved["active_units"] - 1
     assert saved["description_length_bits"] <= saved["description_length_unmerged_bits"]
     assert math.isfinite(saved["adjusted_rand_index"]) and saved["settings"]["alpha"] == 2.0
+    assert main(["unlearn", str(tmp_path / "run"), "--component", "0", "--out", str(tmp_path / "edited")]) == 0
+    assert "edited model saved" in capsys.readouterr().out
+    edited, _ = load_target(tmp_path / "edited")
+    original = api.load_run(tmp_path / "run")[1].target.model
+    removed = set(saved["components"][0])
+    changed = {name for name, p in edited.model.named_parameters() if not torch.equal(p, original.get_parameter(name))}
+    sites = {unit.rsplit("/", 1)[0] for unit in removed}
+    assert changed == {f"{'linear1' if site == 'linear2' else site}.weight" for site in sites}  # tied: W = W₂ᵀ
+    assert main(["unlearn", str(tmp_path / "run"), "--component", "99", "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err

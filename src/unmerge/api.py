@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from unmerge.analysis.grouping import (
     Grouping,
     group_subcomponents,
 )
+from unmerge.analysis.interventions import unlearned_model
 from unmerge.config import (
     DictionaryRunConfig,
     LanguageActivationsConfig,
@@ -68,6 +69,7 @@ from unmerge.targets.toys import CONFIG_FILE as TARGET_CONFIG_FILE
 from unmerge.targets.toys import cache_root, target_cache_dir, train_target
 from unmerge.train import checkpoint, distributed
 from unmerge.train.loop import train
+from unmerge.train.rng import step_generator
 
 PRESET_DIR = Path(__file__).parent / "configs"  # configs/ at the repository root, linked into the package
 DICTIONARY_PRESET_DIR = PRESET_DIR / "dictionaries"
@@ -76,6 +78,7 @@ METRICS_FILE = "metrics.json"
 DICTIONARY_FILE = "dictionary.safetensors"  # the trained dictionary with its normalisation folded in
 GROUND_TRUTH_FILE = "ground_truth.safetensors"  # a toy source's true features (and hierarchy parents)
 TARGET_DIR = "target"
+TARGET_WEIGHTS_FILE = "model.safetensors"  # an edited (unlearned) language model's state dict
 GROUPING_FILE = "grouping.json"  # the chosen grouping of a run's subcomponents, with its merge history
 
 
@@ -313,6 +316,44 @@ def group_components(run_dir: Path, n_inputs: int = 16_384, threshold: float = D
     text = json.dumps(grouping.summary(), indent=1)
     checkpoint.write_atomic(Path(run_dir) / GROUPING_FILE, lambda path: path.write_text(text))
     return grouping
+
+
+def load_grouping(run_dir: Path) -> dict[str, Any]:
+    """The `grouping.json` that `group_components` saved in a run."""
+    path = Path(run_dir) / GROUPING_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no {GROUPING_FILE}; run `unmerge group {run_dir}` first")
+    return json.loads(path.read_text())
+
+
+def component_units(run_dir: Path, components: list[int]) -> list[str]:
+    """The subcomponents of the numbered components (0 = the largest) of a run's saved grouping."""
+    saved = load_grouping(run_dir)["components"]
+    bad = [c for c in components if not 0 <= c < len(saved)]
+    if bad:
+        raise ConfigError(f"component {bad[0]} does not exist: the grouping of {run_dir} has {len(saved)} "
+                          f"components, numbered 0–{len(saved) - 1}")
+    return [unit for c in components for unit in saved[c]]
+
+
+def unlearn(run_dir: Path, units: list[str], out_dir: Path) -> float:
+    """Remove the named subcomponents' weights permanently from a run's target (`unlearned_model`) and save the
+    edited model in `out_dir`: a toy target as `train-target` saves one (`unmerge.targets.load_target` reads it),
+    a language model as `model.safetensors` of its state dict. Returns the mean squared change of the target's
+    output on 4,096 sampled inputs, relative to the output's mean square."""
+    config, spd, _ = load_run(run_dir)
+    edited = unlearned_model(spd, units)
+    out_dir = Path(out_dir)
+    if isinstance(config.target, LanguageTargetConfig):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {name: value.contiguous().clone() for name, value in edited.state_dict().items()}
+        checkpoint.write_atomic(out_dir / TARGET_WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    else:
+        save_target(replace(spd.target, model=edited), config.target, out_dir)
+    x = spd.target.sample_inputs(4096, step_generator(0, "unlearn-check"))
+    with torch.no_grad():
+        original = spd.target.model(x)
+        return float((edited(x) - original).square().mean() / original.square().mean())
 
 
 def _train_small_lm(preset_or_path: str, config: LanguageTargetConfig, out: Path | None) -> tuple[Path, float | None]:

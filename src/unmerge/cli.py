@@ -126,6 +126,16 @@ def cmd_group(args: argparse.Namespace) -> None:
     print(f"saved: {Path(args.run_dir) / api.GROUPING_FILE}")
 
 
+def cmd_unlearn(args: argparse.Namespace) -> None:
+    units = list(args.units) + (api.component_units(args.run_dir, args.component) if args.component else [])
+    if not units:
+        raise UnmergeError("name what to remove: --component N (from `unmerge group`) or --units SITE/INDEX ...")
+    change = api.unlearn(args.run_dir, units, args.out)
+    print(f"removed {len(units)} subcomponents: {', '.join(units[:8])}{' …' if len(units) > 8 else ''}")
+    print(f"output change on sampled inputs (mean square, relative to the output's): {change:.4g}")
+    print(f"edited model saved in {args.out}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     config = api.load_run_config(DEMO_PRESET, DEMO_OVERRIDES)
     print(f"demo: SPD of the toy model of superposition 5-2 ({config.train.steps} steps) in {args.out}")
@@ -236,6 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="inputs a subcomponent must be active on to be grouped")
     group.add_argument("--show", type=int, default=10, help="components to print")
     group.set_defaults(handler=cmd_group)
+
+    unlearn = commands.add_parser(
+        "unlearn", help="remove components' weights from a run's target and save the edited model",
+        description="Subtract the rank-1 weights of the chosen subcomponents (components of `unmerge group`, or "
+                    "named SITE/INDEX) from the target's weights and save the edited target.",
+    )
+    unlearn.add_argument("run_dir", type=Path)
+    unlearn.add_argument("--component", type=int, nargs="*", default=[], help="component numbers (0 = largest)")
+    unlearn.add_argument("--units", nargs="*", default=[], metavar="SITE/INDEX", help="subcomponents by name")
+    unlearn.add_argument("--out", type=Path, required=True, help="directory for the edited model")
+    unlearn.set_defaults(handler=cmd_unlearn)
 
     demo = commands.add_parser(
         "demo", help="train TMS 5-2, decompose it, print the results",

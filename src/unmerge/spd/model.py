@@ -200,6 +200,28 @@ class ComponentModel(nn.Module):
                 else:
                     site.module.forward = previous[name]
 
+    @contextmanager
+    def edited_weights(self, removed: dict[str, Tensor], shift: dict[str, Tensor]) -> Iterator[None]:
+        """While active, every forward of the target computes each site in `removed` with its weight minus
+        `removed[name]` (d_out, d_in) and adds `shift[name]` (d_out) to that site's output: ablations and edits
+        on the fly, the target's own weights untouched."""
+        unknown = (removed.keys() | shift.keys()) - set(self.site_names)
+        if unknown:
+            raise SiteError(f"no such site: {', '.join(sorted(unknown))}; the sites are {', '.join(self.site_names)}")
+
+        def make_forward(name: str) -> Callable[[Tensor], Tensor]:
+            site = self.sites[name]
+            weight = site.weight - removed[name] if name in removed else site.weight
+
+            def forward(a: Tensor) -> Tensor:
+                output = site.apply(a, weight, site.bias)
+                return output + shift[name] if name in shift else output
+
+            return forward
+
+        with self._swapped_forwards(make_forward):
+            yield
+
     def clean_pass(self, x: Tensor) -> CleanPass:
         """Run the target unchanged, recording every site's input and output."""
         inputs: dict[str, Tensor] = {}

@@ -1,0 +1,141 @@
+"""Interventions (DESIGN.md §8): ablate any set of SPD subcomponents or components on the fly, remove them
+permanently (unlearning), monitor which components are causally important per input; splice a dictionary in at
+its module with any set of latents ablated.
+
+Subcomponents are named `site/c` (as in `unmerge.analysis.grouping`); a component is a list of them. Ablating a
+set S at a site replaces its weight W by `W − Σ_{c∈S} U_c V_c`: with nothing ablated the target is exactly
+itself, whatever the decomposition's faithfulness. A zero ablation stops there; a mean ablation adds back each
+removed subcomponent's mean contribution `U_c · E[V_c a]` (the mean inner activation over sampled inputs), so
+the site's output keeps its average. Tied sites (a weight shared with another site, transposed) are edited
+separately on the fly; a permanent edit of a shared weight changes every site that shares it, so `unlearned_model`
+removes the union of what was asked at either site.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from unmerge.errors import SiteError
+from unmerge.sae.dictionary import Dictionary
+from unmerge.spd.method import SPD
+from unmerge.spd.model import as_site
+from unmerge.train.rng import step_generator
+
+Ablation = Literal["zero", "mean"]
+
+
+def subcomponent_masks(spd: SPD, units: Iterable[str]) -> dict[str, Tensor]:
+    """Per site, a bool mask (C,) of the named subcomponents `site/c`."""
+    masks: dict[str, Tensor] = {}
+    for unit in units:
+        site, _, index = unit.rpartition("/")
+        if site not in spd.module.site_C or not index.isdigit() or int(index) >= spd.module.site_C[site]:
+            raise SiteError(f"{unit!r} names no subcomponent; subcomponents are named SITE/INDEX with SITE one of "
+                            f"{', '.join(spd.module.site_names)} and INDEX below its C")
+        masks.setdefault(site, torch.zeros(spd.module.site_C[site], dtype=torch.bool))[int(index)] = True
+    return masks
+
+
+def removed_weight(spd: SPD, site: str, mask: Tensor) -> Tensor:
+    """`Σ_{c in mask} U_c V_c`, (d_out, d_in)."""
+    components = spd.module.site_components(site)
+    return (components.U * mask) @ components.V
+
+
+@torch.no_grad()
+def mean_inner_activations(spd: SPD, n_inputs: int = 16_384, batch_size: int = 1024,
+                           seed: int = 0) -> dict[str, Tensor]:
+    """Per site, the mean inner activation `E[V a]` (C,) over rows of sampled inputs (for mean ablations)."""
+    totals = {name: torch.zeros(C) for name, C in spd.module.site_C.items()}
+    rows, batch = 0, 0
+    while rows < n_inputs:
+        x = spd.target.sample_inputs(batch_size, step_generator(seed, "mean-ablation", batch))
+        inner = spd.module.inner_acts(spd.module.clean_pass(x))
+        for name, h in inner.items():
+            flat = h.reshape(-1, h.shape[-1])
+            totals[name] += flat.sum(0)
+        rows, batch = rows + flat.shape[0], batch + 1
+    return {name: total / rows for name, total in totals.items()}
+
+
+@contextmanager
+def ablated(spd: SPD, units: Iterable[str], mode: Ablation = "zero",
+            means: dict[str, Tensor] | None = None) -> Iterator[None]:
+    """While active, the target runs with the named subcomponents ablated (zero, or mean with `means` from
+    `mean_inner_activations`)."""
+    masks = subcomponent_masks(spd, units)
+    if mode == "mean" and means is None:
+        raise ValueError("a mean ablation needs the mean inner activations (mean_inner_activations)")
+    removed = {site: removed_weight(spd, site, mask) for site, mask in masks.items()}
+    shift = {}
+    if mode == "mean":
+        for site, mask in masks.items():
+            shift[site] = spd.module.site_components(site).U @ (means[site] * mask)
+    with torch.no_grad(), spd.module.edited_weights(removed, shift):
+        yield
+
+
+@torch.no_grad()
+def component_activity(spd: SPD, x: Tensor, components: list[list[str]],
+                       threshold: float = 0.1) -> Tensor:
+    """Monitoring: (rows, components) bool, True where any subcomponent of the component has CI > threshold (rows
+    are inputs, or token positions of a language model)."""
+    importance = spd.importances(spd.module.clean_pass(x)).lower_all.clamp(0.0, 1.0)
+    active = (importance > threshold).reshape(-1, importance.shape[-1])
+    offsets, start = {}, 0
+    for name in spd.module.site_names:
+        offsets[name] = start
+        start += spd.module.site_C[name]
+    membership = torch.zeros(start, len(components))
+    for j, members in enumerate(components):
+        for site, mask in subcomponent_masks(spd, members).items():
+            membership[offsets[site]: offsets[site] + mask.shape[0], j] = mask.float()
+    return (active.float() @ membership) > 0
+
+
+@torch.no_grad()
+def unlearned_model(spd: SPD, units: Iterable[str]) -> nn.Module:
+    """A copy of the target with the named subcomponents' weights removed permanently (a shared, tied weight loses
+    the union of what was asked at the sites that share it)."""
+    masks = subcomponent_masks(spd, units)
+    for tied, source in spd.module.tied.items():
+        if tied in masks:
+            masks[source] = masks.get(source, torch.zeros_like(masks[tied])) | masks.pop(tied)
+    model = copy.deepcopy(spd.target.model)
+    modules = dict(model.named_modules())
+    for site, mask in masks.items():
+        copied = as_site(modules[site])
+        assert copied is not None
+        copied.weight.sub_(removed_weight(spd, site, mask))
+    return model
+
+
+@contextmanager
+def dictionary_spliced(module: nn.Module, dictionary: Dictionary, latents: Iterable[int] = (),
+                       mode: Ablation = "zero", latent_means: Tensor | None = None) -> Iterator[None]:
+    """While active, `module`'s output is the dictionary's reconstruction — a transcoder's from the module's input,
+    an autoencoder's from its output — with the given latents ablated (set to zero, or to their mean activation
+    `latent_means` (width,) in the dictionary's working units)."""
+    ablate = torch.tensor(sorted(set(latents)), dtype=torch.long)
+    if mode == "mean" and latent_means is None:
+        raise ValueError("a mean ablation of latents needs their mean activations (latent_means)")
+
+    def hook(_: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        x = dictionary.normalise(inputs[0] if dictionary.transcoder else output)
+        _, f, _ = dictionary.forward_normalised(x)
+        f = f.clone()
+        f[..., ablate] = 0.0 if mode == "zero" else latent_means[ablate]
+        return dictionary.decode(f, x) / float(dictionary.target_scale())
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        handle.remove()
