@@ -25,7 +25,6 @@ from unmerge import api
 from unmerge.analysis.interventions import dictionary_spliced, unlearned_model
 from unmerge.sae.dictionary import Dictionary
 from unmerge.spd.method import SPD
-from unmerge.targets import cached_target
 from unmerge.train.rng import step_generator
 
 INPUTS = 8192
@@ -48,15 +47,10 @@ def errors_of(output: torch.Tensor, x: torch.Tensor, feature: int) -> dict[str, 
 
 
 def transcoder_run(directory: Path, spd: SPD) -> Dictionary:
-    config = api.load_dictionary_config("resid-mlp-1-transcoder", ["train.threads=1"])
+    """The `resid-mlp-1-transcoder` preset's dictionary in `directory`, trained there first if missing."""
     if not (directory / api.DICTIONARY_FILE).is_file():
-        api.train_dictionary(config, directory)
-    _, dictionary = api.load_dictionary(directory)
-    target = cached_target(config.data.target).model
-    if not all(torch.equal(a, b) for a, b in zip(target.state_dict().values(),
-                                                   spd.target.model.state_dict().values(), strict=True)):
-        raise SystemExit("the transcoder's target is not the SPD run's target; train both from the same preset")
-    return dictionary
+        api.train_dictionary(api.load_dictionary_config("resid-mlp-1-transcoder", ["train.threads=1"]), directory)
+    return api.load_dictionary_of_target(directory, spd.target)
 
 
 def main() -> None:

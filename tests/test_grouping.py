@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from unmerge import api
-from unmerge.analysis.grouping import description_length, greedy_merge
+from unmerge.analysis.grouping import greedy_merge
 from unmerge.cli import main
 from unmerge.metrics.clustering import adjusted_rand_index
+from unmerge.metrics.description import activity_description_length, description_length
 from unmerge.targets import load_target
 from tests.conftest import TINY_TMS
 
@@ -29,6 +30,17 @@ def test_description_length_by_hand() -> None:
     frequency, sizes = torch.tensor([0.5, 0.25, 1.0, 0.25]), torch.tensor([1.0, 2.0, 3.0, 1.0])
     expected = 0.5 * (2 + 8) + 0.25 * (2 + 16) + 1.0 * (2 + 24) + 0.25 * (2 + 8)  # log2 4 = 2, α = 8
     assert description_length(frequency, sizes, alpha=8.0) == pytest.approx(expected)
+
+
+def test_activity_description_length_of_singletons_and_groups_by_hand() -> None:
+    active = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.bool)
+    # singletons: s = (1/2, 1/2, 1/4), log2 3 naming bits each, α = 4 per unit
+    expected = (0.5 + 0.5 + 0.25) * (math.log2(3) + 4)
+    assert activity_description_length(active, alpha=4.0) == pytest.approx(expected)
+    # units 0 and 1 grouped: s = (1/2, 1/4), r = (2, 1), log2 2 = 1 naming bit
+    grouped = 0.5 * (1 + 8) + 0.25 * (1 + 4)
+    assert activity_description_length(active, 4.0, torch.tensor([7, 7, 3])) == pytest.approx(grouped)
+    assert activity_description_length(torch.zeros(3, 2, dtype=torch.bool), 4.0) == 0.0
 
 
 def _planted_activity(n_inputs: int = 20_000) -> tuple[torch.Tensor, torch.Tensor]:

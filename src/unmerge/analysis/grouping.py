@@ -5,7 +5,7 @@ A unit is one subcomponent of one site, named `site/c`. On a sample of inputs (r
 positions of a language model) a unit is active where its causal importance exceeds `threshold`. A grouping's
 cost, in bits per input, is
 
-    L = Σ_groups s_i (log2 k + α r_i)
+    L = Σ_groups s_i (log2 k + α r_i)     (`unmerge.metrics.description`)
 
 with k groups, s_i the fraction of inputs on which any unit of group i is active, r_i the number of units in it:
 naming each active group costs log2 k bits and describing it costs α bits per unit (the precision of one
@@ -32,6 +32,7 @@ from torch import Tensor
 
 from unmerge.errors import UnmergeError
 from unmerge.metrics.clustering import adjusted_rand_index
+from unmerge.metrics.description import description_length
 from unmerge.spd.method import SPD
 from unmerge.train.rng import step_generator
 
@@ -82,12 +83,6 @@ class MergeHistory:
         for merge in self.merges[: self.best_step if step is None else step]:
             parent[parent == merge.absorbed] = merge.kept
         return parent
-
-
-def description_length(frequency: Tensor, sizes: Tensor, alpha: float) -> float:
-    """`Σ s_i (log2 k + α r_i)` bits per input for groups with activation frequencies s and sizes r."""
-    k = frequency.shape[0]
-    return float((frequency * (math.log2(k) + alpha * sizes)).sum()) if k else 0.0
 
 
 @torch.no_grad()
