@@ -26,6 +26,7 @@ from unmerge.analysis.grouping import (
     group_subcomponents,
 )
 from unmerge.analysis.interventions import unlearned_model
+from unmerge.analysis.splitting import SharedDirections, Splits, feature_splits, shared_split_directions
 from unmerge.config import (
     DictionaryRunConfig,
     LanguageActivationsConfig,
@@ -54,6 +55,7 @@ from unmerge.sae.dictionary import Dictionary
 from unmerge.sae.method import TRAINING_BUFFERS, DictionaryMethod
 from unmerge.sae.saelens import save_saelens
 from unmerge.spd.method import SPD
+from unmerge.report.splitting import children_figure, cosine_figure, markdown_section
 from unmerge.sweep import (
     SweepPoint,
     SweepResult,
@@ -257,6 +259,53 @@ def load_dictionary_of_target(run_dir: Path, target: Target) -> Dictionary:
         raise ConfigError(f"the dictionary in {run_dir} was not trained on the activations of {target.name} as "
                           "given (a different target or trained weights); train both from the same preset")
     return dictionary
+
+
+@dataclass(frozen=True)
+class SplittingResult:
+    """Feature splitting across dictionary runs (by width): per consecutive pair, the runs' names, the splits and
+    the shared-direction fit; the figures and the markdown section written to `out_dir`."""
+
+    out_dir: Path
+    pairs: list[tuple[str, str, Splits, SharedDirections]]
+    figures: list[Path]
+    markdown: Path
+
+
+def feature_splitting(run_dirs: list[Path], out_dir: Path, threshold: float = 0.5,
+                      n_inputs: int = 16_384) -> SplittingResult:
+    """Compare finished dictionary runs of growing width on the same data (`unmerge.analysis.splitting`): each
+    smaller dictionary's latents against the next larger one's, on `n_inputs` sampled activations. Writes
+    `splitting.json`, `splitting.md` (a report section) and figures to `out_dir`."""
+    if len(run_dirs) < 2:
+        raise ConfigError("feature splitting compares at least two dictionary runs of different widths")
+    runs = sorted(((Path(r), *load_dictionary(r)) for r in run_dirs), key=lambda run: run[2].W_d.shape[0])
+    data = runs[0][1].data
+    for run_dir, config, _ in runs[1:]:
+        if config.data != data:
+            raise ConfigError(f"{run_dir} was trained on other data than {runs[0][0]}; feature splitting compares "
+                              "dictionaries of the same activations")
+    source = activation_source(data)
+    activations = source.sample(n_inputs, step_generator(0, "splitting"))[:, :source.dim]
+    out_dir = Path(out_dir)
+    pairs, figures, table = [], [], []
+    for (small_dir, _, small), (large_dir, _, large) in zip(runs, runs[1:]):
+        names = (f"{small_dir.name} ({small.W_d.shape[0]})", f"{large_dir.name} ({large.W_d.shape[0]})")
+        with torch.no_grad():
+            splits = feature_splits(small, large, activations, threshold)
+        shared = shared_split_directions(small, large, splits)
+        pairs.append((*names, splits, shared))
+        stem = f"{small.W_d.shape[0]}-to-{large.W_d.shape[0]}"
+        figures += [cosine_figure(splits, f"{names[0]} → {names[1]}: decoder cosines", out_dir / f"cosine-{stem}.png"),
+                    children_figure(splits, f"{names[0]} → {names[1]}: children", out_dir / f"children-{stem}.png")]
+        table.append({"parent_run": str(small_dir), "child_run": str(large_dir), "threshold": threshold,
+                      "shared_fraction": shared.shared_fraction(), "atom_parents": shared.atom_parents(),
+                      "parents": splits.table()})
+    text = json.dumps(table, indent=1)
+    checkpoint.write_atomic(out_dir / "splitting.json", lambda path: path.write_text(text))
+    section = markdown_section(pairs, figures, threshold)
+    checkpoint.write_atomic(out_dir / "splitting.md", lambda path: path.write_text(section))
+    return SplittingResult(out_dir, pairs, figures, out_dir / "splitting.md")
 
 
 def fetch_corpus() -> Path:

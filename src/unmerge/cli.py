@@ -136,6 +136,17 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     print(f"edited model saved in {args.out}")
 
 
+def cmd_splits(args: argparse.Namespace) -> None:
+    result = api.feature_splitting(args.run_dirs, args.out, args.threshold, args.inputs)
+    for small, large, splits, shared in result.pairs:
+        counts = [len(kids) for kids in splits.children]
+        print(f"{small} → {large}: parents with 0 / 1 / ≥2 children {counts.count(0)} / {counts.count(1)} / "
+              f"{sum(c >= 2 for c in counts)}; split vectors on shared directions {shared.shared_fraction():.3f}")
+    print(f"report section: {result.markdown}")
+    for figure in result.figures:
+        print(f"figure: {figure}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     config = api.load_run_config(DEMO_PRESET, DEMO_OVERRIDES)
     print(f"demo: SPD of the toy model of superposition 5-2 ({config.train.steps} steps) in {args.out}")
@@ -257,6 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--units", nargs="*", default=[], metavar="SITE/INDEX", help="subcomponents by name")
     unlearn.add_argument("--out", type=Path, required=True, help="directory for the edited model")
     unlearn.set_defaults(handler=cmd_unlearn)
+
+    splits = commands.add_parser(
+        "splits", help="feature splitting across dictionaries of growing width",
+        description="For dictionary runs on the same data, map each smaller dictionary's latents to their children "
+                    "in the next larger one (decoder cosine), score how well the children reconstruct each parent, "
+                    "and fit the split directions to see whether different parents split the same way.",
+    )
+    splits.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    splits.add_argument("--out", type=Path, required=True, help="directory for splitting.md, .json and figures")
+    splits.add_argument("--threshold", type=float, default=0.5, help="decoder cosine that makes a child")
+    splits.add_argument("--inputs", type=int, default=16_384, help="sampled activations")
+    splits.set_defaults(handler=cmd_splits)
 
     demo = commands.add_parser(
         "demo", help="train TMS 5-2, decompose it, print the results",

@@ -1,0 +1,75 @@
+"""Figures and a markdown section for feature splitting across dictionaries of growing width."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import torch  # noqa: E402
+
+from unmerge.analysis.splitting import SharedDirections, Splits  # noqa: E402
+from unmerge.report.figures import STYLE, save_figure  # noqa: E402
+
+
+def cosine_figure(splits: Splits, title: str, path: Path) -> Path:
+    """Decoder cosines, parents × children, each child column placed under its most similar parent."""
+    order = torch.argsort(splits.cosine.argmax(0) * 2.0 - splits.cosine.max(0).values, stable=True)
+    with plt.rc_context(STYLE):
+        figure, axis = plt.subplots(figsize=(min(12.0, 2 + 0.08 * splits.cosine.shape[1]),
+                                             min(8.0, 1.5 + 0.08 * splits.cosine.shape[0])))
+        image = axis.imshow(splits.cosine[:, order].numpy(), vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+        axis.set_xlabel("child latent (grouped by most similar parent)")
+        axis.set_ylabel("parent latent")
+        axis.set_title(title)
+        figure.colorbar(image, ax=axis, shrink=0.8, label="decoder cosine")
+    return save_figure(figure, path)
+
+
+def children_figure(splits: Splits, title: str, path: Path) -> Path:
+    """Per parent latent: its number of children (bars) and the R² of its reconstruction from them (dots)."""
+    counts = [len(kids) for kids in splits.children]
+    with plt.rc_context(STYLE):
+        figure, axis = plt.subplots(figsize=(min(12.0, 2 + 0.12 * len(counts)), 3.0))
+        axis.bar(range(len(counts)), counts, color="#9ecae1", label="children")
+        axis.set_xlabel("parent latent")
+        axis.set_ylabel("children")
+        r2 = axis.twinx()
+        r2.plot(range(len(counts)), splits.reconstruction_r2.numpy(), "o", color="#d62728", markersize=3,
+                label="R² from children")
+        r2.set_ylim(min(0.0, float(torch.nan_to_num(splits.reconstruction_r2, nan=1.0).min())), 1.05)
+        r2.set_ylabel("R² of the parent from its children")
+        axis.set_title(title)
+    return save_figure(figure, path)
+
+
+def markdown_section(pairs: list[tuple[str, str, Splits, SharedDirections]], figures: list[Path],
+                     threshold: float) -> str:
+    """The report section: per width pair, summary numbers, the children table and the figures."""
+    lines = ["## Feature splitting", "",
+             f"Children: child latents with decoder cosine > {threshold:g} to the parent's; R²: the parent's "
+             "activation predicted from what its children write, projected on its decoder; shared: split vectors "
+             "on a direction that splits two or more parents (cosine > 0.5).", ""]
+    for (small, large, splits, shared), pair_figures in zip(pairs, _chunks(figures, 2), strict=True):
+        counts = [len(kids) for kids in splits.children]
+        r2 = splits.reconstruction_r2[~torch.isnan(splits.reconstruction_r2)]
+        lines += [f"### {small} → {large}", "",
+                  f"- parents with 0 / 1 / ≥ 2 children: {counts.count(0)} / {counts.count(1)} / "
+                  f"{sum(c >= 2 for c in counts)}",
+                  f"- median R² of a parent from its children: "
+                  f"{float(r2.median()) if r2.numel() else math.nan:.3f}",
+                  f"- split vectors: {shared.split_vectors.shape[0]}; on shared directions: "
+                  f"{shared.shared_fraction():.3f}", "",
+                  "| parent | fires | children (cosine) | R² |", "|---|---|---|---|"]
+        for row in splits.table():
+            kids = ", ".join(f"{c} ({cos:.2f})" for c, cos in zip(row["children"], row["cosines"], strict=True))
+            lines.append(f"| {row['parent']} | {row['frequency']:.3f} | {kids or '—'} | {row['r2']:.3f} |")
+        lines += [""] + [f"![{path.stem}]({path.name})" for path in pair_figures] + [""]
+    return "\n".join(lines)
+
+
+def _chunks(items: list[Path], size: int) -> list[list[Path]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
