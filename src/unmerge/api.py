@@ -26,7 +26,14 @@ from unmerge.analysis.grouping import (
     group_subcomponents,
 )
 from unmerge.analysis.interventions import unlearned_model
-from unmerge.analysis.splitting import SharedDirections, Splits, feature_splits, shared_split_directions
+from unmerge.analysis.splitting import (
+    SharedDirections,
+    Splits,
+    best_matches,
+    feature_splits,
+    shared_split_directions,
+    truth_names,
+)
 from unmerge.config import (
     DictionaryRunConfig,
     LanguageActivationsConfig,
@@ -303,7 +310,11 @@ def feature_splitting(run_dirs: list[Path], out_dir: Path, threshold: float = 0.
                       "parents": splits.table()})
     text = json.dumps(table, indent=1)
     checkpoint.write_atomic(out_dir / "splitting.json", lambda path: path.write_text(text))
-    section = markdown_section(pairs, figures, threshold)
+    matches = None
+    if source.true_features is not None:
+        names = truth_names(source.true_features, source.parents)
+        matches = [best_matches(dictionary, source.true_features, names) for _, _, dictionary in runs]
+    section = markdown_section(pairs, figures, threshold, matches)
     checkpoint.write_atomic(out_dir / "splitting.md", lambda path: path.write_text(section))
     return SplittingResult(out_dir, pairs, figures, out_dir / "splitting.md")
 

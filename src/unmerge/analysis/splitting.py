@@ -122,3 +122,20 @@ def shared_split_directions(parent: Dictionary, child: Dictionary, splits: Split
     similarity = split @ atoms.T
     cosine, assignment = similarity.max(1)
     return SharedDirections(split, p_index, atoms, assignment, cosine)
+
+
+def truth_names(true_features: Tensor, parents: Tensor | None) -> list[str]:
+    """`f<i>` for each true feature, with its role in a hierarchy: `(parent)`, `(child of f<j>)` or nothing."""
+    has_children = set() if parents is None else set(parents[parents >= 0].tolist())
+    names = []
+    for i in range(true_features.shape[0]):
+        parent = -1 if parents is None else int(parents[i])
+        role = f" (child of f{parent})" if parent >= 0 else " (parent)" if i in has_children else ""
+        names.append(f"f{i}{role}")
+    return names
+
+
+def best_matches(dictionary: Dictionary, true_features: Tensor, names: list[str]) -> list[str]:
+    """Per latent, the true feature its decoder direction is closest to, with the cosine: `f3 (parent) 0.99`."""
+    cosine, index = (unit_decoder(dictionary) @ F.normalize(true_features, dim=1).T).max(1)
+    return [f"{names[i]} {c:.2f}" for i, c in zip(index.tolist(), cosine.tolist(), strict=True)]

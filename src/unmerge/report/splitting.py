@@ -47,13 +47,17 @@ def children_figure(splits: Splits, title: str, path: Path) -> Path:
 
 
 def markdown_section(pairs: list[tuple[str, str, Splits, SharedDirections]], figures: list[Path],
-                     threshold: float) -> str:
-    """The report section: per width pair, summary numbers, the children table and the figures."""
+                     threshold: float, matches: list[list[str]] | None = None) -> str:
+    """The report section: per width pair, summary numbers, the children table and the figures; with `matches`
+    (per dictionary, smallest first, each latent's closest true feature) the table names what each latent is."""
     lines = ["## Feature splitting", "",
              f"Children: child latents with decoder cosine > {threshold:g} to the parent's; R²: the parent's "
              "activation predicted from what its children write, projected on its decoder; shared: split vectors "
-             "on a direction that splits two or more parents (cosine > 0.5).", ""]
-    for (small, large, splits, shared), pair_figures in zip(pairs, _chunks(figures, 2), strict=True):
+             "on a direction that splits two or more parents (cosine > 0.5)."
+             + (" Each latent is named by the true feature its decoder is closest to, with the cosine." if matches
+                else ""), ""]
+    for pair, ((small, large, splits, shared), pair_figures) in enumerate(zip(pairs, _chunks(figures, 2),
+                                                                             strict=True)):
         counts = [len(kids) for kids in splits.children]
         r2 = splits.reconstruction_r2[~torch.isnan(splits.reconstruction_r2)]
         lines += [f"### {small} → {large}", "",
@@ -65,8 +69,12 @@ def markdown_section(pairs: list[tuple[str, str, Splits, SharedDirections]], fig
                   f"{shared.shared_fraction():.3f}", "",
                   "| parent | fires | children (cosine) | R² |", "|---|---|---|---|"]
         for row in splits.table():
-            kids = ", ".join(f"{c} ({cos:.2f})" for c, cos in zip(row["children"], row["cosines"], strict=True))
-            lines.append(f"| {row['parent']} | {row['frequency']:.3f} | {kids or '—'} | {row['r2']:.3f} |")
+            parent, kids = str(row["parent"]), [str(c) for c in row["children"]]
+            if matches is not None:
+                parent += f" = {matches[pair][row['parent']]}"
+                kids = [f"{c} = {matches[pair + 1][int(c)]}" for c in kids]
+            kids = ", ".join(f"{c} ({cos:.2f})" for c, cos in zip(kids, row["cosines"], strict=True))
+            lines.append(f"| {parent} | {row['frequency']:.3f} | {kids or '—'} | {row['r2']:.3f} |")
         lines += [""] + [f"![{path.stem}]({path.name})" for path in pair_figures] + [""]
     return "\n".join(lines)
 
