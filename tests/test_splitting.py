@@ -68,7 +68,8 @@ def test_splits_command_on_two_hierarchy_dictionaries(tmp_path, capsys) -> None:
     tiny = ["train.steps=150", "train.batch_size=128", "train.eval_batch_size=512", "train.checkpoint_every=150"]
     for width in (11, 20):
         config = api.load_dictionary_config("hierarchy-relu-l1", [*tiny, f"method.width={width}"])
-        api.train_dictionary(config, tmp_path / f"w{width}")
+        result = api.train_dictionary(config, tmp_path / f"w{width}")
+        assert result.report is not None and "training curves" in result.report.read_text()
     assert main(["splits", str(tmp_path / "w20"), str(tmp_path / "w11"), "--out", str(tmp_path / "splits"),
                  "--inputs", "2048"]) == 0
     printed = capsys.readouterr().out

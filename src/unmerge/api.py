@@ -180,16 +180,27 @@ class RunResult:
     metrics: dict[str, float]
     figures: list[Path]
     resumed_from: int
+    report: Path | None = None
 
 
-def _finish(spd: SPD, run_dir: Path) -> tuple[dict[str, float], list[Path]]:
+def _publish(run_dir: Path, title: str, metrics: dict[str, float], figures: list[Path]) -> tuple[list[Path], Path]:
+    """Write `metrics.json`, the training-curves figure and `report.html`; returns (all figures, report path)."""
+    from unmerge.report.figures import training_curves_figure
+    from unmerge.report.html import write_run_report
+
+    _write_metrics(run_dir, metrics)
+    curves = training_curves_figure(run_dir / "train_log.jsonl", run_dir / "figures" / "training_curves.png")
+    figures = ([curves] if curves else []) + figures
+    return figures, write_run_report(run_dir, title, metrics, figures)
+
+
+def _finish(spd: SPD, run_dir: Path, title: str) -> tuple[dict[str, float], list[Path], Path | None]:
     from unmerge.report.figures import spd_figures
 
     metrics = spd.evaluate()
     if not distributed.is_main_process():
-        return metrics, []
-    _write_metrics(run_dir, metrics)
-    return metrics, spd_figures(spd, run_dir / "figures")
+        return metrics, [], None
+    return metrics, *_publish(run_dir, title, metrics, spd_figures(spd, run_dir / "figures"))
 
 
 def _write_metrics(run_dir: Path, metrics: dict[str, float]) -> None:
@@ -205,8 +216,8 @@ def decompose(config: RunConfig, run_dir: Path) -> RunResult:
     target = _run_target(config, run_dir)
     spd = SPD(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
     result = train(spd, target.sample_inputs, config.train, run_dir, description=f"SPD {config.name}")
-    metrics, figures = _finish(spd, run_dir)
-    return RunResult(run_dir, metrics, figures, result.resumed_from)
+    metrics, figures, report = _finish(spd, run_dir, f"SPD: {config.name}")
+    return RunResult(run_dir, metrics, figures, result.resumed_from, report)
 
 
 def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
@@ -230,7 +241,8 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
                  (("true_features", source.true_features), ("parents", source.parents)) if value is not None}
         if truth:
             checkpoint.write_atomic(run_dir / GROUND_TRUTH_FILE, lambda tmp: save_file(truth, str(tmp)))
-        _write_metrics(run_dir, metrics)
+        figures, report = _publish(run_dir, f"Dictionary: {config.name}", metrics, [])
+        return RunResult(run_dir, metrics, figures, result.resumed_from, report)
     return RunResult(run_dir, metrics, [], result.resumed_from)
 
 
@@ -373,9 +385,9 @@ def load_run(run_dir: Path) -> tuple[RunConfig, SPD, int]:
 
 def evaluate(run_dir: Path) -> RunResult:
     """Recompute `metrics.json` and figures of a run from its newest checkpoint."""
-    _, spd, step = load_run(run_dir)
-    metrics, figures = _finish(spd, Path(run_dir))
-    return RunResult(Path(run_dir), metrics, figures, step)
+    config, spd, step = load_run(run_dir)
+    metrics, figures, report = _finish(spd, Path(run_dir), f"SPD: {config.name}")
+    return RunResult(Path(run_dir), metrics, figures, step, report)
 
 
 def group_components(run_dir: Path, n_inputs: int = 16_384, threshold: float = DEFAULT_THRESHOLD,

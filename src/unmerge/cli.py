@@ -32,6 +32,8 @@ def _report(result: api.RunResult) -> None:
     print(f"run directory: {result.run_dir}")
     for figure in result.figures:
         print(f"figure: {figure}")
+    if result.report:
+        print(f"report: {result.report}")
 
 
 def cmd_train_target(args: argparse.Namespace) -> None:
@@ -68,6 +70,8 @@ def cmd_train_dictionary(args: argparse.Namespace) -> None:
         print(f"resumed from step {result.resumed_from}")
     print(_format_rows([(key, result.metrics[key]) for key in DICTIONARY_KEYS if key in result.metrics]))
     print(f"run directory: {result.run_dir}")
+    if result.report:
+        print(f"report: {result.report}")
 
 
 def cmd_fetch_corpus(args: argparse.Namespace) -> None:

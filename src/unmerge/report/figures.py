@@ -1,7 +1,10 @@
-"""Figures of an SPD run (PNG): recovered subcomponents beside the target's weights, and CI on one-hot inputs."""
+"""Figures of a run (PNG): training curves of every loss term; for SPD on toys, recovered subcomponents beside the
+target's weights and CI on one-hot inputs."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,3 +94,30 @@ def spd_figures(spd: SPD, directory: Path) -> list[Path]:
         if site in spd.module.site_C:
             paths.append(weights_figure(spd, site, axis, directory / f"weights_{site}.png"))
     return paths
+
+
+def training_curves_figure(log_path: Path, path: Path) -> Path | None:
+    """Each logged loss term against the step, one panel per term (log scale where positive); None without a
+    log."""
+    if not log_path.is_file():
+        return None
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    terms = [key for key in rows[0] if key not in ("step", "lr")] if rows else []
+    if not terms:
+        return None
+    columns = min(3, len(terms))
+    with plt.rc_context(STYLE):
+        figure, axes = plt.subplots(math.ceil(len(terms) / columns), columns, figsize=(3.6 * columns,
+                                    2.6 * math.ceil(len(terms) / columns)), squeeze=False)
+        for axis, term in zip(axes.flat, terms, strict=False):
+            points = [(row["step"], row[term]) for row in rows if isinstance(row.get(term), (int, float))]
+            steps, values = zip(*points, strict=True) if points else ((), ())
+            axis.plot(steps, values, color="#1f77b4", linewidth=1.2)
+            if values and min(values) > 0:
+                axis.set_yscale("log")
+            axis.set_title(term)
+            axis.set_xlabel("step")
+        for axis in list(axes.flat)[len(terms):]:
+            axis.set_visible(False)
+        figure.tight_layout()
+    return save_figure(figure, path)

@@ -1,0 +1,60 @@
+"""A run's `report.html`: one self-contained page (figures embedded as data URIs, no scripts or network) with the
+run's metrics, its figures and its resolved config."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+from unmerge.train.checkpoint import write_atomic
+
+REPORT_FILE = "report.html"
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.9em; } td, th { padding: 2px 10px; border-bottom: 1px solid #eee; }
+td.value { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1em 0; } figcaption { color: #555; font-size: 0.85em; } img { max-width: 100%; }
+pre { background: #f6f6f6; padding: 0.8em; font-size: 0.85em; overflow-x: auto; }
+"""
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def _figure(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    name = html.escape(path.stem.replace("_", " "))
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{name}"><figcaption>{name}</figcaption></figure>'
+
+
+def write_run_report(run_dir: Path, title: str, metrics: dict[str, object], figures: list[Path],
+                     config_file: str = "config.yaml") -> Path:
+    """Write `run_dir/report.html` (atomically) and return its path."""
+    rows = "\n".join(f"<tr><td>{html.escape(key)}</td><td class=value>{html.escape(_format(value))}</td></tr>"
+                     for key, value in metrics.items())
+    config_path = run_dir / config_file
+    config = html.escape(config_path.read_text()) if config_path.is_file() else "(no config)"
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p>Run directory: <code>{html.escape(str(run_dir))}</code></p>
+<h2>Metrics</h2>
+<table><tr><th>metric</th><th>value</th></tr>
+{rows}
+</table>
+<h2>Figures</h2>
+{"".join(_figure(path) for path in figures) or "<p>(none)</p>"}
+<h2>Config</h2>
+<pre>{config}</pre>
+</body></html>
+"""
+    path = run_dir / REPORT_FILE
+    write_atomic(path, lambda tmp: tmp.write_text(page))
+    return path
