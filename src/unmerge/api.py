@@ -75,7 +75,7 @@ from unmerge.sweep import (
 )
 from unmerge.targets import Target, cached_target, load_target, save_target
 from unmerge.targets.toys import CONFIG_FILE as TARGET_CONFIG_FILE
-from unmerge.targets.toys import cache_root, target_cache_dir, train_target
+from unmerge.targets.toys import TASK_METRICS_FILE, cache_root, save_task_metrics, target_cache_dir, train_target
 from unmerge.train import checkpoint, distributed
 from unmerge.train.loop import train
 from unmerge.train.rng import step_generator
@@ -455,7 +455,8 @@ def _train_small_lm(preset_or_path: str, config: LanguageTargetConfig, out: Path
 def train_target_preset(
     preset_or_path: str, overrides: list[str] = (), out: Path | None = None
 ) -> tuple[Path, float | None]:
-    """Train a preset's target into the cache (or `out`); the final loss, or None if it was already trained."""
+    """Train a preset's target into the cache (or `out`); the final loss, or None if it was already trained. An
+    algorithmic toy's task score goes to `task_metrics.json` beside it."""
     config = load_run_config(preset_or_path, overrides).target
     if isinstance(config, LanguageTargetConfig):
         return _train_small_lm(preset_or_path, config, out)
@@ -464,6 +465,7 @@ def train_target_preset(
         return directory, None
     target, loss = train_target(config)
     save_target(target, config, directory)
+    save_task_metrics(config, target.model, directory)
     return directory, loss
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -40,6 +41,9 @@ def cmd_train_target(args: argparse.Namespace) -> None:
     directory, loss = api.train_target_preset(args.preset, args.overrides, args.out)
     status = "already trained (reused)" if loss is None else f"final training loss {loss:.4g}"
     print(f"target of {args.preset}: {status}\nsaved in {directory}")
+    scores = directory / api.TASK_METRICS_FILE
+    if scores.is_file():
+        print(_format_rows(list(json.loads(scores.read_text()).items())))
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:

@@ -89,7 +89,40 @@ class ResidMLPConfig(StrictModel):
     )
 
 
-TargetConfig = Annotated[TMSConfig | ResidMLPConfig, Field(discriminator="kind")]
+class MaxOfKConfig(StrictModel):
+    """Max-of-K (Gross et al. 2024): a one-layer attention-only transformer (no LayerNorm, no biases) reads
+    `n_ctx` uniform tokens and predicts their maximum at the last position."""
+
+    kind: Literal["max_of_k"] = "max_of_k"
+    d_vocab: Annotated[int, Field(ge=2)] = Field(64, description="token values 0 … d_vocab − 1")
+    n_ctx: Annotated[int, Field(ge=2)] = Field(4, description="tokens per input")
+    d_model: PositiveInt = Field(32, description="residual stream width")
+    n_heads: PositiveInt = Field(1, description="attention heads")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=3000, batch_size=128, optim=OptimConfig(lr=1e-3)),
+        description="training recipe of the target (Adam on fresh uniform batches)",
+    )
+
+
+class ModularAdditionConfig(StrictModel):
+    """Modular addition (Nanda et al. 2023): a one-layer transformer (no LayerNorm) reads `a b =` and predicts
+    (a + b) mod p at `=`, trained full-batch on a fixed fraction of all pairs; it groks."""
+
+    kind: Literal["modular_addition"] = "modular_addition"
+    p: Annotated[int, Field(ge=3)] = Field(113, description="the modulus; tokens 0 … p − 1 and `=` (id p)")
+    d_model: PositiveInt = Field(128, description="residual stream width")
+    n_heads: PositiveInt = Field(4, description="attention heads")
+    d_mlp: PositiveInt = Field(512, description="ReLU MLP width")
+    train_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(0.3, description="pairs seen in training")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=10_000, batch_size=3831,
+                                            optim=OptimConfig(lr=1e-3, weight_decay=1.0)),
+        description="training recipe: full batch (batch_size ≥ the training pairs), AdamW with weight decay 1",
+    )
+
+
+TargetConfig = Annotated[TMSConfig | ResidMLPConfig | MaxOfKConfig | ModularAdditionConfig,
+                         Field(discriminator="kind")]
 
 
 class SiteConfig(StrictModel):
@@ -242,7 +275,8 @@ class RunConfig(StrictModel):
     """One decomposition run: which target, which method, how to train."""
 
     name: str = Field("run", description="human-readable name (the preset's name)")
-    target: TMSConfig | ResidMLPConfig | LanguageTargetConfig = Field(discriminator="kind")
+    target: TMSConfig | ResidMLPConfig | MaxOfKConfig | ModularAdditionConfig | LanguageTargetConfig = Field(
+        discriminator="kind")
     method: SPDConfig
     train: TrainConfig
 
@@ -250,9 +284,11 @@ class RunConfig(StrictModel):
     def _output_loss_fits_the_target(self) -> RunConfig:
         whole_language_model = (isinstance(self.target, LanguageTargetConfig) and self.target.module is None
                                 and self.target.model.kind != "minilm")
-        wanted = "kl" if whole_language_model else "mse"
+        classifier = isinstance(self.target, (MaxOfKConfig, ModularAdditionConfig))
+        wanted = "kl" if whole_language_model or classifier else "mse"
         if self.method.output_loss != wanted:
             kind = ("a whole causal language model" if whole_language_model
+                    else "an algorithmic toy (its output is logits)" if classifier
                     else "a toy target, a single module or a sentence encoder's embedding")
             raise ValueError(f"method.output_loss must be {wanted!r} for {kind}, not {self.method.output_loss!r}")
         return self

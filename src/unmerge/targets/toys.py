@@ -6,6 +6,7 @@ A trained target is stored as `model.safetensors` + `target.yaml` (its full conf
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from unmerge.config import (
+    MaxOfKConfig,
+    ModularAdditionConfig,
     ResidMLPConfig,
     StrictModel,
     TargetConfig,
@@ -25,7 +28,7 @@ from unmerge.config import (
     validate,
 )
 from unmerge.errors import CheckpointError
-from unmerge.targets import resid_mlp, tms
+from unmerge.targets import algorithmic, resid_mlp, tms
 from unmerge.targets.base import GroundTruth, Target
 from unmerge.train.checkpoint import write_atomic
 from unmerge.train.loop import ModelTraining, train
@@ -33,16 +36,19 @@ from unmerge.train.rng import derive_seed
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "target.yaml"
+TASK_METRICS_FILE = "task_metrics.json"  # the trained model's score on its task (algorithmic toys)
 
 
 @dataclass(frozen=True)
 class ToyRecipe:
-    """How to build one kind of toy target, sample its inputs, train it, and state its ground truth."""
+    """How to build one kind of toy target, sample its inputs, train it, state its ground truth (if it has one
+    in this form) and score the trained model on its task."""
 
     build: Callable[[TargetConfig], nn.Module]
     inputs: Callable[[TargetConfig, int, torch.Generator], Tensor]
     loss: Callable[[nn.Module, Tensor], Tensor]
-    ground_truth: Callable[[TargetConfig], GroundTruth]
+    ground_truth: Callable[[TargetConfig], GroundTruth | None] = lambda config: None
+    task_metrics: Callable[[nn.Module, TargetConfig], dict[str, float]] | None = None
 
 
 RECIPES: dict[str, ToyRecipe] = {
@@ -53,6 +59,11 @@ RECIPES: dict[str, ToyRecipe] = {
         resid_mlp.resid_mlp_loss,
         resid_mlp.resid_mlp_ground_truth,
     ),
+    "max_of_k": ToyRecipe(algorithmic.max_of_k_model, algorithmic.max_of_k_inputs, algorithmic.max_of_k_loss,
+                          task_metrics=algorithmic.max_of_k_accuracy),
+    "modular_addition": ToyRecipe(algorithmic.modular_addition_model, algorithmic.modular_addition_inputs,
+                                  algorithmic.modular_addition_loss,
+                                  task_metrics=algorithmic.modular_addition_accuracy),
 }
 
 
@@ -65,6 +76,10 @@ class _TargetFile(StrictModel):
 def target_name(config: TargetConfig) -> str:
     if isinstance(config, TMSConfig):
         return f"tms-{config.n_features}-{config.n_hidden}" + ("-id" if config.identity else "")
+    if isinstance(config, MaxOfKConfig):
+        return f"max-of-{config.n_ctx}-vocab-{config.d_vocab}"
+    if isinstance(config, ModularAdditionConfig):
+        return f"modular-addition-{config.p}"
     assert isinstance(config, ResidMLPConfig)
     return f"resid-mlp-{config.n_layers}"
 
@@ -92,6 +107,21 @@ def train_target(config: TargetConfig) -> tuple[Target, float]:
         description=f"train {target_name(config)}",
     )
     return build_target(config, model), result.last_terms["loss"]
+
+
+def task_metrics(config: TargetConfig, model: nn.Module) -> dict[str, float] | None:
+    """The trained model's score on its task (accuracy for the algorithmic toys), or None if the kind has none."""
+    score = RECIPES[config.kind].task_metrics
+    return None if score is None else score(model, config)
+
+
+def save_task_metrics(config: TargetConfig, model: nn.Module, directory: Path) -> dict[str, float] | None:
+    """Score the model on its task and write `task_metrics.json` beside it (nothing for kinds without one)."""
+    metrics = task_metrics(config, model)
+    if metrics is not None:
+        text = json.dumps(metrics, indent=2)
+        write_atomic(directory / TASK_METRICS_FILE, lambda tmp: tmp.write_text(text))
+    return metrics
 
 
 def save_target(target: Target, config: TargetConfig, directory: Path) -> None:
@@ -134,5 +164,6 @@ def cached_target(config: TargetConfig) -> Target:
         return load_target(directory)[0]
     target, _ = train_target(config)
     save_target(target, config, directory)
+    save_task_metrics(config, target.model, directory)
     return target
 

@@ -1,0 +1,127 @@
+"""Algorithmic toy transformers with known mechanisms (DESIGN.md §6): max-of-K and modular addition.
+
+One model serves both: token and learned position embeddings, one layer of multi-head attention with separate
+q, k, v, o projections (no biases), an optional ReLU MLP, no LayerNorm, an unembedding; the logits are read at the
+last position only (the last position attends to all; the earlier positions' outputs do not matter). Every
+weight is its own module (`embed`, `attn.q_proj`, …, `mlp.fc_in`, `unembed`), so SPD decomposes any of
+them by name, the embedding as a token-indexed site.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unmerge.config import MaxOfKConfig, ModularAdditionConfig
+from unmerge.train.rng import step_generator
+
+EVAL_CHUNK = 65_536
+
+
+class OneLayerTransformer(nn.Module):
+    """Token ids (batch, n_ctx) → logits at the last position (batch, d_vocab_out)."""
+
+    def __init__(self, d_vocab: int, d_vocab_out: int, n_ctx: int, d_model: int, n_heads: int,
+                 d_mlp: int | None) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.n_heads = n_heads
+        self.embed = nn.Embedding(d_vocab, d_model)
+        self.pos_embed = nn.Parameter(torch.randn(n_ctx, d_model) / math.sqrt(d_model))
+        self.attn = nn.ModuleDict({name: nn.Linear(d_model, d_model, bias=False)
+                                   for name in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        self.mlp = None if d_mlp is None else nn.ModuleDict({"fc_in": nn.Linear(d_model, d_mlp),
+                                                             "fc_out": nn.Linear(d_mlp, d_model)})
+        self.unembed = nn.Linear(d_model, d_vocab_out, bias=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        x = self.embed(ids) + self.pos_embed[: ids.shape[1]]
+        batch, seq, width = x.shape
+        q, k, v = (self.attn[name](x).view(batch, seq, self.n_heads, -1).transpose(1, 2)
+                   for name in ("q_proj", "k_proj", "v_proj"))
+        mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        resid = x + self.attn["o_proj"](mixed.transpose(1, 2).reshape(batch, seq, width))
+        if self.mlp is not None:
+            resid = resid + self.mlp["fc_out"](F.relu(self.mlp["fc_in"](resid)))
+        return self.unembed(resid)[:, -1]  # every site runs at every position (SPD sees one CI per position)
+
+
+def max_of_k_model(config: MaxOfKConfig) -> OneLayerTransformer:
+    return OneLayerTransformer(config.d_vocab, config.d_vocab, config.n_ctx, config.d_model, config.n_heads, None)
+
+
+def max_of_k_inputs(config: MaxOfKConfig, batch_size: int, generator: torch.Generator) -> Tensor:
+    """Uniform random tokens."""
+    return torch.randint(config.d_vocab, (batch_size, config.n_ctx), generator=generator)
+
+
+def max_of_k_loss(model: nn.Module, ids: Tensor) -> Tensor:
+    return F.cross_entropy(model(ids), ids.max(1).values)
+
+
+@torch.no_grad()
+def max_of_k_accuracy(model: nn.Module, config: MaxOfKConfig) -> dict[str, float]:
+    """Accuracy on every one of the d_vocab^n_ctx inputs, enumerated in chunks."""
+    total = config.d_vocab ** config.n_ctx
+    powers = config.d_vocab ** torch.arange(config.n_ctx - 1, -1, -1)
+    correct = 0
+    for start in range(0, total, EVAL_CHUNK):
+        index = torch.arange(start, min(start + EVAL_CHUNK, total))
+        ids = (index[:, None] // powers) % config.d_vocab
+        correct += int((model(ids).argmax(1) == ids.max(1).values).sum())
+    return {"accuracy_all_inputs": correct / total, "inputs": float(total)}
+
+
+def modular_addition_model(config: ModularAdditionConfig) -> OneLayerTransformer:
+    return OneLayerTransformer(config.p + 1, config.p, 3, config.d_model, config.n_heads, config.d_mlp)
+
+
+def modular_addition_split(config: ModularAdditionConfig) -> tuple[Tensor, Tensor]:
+    """(training, test) inputs `a b =` of all p² pairs, split by a seeded permutation."""
+    a, b = torch.meshgrid(torch.arange(config.p), torch.arange(config.p), indexing="ij")
+    pairs = torch.stack([a.flatten(), b.flatten(), torch.full((config.p**2,), config.p)], dim=1)
+    order = torch.randperm(config.p**2, generator=step_generator(config.train.seed, "modular-addition-split"))
+    n_train = round(config.train_fraction * config.p**2)
+    return pairs[order[:n_train]], pairs[order[n_train:]]
+
+
+def modular_addition_inputs(config: ModularAdditionConfig, batch_size: int, generator: torch.Generator) -> Tensor:
+    """The whole training set when `batch_size` covers it (full-batch training), else a uniform draw from it."""
+    train, _ = modular_addition_split(config)
+    if batch_size >= train.shape[0]:
+        return train
+    return train[torch.randint(train.shape[0], (batch_size,), generator=generator)]
+
+
+def modular_addition_labels(ids: Tensor, p: int) -> Tensor:
+    return (ids[:, 0] + ids[:, 1]) % p
+
+
+def modular_addition_loss(model: nn.Module, ids: Tensor) -> Tensor:
+    return F.cross_entropy(model(ids), modular_addition_labels(ids, model.unembed.out_features))
+
+
+@torch.no_grad()
+def modular_addition_accuracy(model: nn.Module, config: ModularAdditionConfig) -> dict[str, float]:
+    """Accuracy and loss on the training pairs and on the held-out pairs."""
+    results = {}
+    for name, ids in zip(("train", "test"), modular_addition_split(config), strict=True):
+        logits = model(ids)
+        labels = modular_addition_labels(ids, config.p)
+        results[f"{name}_accuracy"] = float((logits.argmax(1) == labels).float().mean())
+        results[f"{name}_loss"] = float(F.cross_entropy(logits, labels))
+    return results
+
+
+def key_frequencies(embedding: Tensor, p: int, share: float = 0.9) -> list[tuple[int, float]]:
+    """The frequencies k (1 … p // 2) of the embedding's discrete Fourier transform over the p number tokens that
+    together hold `share` of its (non-constant) power, largest first, each with its fraction of the power."""
+    spectrum = torch.fft.rfft(embedding[:p].double(), dim=0).abs().square().sum(1)[1:]
+    fractions = spectrum / spectrum.sum()
+    order = torch.argsort(fractions, descending=True)
+    kept = int((torch.cumsum(fractions[order], 0) < share).sum()) + 1
+    return [(int(k) + 1, float(fractions[k])) for k in order[:kept]]
