@@ -402,6 +402,25 @@ def group_components(run_dir: Path, n_inputs: int = 16_384, threshold: float = D
     return grouping
 
 
+def runs_index(run_dirs: list[Path], out_dir: Path, columns: list[str] | None = None) -> Path:
+    """`out_dir/index.html` comparing finished runs (SPD or dictionary): their metrics side by side, sortable,
+    each run linked to its `report.html`. Columns: `columns`, else the metrics every run has (at most 40)."""
+    from unmerge.report.html import write_index
+
+    runs = []
+    for run_dir in map(Path, run_dirs):
+        metrics_path = run_dir / METRICS_FILE
+        if not metrics_path.is_file():
+            raise CheckpointError(f"{run_dir} has no {METRICS_FILE}: not a finished run (train or evaluate it first)")
+        config = load_yaml(run_dir / RUN_CONFIG) if (run_dir / RUN_CONFIG).is_file() else {}
+        runs.append((run_dir, f"{config.get('name', run_dir.name)} · {run_dir.name}",
+                     json.loads(metrics_path.read_text())))
+    if columns is None:
+        common = set.intersection(*(set(metrics) for _, _, metrics in runs)) if runs else set()
+        columns = [key for key in runs[0][2] if key in common][:40] if runs else []
+    return write_index(Path(out_dir), runs, columns)
+
+
 def load_grouping(run_dir: Path) -> dict[str, Any]:
     """The `grouping.json` that `group_components` saved in a run."""
     path = Path(run_dir) / GROUPING_FILE

@@ -155,6 +155,10 @@ def cmd_splits(args: argparse.Namespace) -> None:
         print(f"figure: {figure}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    print(f"index: {api.runs_index(args.run_dirs, args.out, args.columns or None)}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     config = api.load_run_config(DEMO_PRESET, DEMO_OVERRIDES)
     print(f"demo: SPD of the toy model of superposition 5-2 ({config.train.steps} steps) in {args.out}")
@@ -288,6 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     splits.add_argument("--threshold", type=float, default=0.5, help="decoder cosine that makes a child")
     splits.add_argument("--inputs", type=int, default=16_384, help="sampled activations")
     splits.set_defaults(handler=cmd_splits)
+
+    report = commands.add_parser(
+        "report", help="an index page comparing runs, linking each run's report",
+        description="Write DIR/index.html: the runs' metrics side by side (click a header to sort), each run "
+                    "linked to its report.html.",
+    )
+    report.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", type=Path, required=True, help="directory for index.html")
+    report.add_argument("--columns", nargs="*", default=[], help="metrics to show (default: those all runs have)")
+    report.set_defaults(handler=cmd_report)
 
     demo = commands.add_parser(
         "demo", help="train TMS 5-2, decompose it, print the results",

@@ -1,11 +1,13 @@
-"""A run's `report.html`: one self-contained page (figures embedded as data URIs, no scripts or network) with the
-run's metrics, its figures and its resolved config."""
+"""HTML pages: a run's `report.html` (one self-contained page, figures embedded as data URIs, no scripts or
+network: the run's metrics, its figures and its resolved config) and an `index.html` comparing runs side by side
+(sortable, linking each run's report)."""
 
 from __future__ import annotations
 
 import base64
 import html
 import math
+import os
 from pathlib import Path
 
 from unmerge.train.checkpoint import write_atomic
@@ -56,5 +58,50 @@ def write_run_report(run_dir: Path, title: str, metrics: dict[str, object], figu
 </body></html>
 """
     path = run_dir / REPORT_FILE
+    write_atomic(path, lambda tmp: tmp.write_text(page))
+    return path
+
+
+INDEX_FILE = "index.html"
+SORT_SCRIPT = """
+document.querySelectorAll("th").forEach((header, column) => header.addEventListener("click", () => {
+  const body = header.closest("table").tBodies[0];
+  const ascending = header.dataset.order !== "asc";
+  header.dataset.order = ascending ? "asc" : "desc";
+  const key = row => { const text = row.cells[column].dataset.sort ?? row.cells[column].textContent;
+                       const number = parseFloat(text); return isNaN(number) ? text : number; };
+  [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
+    return (x < y ? -1 : x > y ? 1 : 0) * (ascending ? 1 : -1); }).forEach(row => body.appendChild(row));
+}));
+"""
+
+
+def write_index(out_dir: Path, runs: list[tuple[Path, str, dict[str, object]]], columns: list[str]) -> Path:
+    """`out_dir/index.html`: one row per run (name linked to its report, then `columns` of its metrics), sortable
+    by clicking a column header; self-contained but for the links."""
+    header = "".join(f"<th>{html.escape(name)}</th>" for name in ["run", *columns])
+    rows = []
+    for run_dir, title, metrics in runs:
+        report = run_dir / REPORT_FILE
+        link = (f'<a href="{html.escape(str(os.path.relpath(report, out_dir)))}">{html.escape(title)}</a>'
+                if report.is_file() else html.escape(title))
+        cells = "".join(f"<td class=value data-sort=\"{html.escape(_format(metrics.get(c, '')))}\">"
+                        f"{html.escape(_format(metrics[c]) if c in metrics else '—')}</td>" for c in columns)
+        rows.append(f"<tr><td data-sort=\"{html.escape(title)}\">{link}</td>{cells}</tr>")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>unmerge runs</title><style>{STYLE}
+th {{ cursor: pointer; text-align: left; }}</style></head>
+<body>
+<h1>{len(runs)} runs</h1>
+<p>Click a column header to sort.</p>
+<table><thead><tr>{header}</tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody></table>
+<script>{SORT_SCRIPT}</script>
+</body></html>
+"""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / INDEX_FILE
     write_atomic(path, lambda tmp: tmp.write_text(page))
     return path
