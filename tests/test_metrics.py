@@ -67,3 +67,13 @@ def test_feature_recovery_angle_and_cross_talk() -> None:
     both = metrics.feature_recovery(torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0]]), torch.tensor([[1.0, 1.0]]), "in")
     assert both.mmcs == pytest.approx(1.0)
     assert both.matrix_cosine == pytest.approx(1 / math.sqrt(2))
+
+
+def test_latent_purity_closed_form() -> None:
+    from unmerge.metrics.dictionary import latent_purity
+
+    latents = torch.tensor([[1.0, 0.0, 0.0], [3.0, 2.0, 0.0], [0.0, 2.0, 0.0]])
+    purity, label = latent_purity(latents, torch.tensor([0, 1, 1]), n_labels=2)
+    assert purity[0].item() == pytest.approx(0.75) and label[0] == 1  # 3 of its 4 units of mass on label 1
+    assert purity[1].item() == 1.0 and label[1] == 1
+    assert torch.isnan(purity[2]) and label[2] == -1

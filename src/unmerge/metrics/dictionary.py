@@ -134,3 +134,14 @@ def absorption(true_coefficients: Tensor, latents: Tensor, cosines: Tensor, pare
         on = child_on[:, mine]
         per_parent.append(absorbed[:, mine][on].double().mean() if bool(on.any()) else torch.tensor(0.0))
     return float(torch.stack(per_parent).mean())
+
+
+def latent_purity(latents: Tensor, labels: Tensor, n_labels: int) -> tuple[Tensor, Tensor]:
+    """Per latent, the largest share of its activation mass that falls on inputs of one label (1: it fires for
+    that label only) and that label; NaN and −1 for latents that never fire. `latents` (inputs, width) ≥ 0 and
+    integer `labels` (inputs,) in [0, n_labels)."""
+    mass = torch.zeros(n_labels, latents.shape[1], dtype=torch.float64).index_add_(0, labels, latents.double())
+    total = mass.sum(0)
+    share, label = mass.max(0)
+    fires = total > 0
+    return torch.where(fires, share / total.clamp(min=1e-300), torch.nan), torch.where(fires, label, -1)

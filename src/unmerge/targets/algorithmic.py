@@ -37,6 +37,7 @@ class OneLayerTransformer(nn.Module):
         self.mlp = None if d_mlp is None else nn.ModuleDict({"fc_in": nn.Linear(d_model, d_mlp),
                                                              "fc_out": nn.Linear(d_mlp, d_model)})
         self.unembed = nn.Linear(d_model, d_vocab_out, bias=False)
+        self.logits = nn.Identity()  # a hook point for the output: the last position's logits
 
     def forward(self, ids: Tensor) -> Tensor:
         x = self.embed(ids) + self.pos_embed[: ids.shape[1]]
@@ -47,7 +48,7 @@ class OneLayerTransformer(nn.Module):
         resid = x + self.attn["o_proj"](mixed.transpose(1, 2).reshape(batch, seq, width))
         if self.mlp is not None:
             resid = resid + self.mlp["fc_out"](F.relu(self.mlp["fc_in"](resid)))
-        return self.unembed(resid)[:, -1]  # every site runs at every position (SPD sees one CI per position)
+        return self.logits(self.unembed(resid)[:, -1])  # every site runs at every position (one CI per position)
 
 
 def max_of_k_model(config: MaxOfKConfig) -> OneLayerTransformer:
