@@ -79,6 +79,7 @@ def test_group_then_unlearn_commands_on_a_tiny_tms_run(tmp_path: Path, capsys: p
     assert len(saved["history"]) == saved["active_units"] - 1
     assert saved["description_length_bits"] <= saved["description_length_unmerged_bits"]
     assert math.isfinite(saved["adjusted_rand_index"]) and saved["settings"]["alpha"] == 2.0
+    assert "grouping" in (tmp_path / "run" / "report.html").read_text()  # the merge-history figure joined it
     assert main(["unlearn", str(tmp_path / "run"), "--component", "0", "--out", str(tmp_path / "edited")]) == 0
     assert "edited model saved" in capsys.readouterr().out
     edited, _ = load_target(tmp_path / "edited")

@@ -395,10 +395,18 @@ def group_components(run_dir: Path, n_inputs: int = 16_384, threshold: float = D
                      batch_size: int = 1024) -> Grouping:
     """Group a run's subcomponents into components by description length (`unmerge.analysis.grouping`) and save
     the grouping, its merge history and, on toys, its agreement with the truth as `grouping.json` in the run."""
-    _, spd, _ = load_run(run_dir)
+    from unmerge.report.figures import merge_history_figure
+    from unmerge.report.html import write_run_report
+
+    config, spd, _ = load_run(run_dir)
+    run_dir = Path(run_dir)
     grouping = group_subcomponents(spd, n_inputs, batch_size, threshold, alpha, min_active, seed=0)
     text = json.dumps(grouping.summary(), indent=1)
-    checkpoint.write_atomic(Path(run_dir) / GROUPING_FILE, lambda path: path.write_text(text))
+    checkpoint.write_atomic(run_dir / GROUPING_FILE, lambda path: path.write_text(text))
+    merge_history_figure(grouping.history.costs, grouping.history.best_step, run_dir / "figures" / "grouping.png")
+    if (run_dir / METRICS_FILE).is_file():  # refresh the report with the grouping's figure
+        metrics = json.loads((run_dir / METRICS_FILE).read_text())
+        write_run_report(run_dir, f"SPD: {config.name}", metrics, sorted((run_dir / "figures").glob("*.png")))
     return grouping
 
 

@@ -121,3 +121,19 @@ def training_curves_figure(log_path: Path, path: Path) -> Path | None:
             axis.set_visible(False)
         figure.tight_layout()
     return save_figure(figure, path)
+
+
+def merge_history_figure(costs: list[float], best_step: int, path: Path) -> Path:
+    """Description length after each greedy merge (bits per input), the chosen grouping marked."""
+    with plt.rc_context(STYLE):
+        figure, axis = plt.subplots(figsize=(5.0, 3.0))
+        groups = [len(costs) - step for step in range(len(costs))]
+        axis.plot(groups, costs, color="#1f77b4", linewidth=1.2)
+        axis.axvline(groups[best_step], color="#d62728", linestyle="--", linewidth=1,
+                     label=f"chosen: {groups[best_step]} components")
+        axis.set_xscale("log")
+        axis.set_xlabel("components (merging runs right to left)")
+        axis.set_ylabel("description length (bits / input)")
+        axis.set_title("grouping: merge history")
+        axis.legend()
+    return save_figure(figure, path)
