@@ -236,6 +236,23 @@ def test_dictionary_trains_from_a_cache_and_reports_spliced_metrics(tmp_path: Pa
     assert metrics["kl_spliced"] >= 0.0 and metrics["heldout/tokens"] >= 300
     manifest = json.loads((api.activation_cache_dir(config.data) / "manifest.json").read_text())
     assert manifest["complete"] and manifest["description"]["hook"] == "model.layers.0"
+    _check_latent_snippets(result.report.read_text())
+    _check_latent_snippets(api.dictionary_report(tmp_path / "run").read_text())  # rebuilt, cache not read
+
+
+def _check_latent_snippets(report: str) -> None:
+    """Every listed latent's first snippet outlines the token with its largest activation; words are shown."""
+    import re
+
+    rows = re.findall(r'<tr data-latent="(\d+)">(.*?)</tr>', report, flags=re.S)
+    assert rows and "<h2>Latents</h2>" in report
+    for _, row in rows:
+        first = re.search(r'<div class="snippet">(.*?)</div>', row, flags=re.S).group(1)
+        spans = re.findall(r'<span class="tok( max)?" data-activation="([^"]+)"[^>]*>([^<]*)</span>', first)
+        strongest = max(float(value) for _, value, _ in spans)
+        outlined = [float(value) for marked, value, _ in spans if marked]
+        assert outlined == [strongest]
+    assert any(word in report for word in WORDS)  # token texts, not ids
 
 
 def _tiny_language_run(tmp_path: Path, isolated_cache: Path, extra: list[str]):

@@ -52,6 +52,7 @@ from unmerge.data.language_activations import (
     activation_cache_dir,
     cached_source,
     language_data,
+    language_latent_examples,
     language_target,
     small_lm_dir,
 )
@@ -89,6 +90,7 @@ GROUND_TRUTH_FILE = "ground_truth.safetensors"  # a toy source's true features (
 TARGET_DIR = "target"
 TARGET_WEIGHTS_FILE = "model.safetensors"  # an edited (unlearned) language model's state dict
 GROUPING_FILE = "grouping.json"  # the chosen grouping of a run's subcomponents, with its merge history
+LATENT_SNIPPETS = 5  # top-activating held-out snippets per latent in a language dictionary's report
 
 
 def preset_names() -> list[str]:
@@ -183,7 +185,8 @@ class RunResult:
     report: Path | None = None
 
 
-def _publish(run_dir: Path, title: str, metrics: dict[str, float], figures: list[Path]) -> tuple[list[Path], Path]:
+def _publish(run_dir: Path, title: str, metrics: dict[str, float], figures: list[Path],
+             sections: str = "") -> tuple[list[Path], Path]:
     """Write `metrics.json`, the training-curves figure and `report.html`; returns (all figures, report path)."""
     from unmerge.report.figures import training_curves_figure
     from unmerge.report.html import write_run_report
@@ -191,7 +194,7 @@ def _publish(run_dir: Path, title: str, metrics: dict[str, float], figures: list
     _write_metrics(run_dir, metrics)
     curves = training_curves_figure(run_dir / "train_log.jsonl", run_dir / "figures" / "training_curves.png")
     figures = ([curves] if curves else []) + figures
-    return figures, write_run_report(run_dir, title, metrics, figures)
+    return figures, write_run_report(run_dir, title, metrics, figures, sections=sections)
 
 
 def _finish(spd: SPD, run_dir: Path, title: str) -> tuple[dict[str, float], list[Path], Path | None]:
@@ -241,7 +244,14 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
                  (("true_features", source.true_features), ("parents", source.parents)) if value is not None}
         if truth:
             checkpoint.write_atomic(run_dir / GROUND_TRUTH_FILE, lambda tmp: save_file(truth, str(tmp)))
-        figures, report = _publish(run_dir, f"Dictionary: {config.name}", metrics, [])
+        sections = ""
+        if source.latent_examples is not None:
+            from unmerge.report.latents import latents_section
+
+            with torch.no_grad():
+                examples = source.latent_examples(lambda a: method.reconstruct(a)[1], LATENT_SNIPPETS)
+            sections = latents_section(examples)
+        figures, report = _publish(run_dir, f"Dictionary: {config.name}", metrics, [], sections)
         return RunResult(run_dir, metrics, figures, result.resumed_from, report)
     return RunResult(run_dir, metrics, [], result.resumed_from)
 
@@ -266,6 +276,24 @@ def load_dictionary(run_dir: Path) -> tuple[DictionaryRunConfig, Dictionary]:
                         weights["W_d"].shape[1] if transcoder else None)
     module.load_state_dict({name: value for name, value in weights.items() if name not in TRAINING_BUFFERS})
     return config, module.eval()
+
+
+def dictionary_report(run_dir: Path) -> Path:
+    """Rebuild a finished dictionary run's `report.html` from its saved metrics and dictionary (for a language
+    model, with its latents' top-activating held-out snippets, recomputed without reading the activation cache)."""
+    from unmerge.report.html import write_run_report
+    from unmerge.report.latents import latents_section
+
+    config, dictionary = load_dictionary(run_dir)
+    run_dir = Path(run_dir)
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    sections = ""
+    if isinstance(config.data, LanguageActivationsConfig):
+        with torch.no_grad():
+            examples = language_latent_examples(config.data)(lambda a: dictionary(a)[1], LATENT_SNIPPETS)
+        sections = latents_section(examples)
+    return write_run_report(run_dir, f"Dictionary: {config.name}", metrics,
+                            sorted((run_dir / "figures").glob("*.png")), sections=sections)
 
 
 def load_dictionary_of_target(run_dir: Path, target: Target) -> Dictionary:

@@ -118,6 +118,9 @@ new points."""
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    if (args.run_dir / api.DICTIONARY_FILE).is_file():
+        print(f"report: {api.dictionary_report(args.run_dir)}")
+        return
     _report(api.evaluate(args.run_dir))
 
 
@@ -249,8 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=cmd_export_saelens)
 
     evaluate = commands.add_parser(
-        "evaluate", help="recompute metrics.json and figures of a run",
-        description="Evaluate a run directory's newest checkpoint: metrics.json and figures.",
+        "evaluate", help="recompute metrics.json, figures and report.html of a run",
+        description="SPD run: evaluate its newest checkpoint (metrics.json, figures, report.html). Finished "
+                    "dictionary run: rebuild its report.html (latents with top-activating snippets on a language "
+                    "model).",
     )
     evaluate.add_argument("run_dir", type=Path)
     evaluate.set_defaults(handler=cmd_evaluate)

@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from unmerge.config import (
 )
 from unmerge.data import text as text_data
 from unmerge.data.activation_cache import ActivationCache, build_activation_cache
-from unmerge.data.sparse_features import ActivationSource
+from unmerge.data.sparse_features import ActivationSource, LatentExamples
 from unmerge.data.target_activations import capture_module, find_module
 from unmerge.metrics import dictionary as dictionary_scores
 from unmerge.metrics.spliced import Replacement, loss_recovered, spliced_embeddings, spliced_losses
@@ -116,6 +116,8 @@ def small_lm_data(recipe: SmallLMConfig, text: TextConfig) -> LanguageData:
     train, heldout = _windows(text, tokenizer)
     kept = text_data.compact_vocabulary(train, recipe.vocab_size, tokenizer.bos_id)
     train, heldout = (text_data.remap_windows(w, kept, recipe.vocab_size) for w in (train, heldout))
+    gpt2_text = tokenizer.token_text
+    tokenizer = replace(tokenizer, token_text=lambda i: gpt2_text(int(kept[i])) if i < len(kept) else "<rare>")
     unknown = recipe.vocab_size - 1
     directory = small_lm_dir(recipe, text)
     start = time.perf_counter()
@@ -243,6 +245,35 @@ def spliced_evaluator(data: LanguageData, module: nn.Module, windows: Tensor,
     return evaluate
 
 
+def latent_examples_builder(data: LanguageData, module: nn.Module,
+                            windows: Tensor) -> Callable[[Callable[[Tensor], Tensor], int], LatentExamples]:
+    """`examples(encode, per_latent)`: every latent's activation at every position of the held-out `windows`
+    (special tokens get 0) and its `per_latent` most activating positions, with the windows' token texts."""
+    lm = data.lm
+    ordinary = lm.ordinary_positions(windows)
+    tokens = [[data.tokenizer.token_text(int(i)) for i in window] for window in windows]
+
+    def examples(encode: Callable[[Tensor], Tensor], per_latent: int) -> LatentExamples:
+        activations = torch.cat([capture_module(lm, module, windows[start:start + 8], lm.name)[1]
+                                 for start in range(0, windows.shape[0], 8)])
+        latents = encode(activations[ordinary])
+        full = torch.zeros(*windows.shape, latents.shape[-1])
+        full[ordinary] = latents
+        top = full.reshape(-1, latents.shape[-1]).topk(min(per_latent, full[..., 0].numel()), dim=0).indices
+        return LatentExamples(tokens, full, top, ordinary)
+
+    return examples
+
+
+def language_latent_examples(config: LanguageActivationsConfig) -> Callable[[Callable[[Tensor], Tensor], int],
+                                                                            LatentExamples]:
+    """The latent-examples builder of `config`'s held-out windows alone (no activation cache is read)."""
+    data = language_data(config.model, config.text)
+    module = find_module(data.lm, config.hook, data.lm.name)
+    windows = evaluation_windows(data.heldout_windows, config.eval_tokens, data.tokens_per_window)
+    return latent_examples_builder(data, module, windows)
+
+
 def language_activation_source(config: LanguageActivationsConfig) -> ActivationSource:
     """Activations of the configured model at `hook` on the training windows (cached or live), with the
     spliced-in evaluation on held-out windows."""
@@ -256,7 +287,8 @@ def language_activation_source(config: LanguageActivationsConfig) -> ActivationS
         sample, dim = cache.source(config.hook).sample, cache.dim
     windows = evaluation_windows(data.heldout_windows, config.eval_tokens, data.tokens_per_window)
     return ActivationSource(name=f"{data.lm.name}/{config.hook}", dim=dim, sample=sample,
-                            spliced_evaluation=spliced_evaluator(data, module, windows, sample))
+                            spliced_evaluation=spliced_evaluator(data, module, windows, sample),
+                            latent_examples=latent_examples_builder(data, module, windows))
 
 
 def _module_inputs(data: LanguageData, module: nn.Module, tokens: int, record_batch: int) -> Tensor:

@@ -22,6 +22,18 @@ from unmerge.config import SparseFeaturesConfig
 
 
 @dataclass(frozen=True)
+class LatentExamples:
+    """Latent activations on held-out text, for showing top-activating snippets: the windows' token texts,
+    `activations` (windows, seq, width) with 0 at special tokens, `top` (k, width): each latent's k most
+    activating positions as flat indices into windows × seq, strongest first, and which positions are ordinary."""
+
+    tokens: list[list[str]]
+    activations: Tensor
+    top: Tensor
+    ordinary: Tensor  # (windows, seq) bool: the positions that hold ordinary tokens
+
+
+@dataclass(frozen=True)
 class ActivationSource:
     """What a dictionary trains on: a batch sampler of d-dimensional activations and, for toys, the true features
     (rows of `true_features`, unit norm, in the space the decoder writes to), their coefficients' generator for
@@ -31,7 +43,8 @@ class ActivationSource:
     `(batch, dim + output_dim)`, so pairs stay together through the one training loop (`split`).
 
     A language model's source has a `spliced_evaluation`: given the dictionary's `x ↦ (x̂, latents)`, it splices
-    the dictionary into the model on held-out text and returns its metrics (`unmerge.data.language_activations`)."""
+    the dictionary into the model on held-out text and returns its metrics (`unmerge.data.language_activations`);
+    and `latent_examples`: given `x ↦ latents` and k, each latent's k most activating held-out snippets."""
 
     name: str
     dim: int
@@ -41,6 +54,7 @@ class ActivationSource:
     parents: Tensor | None = None
     output_dim: int | None = None
     spliced_evaluation: Callable[[Callable[[Tensor], tuple[Tensor, Tensor]]], dict[str, float]] | None = None
+    latent_examples: Callable[[Callable[[Tensor], Tensor], int], LatentExamples] | None = None
 
     @property
     def row_width(self) -> int:

@@ -81,6 +81,7 @@ class TextTokenizer:
     bos_id: int
     vocab_size: int
     end_id: int | None = None
+    token_text: Callable[[int], str] = str  # one id's text, for showing snippets (default: the id itself)
 
 
 def from_hf_tokenizer(tokenizer: object, name: str) -> TextTokenizer:
@@ -95,7 +96,7 @@ def from_hf_tokenizer(tokenizer: object, name: str) -> TextTokenizer:
     def encode(text: str) -> list[int]:  # whole documents: no warning about the model's maximum length
         return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
-    return TextTokenizer(name, encode, bos, len(tokenizer), end)
+    return TextTokenizer(name, encode, bos, len(tokenizer), end, lambda i: tokenizer.decode([i]))
 
 
 def gpt2_tokenizer() -> TextTokenizer:
@@ -118,7 +119,7 @@ def gpt2_tokenizer() -> TextTokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     return TextTokenizer("gpt2", lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
-                         vocab[GPT2_END_OF_TEXT], len(vocab))
+                         vocab[GPT2_END_OF_TEXT], len(vocab), token_text=lambda i: tokenizer.decode([i]))
 
 
 def token_windows(documents: dict[str, str], tokenizer: TextTokenizer, seq_len: int) -> Tensor:

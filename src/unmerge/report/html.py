@@ -1,6 +1,6 @@
-"""HTML pages: a run's `report.html` (one self-contained page, figures embedded as data URIs, no scripts or
-network: the run's metrics, its figures and its resolved config) and an `index.html` comparing runs side by side
-(sortable, linking each run's report)."""
+"""HTML pages: a run's `report.html` (one self-contained page, figures embedded as data URIs, nothing fetched:
+the run's metrics, its figures, its resolved config and, for a dictionary on a language model, its latents with
+top-activating snippets) and an `index.html` comparing runs side by side (sortable, linking each run's report)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ def _figure(path: Path) -> str:
 
 
 def write_run_report(run_dir: Path, title: str, metrics: dict[str, object], figures: list[Path],
-                     config_file: str = "config.yaml") -> Path:
-    """Write `run_dir/report.html` (atomically) and return its path."""
+                     config_file: str = "config.yaml", sections: str = "") -> Path:
+    """Write `run_dir/report.html` (atomically) and return its path; `sections` is further HTML (e.g. the
+    latents of a dictionary on a language model), placed before the config."""
     rows = "\n".join(f"<tr><td>{html.escape(key)}</td><td class=value>{html.escape(_format(value))}</td></tr>"
                      for key, value in metrics.items())
     config_path = run_dir / config_file
@@ -53,6 +54,7 @@ def write_run_report(run_dir: Path, title: str, metrics: dict[str, object], figu
 </table>
 <h2>Figures</h2>
 {"".join(_figure(path) for path in figures) or "<p>(none)</p>"}
+{sections}
 <h2>Config</h2>
 <pre>{config}</pre>
 </body></html>
@@ -64,7 +66,7 @@ def write_run_report(run_dir: Path, title: str, metrics: dict[str, object], figu
 
 INDEX_FILE = "index.html"
 SORT_SCRIPT = """
-document.querySelectorAll("th").forEach((header, column) => header.addEventListener("click", () => {
+document.querySelectorAll("table.sortable th").forEach((header, column) => header.addEventListener("click", () => {
   const body = header.closest("table").tBodies[0];
   const ascending = header.dataset.order !== "asc";
   header.dataset.order = ascending ? "asc" : "desc";
@@ -94,7 +96,7 @@ th {{ cursor: pointer; text-align: left; }}</style></head>
 <body>
 <h1>{len(runs)} runs</h1>
 <p>Click a column header to sort.</p>
-<table><thead><tr>{header}</tr></thead>
+<table class=sortable><thead><tr>{header}</tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody></table>

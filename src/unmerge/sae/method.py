@@ -298,11 +298,11 @@ class DictionaryMethod:
                     results["parent_recall"] = scores.parent_recall(coefficients, f, cosines, self.source.parents)
                     results["absorption"] = scores.absorption(coefficients, f, cosines, self.source.parents)
         if self.source.spliced_evaluation is not None:
-            results |= self.source.spliced_evaluation(lambda a: self._reconstruct(a))
+            results |= self.source.spliced_evaluation(lambda a: self.reconstruct(a))
         module.train()
         return results
 
-    def _reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(x̂, latents) in the source's own units, for evaluations outside the training batch."""
         reconstruction, normalised_latents, _ = self.module(x)
         return reconstruction, normalised_latents / self.module.target_scale()

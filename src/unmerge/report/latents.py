@@ -1,0 +1,74 @@
+"""The latents section of a dictionary's report on a language model: every latent that fires on the held-out
+text, its density and largest activation, and its top-activating snippets with each token shaded by the latent's
+activation (the strongest token marked); a filter box and sortable columns."""
+
+from __future__ import annotations
+
+import html
+
+import torch
+
+from unmerge.data.sparse_features import LatentExamples
+from unmerge.report.html import SORT_SCRIPT
+
+BEFORE, AFTER = 10, 4  # tokens of context shown before and after the top-activating token
+FILTER_SCRIPT = """
+document.getElementById("latent-filter").addEventListener("input", event => {
+  const query = event.target.value.toLowerCase();
+  document.querySelectorAll("#latents tbody tr").forEach(row => {
+    row.style.display = !query || row.dataset.latent === query || row.textContent.toLowerCase().includes(query)
+      ? "" : "none";
+  });
+});
+"""
+STYLE = """
+.snippet { font-family: ui-monospace, monospace; font-size: 0.85em; margin: 2px 0; white-space: pre-wrap; }
+.tok { border-radius: 2px; } .tok.max { outline: 1px solid #000; }
+"""
+
+
+def _token(text: str, activation: float, peak: float, strongest: bool) -> str:
+    shade = 0.0 if peak <= 0 else max(0.0, min(1.0, activation / peak))
+    shown = html.escape(text.replace("\n", "⏎"))
+    return (f'<span class="tok{" max" if strongest else ""}" data-activation="{activation:.4g}" '
+            f'title="{activation:.4g}" style="background: rgba(214, 39, 40, {shade:.2f})">{shown}</span>')
+
+
+def _snippet(examples: LatentExamples, latent: int, flat: int, peak: float) -> str:
+    seq = examples.activations.shape[1]
+    window, position = divmod(flat, seq)
+    start, stop = max(0, position - BEFORE), min(seq, position + AFTER + 1)
+    values = examples.activations[window, start:stop, latent].tolist()
+    tokens = examples.tokens[window][start:stop]
+    spans = "".join(_token(text, value, peak, start + i == position)
+                    for i, (text, value) in enumerate(zip(tokens, values, strict=True)))
+    return f'<div class="snippet">{spans}</div>'
+
+
+def latents_section(examples: LatentExamples, max_latents: int = 2000) -> str:
+    """HTML: the latents that fire on the held-out windows, densest first (at most `max_latents`)."""
+    flat = examples.activations[examples.ordinary]
+    density = (flat > 0).float().mean(0)
+    peaks = flat.max(0).values
+    order = [int(j) for j in torch.argsort(density, descending=True) if density[j] > 0][:max_latents]
+    rows = []
+    for latent in order:
+        peak = float(peaks[latent])
+        snippets = "".join(_snippet(examples, latent, int(flat_index), peak)
+                           for flat_index in examples.top[:, latent]
+                           if examples.activations.reshape(-1, flat.shape[1])[flat_index, latent] > 0)
+        rows.append(f'<tr data-latent="{latent}"><td>{latent}</td><td class=value>{float(density[latent]):.4g}</td>'
+                    f"<td class=value>{peak:.4g}</td><td>{snippets}</td></tr>")
+    return f"""<style>{STYLE}</style>
+<h2>Latents</h2>
+<p>{len(order)} latents fire on {int(examples.ordinary.sum())} held-out tokens ({int((density == 0).sum())} do not).
+Each snippet is centred on one of the latent's most activating tokens (outlined); shading is the latent's
+activation relative to its largest. Filter by latent number or text; click a header to sort.</p>
+<p><input id="latent-filter" placeholder="filter: latent number or text" size="40"></p>
+<table id="latents" class="sortable"><thead><tr><th>latent</th><th>density</th><th>max activation</th>
+<th>top-activating snippets</th></tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody></table>
+<script>{SORT_SCRIPT}{FILTER_SCRIPT}</script>
+"""
