@@ -88,3 +88,17 @@ def test_corrupt_checkpoint_is_detected(tmp_path: Path) -> None:
     newest.write_bytes(newest.read_bytes()[:-10])
     with pytest.raises(CheckpointError, match=r"corrupt .*delete"):
         api.evaluate(tmp_path)
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from unmerge.train.checkpoint import write_atomic
+
+    umask = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "report.html", lambda path: path.write_text("x"))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "report.html").stat().st_mode) == 0o644

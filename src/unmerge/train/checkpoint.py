@@ -45,12 +45,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _process_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def write_atomic(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)`, fsync, and rename onto `path`; readers see the old or the new file, never half."""
+    """Call `write(tmp_path)`, fsync, and rename onto `path`; readers see the old or the new file, never half.
+    The file gets the permissions an ordinary new file would (the umask applied), not mkstemp's private 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_process_umask())
         write(Path(tmp))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
