@@ -28,7 +28,7 @@ class StrictModel(BaseModel):
 
     def digest(self) -> str:
         """Short stable hash of the config's content (used to key caches of trained targets)."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        text = json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)  # unset options add nothing
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -40,6 +40,8 @@ class OptimConfig(StrictModel):
     warmup_steps: NonNegativeInt = Field(0, description="linear warm-up from 0")
     final_lr_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = Field(0.0, description="cosine floor / peak")
     weight_decay: NonNegativeFloat = Field(0.0, description="decoupled weight decay (AdamW); 0 is plain Adam")
+    beta2: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
+        None, description="Adam's second-moment decay (unset: torch's 0.999)")
 
 
 class TrainConfig(StrictModel):

@@ -101,8 +101,8 @@ def language_data(model: LanguageModelConfig, text: TextConfig) -> LanguageData:
 
 def small_lm_dir(recipe: SmallLMConfig, text: TextConfig) -> Path:
     """Where the small LM of this recipe and text is cached (keyed by both)."""
-    settings = json.dumps({"recipe": recipe.model_dump(mode="json"), "text": text.model_dump(mode="json")},
-                          sort_keys=True)
+    settings = json.dumps({"recipe": recipe.model_dump(mode="json", exclude_none=True),
+                           "text": text.model_dump(mode="json")}, sort_keys=True)
     return cache_root() / "targets" / f"small-lm-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
 
 

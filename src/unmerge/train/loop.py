@@ -125,7 +125,8 @@ def train(
     """Optimise `method.module` for `config.steps` steps, resuming from `run_dir`'s newest checkpoint if any."""
     keep_freed_memory()
     parameters = [p for p in method.module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    betas = {} if config.optim.beta2 is None else {"betas": (0.9, config.optim.beta2)}
+    optimizer = torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay, **betas)
     rank, writes = distributed.rank(), run_dir is not None and distributed.is_main_process()
     start = _resume(run_dir, method.module, optimizer) if run_dir is not None else 0
     if start == 0:
