@@ -1,1 +1,2 @@
-"""Analysis of trained decompositions: grouping subcomponents into components (mechanisms)."""
+"""Analysis of trained decompositions: grouping subcomponents into components (`grouping`), ablations, unlearning
+and monitoring (`interventions`), and feature splitting across dictionary widths (`splitting`)."""
