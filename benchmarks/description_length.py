@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from unmerge import api
-from unmerge.analysis.grouping import group_subcomponents
-from unmerge.analysis.interventions import dictionary_spliced
+from unmerge.analysis.grouping import active_subcomponents, group_subcomponents
+from unmerge.analysis.interventions import dictionary_spliced, unit_index
 from unmerge.metrics import dictionary as dictionary_metrics
 from unmerge.metrics.description import activity_description_length
 from unmerge.spd.method import SPD
@@ -40,17 +40,15 @@ def spd_row(spd: SPD, x: torch.Tensor) -> dict[str, object]:
     importance = spd.importances(clean)
     masks = {name: g * (g > THRESHOLD) for name, g in importance.clipped().items()}
     output = spd.module.masked_pass(x, masks, clean, importance.inner)
-    active = (importance.lower_all.clamp(0.0, 1.0) > THRESHOLD).reshape(-1, importance.lower_all.shape[-1])
+    active = active_subcomponents(importance, THRESHOLD)
     row: dict[str, object] = {"units": active.shape[1], "l0": float(active.sum(1).float().mean()),
                               "output_fvu": dictionary_metrics.fvu(clean.output, output)}
     for alpha in ALPHAS:
         row[f"bits_alpha{alpha:g}"] = activity_description_length(active, alpha)
         grouping = group_subcomponents(spd, INPUTS, 1024, THRESHOLD, alpha, min_active=1)
-        names = [f"{site}/{c}" for site in spd.module.site_names for c in range(spd.module.site_C[site])]
-        labels = torch.arange(len(names))
-        index = {unit: i for i, unit in enumerate(names)}
-        for unit, label in zip(grouping.units, grouping.labels.tolist(), strict=True):
-            labels[index[unit]] = index[grouping.units[label]]
+        positions = torch.tensor(unit_index(spd, grouping.units))
+        labels = torch.arange(active.shape[1])  # inactive subcomponents stay alone
+        labels[positions] = positions[grouping.labels]
         row[f"bits_grouped_alpha{alpha:g}"] = activity_description_length(active, alpha, labels)
     return row
 

@@ -197,6 +197,14 @@ def _publish(run_dir: Path, title: str, metrics: dict[str, float], figures: list
     return figures, write_run_report(run_dir, title, metrics, figures, sections=sections)
 
 
+def _refresh_report(run_dir: Path, title: str, sections: str = "") -> Path:
+    """Rewrite a finished run's `report.html` from its saved `metrics.json` and every figure in `figures/`."""
+    from unmerge.report.html import write_run_report
+
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    return write_run_report(run_dir, title, metrics, sorted((run_dir / "figures").glob("*.png")), sections=sections)
+
+
 def _finish(spd: SPD, run_dir: Path, title: str) -> tuple[dict[str, float], list[Path], Path | None]:
     from unmerge.report.figures import spd_figures
 
@@ -281,19 +289,15 @@ def load_dictionary(run_dir: Path) -> tuple[DictionaryRunConfig, Dictionary]:
 def dictionary_report(run_dir: Path) -> Path:
     """Rebuild a finished dictionary run's `report.html` from its saved metrics and dictionary (for a language
     model, with its latents' top-activating held-out snippets, recomputed without reading the activation cache)."""
-    from unmerge.report.html import write_run_report
     from unmerge.report.latents import latents_section
 
     config, dictionary = load_dictionary(run_dir)
-    run_dir = Path(run_dir)
-    metrics = json.loads((run_dir / METRICS_FILE).read_text())
     sections = ""
     if isinstance(config.data, LanguageActivationsConfig):
         with torch.no_grad():
             examples = language_latent_examples(config.data)(lambda a: dictionary(a)[1], LATENT_SNIPPETS)
         sections = latents_section(examples)
-    return write_run_report(run_dir, f"Dictionary: {config.name}", metrics,
-                            sorted((run_dir / "figures").glob("*.png")), sections=sections)
+    return _refresh_report(Path(run_dir), f"Dictionary: {config.name}", sections)
 
 
 def load_dictionary_of_target(run_dir: Path, target: Target) -> Dictionary:
@@ -424,7 +428,6 @@ def group_components(run_dir: Path, n_inputs: int = 16_384, threshold: float = D
     """Group a run's subcomponents into components by description length (`unmerge.analysis.grouping`) and save
     the grouping, its merge history and, on toys, its agreement with the truth as `grouping.json` in the run."""
     from unmerge.report.figures import merge_history_figure
-    from unmerge.report.html import write_run_report
 
     config, spd, _ = load_run(run_dir)
     run_dir = Path(run_dir)
@@ -433,8 +436,7 @@ def group_components(run_dir: Path, n_inputs: int = 16_384, threshold: float = D
     checkpoint.write_atomic(run_dir / GROUPING_FILE, lambda path: path.write_text(text))
     merge_history_figure(grouping.history.costs, grouping.history.best_step, run_dir / "figures" / "grouping.png")
     if (run_dir / METRICS_FILE).is_file():  # refresh the report with the grouping's figure
-        metrics = json.loads((run_dir / METRICS_FILE).read_text())
-        write_run_report(run_dir, f"SPD: {config.name}", metrics, sorted((run_dir / "figures").glob("*.png")))
+        _refresh_report(run_dir, f"SPD: {config.name}")
     return grouping
 
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from unmerge.errors import UnmergeError
 from unmerge.metrics.clustering import adjusted_rand_index
 from unmerge.metrics.description import description_length
-from unmerge.spd.method import SPD
+from unmerge.spd.method import SPD, Importances
 from unmerge.train.rng import step_generator
 
 DEFAULT_THRESHOLD = 0.1
@@ -85,18 +85,28 @@ class MergeHistory:
         return parent
 
 
+def subcomponent_names(spd: SPD) -> list[str]:
+    """`site/c` for every subcomponent, in the order of the concatenated CI (`Importances.lower_all`)."""
+    return [f"{site}/{c}" for site in spd.module.site_names for c in range(spd.module.site_C[site])]
+
+
+def active_subcomponents(importances: Importances, threshold: float = DEFAULT_THRESHOLD) -> Tensor:
+    """(rows, subcomponents) bool: CI above `threshold`, rows being inputs or token positions."""
+    ci = importances.lower_all.clamp(0.0, 1.0)
+    return (ci > threshold).reshape(-1, ci.shape[-1])
+
+
 @torch.no_grad()
 def unit_activity(spd: SPD, n_inputs: int, batch_size: int, threshold: float = DEFAULT_THRESHOLD,
                   min_active: int = DEFAULT_MIN_ACTIVE, seed: int = 0) -> UnitActivity:
     """Binarised CI of every subcomponent of every site on `n_inputs` rows of the target's input distribution;
     units active on fewer than `min_active` rows are set aside as inactive."""
-    names = [f"{site}/{c}" for site in spd.module.site_names for c in range(spd.module.site_C[site])]
+    names = subcomponent_names(spd)
     active = torch.zeros(n_inputs, len(names), dtype=torch.bool)
     filled, batch = 0, 0
     while filled < n_inputs:
         x = spd.target.sample_inputs(batch_size, step_generator(seed, "grouping", batch))
-        importance = spd.importances(spd.module.clean_pass(x)).lower_all.clamp(0.0, 1.0)
-        rows = (importance > threshold).reshape(-1, len(names))[: n_inputs - filled]
+        rows = active_subcomponents(spd.importances(spd.module.clean_pass(x)), threshold)[: n_inputs - filled]
         active[filled : filled + rows.shape[0]] = rows
         filled, batch = filled + rows.shape[0], batch + 1
     fired = active.sum(dim=0) >= min_active
@@ -207,12 +217,13 @@ class Grouping:
     def summary(self) -> dict:
         """JSON-ready: settings, costs, the components, ARI against the truth, and the whole merge history."""
         costs = self.history.costs
+        components = self.components()
         return {
             "settings": self.settings,
             "active_units": len(self.units),
             "inactive_units": self.inactive,
-            "components": self.components(),
-            "n_components": len(self.components()),
+            "components": components,
+            "n_components": len(components),
             "description_length_bits": costs[self.history.best_step],
             "description_length_unmerged_bits": costs[0],
             "merges_chosen": self.history.best_step,

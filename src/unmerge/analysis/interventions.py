@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from unmerge.analysis.grouping import active_subcomponents, subcomponent_names
 from unmerge.errors import SiteError
 from unmerge.sae.dictionary import Dictionary
 from unmerge.spd.method import SPD
@@ -30,16 +31,24 @@ from unmerge.train.rng import step_generator
 Ablation = Literal["zero", "mean"]
 
 
+def unit_index(spd: SPD, units: Iterable[str]) -> list[int]:
+    """Positions of the named subcomponents `site/c` in the concatenated CI; an unknown name is an error."""
+    index = {name: i for i, name in enumerate(subcomponent_names(spd))}
+    units = list(units)
+    unknown = [unit for unit in units if unit not in index]
+    if unknown:
+        raise SiteError(f"{unknown[0]!r} names no subcomponent; subcomponents are named SITE/INDEX with SITE one of "
+                        f"{', '.join(spd.module.site_names)} and INDEX below its C")
+    return [index[unit] for unit in units]
+
+
 def subcomponent_masks(spd: SPD, units: Iterable[str]) -> dict[str, Tensor]:
     """Per site, a bool mask (C,) of the named subcomponents `site/c`."""
-    masks: dict[str, Tensor] = {}
-    for unit in units:
-        site, _, index = unit.rpartition("/")
-        if site not in spd.module.site_C or not index.isdigit() or int(index) >= spd.module.site_C[site]:
-            raise SiteError(f"{unit!r} names no subcomponent; subcomponents are named SITE/INDEX with SITE one of "
-                            f"{', '.join(spd.module.site_names)} and INDEX below its C")
-        masks.setdefault(site, torch.zeros(spd.module.site_C[site], dtype=torch.bool))[int(index)] = True
-    return masks
+    chosen = torch.zeros(len(subcomponent_names(spd)), dtype=torch.bool)
+    chosen[unit_index(spd, units)] = True
+    return {site: mask for site, mask in zip(spd.module.site_names,
+                                               chosen.split([spd.module.site_C[s] for s in spd.module.site_names]),
+                                               strict=True) if mask.any()}
 
 
 def removed_weight(spd: SPD, site: str, mask: Tensor) -> Tensor:
@@ -86,16 +95,10 @@ def component_activity(spd: SPD, x: Tensor, components: list[list[str]],
                        threshold: float = 0.1) -> Tensor:
     """Monitoring: (rows, components) bool, True where any subcomponent of the component has CI > threshold (rows
     are inputs, or token positions of a language model)."""
-    importance = spd.importances(spd.module.clean_pass(x)).lower_all.clamp(0.0, 1.0)
-    active = (importance > threshold).reshape(-1, importance.shape[-1])
-    offsets, start = {}, 0
-    for name in spd.module.site_names:
-        offsets[name] = start
-        start += spd.module.site_C[name]
-    membership = torch.zeros(start, len(components))
+    active = active_subcomponents(spd.importances(spd.module.clean_pass(x)), threshold)
+    membership = torch.zeros(active.shape[1], len(components))
     for j, members in enumerate(components):
-        for site, mask in subcomponent_masks(spd, members).items():
-            membership[offsets[site]: offsets[site] + mask.shape[0], j] = mask.float()
+        membership[unit_index(spd, members), j] = 1.0
     return (active.float() @ membership) > 0
 
 

@@ -249,13 +249,12 @@ def latent_examples_builder(data: LanguageData, module: nn.Module,
                             windows: Tensor) -> Callable[[Callable[[Tensor], Tensor], int], LatentExamples]:
     """`examples(encode, per_latent)`: every latent's activation at every position of the held-out `windows`
     (special tokens get 0) and its `per_latent` most activating positions, with the windows' token texts."""
-    lm = data.lm
-    ordinary = lm.ordinary_positions(windows)
+    ordinary = data.lm.ordinary_positions(windows)
     tokens = [[data.tokenizer.token_text(int(i)) for i in window] for window in windows]
+    record = _recorder(data.lm, module)
 
     def examples(encode: Callable[[Tensor], Tensor], per_latent: int) -> LatentExamples:
-        activations = torch.cat([capture_module(lm, module, windows[start:start + 8], lm.name)[1]
-                                 for start in range(0, windows.shape[0], 8)])
+        activations = torch.cat([record(windows[start:start + 8]) for start in range(0, windows.shape[0], 8)])
         latents = encode(activations[ordinary])
         full = torch.zeros(*windows.shape, latents.shape[-1])
         full[ordinary] = latents
