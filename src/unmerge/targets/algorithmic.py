@@ -9,6 +9,7 @@ them by name, the embedding as a token-indexed site.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -82,11 +83,17 @@ def modular_addition_model(config: ModularAdditionConfig) -> OneLayerTransformer
 
 
 def modular_addition_split(config: ModularAdditionConfig) -> tuple[Tensor, Tensor]:
-    """(training, test) inputs `a b =` of all p² pairs, split by a seeded permutation."""
-    a, b = torch.meshgrid(torch.arange(config.p), torch.arange(config.p), indexing="ij")
-    pairs = torch.stack([a.flatten(), b.flatten(), torch.full((config.p**2,), config.p)], dim=1)
-    order = torch.randperm(config.p**2, generator=step_generator(config.train.seed, "modular-addition-split"))
-    n_train = round(config.train_fraction * config.p**2)
+    """(training, test) inputs `a b =` of all p² pairs, split by a seeded permutation (built once per setting:
+    full-batch training asks for the training set every step)."""
+    return _split(config.p, config.train_fraction, config.train.seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _split(p: int, train_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    pairs = torch.stack([a.flatten(), b.flatten(), torch.full((p**2,), p)], dim=1)
+    order = torch.randperm(p**2, generator=step_generator(seed, "modular-addition-split"))
+    n_train = round(train_fraction * p**2)
     return pairs[order[:n_train]], pairs[order[n_train:]]
 
 
