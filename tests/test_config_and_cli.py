@@ -108,3 +108,14 @@ def test_decompose_writes_config_metrics_figures_and_evaluate_reproduces_them(tm
     page = index.read_text()
     assert '<a href="../run/report.html">' in page and "<th>mmcs</th>" in page and "addEventListener" in page
     assert f'data-sort="{metrics["ml2r"]:.6g}"' in page and page.count("—") == 1  # a missing metric is a dash
+
+
+def test_evaluate_of_an_unfinished_dictionary_run_says_so(tmp_path, capsys) -> None:
+    from unmerge import api
+    from unmerge.cli import main
+
+    config = api.load_dictionary_config("hierarchy-relu-l1", ["train.steps=20", "train.checkpoint_every=10"])
+    api.train_dictionary(config, tmp_path / "run")
+    (tmp_path / "run" / api.DICTIONARY_FILE).unlink()  # as if interrupted before the end
+    assert main(["evaluate", str(tmp_path / "run")]) == 2
+    assert "has not finished" in capsys.readouterr().err

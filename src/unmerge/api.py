@@ -286,6 +286,12 @@ def load_dictionary(run_dir: Path) -> tuple[DictionaryRunConfig, Dictionary]:
     return config, module.eval()
 
 
+def is_dictionary_run(run_dir: Path) -> bool:
+    """Whether a run directory belongs to `train-dictionary` (its config has a `data` section) rather than SPD."""
+    config_path = Path(run_dir) / RUN_CONFIG
+    return config_path.is_file() and "data" in (load_yaml(config_path) or {})
+
+
 def dictionary_report(run_dir: Path) -> Path:
     """Rebuild a finished dictionary run's `report.html` from its saved metrics and dictionary (for a language
     model, with its latents' top-activating held-out snippets, recomputed without reading the activation cache)."""

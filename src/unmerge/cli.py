@@ -118,7 +118,7 @@ new points."""
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    if (args.run_dir / api.DICTIONARY_FILE).is_file():
+    if api.is_dictionary_run(args.run_dir):
         print(f"report: {api.dictionary_report(args.run_dir)}")
         return
     _report(api.evaluate(args.run_dir))
