@@ -83,4 +83,3 @@ def test_splits_command_on_two_hierarchy_dictionaries(tmp_path, capsys) -> None:
     api.train_dictionary(other, tmp_path / "other")
     assert main(["splits", str(tmp_path / "w11"), str(tmp_path / "other"), "--out", str(tmp_path / "x")]) == 2
     assert "other data" in capsys.readouterr().err
-
