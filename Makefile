@@ -14,6 +14,7 @@ demo: $(VENV_STAMP)
 	.venv/bin/unmerge demo
 
 test: $(VENV_STAMP)
+	scripts/install-chromium
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
 bench: $(VENV_STAMP)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from unmerge import api
-from unmerge.config import DictionaryConfig, SiteConfig, SPDConfig
+from unmerge.config import DictionaryConfig, DictionaryRunConfig, SiteConfig, SPDConfig
 from unmerge.data import text
 from unmerge.data.target_activations import capture_module
 from unmerge.metrics.spliced import loss_recovered, counted_predictions, spliced, spliced_losses
@@ -213,8 +213,9 @@ def test_load_hf_directory_and_special_ids(tmp_path: Path) -> None:
     assert capture_module(loaded.lm, module, _ids(), "tiny")[1].shape == (3, 12, 16)
 
 
-def test_dictionary_trains_from_a_cache_and_reports_spliced_metrics(tmp_path: Path, isolated_cache: Path) -> None:
-    _tiny_corpus(isolated_cache)
+def tiny_dictionary_config(tmp_path: Path, cache: Path) -> DictionaryRunConfig:
+    """A 32-latent TopK dictionary on a tiny random Llama's layer-0 residual stream over a tiny corpus."""
+    _tiny_corpus(cache)
     _tiny_hf_directory(tmp_path / "model")
     overrides = [
         "data.model.kind=hf_directory", f"data.model.path={tmp_path / 'model'}", "data.hook=model.layers.0",
@@ -222,7 +223,11 @@ def test_dictionary_trains_from_a_cache_and_reports_spliced_metrics(tmp_path: Pa
         "data.record_batch=8", "data.eval_tokens=300", "method.width=32", "method.k=4", "method.aux_k=8",
         "train.steps=30", "train.batch_size=64", "train.checkpoint_every=10", "train.eval_batch_size=256",
     ]
-    config = api.load_dictionary_config("smollm2-resid-topk", overrides)
+    return api.load_dictionary_config("smollm2-resid-topk", overrides)
+
+
+def test_dictionary_trains_from_a_cache_and_reports_spliced_metrics(tmp_path: Path, isolated_cache: Path) -> None:
+    config = tiny_dictionary_config(tmp_path, isolated_cache)
     built = api.cache_activations(config)
     assert built.cache.n_tokens >= 1500 and built.cache.dim == 16
     _, tokens = built.cache.load()

@@ -76,7 +76,7 @@ from unmerge.sweep import (
 )
 from unmerge.targets import Target, cached_target, load_target, save_target
 from unmerge.targets.toys import CONFIG_FILE as TARGET_CONFIG_FILE
-from unmerge.targets.toys import TASK_METRICS_FILE, cache_root, save_task_metrics, target_cache_dir, train_target
+from unmerge.targets.toys import TASK_METRICS_FILE, cache_root, target_cache_dir, train_and_save_target
 from unmerge.train import checkpoint, distributed
 from unmerge.train.loop import train
 from unmerge.train.rng import step_generator
@@ -526,10 +526,7 @@ def train_target_preset(
     directory = Path(out) if out else target_cache_dir(config)
     if (directory / TARGET_CONFIG_FILE).is_file():
         return directory, None
-    target, loss = train_target(config)
-    save_target(target, config, directory)
-    save_task_metrics(config, target.model, directory)
-    return directory, loss
+    return directory, train_and_save_target(config, directory)[1]
 
 
 SWEEP_SPEC = "sweep.yaml"

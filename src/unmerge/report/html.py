@@ -66,8 +66,8 @@ def write_run_report(run_dir: Path, title: str, metrics: dict[str, object], figu
 
 INDEX_FILE = "index.html"
 SORT_SCRIPT = """
-document.querySelectorAll("table.sortable th").forEach((header, column) => header.addEventListener("click", () => {
-  const body = header.closest("table").tBodies[0];
+document.querySelectorAll("table.sortable th").forEach(header => header.addEventListener("click", () => {
+  const body = header.closest("table").tBodies[0], column = header.cellIndex;
   const ascending = header.dataset.order !== "asc";
   header.dataset.order = ascending ? "asc" : "desc";
   const key = row => { const text = row.cells[column].dataset.sort ?? row.cells[column].textContent;

@@ -14,10 +14,11 @@ from unmerge.report.html import SORT_SCRIPT
 BEFORE, AFTER = 10, 4  # tokens of context shown before and after the top-activating token
 FILTER_SCRIPT = """
 document.getElementById("latent-filter").addEventListener("input", event => {
-  const query = event.target.value.toLowerCase();
+  const query = event.target.value.trim().toLowerCase(), byNumber = /^[0-9]+$/.test(query);
   document.querySelectorAll("#latents tbody tr").forEach(row => {
-    row.style.display = !query || row.dataset.latent === query || row.textContent.toLowerCase().includes(query)
-      ? "" : "none";
+    const shown = !query || (byNumber ? row.dataset.latent === query
+                                      : row.cells[3].textContent.toLowerCase().includes(query));
+    row.style.display = shown ? "" : "none";
   });
 });
 """
@@ -63,8 +64,9 @@ def latents_section(examples: LatentExamples, max_latents: int = 2000) -> str:
 <h2>Latents</h2>
 <p>{len(order)} latents fire on {int(examples.ordinary.sum())} held-out tokens ({int((density == 0).sum())} do not).
 Each snippet is centred on one of the latent's most activating tokens (outlined); shading is the latent's
-activation relative to its largest. Filter by latent number or text; click a header to sort.</p>
-<p><input id="latent-filter" placeholder="filter: latent number or text" size="40"></p>
+activation relative to its largest. Type a number to show that latent, or text to show the latents whose
+snippets contain it; click a header to sort.</p>
+<p><input id="latent-filter" placeholder="filter: latent number or snippet text" size="40"></p>
 <table id="latents" class="sortable"><thead><tr><th>latent</th><th>density</th><th>max activation</th>
 <th>top-activating snippets</th></tr></thead>
 <tbody>

@@ -26,12 +26,13 @@ class OneLayerTransformer(nn.Module):
     """Token ids (batch, n_ctx) → logits at the last position (batch, d_vocab_out)."""
 
     def __init__(self, d_vocab: int, d_vocab_out: int, n_ctx: int, d_model: int, n_heads: int,
-                 d_mlp: int | None) -> None:
+                 d_mlp: int | None, embed_std: float = 1.0) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
         self.embed = nn.Embedding(d_vocab, d_model)
+        nn.init.normal_(self.embed.weight, std=embed_std)
         self.pos_embed = nn.Parameter(torch.randn(n_ctx, d_model) / math.sqrt(d_model))
         self.attn = nn.ModuleDict({name: nn.Linear(d_model, d_model, bias=False)
                                    for name in ("q_proj", "k_proj", "v_proj", "o_proj")})
@@ -79,7 +80,10 @@ def max_of_k_accuracy(model: nn.Module, config: MaxOfKConfig) -> dict[str, float
 
 
 def modular_addition_model(config: ModularAdditionConfig) -> OneLayerTransformer:
-    return OneLayerTransformer(config.p + 1, config.p, 3, config.d_model, config.n_heads, config.d_mlp)
+    """Token embeddings drawn at Nanda et al.'s scale 1/√d_model, like every other weight: at nn.Embedding's
+    scale 1 the memorising solution is large-norm from the start and weight decay takes far longer to grok."""
+    return OneLayerTransformer(config.p + 1, config.p, 3, config.d_model, config.n_heads, config.d_mlp,
+                               embed_std=config.d_model**-0.5)
 
 
 def modular_addition_split(config: ModularAdditionConfig) -> tuple[Tensor, Tensor]:

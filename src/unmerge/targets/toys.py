@@ -94,16 +94,19 @@ def build_target(config: TargetConfig, model: nn.Module) -> Target:
     )
 
 
-def train_target(config: TargetConfig) -> tuple[Target, float]:
-    """Train a toy target from its seeded recipe; returns the target and its final training loss."""
+def train_target(config: TargetConfig, run_dir: Path | None = None) -> tuple[Target, float]:
+    """Train a toy target from its seeded recipe; returns the target and its final training loss. With `run_dir`,
+    training checkpoints there, resumes from it, and logs the task score every `train.eval_every` steps."""
     recipe = RECIPES[config.kind]
     with torch.random.fork_rng():
         torch.manual_seed(derive_seed(config.train.seed, "target-init"))
         model = recipe.build(config)
+    score = None if recipe.task_metrics is None else lambda trained: recipe.task_metrics(trained, config)
     result = train(
-        ModelTraining(model, recipe.loss),
+        ModelTraining(model, recipe.loss, score),
         lambda batch_size, generator: recipe.inputs(config, batch_size, generator),
         config.train,
+        run_dir=run_dir,
         description=f"train {target_name(config)}",
     )
     return build_target(config, model), result.last_terms["loss"]
@@ -157,13 +160,19 @@ def target_cache_dir(config: TargetConfig) -> Path:
     return cache_root() / "targets" / f"{target_name(config)}-{config.digest()}"
 
 
+def train_and_save_target(config: TargetConfig, directory: Path) -> tuple[Target, float]:
+    """Train the target into `directory` (resuming an interrupted training there), then save it and its task
+    score; the checkpoints stay beside it with the training log."""
+    target, loss = train_target(config, run_dir=directory)
+    save_target(target, config, directory)
+    save_task_metrics(config, target.model, directory)
+    return target, loss
+
+
 def cached_target(config: TargetConfig) -> Target:
     """The trained target for `config`, trained and saved on first use."""
     directory = target_cache_dir(config)
     if (directory / CONFIG_FILE).is_file():
         return load_target(directory)[0]
-    target, _ = train_target(config)
-    save_target(target, config, directory)
-    save_task_metrics(config, target.model, directory)
-    return target
+    return train_and_save_target(config, directory)[0]
 

@@ -64,11 +64,13 @@ class TrainResult:
 
 class ModelTraining:
     """Adapts a model and its loss to the method interface, to train the model itself (toy targets, the small
-    language model): no preparation, no constraints, no evaluation."""
+    language model): no preparation, no constraints; evaluation is the model's task score if one is given."""
 
-    def __init__(self, model: nn.Module, loss: Callable[[nn.Module, Tensor], Tensor]) -> None:
+    def __init__(self, model: nn.Module, loss: Callable[[nn.Module, Tensor], Tensor],
+                 score: Callable[[nn.Module], dict[str, float]] | None = None) -> None:
         self.module = model
         self.loss = loss
+        self.score = score
 
     def before_training(self) -> None:
         """Nothing to prepare: the model is initialised by its builder."""
@@ -77,7 +79,7 @@ class ModelTraining:
         return StepOutput(loss=self.loss(self.module, batch))
 
     def evaluate(self) -> dict[str, float]:
-        return {}
+        return {} if self.score is None else self.score(self.module)
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """No constraints on the model's parameters."""
@@ -133,6 +135,7 @@ def train(
         method.before_training()
     if writes:
         assert run_dir is not None
+        run_dir.mkdir(parents=True, exist_ok=True)
         for log in (TRAIN_LOG, EVAL_LOG):
             _truncate_log(run_dir / log, start)
     last_terms: dict[str, float] = {}
