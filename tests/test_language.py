@@ -8,6 +8,7 @@ import io
 import json
 import math
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ from torch import nn
 from unmerge import api
 from unmerge.config import DictionaryConfig, DictionaryRunConfig, SiteConfig, SPDConfig
 from unmerge.data import text
-from unmerge.data.target_activations import capture_module
-from unmerge.metrics.spliced import loss_recovered, counted_predictions, spliced, spliced_losses
+from unmerge.data.target_activations import capture_module, find_module
+from unmerge.metrics.spliced import ablation_effects, counted_predictions, loss_recovered, spliced, spliced_losses
 from unmerge.sae.dictionary import Dictionary
 from unmerge.spd.model import ComponentModel
 from unmerge.spd.method import SPD
@@ -245,12 +246,41 @@ def test_dictionary_trains_from_a_cache_and_reports_spliced_metrics(tmp_path: Pa
     _check_latent_snippets(api.dictionary_report(tmp_path / "run").read_text())  # rebuilt, cache not read
 
 
+def test_ablation_effects_match_exact_ablations(tmp_path: Path, isolated_cache: Path) -> None:
+    """The first-order estimate of each latent's ablation effect agrees with ablating it for real."""
+    from unmerge.data.language_activations import evaluation_windows, language_data
+
+    config = tiny_dictionary_config(tmp_path, isolated_cache)
+    api.train_dictionary(config, tmp_path / "run")
+    _, dictionary = api.load_dictionary(tmp_path / "run")
+    data = language_data(config.data.model, config.data.text)
+    module = find_module(data.lm, config.data.hook, data.lm.name)
+    windows = evaluation_windows(data.heldout_windows, config.data.eval_tokens, data.tokens_per_window)
+    ordinary = data.lm.ordinary_positions(windows)
+    atoms = dictionary.W_d.detach()
+    estimate = ablation_effects(data.lm, module, windows, ordinary, lambda a: dictionary(a)[:2], atoms, False)
+
+    def without(latent: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def replace(a: torch.Tensor) -> torch.Tensor:
+            reconstruction, latents = dictionary(a)[:2]
+            return reconstruction - latents[:, latent, None] * atoms[latent]
+        return replace
+
+    width = atoms.shape[0]
+    with torch.no_grad():
+        losses = spliced_losses(data.lm, module, windows, ordinary, {"spliced": lambda a: dictionary(a)[0]}
+                                | {str(j): without(j) for j in range(width)})
+    exact = torch.tensor([losses.ce[str(j)] - losses.ce["spliced"] for j in range(width)])
+    assert torch.corrcoef(torch.stack([estimate, exact]))[0, 1] > 0.95
+    assert torch.allclose(estimate, exact, rtol=0.0, atol=0.2 * float(exact.abs().max()))
+
+
 def _check_latent_snippets(report: str) -> None:
     """Every listed latent's first snippet outlines the token with its largest activation; words are shown."""
     import re
 
     rows = re.findall(r'<tr data-latent="(\d+)">(.*?)</tr>', report, flags=re.S)
-    assert rows and "<h2>Latents</h2>" in report
+    assert rows and "<h2>Latents</h2>" in report and "<th>ablation effect</th>" in report
     for _, row in rows:
         first = re.search(r'<div class="snippet">(.*?)</div>', row, flags=re.S).group(1)
         spans = re.findall(r'<span class="tok( max)?" data-activation="([^"]+)"[^>]*>([^<]*)</span>', first)

@@ -256,8 +256,7 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
         if source.latent_examples is not None:
             from unmerge.report.latents import latents_section
 
-            with torch.no_grad():
-                examples = source.latent_examples(lambda a: method.reconstruct(a)[1], LATENT_SNIPPETS)
+            examples = source.latent_examples(method.reconstruct, method.module.W_d, LATENT_SNIPPETS)
             sections = latents_section(examples)
         figures, report = _publish(run_dir, f"Dictionary: {config.name}", metrics, [], sections)
         return RunResult(run_dir, metrics, figures, result.resumed_from, report)
@@ -300,8 +299,8 @@ def dictionary_report(run_dir: Path) -> Path:
     config, dictionary = load_dictionary(run_dir)
     sections = ""
     if isinstance(config.data, LanguageActivationsConfig):
-        with torch.no_grad():
-            examples = language_latent_examples(config.data)(lambda a: dictionary(a)[1], LATENT_SNIPPETS)
+        examples = language_latent_examples(config.data)(lambda a: dictionary(a)[:2], dictionary.W_d,
+                                                         LATENT_SNIPPETS)
         sections = latents_section(examples)
     return _refresh_report(Path(run_dir), f"Dictionary: {config.name}", sections)
 

@@ -30,10 +30,16 @@ from unmerge.config import (
 )
 from unmerge.data import text as text_data
 from unmerge.data.activation_cache import ActivationCache, build_activation_cache
-from unmerge.data.sparse_features import ActivationSource, LatentExamples
+from unmerge.data.sparse_features import ActivationSource, LatentExamples, Reconstruct
 from unmerge.data.target_activations import capture_module, find_module
 from unmerge.metrics import dictionary as dictionary_scores
-from unmerge.metrics.spliced import Replacement, loss_recovered, spliced_embeddings, spliced_losses
+from unmerge.metrics.spliced import (
+    Replacement,
+    ablation_effects,
+    loss_recovered,
+    spliced_embeddings,
+    spliced_losses,
+)
 from unmerge.targets.base import Target
 from unmerge.errors import ConfigError
 from unmerge.targets.language import LanguageModel, LoadedModel, SentenceEncoder, from_module, load_language_model
@@ -44,7 +50,6 @@ from unmerge.train.rng import step_generator
 
 MEAN_SAMPLE = 16_384  # training rows averaged for the mean ablation
 TRAINING_FILE = "training.json"  # a cached small LM's training summary, written last
-Reconstruct = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -246,25 +251,29 @@ def spliced_evaluator(data: LanguageData, module: nn.Module, windows: Tensor,
 
 
 def latent_examples_builder(data: LanguageData, module: nn.Module,
-                            windows: Tensor) -> Callable[[Callable[[Tensor], Tensor], int], LatentExamples]:
-    """`examples(encode, per_latent)`: every latent's activation at every position of the held-out `windows`
-    (special tokens get 0) and its `per_latent` most activating positions, with the windows' token texts."""
+                            windows: Tensor) -> Callable[[Reconstruct, Tensor, int], LatentExamples]:
+    """`examples(reconstruct, atoms, per_latent)`: every latent's activation at every position of the held-out
+    `windows` (special tokens get 0), its `per_latent` most activating positions, the windows' token texts, and
+    each latent's estimated ablation effect on the spliced loss (`unmerge.metrics.spliced.ablation_effects`)."""
     ordinary = data.lm.ordinary_positions(windows)
     tokens = [[data.tokenizer.token_text(int(i)) for i in window] for window in windows]
     record = _recorder(data.lm, module)
+    encoder = isinstance(data.lm, SentenceEncoder)
 
-    def examples(encode: Callable[[Tensor], Tensor], per_latent: int) -> LatentExamples:
-        activations = torch.cat([record(windows[start:start + 8]) for start in range(0, windows.shape[0], 8)])
-        latents = encode(activations[ordinary])
+    def examples(reconstruct: Reconstruct, atoms: Tensor, per_latent: int) -> LatentExamples:
+        with torch.no_grad():
+            activations = torch.cat([record(windows[start:start + 8]) for start in range(0, windows.shape[0], 8)])
+            latents = reconstruct(activations[ordinary])[1]
         full = torch.zeros(*windows.shape, latents.shape[-1])
         full[ordinary] = latents
         top = full.reshape(-1, latents.shape[-1]).topk(min(per_latent, full[..., 0].numel()), dim=0).indices
-        return LatentExamples(tokens, full, top, ordinary)
+        effects = ablation_effects(data.lm, module, windows, ordinary, reconstruct, atoms.detach(), encoder)
+        return LatentExamples(tokens, full, top, ordinary, effects, "Δ cosine distance" if encoder else "ΔCE")
 
     return examples
 
 
-def language_latent_examples(config: LanguageActivationsConfig) -> Callable[[Callable[[Tensor], Tensor], int],
+def language_latent_examples(config: LanguageActivationsConfig) -> Callable[[Reconstruct, Tensor, int],
                                                                             LatentExamples]:
     """The latent-examples builder of `config`'s held-out windows alone (no activation cache is read)."""
     data = language_data(config.model, config.text)

@@ -20,6 +20,8 @@ from torch import Tensor
 
 from unmerge.config import SparseFeaturesConfig
 
+Reconstruct = Callable[[Tensor], tuple[Tensor, Tensor]]  # activations (n, d) → (reconstruction, latents)
+
 
 @dataclass(frozen=True)
 class LatentExamples:
@@ -31,6 +33,8 @@ class LatentExamples:
     activations: Tensor
     top: Tensor
     ordinary: Tensor  # (windows, seq) bool: the positions that hold ordinary tokens
+    ablation_effect: Tensor | None = None  # (width,): first-order rise of the spliced loss with the latent zeroed
+    effect_name: str = "ΔCE"  # what ablation_effect measures, for the report's column
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,8 @@ class ActivationSource:
 
     A language model's source has a `spliced_evaluation`: given the dictionary's `x ↦ (x̂, latents)`, it splices
     the dictionary into the model on held-out text and returns its metrics (`unmerge.data.language_activations`);
-    and `latent_examples`: given `x ↦ latents` and k, each latent's k most activating held-out snippets."""
+    and `latent_examples`: given `x ↦ (x̂, latents)`, the decoder's atoms and k, each latent's k most activating
+    held-out snippets and its estimated ablation effect."""
 
     name: str
     dim: int
@@ -54,7 +59,7 @@ class ActivationSource:
     parents: Tensor | None = None
     output_dim: int | None = None
     spliced_evaluation: Callable[[Callable[[Tensor], tuple[Tensor, Tensor]]], dict[str, float]] | None = None
-    latent_examples: Callable[[Callable[[Tensor], Tensor], int], LatentExamples] | None = None
+    latent_examples: Callable[[Reconstruct, Tensor, int], LatentExamples] | None = None
 
     @property
     def row_width(self) -> int:

@@ -11,6 +11,10 @@ is as bad as the ablation. It is reported against a zero ablation (the module's 
 ablation (set to its mean over training activations); a denominator below 1e-6 gives NaN. For a causal LM the
 loss is CE; for a sentence encoder, whose output is a unit embedding per window, it is the cosine distance
 `1 − cos(original embedding, spliced embedding)`, which is 0 for the original model.
+
+A dictionary latent's ablation effect is how much that loss rises, from the spliced model's, when the latent is
+zeroed wherever it fires. `ablation_effects` estimates it for every latent at once to first order (attribution
+patching): `ΔL_j ≈ −Σ_t f_j(t) d_j · ∂L/∂x̂_t`, from one backward pass instead of one forward pass per latent.
 """
 
 from __future__ import annotations
@@ -158,3 +162,36 @@ def spliced_embeddings(encoder: nn.Module, module: nn.Module, windows: Tensor, o
             with spliced(module, keep, replace):
                 sums[name] += float((1 - F.cosine_similarity(encoder(ids), original, dim=-1)).sum())
     return SplicedEmbeddings({name: total / windows.shape[0] for name, total in sums.items()}, torch.cat(recorded))
+
+
+def ablation_effects(model: nn.Module, module: nn.Module, windows: Tensor, ordinary: Tensor,
+                     reconstruct: Callable[[Tensor], tuple[Tensor, Tensor]], atoms: Tensor, encoder: bool,
+                     batch_windows: int = 8) -> Tensor:
+    """(width,): each latent's first-order ablation effect on the spliced loss (see the module docstring): CE per
+    counted prediction for a causal LM, cosine distance per window for a sentence `encoder`. `reconstruct` maps
+    activations (n, d) to (x̂, latents); `atoms` (width, d) are the decoder rows, so x̂ = latents @ atoms + …"""
+    effects = torch.zeros(atoms.shape[0], dtype=torch.float64)
+    count = 0
+    for start in range(0, windows.shape[0], batch_windows):
+        ids, keep = windows[start:start + batch_windows], ordinary[start:start + batch_windows]
+        captured: dict[str, Tensor] = {}
+
+        def replace(activations: Tensor) -> Tensor:
+            with torch.no_grad():
+                reconstruction, captured["latents"] = reconstruct(activations)
+            captured["leaf"] = reconstruction.detach().requires_grad_(True)
+            return captured["leaf"]
+
+        if encoder:
+            with torch.no_grad():
+                original = model(ids)
+            with spliced(module, keep, replace):
+                loss = (1 - F.cosine_similarity(model(ids), original, dim=-1)).sum()
+            count += ids.shape[0]
+        else:
+            with spliced(module, keep, replace):
+                loss, predictions = next_token_nll(model(ids), ids, counted_predictions(keep))
+            count += int(predictions)
+        (gradient,) = torch.autograd.grad(loss, captured["leaf"])
+        effects -= (captured["latents"] * (gradient @ atoms.T)).sum(0).double()
+    return (effects / max(count, 1)).float()

@@ -1,6 +1,6 @@
 """The latents section of a dictionary's report on a language model: every latent that fires on the held-out
-text, its density and largest activation, and its top-activating snippets with each token shaded by the latent's
-activation (the strongest token marked); a filter box and sortable columns."""
+text, its density, largest activation and estimated ablation effect, and its top-activating snippets with each
+token shaded by the latent's activation (the strongest token marked); a filter box and sortable columns."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ document.getElementById("latent-filter").addEventListener("input", event => {
   const query = event.target.value.trim().toLowerCase(), byNumber = /^[0-9]+$/.test(query);
   document.querySelectorAll("#latents tbody tr").forEach(row => {
     const shown = !query || (byNumber ? row.dataset.latent === query
-                                      : row.cells[3].textContent.toLowerCase().includes(query));
+                                      : row.lastElementChild.textContent.toLowerCase().includes(query));
     row.style.display = shown ? "" : "none";
   });
 });
@@ -58,17 +58,20 @@ def latents_section(examples: LatentExamples, max_latents: int = 2000) -> str:
         snippets = "".join(_snippet(examples, latent, int(flat_index), peak)
                            for flat_index in examples.top[:, latent]
                            if examples.activations.reshape(-1, flat.shape[1])[flat_index, latent] > 0)
+        effect = "—" if examples.ablation_effect is None else f"{float(examples.ablation_effect[latent]):.3g}"
         rows.append(f'<tr data-latent="{latent}"><td>{latent}</td><td class=value>{float(density[latent]):.4g}</td>'
-                    f"<td class=value>{peak:.4g}</td><td>{snippets}</td></tr>")
+                    f"<td class=value>{peak:.4g}</td><td class=value>{effect}</td><td>{snippets}</td></tr>")
     return f"""<style>{STYLE}</style>
 <h2>Latents</h2>
 <p>{len(order)} latents fire on {int(examples.ordinary.sum())} held-out tokens ({int((density == 0).sum())} do not).
 Each snippet is centred on one of the latent's most activating tokens (outlined); shading is the latent's
-activation relative to its largest. Type a number to show that latent, or text to show the latents whose
+activation relative to its largest. The ablation effect is how much the spliced model's loss
+({html.escape(examples.effect_name)} on this text) would rise with the latent zeroed wherever it fires, estimated to
+first order from one backward pass (attribution patching); negative means the latent hurts. Type a number to show that latent, or text to show the latents whose
 snippets contain it; click a header to sort.</p>
 <p><input id="latent-filter" placeholder="filter: latent number or snippet text" size="40"></p>
 <table id="latents" class="sortable"><thead><tr><th>latent</th><th>density</th><th>max activation</th>
-<th>top-activating snippets</th></tr></thead>
+<th>ablation effect</th><th>top-activating snippets</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody></table>
