@@ -19,7 +19,14 @@ from unmerge import api
 from unmerge.config import DictionaryConfig, DictionaryRunConfig, SiteConfig, SPDConfig
 from unmerge.data import text
 from unmerge.data.target_activations import capture_module, find_module
-from unmerge.metrics.spliced import ablation_effects, counted_predictions, loss_recovered, spliced, spliced_losses
+from unmerge.metrics.spliced import (
+    ablation_effects,
+    counted_predictions,
+    loss_recovered,
+    next_token_nll,
+    spliced,
+    spliced_losses,
+)
 from unmerge.sae.dictionary import Dictionary
 from unmerge.spd.model import ComponentModel
 from unmerge.spd.method import SPD
@@ -275,12 +282,12 @@ def test_ablation_effects_match_exact_ablations(tmp_path: Path, isolated_cache: 
     assert torch.allclose(estimate, exact, rtol=0.0, atol=0.2 * float(exact.abs().max()))
 
 
-def _check_latent_snippets(report: str) -> None:
-    """Every listed latent's first snippet outlines the token with its largest activation; words are shown."""
+def _check_latent_snippets(report: str, heading: str = "Latents") -> None:
+    """Every listed unit's first snippet outlines the token with its largest activation; words are shown."""
     import re
 
-    rows = re.findall(r'<tr data-latent="(\d+)">(.*?)</tr>', report, flags=re.S)
-    assert rows and "<h2>Latents</h2>" in report and "<th>ablation effect</th>" in report
+    rows = re.findall(r'<tr data-latent="([^"]+)">(.*?)</tr>', report, flags=re.S)
+    assert rows and f"<h2>{heading}</h2>" in report and "<th>ablation effect</th>" in report
     for _, row in rows:
         first = re.search(r'<div class="snippet">(.*?)</div>', row, flags=re.S).group(1)
         spans = re.findall(r'<span class="tok( max)?" data-activation="([^"]+)"[^>]*>([^<]*)</span>', first)
@@ -319,6 +326,37 @@ def test_spd_on_a_whole_language_model_uses_kl_over_positions(tmp_path: Path, is
     result = api.decompose(config, tmp_path / "run")
     assert result.metrics["unmasked_recon"] >= 0.0 and math.isfinite(result.metrics["ci_masked_recon"])
     assert {"alive/model.layers.1.mlp.up_proj", "alive/model.layers.0.self_attn.o_proj"} <= result.metrics.keys()
+    report = result.report.read_text()
+    _check_latent_snippets(report, heading="Subcomponents")
+    assert 'data-latent="model.layers.0.self_attn.q_proj/' in report
+    _check_subcomponent_effects(api.load_run(tmp_path / "run")[1])
+
+
+def _check_subcomponent_effects(spd: SPD) -> None:
+    """First-order ablation effects of subcomponents agree with zeroing each one's mask at every position."""
+    from unmerge.analysis.interventions import subcomponent_ablation_effects
+
+    windows = spd.target.sample_inputs(8, torch.Generator().manual_seed(0))
+    estimate = subcomponent_ablation_effects(spd, windows)
+    counted = counted_predictions(spd.target.model.ordinary_positions(windows))
+    with torch.no_grad():
+        clean = spd.module.clean_pass(windows)
+        inner = spd.module.inner_acts(clean)
+        ones = {name: torch.ones_like(h) for name, h in inner.items()}
+
+        def ce(masks: dict[str, torch.Tensor]) -> float:
+            total, count = next_token_nll(spd.module.masked_pass(windows, masks, clean, inner), windows, counted)
+            return float(total / count)
+
+        base, exact = ce(ones), []
+        for name in spd.module.site_names:
+            for c in range(spd.module.site_C[name]):
+                masks = dict(ones)
+                masks[name] = ones[name].clone()
+                masks[name][..., c] = 0.0
+                exact.append(ce(masks) - base)
+    exact = torch.tensor(exact)
+    assert torch.corrcoef(torch.stack([estimate, exact]))[0, 1] > 0.9
 
 
 def test_whole_language_model_needs_the_kl_output_loss(tmp_path: Path, isolated_cache: Path) -> None:

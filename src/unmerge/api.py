@@ -51,6 +51,7 @@ from unmerge.data.language_activations import (
     TRAINING_FILE,
     activation_cache_dir,
     cached_source,
+    evaluation_windows,
     language_data,
     language_latent_examples,
     language_target,
@@ -60,6 +61,7 @@ from unmerge.data.target_activations import find_module
 from unmerge.data.text import fetch_shakespeare
 from unmerge.errors import CheckpointError, ConfigError
 from unmerge.sae.dictionary import Dictionary
+from unmerge.targets.language import CausalLM
 from unmerge.sae.method import TRAINING_BUFFERS, DictionaryMethod
 from unmerge.sae.saelens import save_saelens
 from unmerge.spd.method import SPD
@@ -91,6 +93,7 @@ TARGET_DIR = "target"
 TARGET_WEIGHTS_FILE = "model.safetensors"  # an edited (unlearned) language model's state dict
 GROUPING_FILE = "grouping.json"  # the chosen grouping of a run's subcomponents, with its merge history
 LATENT_SNIPPETS = 5  # top-activating held-out snippets per latent in a language dictionary's report
+REPORT_TOKENS = 4_096  # held-out tokens behind the subcomponent list of an SPD report on a causal LM
 
 
 def preset_names() -> list[str]:
@@ -205,13 +208,31 @@ def _refresh_report(run_dir: Path, title: str, sections: str = "") -> Path:
     return write_run_report(run_dir, title, metrics, sorted((run_dir / "figures").glob("*.png")), sections=sections)
 
 
-def _finish(spd: SPD, run_dir: Path, title: str) -> tuple[dict[str, float], list[Path], Path | None]:
+def _finish(spd: SPD, config: RunConfig, run_dir: Path) -> tuple[dict[str, float], list[Path], Path | None]:
     from unmerge.report.figures import spd_figures
 
     metrics = spd.evaluate()
     if not distributed.is_main_process():
         return metrics, [], None
-    return metrics, *_publish(run_dir, title, metrics, spd_figures(spd, run_dir / "figures"))
+    figures = spd_figures(spd, run_dir / "figures")
+    return metrics, *_publish(run_dir, f"SPD: {config.name}", metrics, figures, _subcomponents_section(spd, config))
+
+
+def _subcomponents_section(spd: SPD, config: RunConfig) -> str:
+    """For SPD of a whole causal LM, the report's list of subcomponents with their top-activating held-out
+    snippets (by causal importance) and ablation effects; nothing for other targets."""
+    from unmerge.analysis.interventions import subcomponent_examples
+    from unmerge.report.latents import latents_section
+
+    target = config.target
+    if not isinstance(target, LanguageTargetConfig) or target.module is not None or not isinstance(
+            spd.target.model, CausalLM):
+        return ""
+    data = language_data(target.model, target.text)
+    windows = evaluation_windows(data.heldout_windows, REPORT_TOKENS, data.tokens_per_window)
+    tokens = [[data.tokenizer.token_text(int(i)) for i in window] for window in windows]
+    examples = subcomponent_examples(spd, windows, tokens, LATENT_SNIPPETS)
+    return latents_section(examples, title="Subcomponents", unit="subcomponent", measure="causal importance")
 
 
 def _write_metrics(run_dir: Path, metrics: dict[str, float]) -> None:
@@ -227,7 +248,7 @@ def decompose(config: RunConfig, run_dir: Path) -> RunResult:
     target = _run_target(config, run_dir)
     spd = SPD(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
     result = train(spd, target.sample_inputs, config.train, run_dir, description=f"SPD {config.name}")
-    metrics, figures, report = _finish(spd, run_dir, f"SPD: {config.name}")
+    metrics, figures, report = _finish(spd, config, run_dir)
     return RunResult(run_dir, metrics, figures, result.resumed_from, report)
 
 
@@ -423,7 +444,7 @@ def load_run(run_dir: Path) -> tuple[RunConfig, SPD, int]:
 def evaluate(run_dir: Path) -> RunResult:
     """Recompute `metrics.json` and figures of a run from its newest checkpoint."""
     config, spd, step = load_run(run_dir)
-    metrics, figures, report = _finish(spd, Path(run_dir), f"SPD: {config.name}")
+    metrics, figures, report = _finish(spd, config, Path(run_dir))
     return RunResult(Path(run_dir), metrics, figures, step, report)
 
 

@@ -9,6 +9,10 @@ removed subcomponent's mean contribution `U_c · E[V_c a]` (the mean inner activ
 the site's output keeps its average. Tied sites (a weight shared with another site, transposed) are edited
 separately on the fly; a permanent edit of a shared weight changes every site that shares it, so `unlearned_model`
 removes the union of what was asked at either site.
+
+On a causal language model, `subcomponent_examples` monitors held-out text: every subcomponent's causal
+importance at every token, its top-activating tokens, and its ablation effect on next-token CE estimated to first
+order from one backward pass through the masks (`subcomponent_ablation_effects`).
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from unmerge.analysis.grouping import active_subcomponents, subcomponent_names
+from unmerge.analysis.grouping import DEFAULT_THRESHOLD, active_subcomponents, subcomponent_names
+from unmerge.data.sparse_features import LatentExamples
 from unmerge.errors import SiteError
+from unmerge.metrics.spliced import counted_predictions, next_token_nll
 from unmerge.sae.dictionary import Dictionary
 from unmerge.spd.method import SPD
 from unmerge.spd.model import as_site
@@ -142,3 +148,41 @@ def dictionary_spliced(module: nn.Module, dictionary: Dictionary, latents: Itera
             yield
     finally:
         handle.remove()
+
+
+def subcomponent_ablation_effects(spd: SPD, windows: Tensor, batch_windows: int = 8) -> Tensor:
+    """(ΣC,), sites in `subcomponent_names` order: for a causal LM, how much next-token CE (nats per counted
+    prediction) of the decomposed model (every mask 1) would rise with the subcomponent's mask at 0 at every
+    position, to first order: `−Σ_t ∂CE/∂m_c(t)` (attribution patching)."""
+    names = spd.module.site_names
+    effects = torch.zeros(sum(spd.module.site_C[name] for name in names), dtype=torch.float64)
+    count = 0
+    for start in range(0, windows.shape[0], batch_windows):
+        ids = windows[start:start + batch_windows]
+        with torch.no_grad():
+            clean = spd.module.clean_pass(ids)
+            inner = spd.module.inner_acts(clean)
+        masks = {name: torch.ones_like(inner[name], requires_grad=True) for name in names}
+        loss, predictions = next_token_nll(spd.module.masked_pass(ids, masks, clean, inner), ids,
+                                           counted_predictions(spd.target.model.ordinary_positions(ids)))
+        gradients = torch.autograd.grad(loss, [masks[name] for name in names])
+        effects -= torch.cat([g.flatten(0, -2).sum(0) for g in gradients]).double()
+        count += int(predictions)
+    return (effects / max(count, 1)).float()
+
+
+@torch.no_grad()
+def subcomponent_examples(spd: SPD, windows: Tensor, tokens: list[list[str]], per_unit: int,
+                          batch_windows: int = 8) -> LatentExamples:
+    """Monitoring on held-out text of a causal LM: every subcomponent's causal importance (clipped to [0, 1]) at
+    every position of `windows` (special tokens get 0), its `per_unit` most important positions, `tokens` (each
+    window's token texts) and the first-order ablation effects, for the report's subcomponent list."""
+    ordinary = spd.target.model.ordinary_positions(windows)
+    importances = torch.cat([spd.importances(spd.module.clean_pass(windows[start:start + batch_windows]))
+                             .lower_all.clamp(0.0, 1.0) for start in range(0, windows.shape[0], batch_windows)])
+    importances[~ordinary] = 0.0
+    top = importances.reshape(-1, importances.shape[-1]).topk(min(per_unit, ordinary.numel()), dim=0).indices
+    with torch.enable_grad():
+        effects = subcomponent_ablation_effects(spd, windows, batch_windows)
+    return LatentExamples(tokens, importances, top, ordinary, effects, "ΔCE", subcomponent_names(spd),
+                          DEFAULT_THRESHOLD)

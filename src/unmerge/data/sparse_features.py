@@ -25,7 +25,8 @@ Reconstruct = Callable[[Tensor], tuple[Tensor, Tensor]]  # activations (n, d) �
 
 @dataclass(frozen=True)
 class LatentExamples:
-    """Latent activations on held-out text, for showing top-activating snippets: the windows' token texts,
+    """Latent activations (or any unit's: SPD's causal importances) on held-out text, for showing top-activating
+    snippets: the windows' token texts,
     `activations` (windows, seq, width) with 0 at special tokens, `top` (k, width): each latent's k most
     activating positions as flat indices into windows × seq, strongest first, and which positions are ordinary."""
 
@@ -35,6 +36,8 @@ class LatentExamples:
     ordinary: Tensor  # (windows, seq) bool: the positions that hold ordinary tokens
     ablation_effect: Tensor | None = None  # (width,): first-order rise of the spliced loss with the latent zeroed
     effect_name: str = "ΔCE"  # what ablation_effect measures, for the report's column
+    names: list[str] | None = None  # a label per unit (SPD's `site/c`); None: the latent's index
+    threshold: float = 0.0  # a unit counts as active above this (0 for latents, e.g. 0.1 for causal importance)
 
 
 @dataclass(frozen=True)

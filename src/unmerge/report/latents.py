@@ -1,6 +1,7 @@
-"""The latents section of a dictionary's report on a language model: every latent that fires on the held-out
-text, its density, largest activation and estimated ablation effect, and its top-activating snippets with each
-token shaded by the latent's activation (the strongest token marked); a filter box and sortable columns."""
+"""The units section of a report on a language model: every dictionary latent (or SPD subcomponent) that is
+active on the held-out text, its density, largest activation (causal importance) and estimated ablation effect,
+and its top-activating snippets with each token shaded by it (the strongest token marked); a filter box and
+sortable columns."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ FILTER_SCRIPT = """
 document.getElementById("latent-filter").addEventListener("input", event => {
   const query = event.target.value.trim().toLowerCase(), byNumber = /^[0-9]+$/.test(query);
   document.querySelectorAll("#latents tbody tr").forEach(row => {
-    const shown = !query || (byNumber ? row.dataset.latent === query
+    const name = row.dataset.latent;
+    const shown = !query || (byNumber ? name === query || name.endsWith("/" + query)
                                       : row.lastElementChild.textContent.toLowerCase().includes(query));
     row.style.display = shown ? "" : "none";
   });
@@ -46,31 +48,37 @@ def _snippet(examples: LatentExamples, latent: int, flat: int, peak: float) -> s
     return f'<div class="snippet">{spans}</div>'
 
 
-def latents_section(examples: LatentExamples, max_latents: int = 2000) -> str:
-    """HTML: the latents that fire on the held-out windows, densest first (at most `max_latents`)."""
+def latents_section(examples: LatentExamples, max_latents: int = 2000, title: str = "Latents",
+                    unit: str = "latent", measure: str = "activation") -> str:
+    """HTML: the units (dictionary latents, or SPD subcomponents with `measure` "causal importance") active on
+    the held-out windows, densest first (at most `max_latents`)."""
     flat = examples.activations[examples.ordinary]
-    density = (flat > 0).float().mean(0)
+    active = flat > examples.threshold
+    density = active.float().mean(0)
     peaks = flat.max(0).values
     order = [int(j) for j in torch.argsort(density, descending=True) if density[j] > 0][:max_latents]
+    windows_by_seq = examples.activations.reshape(-1, flat.shape[1])
     rows = []
     for latent in order:
         peak = float(peaks[latent])
         snippets = "".join(_snippet(examples, latent, int(flat_index), peak)
                            for flat_index in examples.top[:, latent]
-                           if examples.activations.reshape(-1, flat.shape[1])[flat_index, latent] > 0)
+                           if windows_by_seq[flat_index, latent] > examples.threshold)
+        label = html.escape(str(latent) if examples.names is None else examples.names[latent])
         effect = "—" if examples.ablation_effect is None else f"{float(examples.ablation_effect[latent]):.3g}"
-        rows.append(f'<tr data-latent="{latent}"><td>{latent}</td><td class=value>{float(density[latent]):.4g}</td>'
+        rows.append(f'<tr data-latent="{label}"><td>{label}</td><td class=value>{float(density[latent]):.4g}</td>'
                     f"<td class=value>{peak:.4g}</td><td class=value>{effect}</td><td>{snippets}</td></tr>")
     return f"""<style>{STYLE}</style>
-<h2>Latents</h2>
-<p>{len(order)} latents fire on {int(examples.ordinary.sum())} held-out tokens ({int((density == 0).sum())} do not).
-Each snippet is centred on one of the latent's most activating tokens (outlined); shading is the latent's
-activation relative to its largest. The ablation effect is how much the spliced model's loss
-({html.escape(examples.effect_name)} on this text) would rise with the latent zeroed wherever it fires, estimated to
-first order from one backward pass (attribution patching); negative means the latent hurts. Type a number to show that latent, or text to show the latents whose
-snippets contain it; click a header to sort.</p>
-<p><input id="latent-filter" placeholder="filter: latent number or snippet text" size="40"></p>
-<table id="latents" class="sortable"><thead><tr><th>latent</th><th>density</th><th>max activation</th>
+<h2>{html.escape(title)}</h2>
+<p>{len(order)} {unit}s are active on {int(examples.ordinary.sum())} held-out tokens ({int((density == 0).sum())} are
+not; density is the fraction of tokens where the {measure} exceeds {examples.threshold:g}). Each snippet is centred
+on one of the {unit}'s most activating tokens (outlined); shading is the {measure} relative to its largest. The
+ablation effect is how much the loss ({html.escape(examples.effect_name)} on this text) would rise with the {unit}
+zeroed wherever it acts, estimated to first order from one backward pass (attribution patching); negative means
+it hurts. Type a number to show that {unit}, or text to show the {unit}s whose snippets contain it; click a header
+to sort.</p>
+<p><input id="latent-filter" placeholder="filter: {unit} number or snippet text" size="40"></p>
+<table id="latents" class="sortable"><thead><tr><th>{unit}</th><th>density</th><th>max {measure}</th>
 <th>ablation effect</th><th>top-activating snippets</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
