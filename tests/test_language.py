@@ -265,7 +265,7 @@ def test_ablation_effects_match_exact_ablations(tmp_path: Path, isolated_cache: 
     windows = evaluation_windows(data.heldout_windows, config.data.eval_tokens, data.tokens_per_window)
     ordinary = data.lm.ordinary_positions(windows)
     atoms = dictionary.W_d.detach()
-    estimate = ablation_effects(data.lm, module, windows, ordinary, lambda a: dictionary(a)[:2], atoms, False)
+    estimate = ablation_effects(data.lm, module, windows, ordinary, lambda a: dictionary(a)[:2], atoms, False).effects
 
     def without(latent: int) -> Callable[[torch.Tensor], torch.Tensor]:
         def replace(a: torch.Tensor) -> torch.Tensor:

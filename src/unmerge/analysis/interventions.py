@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from unmerge.analysis.grouping import DEFAULT_THRESHOLD, active_subcomponents, subcomponent_names
 from unmerge.data.sparse_features import LatentExamples
 from unmerge.errors import SiteError
-from unmerge.metrics.spliced import counted_predictions, next_token_nll
+from unmerge.metrics.spliced import counted_predictions, frozen, next_token_nll
 from unmerge.sae.dictionary import Dictionary
 from unmerge.spd.method import SPD
 from unmerge.spd.model import as_site
@@ -163,9 +163,10 @@ def subcomponent_ablation_effects(spd: SPD, windows: Tensor, batch_windows: int 
             clean = spd.module.clean_pass(ids)
             inner = spd.module.inner_acts(clean)
         masks = {name: torch.ones_like(inner[name], requires_grad=True) for name in names}
-        loss, predictions = next_token_nll(spd.module.masked_pass(ids, masks, clean, inner), ids,
-                                           counted_predictions(spd.target.model.ordinary_positions(ids)))
-        gradients = torch.autograd.grad(loss, [masks[name] for name in names])
+        with frozen(spd.module):
+            loss, predictions = next_token_nll(spd.module.masked_pass(ids, masks, clean, inner), ids,
+                                               counted_predictions(spd.target.model.ordinary_positions(ids)))
+            gradients = torch.autograd.grad(loss, [masks[name] for name in names])
         effects -= torch.cat([g.flatten(0, -2).sum(0) for g in gradients]).double()
         count += int(predictions)
     return (effects / max(count, 1)).float()

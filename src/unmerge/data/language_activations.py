@@ -257,18 +257,15 @@ def latent_examples_builder(data: LanguageData, module: nn.Module,
     each latent's estimated ablation effect on the spliced loss (`unmerge.metrics.spliced.ablation_effects`)."""
     ordinary = data.lm.ordinary_positions(windows)
     tokens = [[data.tokenizer.token_text(int(i)) for i in window] for window in windows]
-    record = _recorder(data.lm, module)
     encoder = isinstance(data.lm, SentenceEncoder)
 
     def examples(reconstruct: Reconstruct, atoms: Tensor, per_latent: int) -> LatentExamples:
-        with torch.no_grad():
-            activations = torch.cat([record(windows[start:start + 8]) for start in range(0, windows.shape[0], 8)])
-            latents = reconstruct(activations[ordinary])[1]
-        full = torch.zeros(*windows.shape, latents.shape[-1])
-        full[ordinary] = latents
-        top = full.reshape(-1, latents.shape[-1]).topk(min(per_latent, full[..., 0].numel()), dim=0).indices
-        effects = ablation_effects(data.lm, module, windows, ordinary, reconstruct, atoms.detach(), encoder)
-        return LatentExamples(tokens, full, top, ordinary, effects, "Δ cosine distance" if encoder else "ΔCE")
+        attribution = ablation_effects(data.lm, module, windows, ordinary, reconstruct, atoms.detach(), encoder)
+        full = torch.zeros(*windows.shape, attribution.latents.shape[-1])
+        full[ordinary] = attribution.latents
+        top = full.reshape(-1, full.shape[-1]).topk(min(per_latent, full[..., 0].numel()), dim=0).indices
+        return LatentExamples(tokens, full, top, ordinary, attribution.effects,
+                              "Δ cosine distance" if encoder else "ΔCE")
 
     return examples
 

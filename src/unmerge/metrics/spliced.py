@@ -164,13 +164,39 @@ def spliced_embeddings(encoder: nn.Module, module: nn.Module, windows: Tensor, o
     return SplicedEmbeddings({name: total / windows.shape[0] for name, total in sums.items()}, torch.cat(recorded))
 
 
+@dataclass(frozen=True)
+class LatentAttribution:
+    """One spliced pass over held-out windows: the module's original activations at ordinary positions (n, d),
+    the dictionary's latents there (n, width), and each latent's first-order ablation effect (width,)."""
+
+    activations: Tensor
+    latents: Tensor
+    effects: Tensor
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """The model's parameters need no gradient while active, so a backward pass reaches only the spliced input."""
+    needed = [p for p in model.parameters() if p.requires_grad]
+    for parameter in needed:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in needed:
+            parameter.requires_grad_(True)
+
+
 def ablation_effects(model: nn.Module, module: nn.Module, windows: Tensor, ordinary: Tensor,
                      reconstruct: Callable[[Tensor], tuple[Tensor, Tensor]], atoms: Tensor, encoder: bool,
-                     batch_windows: int = 8) -> Tensor:
-    """(width,): each latent's first-order ablation effect on the spliced loss (see the module docstring): CE per
+                     batch_windows: int = 8) -> LatentAttribution:
+    """Splice the dictionary in at `module` on `windows` once, recording the activations and latents, and
+    estimate each latent's ablation effect on the spliced loss to first order (see the module docstring): CE per
     counted prediction for a causal LM, cosine distance per window for a sentence `encoder`. `reconstruct` maps
     activations (n, d) to (x̂, latents); `atoms` (width, d) are the decoder rows, so x̂ = latents @ atoms + …"""
     effects = torch.zeros(atoms.shape[0], dtype=torch.float64)
+    recorded: list[Tensor] = []
+    latents: list[Tensor] = []
     count = 0
     for start in range(0, windows.shape[0], batch_windows):
         ids, keep = windows[start:start + batch_windows], ordinary[start:start + batch_windows]
@@ -182,16 +208,18 @@ def ablation_effects(model: nn.Module, module: nn.Module, windows: Tensor, ordin
             captured["leaf"] = reconstruction.detach().requires_grad_(True)
             return captured["leaf"]
 
-        if encoder:
-            with torch.no_grad():
-                original = model(ids)
-            with spliced(module, keep, replace):
-                loss = (1 - F.cosine_similarity(model(ids), original, dim=-1)).sum()
-            count += ids.shape[0]
-        else:
-            with spliced(module, keep, replace):
-                loss, predictions = next_token_nll(model(ids), ids, counted_predictions(keep))
-            count += int(predictions)
-        (gradient,) = torch.autograd.grad(loss, captured["leaf"])
+        with frozen(model):
+            if encoder:
+                with torch.no_grad():
+                    original = model(ids)
+                with spliced(module, keep, replace, recorded):
+                    loss = (1 - F.cosine_similarity(model(ids), original, dim=-1)).sum()
+                count += ids.shape[0]
+            else:
+                with spliced(module, keep, replace, recorded):
+                    loss, predictions = next_token_nll(model(ids), ids, counted_predictions(keep))
+                count += int(predictions)
+            (gradient,) = torch.autograd.grad(loss, captured["leaf"])
         effects -= (captured["latents"] * (gradient @ atoms.T)).sum(0).double()
-    return (effects / max(count, 1)).float()
+        latents.append(captured["latents"])
+    return LatentAttribution(torch.cat(recorded), torch.cat(latents), (effects / max(count, 1)).float())
