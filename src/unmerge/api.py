@@ -48,6 +48,7 @@ from unmerge.config import (
 from unmerge.data import activation_source
 from unmerge.data.activation_cache import ActivationCache
 from unmerge.data.language_activations import (
+    REPORT_TOKENS,
     TRAINING_FILE,
     activation_cache_dir,
     cached_source,
@@ -93,7 +94,6 @@ TARGET_DIR = "target"
 TARGET_WEIGHTS_FILE = "model.safetensors"  # an edited (unlearned) language model's state dict
 GROUPING_FILE = "grouping.json"  # the chosen grouping of a run's subcomponents, with its merge history
 LATENT_SNIPPETS = 5  # top-activating held-out snippets per latent in a language dictionary's report
-REPORT_TOKENS = 4_096  # held-out tokens behind the subcomponent list of an SPD report on a causal LM
 
 
 def preset_names() -> list[str]:

@@ -49,6 +49,7 @@ from unmerge.train.checkpoint import write_atomic
 from unmerge.train.rng import step_generator
 
 MEAN_SAMPLE = 16_384  # training rows averaged for the mean ablation
+REPORT_TOKENS = 4_096  # held-out tokens behind a report's list of latents or subcomponents (snippets, effects)
 TRAINING_FILE = "training.json"  # a cached small LM's training summary, written last
 
 
@@ -251,12 +252,14 @@ def spliced_evaluator(data: LanguageData, module: nn.Module, windows: Tensor,
 
 
 def latent_examples_builder(data: LanguageData, module: nn.Module,
-                            windows: Tensor) -> Callable[[Reconstruct, Tensor, int], LatentExamples]:
-    """`examples(reconstruct, atoms, per_latent)`: every latent's activation at every position of the held-out
-    `windows` (special tokens get 0), its `per_latent` most activating positions, the windows' token texts, and
-    each latent's estimated ablation effect on the spliced loss (`unmerge.metrics.spliced.ablation_effects`)."""
+                            tokens: int) -> Callable[[Reconstruct, Tensor, int], LatentExamples]:
+    """`examples(reconstruct, atoms, per_latent)` on held-out windows of up to `tokens` (at most `REPORT_TOKENS`):
+    every latent's activation at every position (special tokens get 0), its `per_latent` most activating
+    positions, the windows' token texts, and each latent's estimated ablation effect on the spliced loss
+    (`unmerge.metrics.spliced.ablation_effects`)."""
+    windows = evaluation_windows(data.heldout_windows, min(tokens, REPORT_TOKENS), data.tokens_per_window)
     ordinary = data.lm.ordinary_positions(windows)
-    tokens = [[data.tokenizer.token_text(int(i)) for i in window] for window in windows]
+    texts = [[data.tokenizer.token_text(int(i)) for i in window] for window in windows]
     encoder = isinstance(data.lm, SentenceEncoder)
 
     def examples(reconstruct: Reconstruct, atoms: Tensor, per_latent: int) -> LatentExamples:
@@ -264,7 +267,7 @@ def latent_examples_builder(data: LanguageData, module: nn.Module,
         full = torch.zeros(*windows.shape, attribution.latents.shape[-1])
         full[ordinary] = attribution.latents
         top = full.reshape(-1, full.shape[-1]).topk(min(per_latent, full[..., 0].numel()), dim=0).indices
-        return LatentExamples(tokens, full, top, ordinary, attribution.effects,
+        return LatentExamples(texts, full, top, ordinary, attribution.effects,
                               "Δ cosine distance" if encoder else "ΔCE")
 
     return examples
@@ -274,9 +277,7 @@ def language_latent_examples(config: LanguageActivationsConfig) -> Callable[[Rec
                                                                             LatentExamples]:
     """The latent-examples builder of `config`'s held-out windows alone (no activation cache is read)."""
     data = language_data(config.model, config.text)
-    module = find_module(data.lm, config.hook, data.lm.name)
-    windows = evaluation_windows(data.heldout_windows, config.eval_tokens, data.tokens_per_window)
-    return latent_examples_builder(data, module, windows)
+    return latent_examples_builder(data, find_module(data.lm, config.hook, data.lm.name), config.eval_tokens)
 
 
 def language_activation_source(config: LanguageActivationsConfig) -> ActivationSource:
@@ -293,7 +294,7 @@ def language_activation_source(config: LanguageActivationsConfig) -> ActivationS
     windows = evaluation_windows(data.heldout_windows, config.eval_tokens, data.tokens_per_window)
     return ActivationSource(name=f"{data.lm.name}/{config.hook}", dim=dim, sample=sample,
                             spliced_evaluation=spliced_evaluator(data, module, windows, sample),
-                            latent_examples=latent_examples_builder(data, module, windows))
+                            latent_examples=latent_examples_builder(data, module, config.eval_tokens))
 
 
 def _module_inputs(data: LanguageData, module: nn.Module, tokens: int, record_batch: int) -> Tensor:
