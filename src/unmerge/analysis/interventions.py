@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from unmerge.analysis.grouping import DEFAULT_THRESHOLD, active_subcomponents, subcomponent_names
 from unmerge.data.sparse_features import LatentExamples
@@ -157,7 +158,8 @@ def subcomponent_ablation_effects(spd: SPD, windows: Tensor, batch_windows: int 
     names = spd.module.site_names
     effects = torch.zeros(sum(spd.module.site_C[name] for name in names), dtype=torch.float64)
     count = 0
-    for start in range(0, windows.shape[0], batch_windows):
+    for start in tqdm(range(0, windows.shape[0], batch_windows), desc="subcomponent ablation effects",
+                      unit="batch", disable=None, leave=False):
         ids = windows[start:start + batch_windows]
         with torch.no_grad():
             clean = spd.module.clean_pass(ids)

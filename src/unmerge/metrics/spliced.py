@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from unmerge.errors import UnmergeError
 
@@ -198,7 +199,8 @@ def ablation_effects(model: nn.Module, module: nn.Module, windows: Tensor, ordin
     recorded: list[Tensor] = []
     latents: list[Tensor] = []
     count = 0
-    for start in range(0, windows.shape[0], batch_windows):
+    for start in tqdm(range(0, windows.shape[0], batch_windows), desc="latent ablation effects", unit="batch",
+                      disable=None, leave=False):
         ids, keep = windows[start:start + batch_windows], ordinary[start:start + batch_windows]
         captured: dict[str, Tensor] = {}
 
