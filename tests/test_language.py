@@ -250,6 +250,7 @@ def test_dictionary_trains_from_a_cache_and_reports_spliced_metrics(tmp_path: Pa
     manifest = json.loads((api.activation_cache_dir(config.data) / "manifest.json").read_text())
     assert manifest["complete"] and manifest["description"]["hook"] == "model.layers.0"
     _check_latent_snippets(result.report.read_text())
+    assert (tmp_path / "run" / "figures" / "latent_density.png").read_bytes()[:4] == b"\x89PNG"
     _check_latent_snippets(api.dictionary_report(tmp_path / "run").read_text())  # rebuilt, cache not read
 
 

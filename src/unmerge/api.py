@@ -279,7 +279,11 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
 
             examples = source.latent_examples(method.reconstruct, method.module.W_d, LATENT_SNIPPETS)
             sections = latents_section(examples)
-        figures, report = _publish(run_dir, f"Dictionary: {config.name}", metrics, [], sections)
+        from unmerge.report.figures import density_histogram_figure
+
+        density = density_histogram_figure(method.latent_density(), config.train.eval_batch_size,
+                                           run_dir / "figures" / "latent_density.png")
+        figures, report = _publish(run_dir, f"Dictionary: {config.name}", metrics, [density], sections)
         return RunResult(run_dir, metrics, figures, result.resumed_from, report)
     return RunResult(run_dir, metrics, [], result.resumed_from)
 

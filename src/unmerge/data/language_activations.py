@@ -49,7 +49,7 @@ from unmerge.train.checkpoint import write_atomic
 from unmerge.train.rng import step_generator
 
 MEAN_SAMPLE = 16_384  # training rows averaged for the mean ablation
-REPORT_TOKENS = 4_096  # held-out tokens behind a report's list of latents or subcomponents (snippets, effects)
+REPORT_TOKENS = 2_048  # held-out tokens behind a report's list of latents or subcomponents (snippets, effects)
 TRAINING_FILE = "training.json"  # a cached small LM's training summary, written last
 
 

@@ -1,5 +1,5 @@
 """Figures of a run (PNG): training curves of every loss term; for SPD on toys, recovered subcomponents beside the
-target's weights and CI on one-hot inputs."""
+target's weights and CI on one-hot inputs; for a dictionary, the histogram of its latents' firing densities."""
 
 from __future__ import annotations
 
@@ -136,4 +136,19 @@ def merge_history_figure(costs: list[float], best_step: int, path: Path) -> Path
         axis.set_ylabel("description length (bits / input)")
         axis.set_title("grouping: merge history")
         axis.legend()
+    return save_figure(figure, path)
+
+
+def density_histogram_figure(density: Tensor, samples: int, path: Path) -> Path:
+    """Histogram of log10 firing density (fraction of `samples` inputs where a latent is non-zero) over latents,
+    with the latents that never fired counted in the title: dense latents sit at the right, dying ones far left."""
+    fired = density[density > 0].double()
+    with plt.rc_context(STYLE):
+        figure, axis = plt.subplots(figsize=(5.0, 3.0))
+        if fired.numel():
+            axis.hist(torch.log10(fired).numpy(), bins=50, color="#1f77b4")
+        axis.set_xlabel("log10 firing density")
+        axis.set_ylabel("latents")
+        axis.set_title(f"latent density over {samples:,} inputs: {int((density == 0).sum())} of {density.numel()} "
+                       "never fired")
     return save_figure(figure, path)

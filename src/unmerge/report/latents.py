@@ -56,7 +56,8 @@ def latents_section(examples: LatentExamples, max_latents: int = 2000, title: st
     active = flat > examples.threshold
     density = active.float().mean(0)
     peaks = flat.max(0).values
-    order = [int(j) for j in torch.argsort(density, descending=True) if density[j] > 0][:max_latents]
+    active_units = int((density > 0).sum())
+    order = [int(j) for j in torch.argsort(density, descending=True)[:min(active_units, max_latents)]]
     windows_by_seq = examples.activations.reshape(-1, flat.shape[1])
     rows = []
     for latent in order:
@@ -70,8 +71,9 @@ def latents_section(examples: LatentExamples, max_latents: int = 2000, title: st
                     f"<td class=value>{peak:.4g}</td><td class=value>{effect}</td><td>{snippets}</td></tr>")
     return f"""<style>{STYLE}</style>
 <h2>{html.escape(title)}</h2>
-<p>{len(order)} {unit}s are active on {int(examples.ordinary.sum())} held-out tokens ({int((density == 0).sum())} are
-not; density is the fraction of tokens where the {measure} exceeds {examples.threshold:g}). Each snippet is centred
+<p>{active_units} {unit}s are active on {int(examples.ordinary.sum())} held-out tokens ({int((density == 0).sum())} are
+not; density is the fraction of tokens where the {measure} exceeds {examples.threshold:g}); the {len(order)} densest
+are listed. Each snippet is centred
 on one of the {unit}'s most activating tokens (outlined); shading is the {measure} relative to its largest. The
 ablation effect is how much the loss ({html.escape(examples.effect_name)} on this text) would rise with the {unit}
 zeroed wherever it acts, estimated to first order from one backward pass (attribution patching); negative means

@@ -255,6 +255,13 @@ class DictionaryMethod:
         return rows.numel()
 
     @torch.no_grad()
+    def latent_density(self) -> Tensor:
+        """(width,): the fraction of the fixed evaluation batch on which each latent fires."""
+        self.module.eval()
+        x, _ = self.source.split(self.source.sample(self.eval_batch_size, step_generator(self.seed, "eval")))
+        return (self.module(x)[1] > 0).float().mean(0)
+
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Reconstruction, sparsity and (for sources with known features) recovery on a fixed evaluation batch."""
         self.module.eval()
