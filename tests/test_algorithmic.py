@@ -17,6 +17,8 @@ from unmerge.targets.algorithmic import (
     key_frequencies,
     max_of_k_accuracy,
     modular_addition_inputs,
+    modular_addition_loss,
+    modular_addition_model,
     modular_addition_split,
 )
 from unmerge.targets.toys import train_target
@@ -45,6 +47,15 @@ def test_modular_addition_split_and_full_batch_sampler() -> None:
     assert len(pairs) == 49  # every pair exactly once
     assert torch.equal(modular_addition_inputs(config, 100, torch.Generator()), train)
     assert modular_addition_inputs(config, 4, torch.Generator().manual_seed(0)).shape == (4, 3)
+
+
+def test_last_position_fast_path_gives_the_same_logits() -> None:
+    config = ModularAdditionConfig(p=7, d_model=8, n_heads=2, d_mlp=16)
+    model = modular_addition_model(config)
+    ids = torch.cat([modular_addition_split(config)[0], modular_addition_split(config)[1]])
+    assert torch.allclose(model(ids), model.last_position_logits(ids), atol=1e-6)
+    loss = modular_addition_loss(model, ids)
+    assert loss.dtype == torch.float64 and bool(torch.isfinite(loss.detach()))
 
 
 def test_key_frequencies_find_a_planted_frequency() -> None:
