@@ -119,7 +119,7 @@ def test_language_dictionary_report_loads_filters_and_sorts(browser, runs) -> No
 def test_spd_report_shows_every_figure(browser, runs) -> None:
     page = Page(browser, runs[1] / "report.html")
     loaded = page.figures_loaded()
-    assert len(loaded) == 4 and all(loaded), loaded
+    assert len(loaded) == 5 and all(loaded), loaded
     assert page.page.locator("h2", has_text="Metrics").count() == 1
     page.screenshot("spd_report.png")
     assert page.problems == []

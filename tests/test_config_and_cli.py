@@ -93,11 +93,11 @@ def test_decompose_writes_config_metrics_figures_and_evaluate_reproduces_them(tm
                 "ci_l0/linear1/0.01", "ci_l0/hidden/0.5", "faithfulness", "stochastic_recon", "layerwise_recon",
                 "ci_masked_recon", "unmasked_recon"):
         assert key in metrics, key
-    for figure in ("ci_one_hot.png", "weights_linear1.png", "training_curves.png"):
+    for figure in ("ci_one_hot.png", "ci_histograms.png", "weights_linear1.png", "training_curves.png"):
         assert (run / "figures" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.stdout.rstrip().endswith(f"report: {run / 'report.html'}")
     report = (run / "report.html").read_text()
-    assert report.count('<img src="data:image/png;base64,') == 4  # self-contained: figures embedded,
+    assert report.count('<img src="data:image/png;base64,') == 5  # self-contained: figures embedded,
     assert 'src="http' not in report and "<script" not in report  # nothing fetched, nothing run
     assert f"{metrics['mmcs']:.6g}" in report and "importance_minimality_coeff" in report  # metrics and config
     assert api.load_run_config(str(run / "config.yaml")).train.steps == 60

@@ -84,12 +84,29 @@ def weights_figure(spd: SPD, site: str, axis: str, path: Path) -> Path:
         return save_figure(figure, path)
 
 
+def ci_histogram_figure(importances: dict[str, Tensor], path: Path) -> Path:
+    """One histogram per site of the causal importances (clipped to [0, 1]) of every subcomponent on every input
+    of a batch, log-scaled counts; the title gives the site's CI-L0 at 0.1."""
+    with plt.rc_context(STYLE):
+        figure, axes = plt.subplots(1, len(importances), figsize=(3.4 * len(importances), 2.6), squeeze=False)
+        for axis, (name, values) in zip(axes[0], importances.items(), strict=True):
+            axis.hist(values.flatten().numpy(), bins=40, range=(0.0, 1.0), color="#1f77b4")
+            axis.set_yscale("log")
+            axis.set_title(f"{name}: CI-L0 {metrics.ci_l0(values, 0.1):.3g}")
+            axis.set_xlabel("causal importance")
+        axes[0, 0].set_ylabel("(input, subcomponent) pairs")
+        figure.tight_layout()
+        return save_figure(figure, path)
+
+
 def spd_figures(spd: SPD, directory: Path) -> list[Path]:
-    """All figures of an SPD run on a toy target (those that need ground truth are skipped without it)."""
+    """All figures of an SPD run: CI histograms per site on the evaluation batch; on a toy target also CI on
+    one-hot inputs and the recovered weights (those that need ground truth are skipped without it)."""
+    paths = [ci_histogram_figure(spd.evaluation_importance(), directory / "ci_histograms.png")]
     truth = spd.target.ground_truth
     if truth is None:
-        return []
-    paths = [importance_figure(spd.one_hot_importance(), directory / "ci_one_hot.png")]
+        return paths
+    paths.append(importance_figure(spd.one_hot_importance(), directory / "ci_one_hot.png"))
     for site, axis in truth.feature_directions.items():
         if site in spd.module.site_C:
             paths.append(weights_figure(spd, site, axis, directory / f"weights_{site}.png"))

@@ -114,10 +114,18 @@ class SPD:
         with torch.no_grad():
             return self.importances(self.module.clean_pass(self.target.one_hot_inputs())).clipped()
 
+    def evaluation_batch(self) -> Tensor:
+        return self.target.sample_inputs(self.eval_batch_size, step_generator(self.seed, "eval"))
+
+    def evaluation_importance(self) -> dict[str, Tensor]:
+        """CI in [0, 1] per site on the fixed evaluation batch."""
+        with torch.no_grad():
+            return self.importances(self.module.clean_pass(self.evaluation_batch())).clipped()
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Metrics on a fixed evaluation batch, plus ground-truth scores when the target has them."""
-        x = self.target.sample_inputs(self.eval_batch_size, step_generator(self.seed, "eval"))
+        x = self.evaluation_batch()
         clean = self.module.clean_pass(x)
         ci = self.importances(clean)
         masks = self.stochastic_masks(ci, step_generator(self.seed, "eval-masks"))
