@@ -14,6 +14,8 @@ import torch  # noqa: E402
 from unmerge.analysis.splitting import SharedDirections, Splits  # noqa: E402
 from unmerge.report.figures import STYLE, save_figure  # noqa: E402
 
+R2_FLOOR = -1.0  # the children figure draws lower R² here
+
 
 def cosine_figure(splits: Splits, title: str, path: Path) -> Path:
     """Decoder cosines, parents × children, each child column placed under its most similar parent."""
@@ -30,7 +32,8 @@ def cosine_figure(splits: Splits, title: str, path: Path) -> Path:
 
 
 def children_figure(splits: Splits, title: str, path: Path) -> Path:
-    """Per parent latent: its number of children (bars) and the R² of its reconstruction from them (dots)."""
+    """Per parent latent: its number of children (bars) and the R² of its reconstruction from them (dots; values
+    below −1, from parents that barely fire, are drawn at −1 so the rest stay readable)."""
     counts = [len(kids) for kids in splits.children]
     with plt.rc_context(STYLE):
         figure, axis = plt.subplots(figsize=(min(12.0, 2 + 0.12 * len(counts)), 3.0))
@@ -38,10 +41,11 @@ def children_figure(splits: Splits, title: str, path: Path) -> Path:
         axis.set_xlabel("parent latent")
         axis.set_ylabel("children")
         r2 = axis.twinx()
-        r2.plot(range(len(counts)), splits.reconstruction_r2.numpy(), "o", color="#d62728", markersize=3,
-                label="R² from children")
-        r2.set_ylim(min(0.0, float(torch.nan_to_num(splits.reconstruction_r2, nan=1.0).min())), 1.05)
-        r2.set_ylabel("R² of the parent from its children")
+        clipped = splits.reconstruction_r2.clamp(min=R2_FLOOR)
+        r2.plot(range(len(counts)), clipped.numpy(), "o", color="#d62728", markersize=3, label="R² from children")
+        r2.set_ylim(min(0.0, float(torch.nan_to_num(clipped, nan=1.0).min())) - 0.05, 1.05)
+        below = bool((splits.reconstruction_r2 < R2_FLOOR).any())
+        r2.set_ylabel("R² of the parent from its children" + (" (below −1 drawn at −1)" if below else ""))
         axis.set_title(title)
     return save_figure(figure, path)
 
