@@ -54,6 +54,9 @@ def test_last_position_fast_path_gives_the_same_logits() -> None:
     model = modular_addition_model(config)
     ids = torch.cat([modular_addition_split(config)[0], modular_addition_split(config)[1]])
     assert torch.allclose(model(ids), model.last_position_logits(ids), atol=1e-6)
+    weights = dict(model.named_parameters())
+    assert float(weights["mlp.fc_out.weight"].detach().std()) == pytest.approx(8**-0.5, rel=0.3)  # Nanda et al.'s scale
+    assert not weights["mlp.fc_in.bias"].any()
     loss = modular_addition_loss(model, ids)
     assert loss.dtype == torch.float64 and bool(torch.isfinite(loss.detach()))
 

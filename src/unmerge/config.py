@@ -116,6 +116,9 @@ class ModularAdditionConfig(StrictModel):
     n_heads: PositiveInt = Field(4, description="attention heads")
     d_mlp: PositiveInt = Field(512, description="ReLU MLP width")
     train_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(0.3, description="pairs seen in training")
+    init: Literal["nanda", "pytorch"] = Field(
+        "nanda", description="initial weights: every matrix N(0, 1/d_model), the unembedding N(0, 1/(p + 1)) and "
+        "biases 0 as Nanda et al.; or PyTorch's module defaults with the token embedding at 1/√d_model")
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(steps=10_000, batch_size=3831,
                                             optim=OptimConfig(lr=1e-3, weight_decay=1.0)),
