@@ -52,10 +52,10 @@ from unmerge.data.language_activations import (
     TRAINING_FILE,
     activation_cache_dir,
     cached_source,
-    evaluation_windows,
     language_data,
     language_latent_examples,
     language_target,
+    report_windows,
     small_lm_dir,
 )
 from unmerge.data.target_activations import find_module
@@ -228,9 +228,7 @@ def _subcomponents_section(spd: SPD, config: RunConfig) -> str:
     if not isinstance(target, LanguageTargetConfig) or target.module is not None or not isinstance(
             spd.target.model, CausalLM):
         return ""
-    data = language_data(target.model, target.text)
-    windows = evaluation_windows(data.heldout_windows, REPORT_TOKENS, data.tokens_per_window)
-    tokens = [[data.tokenizer.token_text(int(i)) for i in window] for window in windows]
+    windows, tokens = report_windows(language_data(target.model, target.text), REPORT_TOKENS)
     examples = subcomponent_examples(spd, windows, tokens, LATENT_SNIPPETS)
     return latents_section(examples, title="Subcomponents", unit="subcomponent", measure="causal importance")
 

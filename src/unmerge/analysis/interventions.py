@@ -151,41 +151,59 @@ def dictionary_spliced(module: nn.Module, dictionary: Dictionary, latents: Itera
         handle.remove()
 
 
+def _importance_and_mask_gradients(spd: SPD, ids: Tensor) -> tuple[Tensor, Tensor, int]:
+    """One batch of token windows of a causal LM, one clean pass: the causal importances clipped to [0, 1]
+    (batch, seq, ΣC), `Σ_t ∂CE/∂m_c(t)` of the decomposed model with every mask 1 (ΣC,), summed CE rather than
+    its mean, and the number of counted predictions."""
+    names = spd.module.site_names
+    with torch.no_grad():
+        clean = spd.module.clean_pass(ids)
+        importances = spd.importances(clean)
+    masks = {name: torch.ones_like(importances.inner[name], requires_grad=True) for name in names}
+    with frozen(spd.module):
+        loss, predictions = next_token_nll(spd.module.masked_pass(ids, masks, clean, importances.inner), ids,
+                                           counted_predictions(spd.target.model.ordinary_positions(ids)))
+        gradients = torch.autograd.grad(loss, [masks[name] for name in names])
+    summed = torch.cat([g.flatten(0, -2).sum(0) for g in gradients]).double()
+    return importances.lower_all.clamp(0.0, 1.0), summed, int(predictions)
+
+
+def _total_C(spd: SPD) -> int:
+    return sum(spd.module.site_C[name] for name in spd.module.site_names)
+
+
+def _batches(windows: Tensor, batch_windows: int, description: str) -> Iterator[Tensor]:
+    for start in tqdm(range(0, windows.shape[0], batch_windows), desc=description, unit="batch", disable=None,
+                      leave=False):
+        yield windows[start:start + batch_windows]
+
+
 def subcomponent_ablation_effects(spd: SPD, windows: Tensor, batch_windows: int = 8) -> Tensor:
     """(ΣC,), sites in `subcomponent_names` order: for a causal LM, how much next-token CE (nats per counted
     prediction) of the decomposed model (every mask 1) would rise with the subcomponent's mask at 0 at every
     position, to first order: `−Σ_t ∂CE/∂m_c(t)` (attribution patching)."""
-    names = spd.module.site_names
-    effects = torch.zeros(sum(spd.module.site_C[name] for name in names), dtype=torch.float64)
-    count = 0
-    for start in tqdm(range(0, windows.shape[0], batch_windows), desc="subcomponent ablation effects",
-                      unit="batch", disable=None, leave=False):
-        ids = windows[start:start + batch_windows]
-        with torch.no_grad():
-            clean = spd.module.clean_pass(ids)
-            inner = spd.module.inner_acts(clean)
-        masks = {name: torch.ones_like(inner[name], requires_grad=True) for name in names}
-        with frozen(spd.module):
-            loss, predictions = next_token_nll(spd.module.masked_pass(ids, masks, clean, inner), ids,
-                                               counted_predictions(spd.target.model.ordinary_positions(ids)))
-            gradients = torch.autograd.grad(loss, [masks[name] for name in names])
-        effects -= torch.cat([g.flatten(0, -2).sum(0) for g in gradients]).double()
-        count += int(predictions)
+    effects, count = torch.zeros(_total_C(spd), dtype=torch.float64), 0
+    for ids in _batches(windows, batch_windows, "subcomponent ablation effects"):
+        _, gradient, predictions = _importance_and_mask_gradients(spd, ids)
+        effects -= gradient
+        count += predictions
     return (effects / max(count, 1)).float()
 
 
-@torch.no_grad()
 def subcomponent_examples(spd: SPD, windows: Tensor, tokens: list[list[str]], per_unit: int,
                           batch_windows: int = 8) -> LatentExamples:
     """Monitoring on held-out text of a causal LM: every subcomponent's causal importance (clipped to [0, 1]) at
     every position of `windows` (special tokens get 0), its `per_unit` most important positions, `tokens` (each
     window's token texts) and the first-order ablation effects, for the report's subcomponent list."""
+    importances, effects, count = [], torch.zeros(_total_C(spd), dtype=torch.float64), 0
+    for ids in _batches(windows, batch_windows, "subcomponent importances and ablation effects"):
+        importance, gradient, predictions = _importance_and_mask_gradients(spd, ids)
+        importances.append(importance)
+        effects -= gradient
+        count += predictions
     ordinary = spd.target.model.ordinary_positions(windows)
-    importances = torch.cat([spd.importances(spd.module.clean_pass(windows[start:start + batch_windows]))
-                             .lower_all.clamp(0.0, 1.0) for start in range(0, windows.shape[0], batch_windows)])
-    importances[~ordinary] = 0.0
-    top = importances.reshape(-1, importances.shape[-1]).topk(min(per_unit, ordinary.numel()), dim=0).indices
-    with torch.enable_grad():
-        effects = subcomponent_ablation_effects(spd, windows, batch_windows)
-    return LatentExamples(tokens, importances, top, ordinary, effects, "ΔCE", subcomponent_names(spd),
-                          DEFAULT_THRESHOLD)
+    importance = torch.cat(importances)
+    importance[~ordinary] = 0.0
+    top = importance.reshape(-1, importance.shape[-1]).topk(min(per_unit, ordinary.numel()), dim=0).indices
+    return LatentExamples(tokens, importance, top, ordinary, (effects / max(count, 1)).float(), "ΔCE",
+                          subcomponent_names(spd), DEFAULT_THRESHOLD)

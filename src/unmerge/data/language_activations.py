@@ -251,15 +251,21 @@ def spliced_evaluator(data: LanguageData, module: nn.Module, windows: Tensor,
     return evaluate
 
 
+def report_windows(data: LanguageData, tokens: int) -> tuple[Tensor, list[list[str]]]:
+    """Held-out windows holding up to `tokens` (at most `REPORT_TOKENS`) for a report's unit list, and their
+    token texts."""
+    windows = evaluation_windows(data.heldout_windows, min(tokens, REPORT_TOKENS), data.tokens_per_window)
+    return windows, [[data.tokenizer.token_text(int(i)) for i in window] for window in windows]
+
+
 def latent_examples_builder(data: LanguageData, module: nn.Module,
                             tokens: int) -> Callable[[Reconstruct, Tensor, int], LatentExamples]:
     """`examples(reconstruct, atoms, per_latent)` on held-out windows of up to `tokens` (at most `REPORT_TOKENS`):
     every latent's activation at every position (special tokens get 0), its `per_latent` most activating
     positions, the windows' token texts, and each latent's estimated ablation effect on the spliced loss
     (`unmerge.metrics.spliced.ablation_effects`)."""
-    windows = evaluation_windows(data.heldout_windows, min(tokens, REPORT_TOKENS), data.tokens_per_window)
+    windows, texts = report_windows(data, tokens)
     ordinary = data.lm.ordinary_positions(windows)
-    texts = [[data.tokenizer.token_text(int(i)) for i in window] for window in windows]
     encoder = isinstance(data.lm, SentenceEncoder)
 
     def examples(reconstruct: Reconstruct, atoms: Tensor, per_latent: int) -> LatentExamples:

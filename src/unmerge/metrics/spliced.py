@@ -167,10 +167,9 @@ def spliced_embeddings(encoder: nn.Module, module: nn.Module, windows: Tensor, o
 
 @dataclass(frozen=True)
 class LatentAttribution:
-    """One spliced pass over held-out windows: the module's original activations at ordinary positions (n, d),
-    the dictionary's latents there (n, width), and each latent's first-order ablation effect (width,)."""
+    """One spliced pass over held-out windows: the dictionary's latents at ordinary positions (n, width) and each
+    latent's first-order ablation effect (width,)."""
 
-    activations: Tensor
     latents: Tensor
     effects: Tensor
 
@@ -191,12 +190,11 @@ def frozen(model: nn.Module) -> Iterator[None]:
 def ablation_effects(model: nn.Module, module: nn.Module, windows: Tensor, ordinary: Tensor,
                      reconstruct: Callable[[Tensor], tuple[Tensor, Tensor]], atoms: Tensor, encoder: bool,
                      batch_windows: int = 8) -> LatentAttribution:
-    """Splice the dictionary in at `module` on `windows` once, recording the activations and latents, and
+    """Splice the dictionary in at `module` on `windows` once, recording its latents, and
     estimate each latent's ablation effect on the spliced loss to first order (see the module docstring): CE per
     counted prediction for a causal LM, cosine distance per window for a sentence `encoder`. `reconstruct` maps
     activations (n, d) to (x̂, latents); `atoms` (width, d) are the decoder rows, so x̂ = latents @ atoms + …"""
     effects = torch.zeros(atoms.shape[0], dtype=torch.float64)
-    recorded: list[Tensor] = []
     latents: list[Tensor] = []
     count = 0
     for start in tqdm(range(0, windows.shape[0], batch_windows), desc="latent ablation effects", unit="batch",
@@ -214,14 +212,14 @@ def ablation_effects(model: nn.Module, module: nn.Module, windows: Tensor, ordin
             if encoder:
                 with torch.no_grad():
                     original = model(ids)
-                with spliced(module, keep, replace, recorded):
+                with spliced(module, keep, replace):
                     loss = (1 - F.cosine_similarity(model(ids), original, dim=-1)).sum()
                 count += ids.shape[0]
             else:
-                with spliced(module, keep, replace, recorded):
+                with spliced(module, keep, replace):
                     loss, predictions = next_token_nll(model(ids), ids, counted_predictions(keep))
                 count += int(predictions)
             (gradient,) = torch.autograd.grad(loss, captured["leaf"])
         effects -= (captured["latents"] * (gradient @ atoms.T)).sum(0).double()
         latents.append(captured["latents"])
-    return LatentAttribution(torch.cat(recorded), torch.cat(latents), (effects / max(count, 1)).float())
+    return LatentAttribution(torch.cat(latents), (effects / max(count, 1)).float())
