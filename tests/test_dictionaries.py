@@ -191,6 +191,13 @@ def _small_method(activation: str, **overrides: object) -> DictionaryMethod:
     return DictionaryMethod(sparse_feature_source(data), config, seed=0, total_steps=1500)
 
 
+def test_latent_densities_add_up_to_the_evaluation_l0() -> None:
+    method = _small_method("topk", k=3, penalty=PenaltyConfig(name="none"))
+    density = method.latent_density()
+    assert density.shape == (32,) and bool(((density >= 0) & (density <= 1)).all())
+    assert float(density.sum()) == pytest.approx(method.evaluate()["l0"], rel=1e-5)  # both on the evaluation batch
+
+
 def test_unit_norm_decoder_keeps_the_optimizer_on_the_same_tensor() -> None:
     method = _small_method("relu", penalty=PenaltyConfig(coeff=0.05))
     decoder = method.module.W_d
