@@ -6,7 +6,7 @@ transcoder's latent for feature i ablated.
     .venv/bin/python benchmarks/unlearning.py runs/bench/resid-mlp-1-s0 --transcoder runs/bench/resid-mlp-1-tc
 
 The SPD run comes from `benchmarks/quality.py resid-mlp-1`; its grouping is (re)computed at the default α
-(`unmerge group`); feature i's component is the one holding the subcomponents whose CI on feature i's one-hot
+(`unmerge group`) unless `--alpha` says otherwise; feature i's component is the one holding the subcomponents whose CI on feature i's one-hot
 input is highest. The transcoder (`resid-mlp-1-transcoder` preset, trained into --transcoder if missing) must
 sit on the same trained target; feature i's latent is the one most active on that one-hot input, and the
 transcoder's own error (spliced in, nothing ablated) is its baseline. Prints one JSON line per feature and a
@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 from unmerge import api
+from unmerge.analysis.grouping import DEFAULT_ALPHA
 from unmerge.analysis.interventions import dictionary_spliced, unlearned_model
+from unmerge.config import TargetConfig
 from unmerge.sae.dictionary import Dictionary
 from unmerge.spd.method import SPD
 from unmerge.train.rng import step_generator
@@ -46,10 +48,13 @@ def errors_of(output: torch.Tensor, x: torch.Tensor, feature: int) -> dict[str, 
     return {"all": float(squared.mean()), "own": float(squared[:, feature].mean())}
 
 
-def transcoder_run(directory: Path, spd: SPD) -> Dictionary:
-    """The `resid-mlp-1-transcoder` preset's dictionary in `directory`, trained there first if missing."""
+def transcoder_run(directory: Path, spd: SPD, target: TargetConfig) -> Dictionary:
+    """The `resid-mlp-1-transcoder` preset's dictionary on the SPD run's own target (`target`, its config) in
+    `directory`, trained there first if missing."""
     if not (directory / api.DICTIONARY_FILE).is_file():
-        api.train_dictionary(api.load_dictionary_config("resid-mlp-1-transcoder", ["train.threads=1"]), directory)
+        config = api.load_dictionary_config("resid-mlp-1-transcoder", ["train.threads=1"])
+        config = config.model_copy(update={"data": config.data.model_copy(update={"target": target})})
+        api.train_dictionary(config, directory)
     return api.load_dictionary_of_target(directory, spd.target)
 
 
@@ -58,10 +63,11 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--transcoder", type=Path, required=True)
     parser.add_argument("--features", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="the grouping's α (bits per component)")
     args = parser.parse_args()
-    grouping = api.group_components(args.run)
-    _, spd, _ = api.load_run(args.run)
-    dictionary = transcoder_run(args.transcoder, spd)
+    grouping = api.group_components(args.run, alpha=args.alpha)
+    config, spd, _ = api.load_run(args.run)
+    dictionary = transcoder_run(args.transcoder, spd, config.target)
     torch.set_grad_enabled(False)
     model = spd.target.model
     block = model.layers[0]
