@@ -6,10 +6,11 @@ transcoder's latent for feature i ablated.
     .venv/bin/python benchmarks/unlearning.py runs/bench/resid-mlp-1-s0 --transcoder runs/bench/resid-mlp-1-tc
 
 The SPD run comes from `benchmarks/quality.py resid-mlp-1`; its grouping is (re)computed at the default α
-(`unmerge group`) unless `--alpha` says otherwise; feature i's component is the one holding the subcomponents whose CI on feature i's one-hot
-input is highest. The transcoder (`resid-mlp-1-transcoder` preset, trained into --transcoder if missing) must
-sit on the same trained target; feature i's latent is the one most active on that one-hot input, and the
-transcoder's own error (spliced in, nothing ablated) is its baseline. Prints one JSON line per feature and a
+(`unmerge group`) unless `--alpha` says otherwise; feature i's component is the one holding the subcomponents
+whose CI on feature i's one-hot input is highest. The transcoder (`resid-mlp-1-transcoder` preset on the SPD
+run's own target, trained into --transcoder if missing) must sit on the same trained target; feature i's latent is
+the one most active on that one-hot input, and the transcoder's own error (spliced in, nothing ablated) is its
+baseline. Prints one JSON line per feature and a
 summary line (worst cases over the features).
 """
 

@@ -168,26 +168,27 @@ def _importance_and_mask_gradients(spd: SPD, ids: Tensor) -> tuple[Tensor, Tenso
     return importances.lower_all.clamp(0.0, 1.0), summed, int(predictions)
 
 
-def _total_C(spd: SPD) -> int:
-    return sum(spd.module.site_C[name] for name in spd.module.site_names)
-
-
-def _batches(windows: Tensor, batch_windows: int, description: str) -> Iterator[Tensor]:
-    for start in tqdm(range(0, windows.shape[0], batch_windows), desc=description, unit="batch", disable=None,
-                      leave=False):
-        yield windows[start:start + batch_windows]
+def _importances_and_effects(spd: SPD, windows: Tensor, batch_windows: int) -> tuple[Tensor, Tensor]:
+    """Over `windows` in batches: the clipped causal importances (windows, seq, ΣC) and the first-order ablation
+    effects `−Σ_t ∂CE/∂m_c(t)` per counted prediction (ΣC,)."""
+    importances: list[Tensor] = []
+    effects = torch.zeros(sum(spd.module.site_C[name] for name in spd.module.site_names), dtype=torch.float64)
+    count = 0
+    for start in tqdm(range(0, windows.shape[0], batch_windows), desc="subcomponent importances and effects",
+                      unit="batch", disable=None, leave=False):
+        ids = windows[start:start + batch_windows]
+        importance, gradient, predictions = _importance_and_mask_gradients(spd, ids)
+        importances.append(importance)
+        effects -= gradient
+        count += predictions
+    return torch.cat(importances), (effects / max(count, 1)).float()
 
 
 def subcomponent_ablation_effects(spd: SPD, windows: Tensor, batch_windows: int = 8) -> Tensor:
     """(ΣC,), sites in `subcomponent_names` order: for a causal LM, how much next-token CE (nats per counted
     prediction) of the decomposed model (every mask 1) would rise with the subcomponent's mask at 0 at every
     position, to first order: `−Σ_t ∂CE/∂m_c(t)` (attribution patching)."""
-    effects, count = torch.zeros(_total_C(spd), dtype=torch.float64), 0
-    for ids in _batches(windows, batch_windows, "subcomponent ablation effects"):
-        _, gradient, predictions = _importance_and_mask_gradients(spd, ids)
-        effects -= gradient
-        count += predictions
-    return (effects / max(count, 1)).float()
+    return _importances_and_effects(spd, windows, batch_windows)[1]
 
 
 def subcomponent_examples(spd: SPD, windows: Tensor, tokens: list[list[str]], per_unit: int,
@@ -195,15 +196,9 @@ def subcomponent_examples(spd: SPD, windows: Tensor, tokens: list[list[str]], pe
     """Monitoring on held-out text of a causal LM: every subcomponent's causal importance (clipped to [0, 1]) at
     every position of `windows` (special tokens get 0), its `per_unit` most important positions, `tokens` (each
     window's token texts) and the first-order ablation effects, for the report's subcomponent list."""
-    importances, effects, count = [], torch.zeros(_total_C(spd), dtype=torch.float64), 0
-    for ids in _batches(windows, batch_windows, "subcomponent importances and ablation effects"):
-        importance, gradient, predictions = _importance_and_mask_gradients(spd, ids)
-        importances.append(importance)
-        effects -= gradient
-        count += predictions
+    importance, effects = _importances_and_effects(spd, windows, batch_windows)
     ordinary = spd.target.model.ordinary_positions(windows)
-    importance = torch.cat(importances)
     importance[~ordinary] = 0.0
     top = importance.reshape(-1, importance.shape[-1]).topk(min(per_unit, ordinary.numel()), dim=0).indices
-    return LatentExamples(tokens, importance, top, ordinary, (effects / max(count, 1)).float(), "ΔCE",
-                          subcomponent_names(spd), DEFAULT_THRESHOLD)
+    return LatentExamples(tokens, importance, top, ordinary, effects, "ΔCE", subcomponent_names(spd),
+                          DEFAULT_THRESHOLD)
