@@ -30,6 +30,12 @@ def test_overrides_reach_nested_keys() -> None:
     assert config.method.importance_minimality_coeff == 0.01
 
 
+def test_a_number_in_an_override_indexes_a_list() -> None:
+    config = api.load_run_config("resid-mlp-2", ["method.sites.1.C=7"])
+    assert [site.C for site in config.method.sites] == [400, 7]
+    assert config.method.sites[1].pattern == "layers.*.mlp_out"
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -37,6 +43,9 @@ def test_overrides_reach_nested_keys() -> None:
         (["method.sites=[{pattern: linear1, C: 0}]"], r"method\.sites\.0\.C: Input should be greater than 0"),
         (["method.pnorm=-1"], r"method\.pnorm"),
         (["nonsense"], r"must look like key\.path=value"),
+        (["method.sites.5.C=3"], r"'5' must index the list, which has 2 item\(s\): use 0 to 1"),
+        (["method.sites.first.C=3"], r"'first' must index the list"),
+        (["train.steps.x=3"], r"'steps' is not a config section or list"),
     ],
 )
 def test_bad_configs_name_the_problem(overrides: list[str], message: str) -> None:

@@ -452,19 +452,41 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (value parsed as YAML) to nested plain data; returns a new dict."""
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to nested plain data; returns a new dict. A number
+    indexes a list, so `method.sites.0.C=150` changes the first site's C and keeps the others."""
     result = json.loads(json.dumps(data))
     for override in overrides:
         key, value = parse_override(override)
-        node = result
+        node: Any = result
         *parents, leaf = key.split(".")
         for part in parents:
-            child = node.get(part) if isinstance(node, dict) else None
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: {part!r} is not a config section")
-            node = child
-        node[leaf] = value
+            node = _override_child(node, part, override)
+        if isinstance(node, list):
+            node[_list_index(node, leaf, override)] = value
+        else:
+            node[leaf] = value
     return result
+
+
+def _override_child(node: Any, part: str, override: str) -> Any:
+    """The section or list item `part` of `node`, which an override descends into."""
+    if isinstance(node, list):
+        child = node[_list_index(node, part, override)]
+    else:
+        child = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(f"override {override!r}: {part!r} is not a config section or list")
+    return child
+
+
+def _list_index(items: list[Any], part: str, override: str) -> int:
+    """`part` as an index into `items`, or an error naming the valid range."""
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(
+            f"override {override!r}: {part!r} must index the list, which has {len(items)} item(s): "
+            f"use 0 to {len(items) - 1}, or give the whole list"
+        )
+    return int(part)
 
 
 def save_yaml(config: StrictModel, path: Path) -> None:
