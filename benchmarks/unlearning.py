@@ -10,8 +10,7 @@ The SPD run comes from `benchmarks/quality.py resid-mlp-1`; its grouping is (re)
 whose CI on feature i's one-hot input is highest. The transcoder (`resid-mlp-1-transcoder` preset on the SPD
 run's own target, trained into --transcoder if missing) must sit on the same trained target; feature i's latent is
 the one most active on that one-hot input, and the transcoder's own error (spliced in, nothing ablated) is its
-baseline. Prints one JSON line per feature and a
-summary line (worst cases over the features).
+baseline. Prints one JSON line per feature and a summary line (worst cases over the features).
 """
 
 from __future__ import annotations
