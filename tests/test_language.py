@@ -179,7 +179,7 @@ def test_windows_start_with_bos_and_split_holds_out_whole_documents() -> None:
     documents = {f"doc{i}": "x" * (10 + i) for i in range(5)}
     train, heldout = text.split_documents(documents, 2)
     assert list(heldout) == ["doc1", "doc3"] and list(train) == ["doc0", "doc2", "doc4"]
-    windows = text.token_windows(train, tokenizer, seq_len=4)
+    windows = text.token_windows(text.encoded_documents(train, tokenizer, None).values(), tokenizer, seq_len=4)
     assert windows.shape == (3 + 4 + 4, 4)  # 10, 12, 14 bytes in pieces of 3, partial pieces dropped
     assert (windows[:, 0] == 0).all() and (windows[:, 1:] == ord("x")).all()
 
@@ -195,12 +195,13 @@ def test_encoded_documents_are_cached_by_tokenizer_and_text(tmp_path: Path) -> N
     documents = {"a": "to be", "b": "", "c": "or not"}
     first = text.encoded_documents(documents, tokenizer, tmp_path)
     assert calls == ["to be", "", "or not"]
-    assert [t.tolist() for t in first] == [list(d.encode()) for d in documents.values()]
+    assert {name: t.tolist() for name, t in first.items()} == {n: list(d.encode()) for n, d in documents.items()}
     again = text.encoded_documents(documents, tokenizer, tmp_path)
-    assert len(calls) == 3 and all(torch.equal(x, y) for x, y in zip(first, again))
+    assert len(calls) == 3 and list(again) == list(documents) and all(torch.equal(first[n], again[n]) for n in again)
     (cached,) = tmp_path.glob("tokens-*.safetensors")
     cached.write_bytes(cached.read_bytes()[:20])  # a truncated file is encoded anew, not read as garbage
-    assert all(torch.equal(x, y) for x, y in zip(first, text.encoded_documents(documents, tokenizer, tmp_path)))
+    anew = text.encoded_documents(documents, tokenizer, tmp_path)
+    assert all(torch.equal(first[n], anew[n]) for n in documents)
     assert len(calls) == 6
     text.encoded_documents({"a": "to be!"}, tokenizer, tmp_path)
     text.encoded_documents(documents, replace(tokenizer, fingerprint="bytes-v2"), tmp_path)
@@ -444,7 +445,7 @@ def test_encoder_windows_and_embeddings_match_a_plain_forward(tiny_minilm: Path)
     encoder = loaded.lm
     assert isinstance(encoder, SentenceEncoder) and {0, 2, 3} <= set(encoder.special_ids)
     tokenizer = text.from_hf_tokenizer(loaded.tokenizer, "tiny")
-    windows = text.token_windows({"a": " ".join(WORDS * 3)}, tokenizer, seq_len=8)
+    windows = text.token_windows([torch.tensor(tokenizer.encode(" ".join(WORDS * 3)))], tokenizer, seq_len=8)
     assert (windows[:, 0] == 2).all() and (windows[:, -1] == 3).all() and windows.shape == (6, 8)
     assert torch.equal(encoder.ordinary_positions(windows)[:, [0, -1]], torch.zeros(6, 2, dtype=torch.bool))
     assert torch.equal(windows[0], loaded.tokenizer(" ".join(WORDS[:6]), return_tensors="pt")["input_ids"][0])

