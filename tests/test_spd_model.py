@@ -131,6 +131,40 @@ def test_spd_losses_by_hand_on_a_one_weight_target() -> None:
     assert losses.stochastic_masks(torch.full((2, 1), 0.25), _generator(7)).allclose(mask_all)
 
 
+def test_adversarial_masks_reach_the_worst_ablation_the_importance_permits() -> None:
+    """f(x) = 2x with U V = 1 and g = 0.25: the masked output m x is worst at the smallest mask, so four ascent
+    steps of 0.25 take every r from its uniform draw to 0 (m = g); the loss and the metric both see D at m = g."""
+    target = Target(name="scale", model=_Scale(), sample_inputs=lambda n, g: torch.tensor([[1.0], [3.0]]))
+    config = SPDConfig(sites=[SiteConfig(pattern="linear", C=1)], importance_minimality_coeff=0.5, pnorm=2.0,
+                       adversarial_steps=4, adversarial_recon_coeff=2.0)
+    spd = SPD(target, config, seed=0, eval_batch_size=2)
+    with torch.no_grad():
+        spd.module.components["linear"].U.fill_(1.0)
+        spd.module.components["linear"].V.fill_(1.0)
+        ci = spd.module.ci.functions["linear"]
+        ci.w2.zero_()
+        ci.b2.fill_(0.25)
+    x = torch.tensor([[1.0], [3.0]])
+    worst = ((0.25 * x - 2 * x) ** 2).mean().item()
+    clean = spd.module.clean_pass(x)
+    masks = spd.adversarial_masks(x, clean, spd.importances(clean), _generator(3))
+    assert torch.allclose(masks["linear"], torch.full((2, 1), 0.25))
+    output = spd.training_loss(x, _generator(7))
+    assert output.terms["adversarial_recon"].item() == pytest.approx(worst, rel=1e-6)
+    others = sum(output.terms[name] for name in ("faithfulness", "stochastic_recon", "layerwise_recon"))
+    expected = others + 0.5 * output.terms["importance_minimality"] + 2.0 * worst
+    assert output.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    output.loss.backward()
+    assert ci.b2.grad is not None and float(ci.b2.grad) != 0.0  # the worst masks still train g
+    assert spd.evaluate()["adversarial_recon"] == pytest.approx(worst, rel=1e-6)
+
+
+def test_adversarial_loss_without_ascent_steps_is_refused() -> None:
+    with pytest.raises(ValueError, match="adversarial_steps"):
+        SPDConfig(sites=[SiteConfig(pattern="linear", C=1)], importance_minimality_coeff=0.5,
+                  adversarial_recon_coeff=1.0)
+
+
 def test_site_pattern_that_matches_nothing_names_the_candidates() -> None:
     target = TMSModel(TMSConfig(n_features=5, n_hidden=2))
     with pytest.raises(SiteError, match=r"'mlp\.\*' matches no module.*linear1, linear2"):

@@ -19,7 +19,8 @@ def _results_table(metrics: dict[str, float]) -> str:
     rows = [(key, metrics[key]) for key in ("mmcs", "ml2r", "matrix_cosine", "ci_pattern_errors") if key in metrics]
     rows += [(key, value) for key, value in metrics.items() if key.startswith(("ci_l0/", "alive/"))
              and (not key.startswith("ci_l0/") or key.endswith("/0.1"))]
-    rows += [(key, metrics[key]) for key in ("faithfulness", "stochastic_recon", "ci_masked_recon") if key in metrics]
+    recon = ("faithfulness", "stochastic_recon", "ci_masked_recon", "adversarial_recon")
+    rows += [(key, metrics[key]) for key in recon if key in metrics]
     return _format_rows(rows)
 
 

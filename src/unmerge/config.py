@@ -154,8 +154,23 @@ class SPDConfig(StrictModel):
         0, description="Adam steps on ‖W − UV‖² alone before training (removes the init's overshoot)"
     )
     faithfulness_warmup_lr: PositiveFloat = Field(1e-2, description="learning rate of the faithfulness warm-up")
+    adversarial_steps: NonNegativeInt = Field(
+        0, description="projected sign-gradient ascent steps on r that search for the worst masks in [g, 1], for "
+                       "the adversarial loss and the `adversarial_recon` metric (0: neither)"
+    )
+    adversarial_step_size: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.25, description="how far one ascent step moves each r"
+    )
+    adversarial_recon_coeff: NonNegativeFloat = Field(
+        0.0, description="weight of D with all sites at the worst masks found (VPD's adversarial reconstruction)"
+    )
 
-
+    @model_validator(mode="after")
+    def _adversarial_loss_has_steps(self) -> SPDConfig:
+        if self.adversarial_recon_coeff and not self.adversarial_steps:
+            raise ValueError("adversarial_recon_coeff > 0 needs adversarial_steps ≥ 1 (the ascent that finds the "
+                             "worst masks)")
+        return self
 
 
 class SparseFeaturesConfig(StrictModel):
@@ -358,7 +373,8 @@ class DictionaryConfig(StrictModel):
     matryoshka_prefixes: list[PositiveInt] | None = Field(
         None, description="Matryoshka: also reconstruct from the first m_i latents for each of these widths")
     normalise_activations: bool = Field(
-        False, description="train on s·x with s ≈ √d / E‖x‖ (a power of two), folded into the weights at the end")
+        False, description="train on s·x with s ≈ √d / E‖x‖ (a power of two), folded into the weights at the "
+                           "end")
     refit_magnitudes: bool = Field(
         False, description="also evaluate with magnitudes refitted by least squares on each input's support")
     resample_every: NonNegativeInt = Field(0, description="every N steps, re-initialise dead latents (0: never)")

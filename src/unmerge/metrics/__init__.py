@@ -11,7 +11,8 @@ Keys written to a run's `metrics.json` (flat; `/` separates a metric from its si
 * `faithfulness`, `stochastic_recon`, `layerwise_recon`, `ci_masked_recon`, `unmasked_recon` — SPD losses on an
   evaluation batch; `faithfulness_relative` = faithfulness ÷ the mean squared target weight; with the MSE
   output loss also `output_mean_square` (the MSE of predicting 0, for scale); on a
-  whole language model `ce_original` and `ce_ci_masked` (next-token CE with masks = CI).
+  whole language model `ce_original` and `ce_ci_masked` (next-token CE with masks = CI); with
+  `method.adversarial_steps` > 0 also `adversarial_recon` (all sites at the worst masks in [g, 1] the ascent finds).
 
 Dictionary runs (see `metrics.dictionary`): `recall_mmcs`, `precision_mmcs`, `mcc`, `matched/<cosine>`, `fvu`,
 `reconstruction_cosine`, `norm_ratio`, `l0`, `dead_fraction`, `dead_latents`, `duplicate_latents`, `shrinkage`.

@@ -78,6 +78,23 @@ class SPD:
         """One mask sample for every site (S = 1), shared by the all-sites and the layerwise passes."""
         return self.module.split_sites(losses.stochastic_masks(ci.lower_all, generator))
 
+    def adversarial_masks(self, x: Tensor, clean: CleanPass, ci: Importances,
+                          generator: torch.Generator) -> dict[str, Tensor]:
+        """Masks `g + (1 − g) r` for every site, with r moved from a uniform draw by `adversarial_steps` projected
+        sign-gradient ascent steps on the all-sites divergence (g and the weights held fixed during the search):
+        close to the worst partial ablation the CI permits. Gradients flow through g as for stochastic masks."""
+        g = ci.lower_all.detach()
+        inner = {name: h.detach() for name, h in ci.inner.items()}
+        r = torch.rand(g.shape, generator=generator, dtype=g.dtype)
+        for _ in range(self.config.adversarial_steps):
+            r.requires_grad_(True)
+            with torch.enable_grad():
+                output = self.module.masked_pass(x, self.module.split_sites(g + (1 - g) * r), clean, inner)
+                divergence = losses.output_divergence(output, clean.output, self.config.output_loss)
+                (gradient,) = torch.autograd.grad(divergence, r)
+            r = (r.detach() + self.config.adversarial_step_size * gradient.sign()).clamp(0.0, 1.0)
+        return self.module.split_sites(ci.lower_all + (1 - ci.lower_all) * r)
+
     def stochastic_recon(self, x: Tensor, clean: CleanPass, ci: Importances, masks: dict[str, Tensor]) -> Tensor:
         """All sites masked."""
         return self._divergence(x, masks, clean, ci)
@@ -100,11 +117,15 @@ class SPD:
             terms["stochastic_recon"] = self.stochastic_recon(batch, clean, ci, masks)
         if config.layerwise_recon_coeff:
             terms["layerwise_recon"] = self.layerwise_recon(batch, clean, ci, masks)
+        if config.adversarial_recon_coeff:
+            adversarial = self.adversarial_masks(batch, clean, ci, generator)
+            terms["adversarial_recon"] = self._divergence(batch, adversarial, clean, ci)
         coefficients = {
             "faithfulness": config.faithfulness_coeff,
             "importance_minimality": config.importance_minimality_coeff,
             "stochastic_recon": config.stochastic_recon_coeff,
             "layerwise_recon": config.layerwise_recon_coeff,
+            "adversarial_recon": config.adversarial_recon_coeff,
         }
         loss = sum(coefficients[name] * value for name, value in terms.items())
         return StepOutput(loss=loss, terms=terms)
@@ -141,6 +162,9 @@ class SPD:
         }
         ci_masked = self.module.masked_pass(x, ci.lower, clean, ci.inner)
         results["ci_masked_recon"] = float(losses.output_divergence(ci_masked, clean.output, self.config.output_loss))
+        if self.config.adversarial_steps:
+            adversarial = self.adversarial_masks(x, clean, ci, step_generator(self.seed, "eval-adversarial"))
+            results["adversarial_recon"] = float(self._divergence(x, adversarial, clean, ci))
         if isinstance(self.target.model, CausalLM):
             results |= self.next_token_losses(x, clean.output, ci_masked)
         elif self.config.output_loss == "mse":
