@@ -101,17 +101,23 @@ class _Scale(nn.Module):
         return self.linear(x)
 
 
-def test_spd_losses_by_hand_on_a_one_weight_target() -> None:
-    """f(x) = 2x, C = 1 with U V = 1 and a constant importance g = 0.25: every term in closed form."""
-    target = Target(name="scale", model=_Scale(), sample_inputs=lambda n, g: torch.ones(n, 1))
-    config = SPDConfig(sites=[SiteConfig(pattern="linear", C=1)], importance_minimality_coeff=0.5, pnorm=2.0)
-    spd = SPD(target, config, seed=0)
+def _one_weight_spd(**options: float) -> SPD:
+    """SPD of f(x) = 2x (evaluated on x = 1 and 3) with C = 1, U V = 1 and a constant importance g = 0.25."""
+    target = Target(name="scale", model=_Scale(), sample_inputs=lambda n, g: torch.tensor([[1.0], [3.0]]))
+    config = SPDConfig(sites=[SiteConfig(pattern="linear", C=1)], importance_minimality_coeff=0.5, pnorm=2.0,
+                       **options)
+    spd = SPD(target, config, seed=0, eval_batch_size=2)
     with torch.no_grad():
         spd.module.components["linear"].U.fill_(1.0)
         spd.module.components["linear"].V.fill_(1.0)
-        ci = spd.module.ci.functions["linear"]
-        ci.w2.zero_()
-        ci.b2.fill_(0.25)
+        spd.module.ci.functions["linear"].w2.zero_()
+        spd.module.ci.functions["linear"].b2.fill_(0.25)
+    return spd
+
+
+def test_spd_losses_by_hand_on_a_one_weight_target() -> None:
+    """f(x) = 2x, C = 1 with U V = 1 and a constant importance g = 0.25: every term in closed form."""
+    spd = _one_weight_spd()
     x = torch.tensor([[1.0], [3.0]])
     output = spd.training_loss(x, _generator(7))
     keys = tuple(int(k) for k in torch.randint(0, 2**32, (2,), generator=_generator(7)))
@@ -134,16 +140,7 @@ def test_spd_losses_by_hand_on_a_one_weight_target() -> None:
 def test_adversarial_masks_reach_the_worst_ablation_the_importance_permits() -> None:
     """f(x) = 2x with U V = 1 and g = 0.25: the masked output m x is worst at the smallest mask, so four ascent
     steps of 0.25 take every r from its uniform draw to 0 (m = g); the loss and the metric both see D at m = g."""
-    target = Target(name="scale", model=_Scale(), sample_inputs=lambda n, g: torch.tensor([[1.0], [3.0]]))
-    config = SPDConfig(sites=[SiteConfig(pattern="linear", C=1)], importance_minimality_coeff=0.5, pnorm=2.0,
-                       adversarial_steps=4, adversarial_recon_coeff=2.0)
-    spd = SPD(target, config, seed=0, eval_batch_size=2)
-    with torch.no_grad():
-        spd.module.components["linear"].U.fill_(1.0)
-        spd.module.components["linear"].V.fill_(1.0)
-        ci = spd.module.ci.functions["linear"]
-        ci.w2.zero_()
-        ci.b2.fill_(0.25)
+    spd = _one_weight_spd(adversarial_steps=4, adversarial_recon_coeff=2.0)
     x = torch.tensor([[1.0], [3.0]])
     worst = ((0.25 * x - 2 * x) ** 2).mean().item()
     clean = spd.module.clean_pass(x)
@@ -155,7 +152,8 @@ def test_adversarial_masks_reach_the_worst_ablation_the_importance_permits() -> 
     expected = others + 0.5 * output.terms["importance_minimality"] + 2.0 * worst
     assert output.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     output.loss.backward()
-    assert ci.b2.grad is not None and float(ci.b2.grad) != 0.0  # the worst masks still train g
+    importance_bias = spd.module.ci.functions["linear"].b2
+    assert importance_bias.grad is not None and float(importance_bias.grad) != 0.0  # the worst masks train g too
     assert spd.evaluate()["adversarial_recon"] == pytest.approx(worst, rel=1e-6)
 
 
