@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,6 +137,15 @@ def test_spd_losses_by_hand_on_a_one_weight_target() -> None:
     total += expected["stochastic_recon"] + expected["layerwise_recon"]
     assert output.loss.item() == pytest.approx(total, rel=1e-6)
     assert losses.stochastic_masks(torch.full((2, 1), 0.25), _generator(7)).allclose(mask_all)
+
+
+def test_importance_frequency_term_joins_the_loss_with_its_coefficient() -> None:
+    """g = 0.25 on both inputs, p = 2: S = 2 · 0.0625 and m = 0.0625, so the term is 0.0625 log2(1.125)."""
+    x = torch.tensor([[1.0], [3.0]])
+    plain = _one_weight_spd().training_loss(x, _generator(7))
+    output = _one_weight_spd(importance_frequency_coeff=3.0).training_loss(x, _generator(7))
+    assert output.terms["importance_frequency"].item() == pytest.approx(0.0625 * math.log2(1.125), rel=1e-6)
+    assert output.loss.item() == pytest.approx(plain.loss.item() + 3.0 * 0.0625 * math.log2(1.125), rel=1e-6)
 
 
 def test_adversarial_masks_reach_the_worst_ablation_the_importance_permits() -> None:

@@ -148,6 +148,9 @@ class SPDConfig(StrictModel):
     layerwise_recon_coeff: NonNegativeFloat = Field(1.0, description="β2: one site masked at a time")
     importance_minimality_coeff: NonNegativeFloat = Field(description="β3: penalty on Σ|g⁺|^p")
     pnorm: PositiveFloat = Field(1.0, description="p of the importance-minimality penalty")
+    importance_frequency_coeff: NonNegativeFloat = Field(
+        0.0, description="weight of Σ_c m_c log2(1 + S_c), m_c and S_c the batch mean and sum of g⁺_c^p (VPD)"
+    )
     leak: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.01, description="slope of the hard sigmoids' leaks")
     output_loss: Literal["mse", "kl"] = Field("mse", description="divergence D between masked and target outputs")
     faithfulness_warmup_steps: NonNegativeInt = Field(

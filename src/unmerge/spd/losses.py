@@ -24,6 +24,18 @@ def importance_minimality_loss(upper_importances: list[Tensor], pnorm: float) ->
     return sum((g if pnorm == 1 else g.pow(pnorm)).sum() for g in upper_importances) / n_positions
 
 
+def importance_frequency_loss(upper_importances: list[Tensor], pnorm: float) -> Tensor:
+    """`Σ_c m_c log2(1 + S_c)` over every subcomponent c of every site, with m_c the mean and S_c the sum over the
+    batch's positions of `g⁺_c^p` (VPD's frequency minimality): one subcomponent important on many inputs costs
+    more than two that share those inputs between them, so subcomponents that serve several features split."""
+    total = upper_importances[0].new_zeros(())
+    for g in upper_importances:
+        powered = (g if pnorm == 1 else g.pow(pnorm)).reshape(-1, g.shape[-1])
+        sums = powered.sum(0)
+        total = total + (sums / powered.shape[0] * torch.log2(1 + sums)).sum()
+    return total
+
+
 def output_divergence(prediction: Tensor, target: Tensor, kind: str) -> Tensor:
     """D(target ‖ prediction): MSE over output elements for toys; KL(target ‖ prediction) per position for LMs."""
     if kind == "mse":

@@ -112,6 +112,8 @@ class SPD:
             "faithfulness": self.faithfulness(),
             "importance_minimality": losses.importance_minimality_loss([ci.upper_all], config.pnorm),
         }
+        if config.importance_frequency_coeff:
+            terms["importance_frequency"] = losses.importance_frequency_loss([ci.upper_all], config.pnorm)
         masks = self.stochastic_masks(ci, generator)
         if config.stochastic_recon_coeff:
             terms["stochastic_recon"] = self.stochastic_recon(batch, clean, ci, masks)
@@ -123,6 +125,7 @@ class SPD:
         coefficients = {
             "faithfulness": config.faithfulness_coeff,
             "importance_minimality": config.importance_minimality_coeff,
+            "importance_frequency": config.importance_frequency_coeff,
             "stochastic_recon": config.stochastic_recon_coeff,
             "layerwise_recon": config.layerwise_recon_coeff,
             "adversarial_recon": config.adversarial_recon_coeff,
