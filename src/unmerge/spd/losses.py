@@ -16,12 +16,17 @@ def faithfulness_loss(target_weights: list[Tensor], reconstructions: list[Tensor
     return squared / n_entries
 
 
+def importance_powers(upper_importance: Tensor, pnorm: float) -> Tensor:
+    """`g⁺^p`, which both importance penalties sum (p = 1 skips the power)."""
+    return upper_importance if pnorm == 1 else upper_importance.pow(pnorm)
+
+
 def importance_minimality_loss(upper_importances: list[Tensor], pnorm: float) -> Tensor:
     """`(1/B) Σ_b Σ_l Σ_c |g⁺_{b,l,c}|^p`; B counts every leading position (examples × tokens).
 
     g⁺ = σ_upper(γ) is never negative, so |g⁺| = g⁺ and no absolute value is taken."""
     n_positions = upper_importances[0][..., 0].numel()
-    return sum((g if pnorm == 1 else g.pow(pnorm)).sum() for g in upper_importances) / n_positions
+    return sum(importance_powers(g, pnorm).sum() for g in upper_importances) / n_positions
 
 
 def importance_frequency_loss(upper_importances: list[Tensor], pnorm: float) -> Tensor:
@@ -30,7 +35,7 @@ def importance_frequency_loss(upper_importances: list[Tensor], pnorm: float) -> 
     more than two that share those inputs between them, so subcomponents that serve several features split."""
     total = upper_importances[0].new_zeros(())
     for g in upper_importances:
-        powered = (g if pnorm == 1 else g.pow(pnorm)).reshape(-1, g.shape[-1])
+        powered = importance_powers(g, pnorm).reshape(-1, g.shape[-1])
         sums = powered.sum(0)
         total = total + (sums / powered.shape[0] * torch.log2(1 + sums)).sum()
     return total

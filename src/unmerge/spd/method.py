@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -84,13 +84,12 @@ class SPD:
         sign-gradient ascent steps on the all-sites divergence (g and the weights held fixed during the search):
         close to the worst partial ablation the CI permits. Gradients flow through g as for stochastic masks."""
         g = ci.lower_all.detach()
-        inner = {name: h.detach() for name, h in ci.inner.items()}
+        fixed = replace(ci, inner={name: h.detach() for name, h in ci.inner.items()})
         r = torch.rand(g.shape, generator=generator, dtype=g.dtype)
         for _ in range(self.config.adversarial_steps):
             r.requires_grad_(True)
             with torch.enable_grad():
-                output = self.module.masked_pass(x, self.module.split_sites(g + (1 - g) * r), clean, inner)
-                divergence = losses.output_divergence(output, clean.output, self.config.output_loss)
+                divergence = self._divergence(x, self.module.split_sites(g + (1 - g) * r), clean, fixed)
                 (gradient,) = torch.autograd.grad(divergence, r)
             r = (r.detach() + self.config.adversarial_step_size * gradient.sign()).clamp(0.0, 1.0)
         return self.module.split_sites(ci.lower_all + (1 - ci.lower_all) * r)
