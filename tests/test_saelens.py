@@ -27,7 +27,7 @@ def _randomised(config: DictionaryConfig, output_dim: int | None = None) -> Dict
         for name, parameter in module.named_parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.1 if "log" in name else 0.5))
         if config.activation == "jumprelu":
-            module.log_threshold.copy_(torch.full((WIDTH,), 0.2).log())
+            module.threshold.fill_(0.2)
         if config.activation == "batchtopk":
             module.inference_threshold.fill_(0.3)
     return module.eval()

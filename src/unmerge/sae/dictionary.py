@@ -6,7 +6,6 @@ in the output space, and the optional linear skip path (zero at the start) carri
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +66,7 @@ class _ReLUDictionary(torch.autograd.Function):
 
 
 class Dictionary(nn.Module):
-    """Encoder `W_e` (d × m), `b_e`; decoder `W_d` (m × d_out, rows are atoms), `b_d`; JumpReLU's `log θ`,
+    """Encoder `W_e` (d × m), `b_e`; decoder `W_d` (m × d_out, rows are atoms), `b_d`; JumpReLU's threshold θ,
     BatchTopK's running inference threshold, or the Gated magnitude path (`r_mag`, `b_mag`) where the activation
     needs them; a transcoder's skip path `W_skip` (d × d_out). `output_dim` None: an autoencoder (d_out = d).
 
@@ -93,7 +92,7 @@ class Dictionary(nn.Module):
         if config.skip:
             self.W_skip = nn.Parameter(torch.zeros(dim, out))
         if config.activation == "jumprelu":
-            self.log_threshold = nn.Parameter(torch.full((config.width,), config.jumprelu_init_threshold).log())
+            self.threshold = nn.Parameter(torch.full((config.width,), config.jumprelu_init_threshold))
         if config.activation == "batchtopk":
             self.register_buffer("inference_threshold", torch.zeros(()))
             self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
@@ -120,7 +119,7 @@ class Dictionary(nn.Module):
         if config.activation == "topk":
             return activations.topk(z, config.k)
         if config.activation == "jumprelu":
-            return activations.jumprelu(z, self.log_threshold.exp(), config.jumprelu_bandwidth)
+            return activations.jumprelu(z, self.threshold, config.jumprelu_bandwidth)
         if not self.training:
             return activations.threshold_activation(z, self.inference_threshold)
         f, smallest = activations.batch_topk(z, config.k)
@@ -201,17 +200,15 @@ class Dictionary(nn.Module):
         """Fold the activation normalisation into the weights: divide every additive term and threshold by the
         target scale `s_out` (an autoencoder's is its input scale `s`), multiply the linear maps of the input
         (`W_e`, `W_skip`) by `s / s_out` (1 for an autoencoder), and set both scales to 1. Reconstructions of raw
-        activations are unchanged (exactly, as the scales are powers of two; a JumpReLU threshold, stored as log θ,
-        to float rounding) and latents become raw-unit `f / s_out`."""
+        activations are unchanged (exactly, as the scales are powers of two) and latents become raw-unit `f / s_out`."""
         scale, target_scale = float(self.input_scale), float(self.target_scale())
-        for bias in (self.b_e, self.b_d, getattr(self, "b_mag", None), getattr(self, "inference_threshold", None)):
+        for bias in (self.b_e, self.b_d, getattr(self, "b_mag", None), getattr(self, "threshold", None),
+                     getattr(self, "inference_threshold", None)):
             if bias is not None:
                 bias.div_(target_scale)
         if scale != target_scale:
             for weight in (self.W_e, getattr(self, "W_skip", None)):
                 if weight is not None:
                     weight.mul_(scale / target_scale)
-        if self.config.activation == "jumprelu":
-            self.log_threshold.sub_(math.log(target_scale))
         self.input_scale.fill_(1.0)
         self.target_scale().fill_(1.0)

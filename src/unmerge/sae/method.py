@@ -179,7 +179,7 @@ class DictionaryMethod:
             penalised = F.relu(z) if config.activation == "gated" else f
             terms["sparsity"] = sparsity_penalty(penalised, config.penalty, module.decoder_norms(), self.progress())
         if config.activation == "jumprelu" and config.l0_coeff:
-            terms["l0"] = activations.jumprelu_l0(z, module.log_threshold.exp(), config.jumprelu_bandwidth)
+            terms["l0"] = activations.jumprelu_l0(z, module.threshold, config.jumprelu_bandwidth)
         if config.aux_k:
             terms["aux_k"] = aux_k_loss(target, reconstruction, z, module.W_d, self.dead(), config.aux_k)
         if config.activation == "gated":
@@ -200,11 +200,13 @@ class DictionaryMethod:
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Unit-norm decoder rows (in place, so the optimiser keeps its state for the same tensor); dead latents
-        resampled on the configured cadence."""
+        """Unit-norm decoder rows (in place, so the optimiser keeps its state for the same tensor); JumpReLU
+        thresholds kept ≥ 0 (below 0 a latent could go negative); dead latents resampled on the configured cadence."""
         self.module.step += 1
         if self.config.unit_norm_decoder:
             self.module.W_d.copy_(F.normalize(self.module.W_d, dim=1))
+        if self.config.activation == "jumprelu":
+            self.module.threshold.clamp_(min=0.0)
         step, every = int(self.module.step), self.config.resample_every
         if every and step % every == 0 and step <= self.config.resample_until * self.total_steps:
             self.resample_dead(optimizer)
@@ -214,8 +216,9 @@ class DictionaryMethod:
         """Point every dead latent at an input the dictionary reconstructs badly (Bricken et al. 2023): draw
         inputs with probability ∝ squared loss², set the atom to the normalised residual `x − x̂` (the part not yet
         explained), the encoder column to the atom at `resample_encoder_norm` × the mean live column norm, the
-        encoder bias to 0, and zero those entries' Adam moments. With `resample_duplicates`, the later copy of
-        each near-duplicate pair is freed the same way (it adds nothing a single atom does not); with
+        encoder bias to 0 (a JumpReLU threshold to its initial value), and zero those entries' Adam moments. With
+        `resample_duplicates`, the later copy of each near-duplicate pair is freed the same way (it adds nothing a
+        single atom does not); with
         `resample_misaligned`, so is a latent whose atom sits between features (`atom_alignment` below the
         threshold on the resampling inputs). Returns the number resampled."""
         module, config = self.module, self.config
@@ -247,7 +250,11 @@ class DictionaryMethod:
         module.W_d[rows] = atoms
         module.W_e[:, rows] = encoder.T * (config.resample_encoder_norm * live_norm)
         module.b_e[rows] = 0.0
-        for parameter, index in ((module.W_d, rows), (module.W_e, (slice(None), rows)), (module.b_e, rows)):
+        resampled = [(module.W_d, rows), (module.W_e, (slice(None), rows)), (module.b_e, rows)]
+        if config.activation == "jumprelu":
+            module.threshold[rows] = config.jumprelu_init_threshold
+            resampled.append((module.threshold, rows))
+        for parameter, index in resampled:
             for moment in ("exp_avg", "exp_avg_sq"):
                 if moment in optimizer.state.get(parameter, {}):
                     optimizer.state[parameter][moment][index] = 0.0

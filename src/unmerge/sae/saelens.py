@@ -48,7 +48,7 @@ def _tensors(module: Dictionary, architecture: str) -> dict[str, Tensor]:
     tensors = {"W_enc": module.W_e, "b_enc": module.b_e, "W_dec": module.W_d, "b_dec": module.b_d}
     activation = module.config.activation
     if activation == "jumprelu":
-        tensors["threshold"] = module.log_threshold.exp()
+        tensors["threshold"] = module.threshold
     if activation == "batchtopk":
         tensors["threshold"] = module.inference_threshold.expand(module.config.width)
     if activation == "gated":
@@ -143,7 +143,7 @@ def load_saelens(directory: Path) -> Dictionary:
         for parameter, value in ((module.W_e, W_enc), (module.b_e, b_enc), (module.W_d, W_dec), (module.b_d, b_dec)):
             parameter.copy_(value)
         if dictionary_config.activation == "jumprelu":
-            module.log_threshold.copy_(tensors["threshold"].clamp(min=0).log())  # θ ≤ 0 acts as ReLU, as θ = 0
+            module.threshold.copy_(tensors["threshold"].clamp(min=0))  # latents stay ≥ 0: θ < 0 acts as θ = 0
         if dictionary_config.activation == "gated":
             module.r_mag.copy_(tensors["r_mag"])
             module.b_mag.copy_(tensors["b_mag"])
