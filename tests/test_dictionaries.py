@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from unmerge import api, cli
 from unmerge.config import (
@@ -465,6 +465,10 @@ def test_train_dictionary_writes_the_folded_dictionary_and_the_ground_truth(tmp_
     module.eval()
     with torch.no_grad():
         assert scores.fvu(x, module(x)[0]) == pytest.approx(result.metrics["fvu"], rel=1e-6)
+    weights["log_threshold"] = weights.pop("b_e")
+    save_file(weights, str(tmp_path / "run" / api.DICTIONARY_FILE))
+    with pytest.raises(UnmergeError, match="does not fit the dictionary.*train it again"):
+        api.load_dictionary(tmp_path / "run")
 
 
 def test_atom_alignment_is_one_on_a_feature_and_low_between_features() -> None:

@@ -302,9 +302,14 @@ def load_dictionary(run_dir: Path) -> tuple[DictionaryRunConfig, Dictionary]:
         raise CheckpointError(f"{weights_path} cannot be read ({error}); rerun the train-dictionary command "
                               "after deleting it (the run re-evaluates from its newest checkpoint)") from None
     transcoder = bool(getattr(config.data, "transcoder", False))
-    module = Dictionary(weights["W_e"].shape[0], config.method, torch.Generator(),
-                        weights["W_d"].shape[1] if transcoder else None)
-    module.load_state_dict({name: value for name, value in weights.items() if name not in TRAINING_BUFFERS})
+    try:
+        module = Dictionary(weights["W_e"].shape[0], config.method, torch.Generator(),
+                            weights["W_d"].shape[1] if transcoder else None)
+        module.load_state_dict({name: value for name, value in weights.items() if name not in TRAINING_BUFFERS})
+    except (KeyError, RuntimeError) as error:
+        reason = " ".join(str(error).split())
+        raise CheckpointError(f"{weights_path} does not fit the dictionary its {RUN_CONFIG} describes ({reason}); "
+                              "it was written by another unmerge version or edited: train it again") from None
     return config, module.eval()
 
 
