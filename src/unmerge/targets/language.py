@@ -109,7 +109,7 @@ def from_hf(model: nn.Module, tokenizer: object | None = None, name: str | None 
 
 def from_transformer_lens(model: nn.Module, name: str | None = None) -> CausalLM:
     """A TransformerLens `HookedTransformer`; its hook points (`blocks.N.hook_resid_post`, ...) are modules.
-    (Checked against TransformerLens 3.9; version 4 replaced it by `TransformerBridge` over a Hugging Face model,
+    (Tested with TransformerLens 3.9; version 4 replaced it by `TransformerBridge` over a Hugging Face model,
     whose underlying model `from_hf` takes.)"""
     tokenizer = getattr(model, "tokenizer", None)
     bos = getattr(tokenizer, "bos_token_id", None)
