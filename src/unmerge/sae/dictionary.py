@@ -6,7 +6,6 @@ in the output space, and the optional linear skip path (zero at the start) carri
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

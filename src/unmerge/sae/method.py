@@ -218,9 +218,8 @@ class DictionaryMethod:
         explained), the encoder column to the atom at `resample_encoder_norm` × the mean live column norm, the
         encoder bias to 0 (a JumpReLU threshold to its initial value), and zero those entries' Adam moments. With
         `resample_duplicates`, the later copy of each near-duplicate pair is freed the same way (it adds nothing a
-        single atom does not); with
-        `resample_misaligned`, so is a latent whose atom sits between features (`atom_alignment` below the
-        threshold on the resampling inputs). Returns the number resampled."""
+        single atom does not); with `resample_misaligned`, so is a latent whose atom sits between features
+        (`atom_alignment` below the threshold on the resampling inputs). Returns the number resampled."""
         module, config = self.module, self.config
         dead = self.dead()
         if config.resample_duplicates:
