@@ -18,25 +18,29 @@ def test_faithfulness_by_hand() -> None:
     assert losses.faithfulness_loss(w, r).item() == pytest.approx((4 + 4) / 3)
 
 
+def _powers(importances: list[torch.Tensor], pnorm: float) -> list[torch.Tensor]:
+    return [losses.importance_powers(g, pnorm) for g in importances]
+
+
 def test_importance_minimality_by_hand() -> None:
     # B = 2 inputs; site a: |g|^p summed over C = 2, site b over C = 1; p = 2.
     a = torch.tensor([[0.5, 1.0], [0.0, 2.0]])
     b = torch.tensor([[3.0], [1.0]])
     expected = (0.25 + 1 + 0 + 4 + 9 + 1) / 2
-    assert losses.importance_minimality_loss([a, b], 2.0).item() == expected
+    assert losses.importance_minimality_loss(_powers([a, b], 2.0)).item() == expected
     # p = 1 on token-shaped (B=1, T=2, C=2) importances divides by B·T = 2.
-    assert losses.importance_minimality_loss([torch.tensor([[[1.0, 2.0], [3.0, 0.0]]])], 1.0).item() == 3.0
+    assert losses.importance_minimality_loss(_powers([torch.tensor([[[1.0, 2.0], [3.0, 0.0]]])], 1.0)).item() == 3.0
 
 
 def test_importance_frequency_by_hand() -> None:
     # B = 2, p = 2; column sums of g² are S = (1, 2): Σ_c (S_c / B) log2(1 + S_c) = 0.5·1 + 1·log2(3).
     g = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
-    assert losses.importance_frequency_loss([g], 2.0).item() == pytest.approx(0.5 + math.log2(3))
+    assert losses.importance_frequency_loss(_powers([g], 2.0)).item() == pytest.approx(0.5 + math.log2(3))
     # one subcomponent on both inputs costs more than two that take one input each
     shared, split = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    assert losses.importance_frequency_loss([shared], 1.0) > losses.importance_frequency_loss([split], 1.0)
+    assert losses.importance_frequency_loss([shared]) > losses.importance_frequency_loss([split])  # p = 1
     # token-shaped (B=1, T=2, C=1) importances count every position: S = 2, mean 1
-    assert losses.importance_frequency_loss([torch.ones(1, 2, 1)], 1.0).item() == pytest.approx(math.log2(3))
+    assert losses.importance_frequency_loss([torch.ones(1, 2, 1)]).item() == pytest.approx(math.log2(3))
 
 
 def test_output_divergences_by_hand() -> None:

@@ -24,8 +24,8 @@ def _randomised(config: DictionaryConfig, output_dim: int | None = None) -> Dict
     generator = torch.Generator().manual_seed(0)
     module = Dictionary(DIM, config, generator, output_dim)
     with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.1 if "log" in name else 0.5))
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
         if config.activation == "jumprelu":
             module.threshold.fill_(0.2)
         if config.activation == "batchtopk":

@@ -376,8 +376,7 @@ class DictionaryConfig(StrictModel):
     matryoshka_prefixes: list[PositiveInt] | None = Field(
         None, description="Matryoshka: also reconstruct from the first m_i latents for each of these widths")
     normalise_activations: bool = Field(
-        False, description="train on s·x with s ≈ √d / E‖x‖ (a power of two), folded into the weights at the "
-                           "end")
+        False, description="train on s·x with s ≈ √d / E‖x‖ (a power of two), folded into the weights at the end")
     refit_magnitudes: bool = Field(
         False, description="also evaluate with magnitudes refitted by least squares on each input's support")
     resample_every: NonNegativeInt = Field(0, description="every N steps, re-initialise dead latents (0: never)")

@@ -21,23 +21,25 @@ def importance_powers(upper_importance: Tensor, pnorm: float) -> Tensor:
     return upper_importance if pnorm == 1 else upper_importance.pow(pnorm)
 
 
-def importance_minimality_loss(upper_importances: list[Tensor], pnorm: float) -> Tensor:
-    """`(1/B) Σ_b Σ_l Σ_c |g⁺_{b,l,c}|^p`; B counts every leading position (examples × tokens).
+def importance_minimality_loss(powers: list[Tensor]) -> Tensor:
+    """`(1/B) Σ_b Σ_l Σ_c |g⁺_{b,l,c}|^p` from each site's `g⁺^p` (`importance_powers`); B counts every leading
+    position (examples × tokens).
 
     g⁺ = σ_upper(γ) is never negative, so |g⁺| = g⁺ and no absolute value is taken."""
-    n_positions = upper_importances[0][..., 0].numel()
-    return sum(importance_powers(g, pnorm).sum() for g in upper_importances) / n_positions
+    n_positions = powers[0][..., 0].numel()
+    return sum(powered.sum() for powered in powers) / n_positions
 
 
-def importance_frequency_loss(upper_importances: list[Tensor], pnorm: float) -> Tensor:
+def importance_frequency_loss(powers: list[Tensor]) -> Tensor:
     """`Σ_c m_c log2(1 + S_c)` over every subcomponent c of every site, with m_c the mean and S_c the sum over the
-    batch's positions of `g⁺_c^p` (VPD's frequency minimality): one subcomponent important on many inputs costs
-    more than two that share those inputs between them, so subcomponents that serve several features split."""
-    total = upper_importances[0].new_zeros(())
-    for g in upper_importances:
-        powered = importance_powers(g, pnorm).reshape(-1, g.shape[-1])
-        sums = powered.sum(0)
-        total = total + (sums / powered.shape[0] * torch.log2(1 + sums)).sum()
+    batch's positions of `g⁺_c^p` (each site's `importance_powers`; VPD's frequency minimality): one subcomponent
+    important on many inputs costs more than two that share those inputs between them, so subcomponents that serve
+    several features split."""
+    total = powers[0].new_zeros(())
+    for powered in powers:
+        rows = powered.reshape(-1, powered.shape[-1])
+        sums = rows.sum(0)
+        total = total + (sums / rows.shape[0] * torch.log2(1 + sums)).sum()
     return total
 
 

@@ -107,12 +107,11 @@ class SPD:
         clean = self.module.clean_pass(batch)
         ci = self.importances(clean)
         config = self.config
-        terms = {
-            "faithfulness": self.faithfulness(),
-            "importance_minimality": losses.importance_minimality_loss([ci.upper_all], config.pnorm),
-        }
+        powers = [losses.importance_powers(ci.upper_all, config.pnorm)]
+        terms = {"faithfulness": self.faithfulness(),
+                 "importance_minimality": losses.importance_minimality_loss(powers)}
         if config.importance_frequency_coeff:
-            terms["importance_frequency"] = losses.importance_frequency_loss([ci.upper_all], config.pnorm)
+            terms["importance_frequency"] = losses.importance_frequency_loss(powers)
         masks = self.stochastic_masks(ci, generator)
         if config.stochastic_recon_coeff:
             terms["stochastic_recon"] = self.stochastic_recon(batch, clean, ci, masks)
