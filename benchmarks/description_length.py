@@ -36,10 +36,10 @@ ALPHAS = (2.0, 8.0)
 
 
 def spd_row(spd: SPD, x: torch.Tensor) -> dict[str, object]:
-    clean = spd.module.clean_pass(x)
+    clean = spd.model.clean_pass(x)
     importance = spd.importances(clean)
     masks = {name: g * (g > THRESHOLD) for name, g in importance.clipped().items()}
-    output = spd.module.masked_pass(x, masks, clean, importance.inner)
+    output = spd.model.masked_pass(x, masks, clean, importance.inner)
     active = active_subcomponents(importance, THRESHOLD)
     row: dict[str, object] = {"units": active.shape[1], "l0": float(active.sum(1).float().mean()),
                               "output_fvu": dictionary_metrics.fvu(clean.output, output)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from unmerge import api
+from unmerge import api, runs
 from unmerge.config import load_yaml
 from unmerge.sweep import TABLE_METRICS, SweepRow, format_number, format_value
 
@@ -21,7 +21,7 @@ SWEEPS = Path(__file__).parent / "sweeps"
 
 
 def _row(family: str, row: SweepRow) -> str:
-    config = load_yaml(row.run_dir / api.RUN_CONFIG)
+    config = load_yaml(row.run_dir / runs.RUN_CONFIG)
     strength = ", ".join(f"{key.rsplit('.', 1)[-1]}={format_value(value)}" for key, value in row.settings.items())
     cells = [family, strength, str(config["train"]["steps"])]
     cells += [format_number(row.metrics.get(key)) for key in TABLE_METRICS]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from unmerge import api
+from unmerge import api, runs
 from unmerge.metrics.dictionary import latent_purity
 from unmerge.targets.algorithmic import max_of_k_accuracy
 from unmerge.train.rng import step_generator
@@ -39,12 +39,12 @@ def spd_report(run: Path) -> list[dict[str, object]]:
     model = spd.target.model
     x = spd.target.sample_inputs(8192, step_generator(0, "max-of-k-report"))
     with torch.no_grad():
-        importance = spd.importances(spd.module.clean_pass(x)).clipped()
+        importance = spd.importances(spd.model.clean_pass(x)).clipped()
         tokens = torch.arange(model.embed.num_embeddings)
         residual = model.embed.weight + model.pos_embed[-1]
         rows = []
-        for site in spd.module.site_names:
-            components = spd.module.site_components(site)
+        for site in spd.model.site_names:
+            components = spd.model.site_components(site)
             last = importance[site][:, -1]
             alive = (importance[site] > 0.1).reshape(-1, last.shape[-1]).any(0)
             for c in torch.nonzero(alive).flatten().tolist():
@@ -56,9 +56,9 @@ def spd_report(run: Path) -> list[dict[str, object]]:
                 rows.append(row)
     grouping = api.group_components(run)
     sizes = [len(members) for members in grouping.components()]
-    summary = {"spd": str(run), "alive": {s: sum(r["site"] == s for r in rows) for s in spd.module.site_names},
+    summary = {"spd": str(run), "alive": {s: sum(r["site"] == s for r in rows) for s in spd.model.site_names},
                "components": len(sizes), "component_sizes": sizes,
-               "ci_masked_kl": json.loads((run / api.METRICS_FILE).read_text())["ci_masked_recon"]}
+               "ci_masked_kl": json.loads((run / runs.METRICS_FILE).read_text())["ci_masked_recon"]}
     return [summary] + sorted(rows, key=lambda r: (r["site"], -r["mean_ci_last"]))
 
 
@@ -80,7 +80,7 @@ def main() -> None:
         "dictionary": str(args.dictionary), "width": latents.shape[1], "alive": int(alive.sum()),
         "mean_purity": float(purity[alive].mean()), "median_purity": float(purity[alive].median()),
         "latents_purity_above_0.9": int(pure.sum()), "max_values_with_a_pure_latent": len(set(label[pure].tolist())),
-        "fvu": json.loads((args.dictionary / api.METRICS_FILE).read_text())["fvu"],
+        "fvu": json.loads((args.dictionary / runs.METRICS_FILE).read_text())["fvu"],
     }), flush=True)
     for row in spd_report(args.spd):
         print(json.dumps(row), flush=True)

@@ -45,12 +45,12 @@ def main() -> None:
     key_set = {k for k, _ in keys}
     x = spd.target.sample_inputs(4096, step_generator(0, "modular-addition-report"))
     with torch.no_grad():
-        importance = spd.importances(spd.module.clean_pass(x)).clipped()
+        importance = spd.importances(spd.model.clean_pass(x)).clipped()
         residual = model.embed.weight[:p] + model.pos_embed[0]
-        for site in spd.module.site_names:
+        for site in spd.model.site_names:
             if site not in ("embed", "mlp.fc_in"):
                 continue
-            components = spd.module.site_components(site)
+            components = spd.model.site_components(site)
             alive = torch.nonzero((importance[site] > 0.1).reshape(-1, components.V.shape[0]).any(0)).flatten()
             profiles = components.V[alive, :p] if site == "embed" else (residual @ components.V[alive].T).T
             found = [dominant_frequency(profile) for profile in profiles]

@@ -18,7 +18,7 @@ environments:
 
 The cache is the preset's (`unmerge cache-activations smollm2-resid-topk` builds it; its directory, keyed by the
 settings, is `activation_cache_dir(load_dictionary_config("smollm2-resid-topk").data)` from
-`unmerge.data.language_activations`; `compare` checks by the shards' checksums that SAELens trained on it).
+`unmerge.targets.language_activations`; `compare` checks by the shards' checksums that SAELens trained on it).
 
 `train` writes SAELens's inference export (`cfg.json`, `sae_weights.safetensors`, the activation normalisation
 folded in by SAELens's trainer and the decoder norms by its `save_inference_model`), `train_log.jsonl` (losses,
@@ -28,7 +28,7 @@ batch FVU, learning rate, dead latents every 50 steps), `train_summary.json` (wa
 SAELens followed unmerge's learning-rate schedule step by step, and scores it and unmerge's dictionary
 (`unmerge.api.load_dictionary`) identically: FVU and L0 on the training distribution (the rows unmerge's own
 end-of-run evaluation draws, `step_generator(seed, "eval")`, so unmerge's figure must reproduce its metrics.json)
-and the held-out spliced evaluation (`source.spliced_evaluation`: FVU, L0, CE original / spliced, KL, CE recovered
+and the held-out spliced evaluation (`unmerge.eval.language.spliced_evaluator`: FVU, L0, CE original / spliced, KL, CE recovered
 against zero and mean ablation). It prints a markdown table with unmerge's metrics.json as a further column.
 
 Same in both: the cached rows and the batches (`torch.randint(n, (1024,), step_generator(0, "data", step))` over
@@ -333,7 +333,7 @@ def outlier_split(dictionary: Any, rows: torch.Tensor) -> dict[str, float]:
     }
 
 
-def score(dictionary: Any, source: Any, seed: int, eval_batch_size: int) -> dict[str, float]:
+def score(dictionary: Any, source: Any, evaluation: Any, seed: int, eval_batch_size: int) -> dict[str, float]:
     """Training-distribution FVU and L0 on unmerge's own evaluation rows, then the held-out spliced evaluation."""
     from unmerge.metrics import dictionary as scores
     from unmerge.train.rng import step_generator
@@ -350,7 +350,7 @@ def score(dictionary: Any, source: Any, seed: int, eval_batch_size: int) -> dict
 
         results |= outlier_split(dictionary, source.sample(DIAGNOSTIC_ROWS, step_generator(seed, "saelens-comparison")))
         start = time.perf_counter()
-        results |= source.spliced_evaluation(reconstruct)
+        results |= evaluation(reconstruct)
     results["eval_s"] = time.perf_counter() - start
     return results
 
@@ -387,7 +387,8 @@ def compare(args: argparse.Namespace) -> None:
 
     from unmerge import api
     from unmerge.data.activation_cache import ActivationCache
-    from unmerge.data.language_activations import activation_cache_dir, language_activation_source
+    from unmerge.eval.language import spliced_evaluator
+    from unmerge.targets.language_activations import activation_cache_dir, language_activations
     from unmerge.sae.saelens import load_saelens
 
     torch.set_num_threads(args.threads)
@@ -411,7 +412,8 @@ def compare(args: argparse.Namespace) -> None:
     if probe_error > 1e-4 or lr_error > 1e-6:
         problems.append("the export or the learning-rate schedule does not match (see the line above)")
 
-    source = language_activation_source(config.data)
+    recorded = language_activations(config.data)
+    source, evaluation = recorded.source, spliced_evaluator(recorded, config.data.eval_tokens)
     cache_dir = activation_cache_dir(config.data)
     if "cache_shards_sha256" in summary:
         if summary["cache_shards_sha256"] != cache_fingerprint(cache_dir):
@@ -426,7 +428,7 @@ def compare(args: argparse.Namespace) -> None:
             problems.append(f"the unmerge run at {args.unmerge} was trained with another config than {args.preset} "
                             f"{' '.join(args.set)}")
         print("scoring unmerge's dictionary …", flush=True)
-        columns["unmerge"] = score(unmerge_dictionary, source, config.train.seed, config.train.eval_batch_size)
+        columns["unmerge"] = score(unmerge_dictionary, source, evaluation, config.train.seed, config.train.eval_batch_size)
         metrics_path = args.unmerge / "metrics.json"
         if metrics_path.is_file():
             unmerge_metrics = json.loads(metrics_path.read_text())
@@ -436,7 +438,7 @@ def compare(args: argparse.Namespace) -> None:
         print(f"{args.unmerge} holds no finished unmerge run (dictionary.safetensors missing): SAELens only",
               flush=True)
     print("scoring SAELens's dictionary …", flush=True)
-    columns["SAELens"] = score(saelens_dictionary, source, config.train.seed, config.train.eval_batch_size)
+    columns["SAELens"] = score(saelens_dictionary, source, evaluation, config.train.seed, config.train.eval_batch_size)
     columns["SAELens"] |= {"dead_latents": summary["final_dead"], "train_wall_s": summary["wall_s"],
                            "train_steps_per_s": summary["steps_per_s"]}
 

@@ -47,7 +47,7 @@ def measure(preset: str, batch_size: int, steps: int) -> dict[str, float | str |
     target = cached_target(config.target)
     x = target.sample_inputs(batch_size, step_generator(0, "bench"))
     spd = SPD(target, config.method, seed=0)
-    optimizer = torch.optim.AdamW(spd.module.parameters(), lr=1e-4, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(spd.model.parameters(), lr=1e-4, weight_decay=0.0)
 
     def spd_step() -> None:
         output = spd.training_loss(x, step_generator(0, "noise"))
@@ -66,7 +66,7 @@ def measure(preset: str, batch_size: int, steps: int) -> dict[str, float | str |
 
     target_ms = median_ms(target_step, steps)
     spd_ms = median_ms(spd_step, steps)
-    sites = {name: spd.module.site_C[name] for name in spd.module.site_names}
+    sites = {name: spd.model.site_C[name] for name in spd.model.site_names}
     return {
         "benchmark": "spd_step", "preset": preset, "batch": batch_size, "sites": json.dumps(sites),
         "threads": torch.get_num_threads(), "steps_timed": steps, "spd_ms_per_step": round(spd_ms, 2),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from unmerge import api
+from unmerge import api, runs
 from unmerge.analysis.grouping import DEFAULT_ALPHA
 from unmerge.analysis.interventions import dictionary_spliced, unlearned_model
 from unmerge.config import TargetConfig
@@ -51,7 +51,7 @@ def errors_of(output: torch.Tensor, x: torch.Tensor, feature: int) -> dict[str, 
 def transcoder_run(directory: Path, spd: SPD, target: TargetConfig) -> Dictionary:
     """The `resid-mlp-1-transcoder` preset's dictionary on the SPD run's own target (`target`, its config) in
     `directory`, trained there first if missing."""
-    if not (directory / api.DICTIONARY_FILE).is_file():
+    if not (directory / runs.DICTIONARY_FILE).is_file():
         config = api.load_dictionary_config("resid-mlp-1-transcoder", ["train.threads=1"])
         config = config.model_copy(update={"data": config.data.model_copy(update={"target": target})})
         api.train_dictionary(config, directory)

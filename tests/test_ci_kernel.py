@@ -1,4 +1,5 @@
-"""Tests for the fused scalar-MLP causal-importance kernel (unmerge.spd.ci_kernel).
+"""Tests for the fused scalar-MLP causal-importance kernel (unmerge.kernels.cpu.ci) and the choice between it and
+the torch path (`method.ci_kernel`).
 
 The fused path is checked against a float64 evaluation of the eager reference,
 so the tolerances measure the kernel's own float32 error.
@@ -14,7 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from unmerge.spd import ci_kernel as ck
+from unmerge.config import SiteConfig, SPDConfig
+from unmerge.errors import ConfigError
+from unmerge.kernels.cpu import ci as ck
+from unmerge.kernels.cpu.build import compile_library
+from unmerge.spd.components import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid, uses_c_kernel
+from unmerge.spd.losses import stochastic_masks
+from unmerge.spd.method import SPD
+from unmerge.targets.base import Target
+from unmerge.targets.tms import TMSModel
+from unmerge.config import TMSConfig
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -25,12 +35,6 @@ def fused() -> None:
     lib, reason = ck._load_kernel()
     if lib is None:
         pytest.skip(f"fused kernel not available, fused-path checks skipped: {reason}")
-
-
-@pytest.fixture(autouse=True)
-def _fused_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests run with the fused path enabled unless they disable it themselves."""
-    monkeypatch.delenv("UNMERGE_DISABLE_FUSED_CI", raising=False)
 
 
 def make_inputs(lead: tuple[int, ...], c: int, h: int, seed: int = 0) -> Inputs:
@@ -183,29 +187,54 @@ def test_no_grad_and_partial_requires_grad(fused: None) -> None:
     torch.testing.assert_close(b1.grad.double(), ref_grads[2], rtol=1e-4, atol=1e-4)
 
 
-def test_disable_env_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("UNMERGE_DISABLE_FUSED_CI", "1")
-    monkeypatch.setattr(ck, "_warned", False)
-    inputs = make_inputs((20,), 6, 16, seed=7)
-    with pytest.warns(UserWarning, match="UNMERGE_DISABLE_FUSED_CI"):
-        out, grads = fused_with_grads(inputs, torch.ones(20, 6))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        again = ck.scalar_mlp_ci(*inputs)
-    ref_out = ck.scalar_mlp_ci_reference(*inputs)
-    assert torch.equal(out, ref_out) and torch.equal(again, ref_out)
-    _, expected = reference64(inputs, torch.ones(20, 6))
-    for g, e in zip(grads, expected):
-        assert_grad_close(g, e)
+def test_the_kernel_choice_is_explicit() -> None:
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert not uses_c_kernel("torch", cpu) and not uses_c_kernel("auto", meta)
+    assert uses_c_kernel("auto", cpu) == ck.fused_kernel_available()
+    with pytest.raises(ConfigError, match="CPU only"):
+        uses_c_kernel("c", meta)
+    if ck.fused_kernel_available():
+        assert uses_c_kernel("c", cpu)
+    else:
+        with pytest.raises(ConfigError, match="cannot be used here"):
+            uses_c_kernel("c", cpu)
 
 
-def test_float64_inputs_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_spd_losses_and_gradients_agree_between_the_c_and_torch_paths(fused: None) -> None:
+    """The same SPD step through `method.ci_kernel=c` and `=torch`: every loss term and every gradient agree."""
+    target = Target(name="tms", model=TMSModel(TMSConfig(n_features=5, n_hidden=2)),
+                    sample_inputs=lambda n, g: torch.rand(n, 5, generator=g))
+    x = torch.rand(64, 5, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for choice in ("c", "torch"):
+        config = SPDConfig(sites=[SiteConfig(pattern="linear*", C=6)], importance_minimality_coeff=1e-2,
+                           ci_kernel=choice)
+        spd = SPD(target, config, seed=0)
+        assert spd.model.c_kernel == (choice == "c")
+        output = spd.training_loss(x, torch.Generator().manual_seed(3))
+        output.loss.backward()
+        runs[choice] = (output.terms, {n: p.grad for n, p in spd.module.named_parameters()})
+    (c_terms, c_grads), (torch_terms, torch_grads) = runs["c"], runs["torch"]
+    for name, value in c_terms.items():
+        torch.testing.assert_close(value, torch_terms[name], rtol=1e-5, atol=1e-7, msg=name)
+    for name, grad in c_grads.items():
+        assert_grad_close(grad, torch_grads[name].double(), name)
+
+
+def test_float64_inputs_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ck, "_warned", False)
     inputs = tuple(t.double() for t in make_inputs((10,), 4, 16, seed=8))
     with pytest.warns(UserWarning, match="float32"):
-        out = ck.scalar_mlp_ci(*inputs)
+        out, grads = fused_with_grads(inputs, torch.ones(10, 4, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = ck.scalar_mlp_ci(*inputs)
     assert out.dtype == torch.float64
-    assert torch.equal(out, ck.scalar_mlp_ci_reference(*inputs))
+    ref_out = ck.scalar_mlp_ci_reference(*inputs)
+    assert torch.equal(out, ref_out) and torch.equal(again, ref_out)
+    _, expected = reference64(inputs, torch.ones(10, 4))
+    for g, e in zip(grads, expected):
+        assert_grad_close(g, e)
 
 
 def test_shape_errors() -> None:
@@ -227,25 +256,23 @@ def test_fused_kernel_available() -> None:
     assert ck._fallback_reason(make_inputs((2,), 2, 2)) is None
 
 
-def test_compile_failure_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(ck, "_C_SOURCE", "this is not C")
+def test_compile_failure_is_reported(tmp_path: Path) -> None:
     if shutil.which(os.environ.get("CC") or "gcc") is None:
         pytest.skip("no C compiler to fail")
     with pytest.raises(RuntimeError, match="kernel compilation failed"):
-        ck._compile_kernel(tmp_path)
+        compile_library("this is not C", "ci_kernel", tmp_path)
     assert list(tmp_path.iterdir()) == []  # no partial library left behind
 
 
 def test_compile_cache_is_reused(fused: None, tmp_path: Path) -> None:
-    path = ck._compile_kernel(tmp_path)
+    source = ck.C_SOURCE.read_text()
+    path = compile_library(source, "ci_kernel", tmp_path)
     mtime = path.stat().st_mtime_ns
-    assert ck._compile_kernel(tmp_path) == path and path.stat().st_mtime_ns == mtime
+    assert compile_library(source, "ci_kernel", tmp_path) == path and path.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left
 
 
 def test_fused_hard_sigmoids_match_the_eager_formulas_and_gradients(fused: None) -> None:
-    from unmerge.spd.components import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
-
     x = torch.cat([torch.randn(5000, generator=torch.Generator().manual_seed(0)) * 2, torch.tensor([0.0, 1.0, -1.0])])
     fused_x, eager_x = x.clone().requires_grad_(), x.clone().requires_grad_()
     lower, upper = ck.fused_hard_sigmoids(fused_x, 0.01)
@@ -283,14 +310,11 @@ def test_counter_uniform_is_the_documented_hash_and_uniform() -> None:
     assert ((counts - 1e4).abs() < 500).all()  # each decile within 5 standard deviations
 
 
-def test_fused_masks_draw_the_reference_noise_and_gradient(fused: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    from unmerge.spd.losses import stochastic_masks
-
+def test_fused_masks_draw_the_reference_noise_and_gradient(fused: None) -> None:
     g = torch.rand(300, 70, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    fused_masks = stochastic_masks(g, torch.Generator().manual_seed(5))
-    monkeypatch.setenv("UNMERGE_DISABLE_FUSED_CI", "1")
+    fused_masks = stochastic_masks(g, torch.Generator().manual_seed(5), c_kernel=True)
     eager_g = g.detach().clone().requires_grad_()
-    eager_masks = stochastic_masks(eager_g, torch.Generator().manual_seed(5))
+    eager_masks = stochastic_masks(eager_g, torch.Generator().manual_seed(5), c_kernel=False)
     torch.testing.assert_close(fused_masks, eager_masks, rtol=0, atol=1.2e-7)
     upstream = torch.randn(300, 70, generator=torch.Generator().manual_seed(2))
     (fused_masks * upstream).sum().backward()

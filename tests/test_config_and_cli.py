@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from unmerge import api
+from unmerge import api, runs
 from unmerge.cli import main
 from unmerge.config import RunConfig
 from unmerge.errors import ConfigError
@@ -125,6 +125,6 @@ def test_evaluate_of_an_unfinished_dictionary_run_says_so(tmp_path, capsys) -> N
 
     config = api.load_dictionary_config("hierarchy-relu-l1", ["train.steps=20", "train.checkpoint_every=10"])
     api.train_dictionary(config, tmp_path / "run")
-    (tmp_path / "run" / api.DICTIONARY_FILE).unlink()  # as if interrupted before the end
+    (tmp_path / "run" / runs.DICTIONARY_FILE).unlink()  # as if interrupted before the end
     assert main(["evaluate", str(tmp_path / "run")]) == 2
     assert "has not finished" in capsys.readouterr().err

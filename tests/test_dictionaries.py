@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from unmerge import api, cli
+from unmerge import api, cli, runs
 from unmerge.config import (
     DictionaryConfig,
     HierarchyConfig,
@@ -22,7 +22,8 @@ from unmerge.config import (
     TMSConfig,
     TrainConfig,
 )
-from unmerge.data import hierarchy_source, sparse_feature_source, target_activation_source
+from unmerge.data import hierarchy_source, sparse_feature_source
+from unmerge.targets.activations import target_activation_source
 from unmerge.data.sparse_features import firing_probabilities
 from unmerge.errors import ConfigError, UnmergeError
 from unmerge.metrics import dictionary as scores
@@ -455,9 +456,9 @@ def test_train_dictionary_writes_the_folded_dictionary_and_the_ground_truth(tmp_
     config = api.load_dictionary_config("hierarchy-matryoshka", ["train.steps=20", "method.normalise_activations=true"])
     result = api.train_dictionary(config, tmp_path / "run")
     source = hierarchy_source(config.data)
-    truth = load_file(str(tmp_path / "run" / api.GROUND_TRUTH_FILE))
+    truth = load_file(str(tmp_path / "run" / runs.GROUND_TRUTH_FILE))
     assert torch.equal(truth["true_features"], source.true_features) and torch.equal(truth["parents"], source.parents)
-    weights = load_file(str(tmp_path / "run" / api.DICTIONARY_FILE))
+    weights = load_file(str(tmp_path / "run" / runs.DICTIONARY_FILE))
     assert float(weights["input_scale"]) == 1.0
     module = Dictionary(source.dim, config.method, _generator())
     module.load_state_dict(weights)
@@ -466,7 +467,7 @@ def test_train_dictionary_writes_the_folded_dictionary_and_the_ground_truth(tmp_
     with torch.no_grad():
         assert scores.fvu(x, module(x)[0]) == pytest.approx(result.metrics["fvu"], rel=1e-6)
     weights["log_threshold"] = weights.pop("b_e")
-    save_file(weights, str(tmp_path / "run" / api.DICTIONARY_FILE))
+    save_file(weights, str(tmp_path / "run" / runs.DICTIONARY_FILE))
     with pytest.raises(UnmergeError, match="does not fit the dictionary.*train it again"):
         api.load_dictionary(tmp_path / "run")
 

@@ -31,7 +31,7 @@ def _spd() -> SPD:
     target = Target(name="resid", model=model, sample_inputs=lambda n, g: resid_mlp_inputs(CONFIG, n, g))
     config = SPDConfig(sites=[SiteConfig(pattern="layers.*.mlp_*", C=C)], importance_minimality_coeff=1e-3)
     spd = SPD(target, config, seed=0)
-    set_exact_factorisation(spd.module)
+    set_exact_factorisation(spd.model)
     return spd
 
 
@@ -40,7 +40,7 @@ def _x() -> torch.Tensor:
 
 
 def _all_units(spd: SPD) -> list[str]:
-    return [f"{site}/{c}" for site in spd.module.site_names for c in range(C)]
+    return [f"{site}/{c}" for site in spd.model.site_names for c in range(C)]
 
 
 def test_an_ablation_of_nothing_changes_nothing() -> None:
@@ -71,7 +71,7 @@ def test_mean_ablation_of_a_whole_site_outputs_its_mean() -> None:
     with ablated(spd, [f"{site}/{c}" for c in range(C)], mode="mean", means=means):
         spd.target.model(x)
     handle.remove()
-    expected = spd.module.site_components(site).U @ means[site]
+    expected = spd.model.site_components(site).U @ means[site]
     torch.testing.assert_close(outputs[0], expected.expand(8, -1), atol=1e-5, rtol=1e-5)
 
 
@@ -84,7 +84,7 @@ def test_removing_one_subcomponent_permanently_matches_the_ablation_and_tied_sit
     tms_spd = SPD(Target(name="tms", model=tms, sample_inputs=lambda n, g: torch.rand(n, 5, generator=g)),
                   SPDConfig(sites=[SiteConfig(pattern="linear*", C=4)], importance_minimality_coeff=1e-3), seed=0)
     edited = unlearned_model(tms_spd, ["linear2/1"])
-    removed = tms_spd.module.site_components("linear1")
+    removed = tms_spd.model.site_components("linear1")
     torch.testing.assert_close(edited.linear1.weight, tms.linear1.weight - removed.U[:, 1:2] @ removed.V[1:2])
 
 
@@ -92,7 +92,7 @@ def test_monitoring_marks_components_with_an_important_subcomponent() -> None:
     spd, x = _spd(), _x()
     components = [["layers.0.mlp_in/0", "layers.1.mlp_in/3"], ["layers.0.mlp_out/1"]]
     activity = component_activity(spd, x, components, threshold=0.1)
-    importance = spd.importances(spd.module.clean_pass(x)).clipped()
+    importance = spd.importances(spd.model.clean_pass(x)).clipped()
     expected_first = (importance["layers.0.mlp_in"][:, 0] > 0.1) | (importance["layers.1.mlp_in"][:, 3] > 0.1)
     assert activity.shape == (8, 2) and torch.equal(activity[:, 0], expected_first)
     assert torch.equal(activity[:, 1], importance["layers.0.mlp_out"][:, 1] > 0.1)

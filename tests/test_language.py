@@ -19,15 +19,10 @@ from torch import nn
 from unmerge import api
 from unmerge.config import DictionaryConfig, DictionaryRunConfig, SiteConfig, SPDConfig
 from unmerge.data import text
-from unmerge.data.target_activations import capture_module, find_module
-from unmerge.metrics.spliced import (
-    ablation_effects,
-    counted_predictions,
-    loss_recovered,
-    next_token_nll,
-    spliced,
-    spliced_losses,
-)
+from unmerge.eval.spliced import ablation_effects, spliced, spliced_losses
+from unmerge.metrics.language import counted_predictions, loss_recovered, next_token_nll
+from unmerge.targets.activations import capture_module, find_module
+from unmerge.targets.language_activations import activation_cache_dir
 from unmerge.sae.dictionary import Dictionary
 from unmerge.spd.model import ComponentModel
 from unmerge.spd.method import SPD
@@ -92,7 +87,7 @@ GPT2_SITES = [SiteConfig(pattern="transformer.wte", C=16), SiteConfig(pattern="t
 def test_gpt2_conv1d_embedding_and_tied_unembedding_are_spd_sites() -> None:
     lm = from_hf(_tiny_gpt2())
     model = ComponentModel(lm, GPT2_SITES, ci_hidden=2, generator=torch.Generator().manual_seed(0))
-    kinds = {name: site.kind for name, site in model.sites.items()}
+    kinds = {record.name: record.site.kind for record in model.sites.values()}
     assert kinds["transformer.wte"] == "embedding" and kinds["lm_head"] == "linear"
     assert kinds["transformer.h.1.attn.c_attn"] == kinds["transformer.h.0.mlp.c_proj"] == "transposed linear"
     assert model.target_weight("transformer.h.0.mlp.c_fc").shape == (64, 16)  # (d_out, d_in), Conv1D transposed
@@ -113,7 +108,7 @@ def test_spd_training_loss_reaches_gpt2_token_sites() -> None:
     output = spd.training_loss(_ids(), torch.Generator().manual_seed(1))
     output.loss.backward()
     assert torch.isfinite(output.loss)
-    embedding = spd.module.components["transformer--wte"]
+    embedding = spd.model.site("transformer.wte").components
     assert embedding.U.grad.abs().sum() > 0 and embedding.V.grad.abs().sum() > 0
     assert not any(p.grad is not None for p in lm.parameters())
 
@@ -272,7 +267,7 @@ def test_dictionary_trains_from_a_cache_and_reports_spliced_metrics(tmp_path: Pa
         assert math.isfinite(metrics[key]), key
     assert metrics["heldout/l0"] == pytest.approx(4.0)
     assert metrics["kl_spliced"] >= 0.0 and metrics["heldout/tokens"] >= 300
-    manifest = json.loads((api.activation_cache_dir(config.data) / "manifest.json").read_text())
+    manifest = json.loads((activation_cache_dir(config.data) / "manifest.json").read_text())
     assert manifest["complete"] and manifest["description"]["hook"] == "model.layers.0"
     _check_latent_snippets(result.report.read_text())
     assert (tmp_path / "run" / "figures" / "latent_density.png").read_bytes()[:4] == b"\x89PNG"
@@ -281,7 +276,7 @@ def test_dictionary_trains_from_a_cache_and_reports_spliced_metrics(tmp_path: Pa
 
 def test_ablation_effects_match_exact_ablations(tmp_path: Path, isolated_cache: Path) -> None:
     """The first-order estimate of each latent's ablation effect agrees with ablating it for real."""
-    from unmerge.data.language_activations import evaluation_windows, language_data
+    from unmerge.targets.language_data import evaluation_windows, language_data
 
     config = tiny_dictionary_config(tmp_path, isolated_cache)
     api.train_dictionary(config, tmp_path / "run")
@@ -366,17 +361,17 @@ def _check_subcomponent_effects(spd: SPD) -> None:
     estimate = subcomponent_ablation_effects(spd, windows)
     counted = counted_predictions(spd.target.model.ordinary_positions(windows))
     with torch.no_grad():
-        clean = spd.module.clean_pass(windows)
-        inner = spd.module.inner_acts(clean)
+        clean = spd.model.clean_pass(windows)
+        inner = spd.model.inner_acts(clean)
         ones = {name: torch.ones_like(h) for name, h in inner.items()}
 
         def ce(masks: dict[str, torch.Tensor]) -> float:
-            total, count = next_token_nll(spd.module.masked_pass(windows, masks, clean, inner), windows, counted)
+            total, count = next_token_nll(spd.model.masked_pass(windows, masks, clean, inner), windows, counted)
             return float(total / count)
 
         base, exact = ce(ones), []
-        for name in spd.module.site_names:
-            for c in range(spd.module.site_C[name]):
+        for name in spd.model.site_names:
+            for c in range(spd.model.site_C[name]):
                 masks = dict(ones)
                 masks[name] = ones[name].clone()
                 masks[name][..., c] = 0.0
@@ -456,7 +451,7 @@ def test_encoder_windows_and_embeddings_match_a_plain_forward(tiny_minilm: Path)
 
 
 def test_spliced_identity_keeps_encoder_embeddings(tiny_minilm: Path) -> None:
-    from unmerge.metrics.spliced import spliced_embeddings
+    from unmerge.eval.spliced import spliced_embeddings
     from unmerge.targets.language import load_minilm
 
     encoder = load_minilm().lm

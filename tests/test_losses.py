@@ -66,12 +66,13 @@ def test_sigmoids_forward_and_backward() -> None:
     torch.testing.assert_close(grad, torch.tensor([0.0, 0.0, 1.0, 1.0, 0.01, 0.01]))
 
 
-def test_masks_lie_between_importance_and_one_and_carry_its_gradient() -> None:
+@pytest.mark.parametrize("c_kernel", [False, True])
+def test_masks_lie_between_importance_and_one_and_carry_its_gradient(c_kernel: bool) -> None:
     g = torch.rand(1000, 7, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    masks = losses.stochastic_masks(g, torch.Generator().manual_seed(1))
+    masks = losses.stochastic_masks(g, torch.Generator().manual_seed(1), c_kernel)
     assert bool((masks >= g).all()) and bool((masks <= 1).all())
     assert masks.min() < 0.05 and masks.max() > 0.95
     (grad,) = torch.autograd.grad(masks.sum(), g)
     assert bool((grad >= 0).all()) and bool((grad <= 1).all())  # ∂m/∂g = 1 − r ∈ [0, 1]
-    ones = losses.stochastic_masks(torch.ones(3, 2), torch.Generator().manual_seed(2))
+    ones = losses.stochastic_masks(torch.ones(3, 2), torch.Generator().manual_seed(2), c_kernel)
     assert bool((ones == 1).all())

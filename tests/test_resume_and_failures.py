@@ -94,7 +94,7 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path: Path) -> None:
     import os
     import stat
 
-    from unmerge.train.checkpoint import write_atomic
+    from unmerge.io import write_atomic
 
     umask = os.umask(0o022)
     try:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from unmerge import api, cli
+from unmerge import api, cli, runs
 from unmerge.config import DictionaryConfig
 from unmerge.errors import UnmergeError
 from unmerge.sae.dictionary import Dictionary
@@ -131,5 +131,5 @@ def test_a_trained_run_exported_by_the_cli_reloads_with_identical_reconstruction
     x = torch.randn(128, trained.W_e.shape[0], generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], trained(x)[0])
-    (tmp_path / "run" / api.DICTIONARY_FILE).write_bytes(b"not a safetensors file")
+    (tmp_path / "run" / runs.DICTIONARY_FILE).write_bytes(b"not a safetensors file")
     assert cli.main(["export-saelens", str(tmp_path / "run"), "--out", str(tmp_path / "again")]) == 2

@@ -12,8 +12,8 @@ from torch import nn
 from unmerge.config import ResidMLPConfig, SiteConfig, SPDConfig, TMSConfig
 from unmerge.errors import SiteError
 from unmerge.spd import losses
-from unmerge.spd.ci_kernel import counter_uniform_reference
-from unmerge.spd.components import SiteCIFunctions
+from unmerge.kernels.cpu.ci import counter_uniform_reference
+from unmerge.spd.components import ScalarMLPCI, causal_importances
 from unmerge.spd.method import SPD
 from unmerge.spd.model import ComponentModel
 from unmerge.targets.base import Target
@@ -26,16 +26,18 @@ def _generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def test_batched_ci_equals_per_subcomponent_loop() -> None:
-    functions = SiteCIFunctions({"a": 3, "b": 2}, hidden=4, generator=_generator())
-    for f in functions.functions.values():
+@pytest.mark.parametrize("c_kernel", [False, True])
+def test_batched_ci_equals_per_subcomponent_loop(c_kernel: bool) -> None:
+    functions = {"a": ScalarMLPCI(3, 4, _generator()), "b": ScalarMLPCI(2, 4, _generator())}
+    for f in functions.values():
         with torch.no_grad():
             f.b1.normal_(generator=_generator(1))
             f.b2.normal_(generator=_generator(2))
     inner = {"a": torch.randn(5, 3, generator=_generator(3)), "b": torch.randn(5, 2, generator=_generator(4))}
-    batched = functions.split(functions(inner))
+    concatenated = causal_importances(list(functions.values()), list(inner.values()), c_kernel)
+    batched = dict(zip(inner, concatenated.split([3, 2], dim=-1), strict=True))
     for key, h in inner.items():
-        f = functions.functions[key]
+        f = functions[key]
         for c in range(h.shape[1]):
             naive = F.gelu(h[:, c : c + 1] * f.w1[c] + f.b1[c]) @ f.w2[c] + f.b2[c]
             torch.testing.assert_close(batched[key][:, c], naive, atol=1e-5, rtol=1e-5)
@@ -110,10 +112,10 @@ def _one_weight_spd(**options: float) -> SPD:
                        **options)
     spd = SPD(target, config, seed=0, eval_batch_size=2)
     with torch.no_grad():
-        spd.module.components["linear"].U.fill_(1.0)
-        spd.module.components["linear"].V.fill_(1.0)
-        spd.module.ci.functions["linear"].w2.zero_()
-        spd.module.ci.functions["linear"].b2.fill_(0.25)
+        spd.model.site("linear").components.U.fill_(1.0)
+        spd.model.site("linear").components.V.fill_(1.0)
+        spd.model.site("linear").ci.w2.zero_()
+        spd.model.site("linear").ci.b2.fill_(0.25)
     return spd
 
 
@@ -136,7 +138,7 @@ def test_spd_losses_by_hand_on_a_one_weight_target() -> None:
     total = expected["faithfulness"] + 0.5 * expected["importance_minimality"]
     total += expected["stochastic_recon"] + expected["layerwise_recon"]
     assert output.loss.item() == pytest.approx(total, rel=1e-6)
-    assert losses.stochastic_masks(torch.full((2, 1), 0.25), _generator(7)).allclose(mask_all)
+    assert losses.stochastic_masks(torch.full((2, 1), 0.25), _generator(7), spd.model.c_kernel).allclose(mask_all)
 
 
 def test_importance_frequency_term_joins_the_loss_with_its_coefficient() -> None:
@@ -154,7 +156,7 @@ def test_adversarial_masks_reach_the_worst_ablation_the_importance_permits() -> 
     spd = _one_weight_spd(adversarial_steps=4, adversarial_recon_coeff=2.0)
     x = torch.tensor([[1.0], [3.0]])
     worst = ((0.25 * x - 2 * x) ** 2).mean().item()
-    clean = spd.module.clean_pass(x)
+    clean = spd.model.clean_pass(x)
     masks = spd.adversarial_masks(x, clean, spd.importances(clean), _generator(3))
     assert torch.allclose(masks["linear"], torch.full((2, 1), 0.25))
     output = spd.training_loss(x, _generator(7))
@@ -163,7 +165,7 @@ def test_adversarial_masks_reach_the_worst_ablation_the_importance_permits() -> 
     expected = others + 0.5 * output.terms["importance_minimality"] + 2.0 * worst
     assert output.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     output.loss.backward()
-    importance_bias = spd.module.ci.functions["linear"].b2
+    importance_bias = spd.model.site("linear").ci.b2
     assert importance_bias.grad is not None and float(importance_bias.grad) != 0.0  # the worst masks train g too
     assert spd.evaluate()["adversarial_recon"] == pytest.approx(worst, rel=1e-6)
 
@@ -215,7 +217,7 @@ class _TokenModel(nn.Module):
 def test_embedding_and_row_major_sites_are_found_in_one_orientation_and_tied() -> None:
     target = _TokenModel()
     model = ComponentModel(target, [SiteConfig(pattern="*", C=4)], ci_hidden=2, generator=_generator())
-    assert {n: s.kind for n, s in model.sites.items()} == {
+    assert {r.name: r.site.kind for r in model.sites.values()} == {
         "embed": "embedding", "mix": "transposed linear", "unembed": "linear"}
     assert model.target_weight("embed").shape == (4, 7) and model.target_weight("mix").shape == (4, 4)
     assert model.tied == {"unembed": "embed"}

@@ -13,6 +13,7 @@ import pytest
 from unmerge import api, cli
 from unmerge.errors import CheckpointError, ConfigError
 from unmerge.sweep import SweepSpec, expand, parse_grid_argument, pareto_front, short_labels
+from unmerge.sweep.runner import point_configs
 
 TINY = {"train.steps": 50, "train.threads": 1, "train.eval_batch_size": 1024, "train.log_every": 25}
 GRID = {"method.penalty.name": ["l1", "cauchy"], "method.penalty.coeff": [0.03, 0.3]}
@@ -39,7 +40,8 @@ def test_grid_expands_to_the_product_with_readable_names() -> None:
     assert [p.name for p in points[:3]] == ["penalty=l1,coeff=0.03,seed=0", "penalty=l1,coeff=0.03,seed=1",
                                             "penalty=l1,coeff=0.3,seed=0"]
     assert points[-1].settings == {"method.penalty.name": "cauchy", "method.penalty.coeff": 0.3, "train.seed": 1}
-    assert points[-1].overrides == ["method.penalty.name=cauchy", "method.penalty.coeff=0.3", "train.seed=1"]
+    assert [(o.key, o.value) for o in points[-1].overrides] == [("method.penalty.name", "cauchy"),
+                                                                 ("method.penalty.coeff", 0.3), ("train.seed", 1)]
     assert len({p.name for p in points}) == 8
     assert spec.group_keys() == ["method.penalty.name"]  # strengths and seeds share a group
     assert short_labels(["method.k", "data.k", "train.seed"]) == {"method.k": "method.k", "data.k": "data.k",
@@ -49,7 +51,7 @@ def test_grid_expands_to_the_product_with_readable_names() -> None:
         == SweepSpec(base="hierarchy-relu-l1", grid={"method.penalty.coeff": [0.001, 0.1]},
                      overrides={"train.optim.lr": 0.003})  # PyYAML reads 1e-3 as text; the spec reads a number
     assert parse_grid_argument("method.penalty.name=[l1, cauchy]") == ("method.penalty.name", ["l1", "cauchy"])
-    config = api._sweep_configs(SweepSpec(base="hierarchy-relu-l1", grid={"method.penalty.coeff": [1e-5]}))[0][1]
+    config = point_configs(SweepSpec(base="hierarchy-relu-l1", grid={"method.penalty.coeff": [1e-5]}))[0][1]
     assert config.method.penalty.coeff == 1e-5  # the value survives the trip through a key=value override
 
 

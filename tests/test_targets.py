@@ -10,7 +10,7 @@ import torch
 from unmerge.config import OptimConfig, ResidMLPConfig, TMSConfig, TrainConfig
 from unmerge.errors import CheckpointError
 from unmerge.targets import cached_target, load_target, save_target, train_target
-from unmerge.targets.toys import cache_root
+from unmerge.io import cache_root
 from unmerge.train.rng import step_generator
 
 TMS = TMSConfig(n_features=5, n_hidden=2, identity=True,

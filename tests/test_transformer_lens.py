@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from unmerge.config import SiteConfig, SPDConfig
-from unmerge.metrics.spliced import spliced
+from unmerge.eval.spliced import spliced
 from unmerge.spd.method import SPD
 from unmerge.spd.model import ComponentModel
 from unmerge.targets.base import Target
@@ -55,7 +55,7 @@ def test_adapter_matches_plain_forward_and_hook_points_splice(hooked: torch.nn.M
 def test_embed_and_unembed_are_spd_sites_that_reproduce_the_model(hooked: torch.nn.Module) -> None:
     lm = from_transformer_lens(hooked)
     model = ComponentModel(lm, SITES, ci_hidden=2, generator=torch.Generator().manual_seed(0))
-    assert {name: site.kind for name, site in model.sites.items()} == {"embed": "embedding",
+    assert {record.name: record.site.kind for record in model.sites.values()} == {"embed": "embedding",
                                                                         "unembed": "transposed linear"}
     ids = _ids()
     clean = model.clean_pass(ids)
@@ -73,6 +73,6 @@ def test_spd_training_loss_reaches_both_sites(hooked: torch.nn.Module) -> None:
     output = spd.training_loss(_ids(), torch.Generator().manual_seed(1))
     output.loss.backward()
     assert torch.isfinite(output.loss)
-    for component in spd.module.components.values():
+    for component in (record.components for record in spd.model.sites.values()):
         assert component.U.grad.abs().sum() > 0 and component.V.grad.abs().sum() > 0
     assert not any(p.grad is not None for p in lm.parameters())

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from unmerge import api
+from unmerge.config import Override, parse_overrides
 from unmerge.errors import UnmergeError
 
 DEMO_PRESET = "tms-5-2"
@@ -39,7 +40,7 @@ def _report(result: api.RunResult) -> None:
 
 
 def cmd_train_target(args: argparse.Namespace) -> None:
-    directory, loss = api.train_target_preset(args.preset, args.overrides, args.out)
+    directory, loss = api.train_target_preset(args.preset, parse_overrides(args.overrides), args.out)
     status = "already trained (reused)" if loss is None else f"final training loss {loss:.4g}"
     print(f"target of {args.preset}: {status}\nsaved in {directory}")
     scores = directory / api.TASK_METRICS_FILE
@@ -47,10 +48,11 @@ def cmd_train_target(args: argparse.Namespace) -> None:
         print(_format_rows(list(json.loads(scores.read_text()).items())))
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    extra = [f"train.seed={args.seed}"] if args.seed is not None else []
-    extra += [f"train.steps={args.steps}"] if args.steps is not None else []
-    return list(args.overrides) + extra
+def _overrides(args: argparse.Namespace) -> list[Override]:
+    """The command line's `key=value` overrides, parsed once, then `--seed` and `--steps` (typed already)."""
+    extra = [Override.of("train.seed", args.seed)] if args.seed is not None else []
+    extra += [Override.of("train.steps", args.steps)] if args.steps is not None else []
+    return parse_overrides(args.overrides) + extra
 
 
 def cmd_decompose(args: argparse.Namespace) -> None:
@@ -84,7 +86,7 @@ def cmd_fetch_corpus(args: argparse.Namespace) -> None:
 
 
 def cmd_cache_activations(args: argparse.Namespace) -> None:
-    result = api.cache_activations(api.load_dictionary_config(args.config, list(args.overrides)))
+    result = api.cache_activations(api.load_dictionary_config(args.config, parse_overrides(args.overrides)))
     cache = result.cache
     rate = f"{cache.n_tokens / result.seconds:.0f} tokens/s" if result.seconds > 1 else "already built"
     print(f"activation cache: {cache.directory}\n{cache.n_tokens} tokens × {cache.dim} in {len(cache.shards)} shards; "
@@ -96,7 +98,8 @@ def cmd_export_saelens(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+    overrides = parse_overrides(args.overrides) + ([Override.of("train.steps", args.steps)] if args.steps is not None
+                                                   else [])
     spec = api.load_sweep_spec(args.config, args.grid or [], overrides)
     result = api.sweep(spec, args.out)
     print(result.markdown(), end="")
@@ -150,10 +153,10 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
 
 def cmd_splits(args: argparse.Namespace) -> None:
     result = api.feature_splitting(args.run_dirs, args.out, args.threshold, args.inputs)
-    for small, large, splits, shared in result.pairs:
-        counts = [len(kids) for kids in splits.children]
-        print(f"{small} → {large}: parents with 0 / 1 / ≥2 children {counts.count(0)} / {counts.count(1)} / "
-              f"{sum(c >= 2 for c in counts)}; split vectors on shared directions {shared.shared_fraction():.3f}")
+    for pair in result.pairs:
+        counts = [len(kids) for kids in pair.splits.children]
+        print(f"{pair.small} → {pair.large}: parents with 0 / 1 / ≥2 children {counts.count(0)} / {counts.count(1)} / "
+              f"{sum(c >= 2 for c in counts)}; split vectors on shared directions {pair.shared.shared_fraction():.3f}")
     print(f"report section: {result.markdown}")
     for figure in result.figures:
         print(f"figure: {figure}")

@@ -24,13 +24,17 @@ entry) and the groups' pairwise co-activation (units² floats), so union frequen
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from unmerge.errors import UnmergeError
+from unmerge import runs
+from unmerge.errors import CheckpointError, UnmergeError
 from unmerge.metrics.clustering import adjusted_rand_index
 from unmerge.metrics.description import description_length
 from unmerge.spd.method import SPD, Importances
@@ -87,7 +91,7 @@ class MergeHistory:
 
 def subcomponent_names(spd: SPD) -> list[str]:
     """`site/c` for every subcomponent, in the order of the concatenated CI (`Importances.lower_all`)."""
-    return [f"{site}/{c}" for site in spd.module.site_names for c in range(spd.module.site_C[site])]
+    return [f"{site}/{c}" for site in spd.model.site_names for c in range(spd.model.site_C[site])]
 
 
 def active_subcomponents(importances: Importances, threshold: float = DEFAULT_THRESHOLD) -> Tensor:
@@ -106,7 +110,7 @@ def unit_activity(spd: SPD, n_inputs: int, batch_size: int, threshold: float = D
     filled, batch = 0, 0
     while filled < n_inputs:
         x = spd.target.sample_inputs(batch_size, step_generator(seed, "grouping", batch))
-        rows = active_subcomponents(spd.importances(spd.module.clean_pass(x)), threshold)[: n_inputs - filled]
+        rows = active_subcomponents(spd.importances(spd.model.clean_pass(x)), threshold)[: n_inputs - filled]
         active[filled : filled + rows.shape[0]] = rows
         filled, batch = filled + rows.shape[0], batch + 1
     fired = active.sum(dim=0) >= min_active
@@ -246,3 +250,11 @@ def group_subcomponents(spd: SPD, n_inputs: int = 16_384, batch_size: int = 1024
     settings = {"threshold": threshold, "alpha": alpha, "min_active": min_active, "inputs": n_inputs, "seed": seed}
     return Grouping(activity.units, history.labels(len(activity.units)), history, activity.inactive, settings,
                     ground_truth_labels(spd, activity.units))
+
+
+def load_grouping(run_dir: Path) -> dict[str, Any]:
+    """The `grouping.json` that grouping a run's subcomponents saved in it (`unmerge group`)."""
+    path = Path(run_dir) / runs.GROUPING_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no {runs.GROUPING_FILE}; run `unmerge group {run_dir}` first")
+    return json.loads(path.read_text())

@@ -27,9 +27,10 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from unmerge.analysis.grouping import DEFAULT_THRESHOLD, active_subcomponents, subcomponent_names
-from unmerge.data.sparse_features import LatentExamples
+from unmerge.eval.examples import LatentExamples, top_positions
 from unmerge.errors import SiteError
-from unmerge.metrics.spliced import counted_predictions, frozen, next_token_nll
+from unmerge.eval.spliced import frozen
+from unmerge.metrics.language import counted_predictions, next_token_nll
 from unmerge.sae.dictionary import Dictionary
 from unmerge.spd.method import SPD
 from unmerge.spd.model import as_site
@@ -45,7 +46,7 @@ def unit_index(spd: SPD, units: Iterable[str]) -> list[int]:
     unknown = [unit for unit in units if unit not in index]
     if unknown:
         raise SiteError(f"{unknown[0]!r} names no subcomponent; subcomponents are named SITE/INDEX with SITE one of "
-                        f"{', '.join(spd.module.site_names)} and INDEX below its C")
+                        f"{', '.join(spd.model.site_names)} and INDEX below its C")
     return [index[unit] for unit in units]
 
 
@@ -53,14 +54,14 @@ def subcomponent_masks(spd: SPD, units: Iterable[str]) -> dict[str, Tensor]:
     """Per site, a bool mask (C,) of the named subcomponents `site/c`."""
     chosen = torch.zeros(len(subcomponent_names(spd)), dtype=torch.bool)
     chosen[unit_index(spd, units)] = True
-    return {site: mask for site, mask in zip(spd.module.site_names,
-                                               chosen.split([spd.module.site_C[s] for s in spd.module.site_names]),
+    return {site: mask for site, mask in zip(spd.model.site_names,
+                                               chosen.split([spd.model.site_C[s] for s in spd.model.site_names]),
                                                strict=True) if mask.any()}
 
 
 def removed_weight(spd: SPD, site: str, mask: Tensor) -> Tensor:
     """`Σ_{c in mask} U_c V_c`, (d_out, d_in)."""
-    components = spd.module.site_components(site)
+    components = spd.model.site_components(site)
     return (components.U * mask) @ components.V
 
 
@@ -68,11 +69,11 @@ def removed_weight(spd: SPD, site: str, mask: Tensor) -> Tensor:
 def mean_inner_activations(spd: SPD, n_inputs: int = 16_384, batch_size: int = 1024,
                            seed: int = 0) -> dict[str, Tensor]:
     """Per site, the mean inner activation `E[V a]` (C,) over rows of sampled inputs (for mean ablations)."""
-    totals = {name: torch.zeros(C) for name, C in spd.module.site_C.items()}
+    totals = {name: torch.zeros(C) for name, C in spd.model.site_C.items()}
     rows, batch = 0, 0
     while rows < n_inputs:
         x = spd.target.sample_inputs(batch_size, step_generator(seed, "mean-ablation", batch))
-        inner = spd.module.inner_acts(spd.module.clean_pass(x))
+        inner = spd.model.inner_acts(spd.model.clean_pass(x))
         for name, h in inner.items():
             flat = h.reshape(-1, h.shape[-1])
             totals[name] += flat.sum(0)
@@ -92,8 +93,8 @@ def ablated(spd: SPD, units: Iterable[str], mode: Ablation = "zero",
     shift = {}
     if mode == "mean":
         for site, mask in masks.items():
-            shift[site] = spd.module.site_components(site).U @ (means[site] * mask)
-    with torch.no_grad(), spd.module.edited_weights(removed, shift):
+            shift[site] = spd.model.site_components(site).U @ (means[site] * mask)
+    with torch.no_grad(), spd.model.edited_weights(removed, shift):
         yield
 
 
@@ -102,7 +103,7 @@ def component_activity(spd: SPD, x: Tensor, components: list[list[str]],
                        threshold: float = 0.1) -> Tensor:
     """Monitoring: (rows, components) bool, True where any subcomponent of the component has CI > threshold (rows
     are inputs, or token positions of a language model)."""
-    active = active_subcomponents(spd.importances(spd.module.clean_pass(x)), threshold)
+    active = active_subcomponents(spd.importances(spd.model.clean_pass(x)), threshold)
     membership = torch.zeros(active.shape[1], len(components))
     for j, members in enumerate(components):
         membership[unit_index(spd, members), j] = 1.0
@@ -114,7 +115,7 @@ def unlearned_model(spd: SPD, units: Iterable[str]) -> nn.Module:
     """A copy of the target with the named subcomponents' weights removed permanently (a shared, tied weight loses
     the union of what was asked at the sites that share it)."""
     masks = subcomponent_masks(spd, units)
-    for tied, source in spd.module.tied.items():
+    for tied, source in spd.model.tied.items():
         if tied in masks:
             masks[source] = masks.get(source, torch.zeros_like(masks[tied])) | masks.pop(tied)
     model = copy.deepcopy(spd.target.model)
@@ -155,13 +156,13 @@ def _importance_and_mask_gradients(spd: SPD, ids: Tensor) -> tuple[Tensor, Tenso
     """One batch of token windows of a causal LM, one clean pass: the causal importances clipped to [0, 1]
     (batch, seq, ΣC), `Σ_t ∂CE/∂m_c(t)` of the decomposed model with every mask 1 (ΣC,), summed CE rather than
     its mean, and the number of counted predictions."""
-    names = spd.module.site_names
+    names = spd.model.site_names
     with torch.no_grad():
-        clean = spd.module.clean_pass(ids)
+        clean = spd.model.clean_pass(ids)
         importances = spd.importances(clean)
     masks = {name: torch.ones_like(importances.inner[name], requires_grad=True) for name in names}
     with frozen(spd.module):
-        loss, predictions = next_token_nll(spd.module.masked_pass(ids, masks, clean, importances.inner), ids,
+        loss, predictions = next_token_nll(spd.model.masked_pass(ids, masks, clean, importances.inner), ids,
                                            counted_predictions(spd.target.model.ordinary_positions(ids)))
         gradients = torch.autograd.grad(loss, [masks[name] for name in names])
     summed = torch.cat([g.flatten(0, -2).sum(0) for g in gradients]).double()
@@ -172,7 +173,7 @@ def _importances_and_effects(spd: SPD, windows: Tensor, batch_windows: int) -> t
     """Over `windows` in batches: the clipped causal importances (windows, seq, ΣC) and the first-order ablation
     effects `−Σ_t ∂CE/∂m_c(t)` per counted prediction (ΣC,)."""
     importances: list[Tensor] = []
-    effects = torch.zeros(sum(spd.module.site_C[name] for name in spd.module.site_names), dtype=torch.float64)
+    effects = torch.zeros(sum(spd.model.site_C[name] for name in spd.model.site_names), dtype=torch.float64)
     count = 0
     for start in tqdm(range(0, windows.shape[0], batch_windows), desc="subcomponent importances and effects",
                       unit="batch", disable=None, leave=False):
@@ -199,6 +200,14 @@ def subcomponent_examples(spd: SPD, windows: Tensor, tokens: list[list[str]], pe
     importance, effects = _importances_and_effects(spd, windows, batch_windows)
     ordinary = spd.target.model.ordinary_positions(windows)
     importance[~ordinary] = 0.0
-    top = importance.reshape(-1, importance.shape[-1]).topk(min(per_unit, ordinary.numel()), dim=0).indices
-    return LatentExamples(tokens, importance, top, ordinary, effects, "ΔCE", subcomponent_names(spd),
-                          DEFAULT_THRESHOLD)
+    return LatentExamples(tokens, importance, top_positions(importance, per_unit), ordinary, effects, "ΔCE",
+                          subcomponent_names(spd), DEFAULT_THRESHOLD)
+
+
+@torch.no_grad()
+def output_change(spd: SPD, edited: nn.Module, n_inputs: int = 4096) -> float:
+    """The mean squared change of the target's output when `edited` replaces it, on `n_inputs` sampled inputs,
+    relative to the output's mean square."""
+    x = spd.target.sample_inputs(n_inputs, step_generator(0, "unlearn-check"))
+    original = spd.target.model(x)
+    return float((edited(x) - original).square().mean() / original.square().mean())

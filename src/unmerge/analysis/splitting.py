@@ -139,3 +139,23 @@ def best_matches(dictionary: Dictionary, true_features: Tensor, names: list[str]
     """Per latent, the true feature its decoder direction is closest to, with the cosine: `f3 (parent) 0.99`."""
     cosine, index = (unit_decoder(dictionary) @ F.normalize(true_features, dim=1).T).max(1)
     return [f"{names[i]} {c:.2f}" for i, c in zip(index.tolist(), cosine.tolist(), strict=True)]
+
+
+@dataclass(frozen=True)
+class SplitPair:
+    """A smaller dictionary against the next larger one: their names, the splits and the shared-direction fit."""
+
+    small: str
+    large: str
+    splits: Splits
+    shared: SharedDirections
+
+
+def splitting_pairs(dictionaries: list[tuple[str, Dictionary]], activations: Tensor,
+                    threshold: float = 0.5) -> list[SplitPair]:
+    """Each dictionary (named, smallest first) against the next larger one on the same `activations`."""
+    pairs = []
+    for (small_name, small), (large_name, large) in zip(dictionaries, dictionaries[1:]):
+        splits = feature_splits(small, large, activations, threshold)
+        pairs.append(SplitPair(small_name, large_name, splits, shared_split_directions(small, large, splits)))
+    return pairs

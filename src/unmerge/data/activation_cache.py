@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from unmerge.data.sparse_features import ActivationSource
+from unmerge.data.source import ActivationSource
 from unmerge.errors import CheckpointError, UnmergeError
-from unmerge.train.checkpoint import sha256_file, write_atomic
+from unmerge.io import sha256_file, write_atomic
 from unmerge.train.rng import step_generator
 
 MANIFEST_FILE = "manifest.json"

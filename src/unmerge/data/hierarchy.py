@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from unmerge.config import HierarchyConfig
-from unmerge.data.sparse_features import ActivationSource
+from unmerge.data.source import ActivationSource
 
 
 def parent_indices(config: HierarchyConfig) -> Tensor:

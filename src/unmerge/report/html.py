@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from unmerge.train.checkpoint import write_atomic
+from unmerge.io import write_text_atomic
 
 REPORT_FILE = "report.html"
 STYLE = """
@@ -60,7 +60,7 @@ def write_run_report(run_dir: Path, title: str, metrics: dict[str, object], figu
 </body></html>
 """
     path = run_dir / REPORT_FILE
-    write_atomic(path, lambda tmp: tmp.write_text(page))
+    write_text_atomic(path, page)
     return path
 
 
@@ -105,5 +105,5 @@ th {{ cursor: pointer; text-align: left; }}</style></head>
 """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / INDEX_FILE
-    write_atomic(path, lambda tmp: tmp.write_text(page))
+    write_text_atomic(path, page)
     return path

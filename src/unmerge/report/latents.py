@@ -9,7 +9,7 @@ import html
 
 import torch
 
-from unmerge.data.sparse_features import LatentExamples
+from unmerge.eval.examples import LatentExamples
 from unmerge.report.html import SORT_SCRIPT
 
 BEFORE, AFTER = 10, 4  # tokens of context shown before and after the top-activating token

@@ -1,5 +1,5 @@
-"""Figures of a sweep (PNG): sparsity against reconstruction and recovery, with each group's Pareto front, and
-dead latents. One point per run; runs that differ only in strength (`STRENGTH_KEYS`) or seed share a group."""
+"""Trade-off figures (PNG): groups of points, each in its own colour, each group's Pareto front drawn as a line
+(`unmerge.sweep.figures` draws a sweep's with them)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Sequence
+from typing import Literal
 
 import matplotlib
 
@@ -15,14 +16,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
 from unmerge.report.figures import STYLE, save_figure  # noqa: E402
-from unmerge.sweep import STRENGTH_KEYS, format_value, pareto_front, short_labels  # noqa: E402
-
-if TYPE_CHECKING:
-    from unmerge.sweep import SweepRow
 
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
            "tab:olive", "tab:cyan")
 ANNOTATE_AT_MOST = 40  # label points with their strength only while the figure stays readable
+
+
+def pareto_front(xs: Sequence[float], ys: Sequence[float], maximize_y: bool = False) -> list[int]:
+    """Indices of the points not dominated by another, ordered by x. Lower x is better; lower y is better, or
+    higher with `maximize_y`. Point j dominates i when it is at least as good in both and better in one; equal
+    points do not dominate each other, so both stay. Points with a NaN or infinite coordinate are left out."""
+    sign = -1.0 if maximize_y else 1.0
+    points = [(i, float(x), sign * float(y)) for i, (x, y) in enumerate(zip(xs, ys, strict=True))
+              if math.isfinite(x) and math.isfinite(y)]
+    front = [(x, i) for i, x, y in points
+             if not any(xj <= x and yj <= y and (xj < x or yj < y) for _, xj, yj in points)]
+    return [i for _, i in sorted(front)]
+
 
 
 @dataclass(frozen=True)
@@ -63,39 +73,3 @@ def tradeoff_figure(groups: dict[str, list[Point]], x_label: str, y_label: str, 
         if any(groups):
             axis.legend(fontsize=7, frameon=False)
         return save_figure(figure, path)
-
-
-def _groups(rows: list[SweepRow], group_keys: list[str], x: str, y: str,
-            label_keys: list[str]) -> dict[str, list[Point]]:
-    """Points (x, y) of the runs that report both metrics, grouped by the values of `group_keys`."""
-    labels = short_labels(group_keys)
-    groups: dict[str, list[Point]] = {}
-    for row in rows:
-        if x not in row.metrics or y not in row.metrics:
-            continue
-        group = ", ".join(f"{labels[key]}={format_value(row.settings[key])}" for key in group_keys)
-        label = ",".join(format_value(row.settings[key]) for key in label_keys)
-        groups.setdefault(group, []).append(Point(row.metrics[x], row.metrics[y], label))
-    return groups
-
-
-def sweep_figures(rows: list[SweepRow], group_keys: list[str], directory: Path) -> list[Path]:
-    """`pareto_l0_fvu.png`, `pareto_l0_mcc.png` (only when the data have true features, i.e. runs report MCC) and
-    `dead_latents.png` in `directory`; points are labelled with their strength values."""
-    strengths = [key for key in STRENGTH_KEYS if rows and key in rows[0].settings]
-    labelled = f"\npoints labelled with {', '.join(short_labels(strengths).values())}" if strengths else ""
-    l0 = "L0 (active latents per input)"
-    paths = [tradeoff_figure(_groups(rows, group_keys, "l0", "fvu", strengths), l0,
-                             "FVU (fraction of variance unexplained)",
-                             "sparsity vs reconstruction (lower left is better)" + labelled,
-                             directory / "pareto_l0_fvu.png", better_y="lower")]
-    if any("mcc" in row.metrics for row in rows):
-        paths.append(tradeoff_figure(_groups(rows, group_keys, "l0", "mcc", strengths), l0,
-                                     "MCC (Hungarian-matched mean cosine to true features)",
-                                     "sparsity vs feature recovery (upper left is better)" + labelled,
-                                     directory / "pareto_l0_mcc.png", better_y="higher"))
-    dead = "dead_fraction" if any("dead_fraction" in row.metrics for row in rows) else "dead_latents"
-    paths.append(tradeoff_figure(_groups(rows, group_keys, "l0", dead, strengths), l0,
-                                 "dead latents" + (" (fraction of the width)" if dead == "dead_fraction" else ""),
-                                 "dead latents at the end of training" + labelled, directory / "dead_latents.png"))
-    return paths

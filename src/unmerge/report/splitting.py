@@ -11,7 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import torch  # noqa: E402
 
-from unmerge.analysis.splitting import SharedDirections, Splits  # noqa: E402
+from unmerge.analysis.splitting import SplitPair, Splits  # noqa: E402
+from unmerge.io import write_json_atomic, write_text_atomic  # noqa: E402
 from unmerge.report.figures import STYLE, save_figure  # noqa: E402
 
 R2_FLOOR = -1.0  # the children figure draws lower R² here
@@ -50,8 +51,8 @@ def children_figure(splits: Splits, title: str, path: Path) -> Path:
     return save_figure(figure, path)
 
 
-def markdown_section(pairs: list[tuple[str, str, Splits, SharedDirections]], figures: list[Path],
-                     threshold: float, matches: list[list[str]] | None = None) -> str:
+def markdown_section(pairs: list[SplitPair], figures: list[Path], threshold: float,
+                     matches: list[list[str]] | None = None) -> str:
     """The report section: per width pair, summary numbers, the children table and the figures; with `matches`
     (per dictionary, smallest first, each latent's closest true feature) the table names what each latent is."""
     lines = ["## Feature splitting", "",
@@ -60,8 +61,8 @@ def markdown_section(pairs: list[tuple[str, str, Splits, SharedDirections]], fig
              "on a direction that splits two or more parents (cosine > 0.5)."
              + (" Each latent is named by the true feature its decoder is closest to, with the cosine." if matches
                 else ""), ""]
-    for pair, ((small, large, splits, shared), pair_figures) in enumerate(zip(pairs, _chunks(figures, 2),
-                                                                             strict=True)):
+    for pair, (split_pair, pair_figures) in enumerate(zip(pairs, _chunks(figures, 2), strict=True)):
+        small, large, splits, shared = split_pair.small, split_pair.large, split_pair.splits, split_pair.shared
         counts = [len(kids) for kids in splits.children]
         r2 = splits.reconstruction_r2[~torch.isnan(splits.reconstruction_r2)]
         lines += [f"### {small} → {large}", "",
@@ -85,3 +86,22 @@ def markdown_section(pairs: list[tuple[str, str, Splits, SharedDirections]], fig
 
 def _chunks(items: list[Path], size: int) -> list[list[Path]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def write_splitting(out_dir: Path, pairs: list[SplitPair], widths: list[int], parent_runs: list[str],
+                    threshold: float, matches: list[list[str]] | None = None) -> tuple[list[Path], Path]:
+    """Per pair, its cosine and children figures; `splitting.json` (every parent's children, per pair) and
+    `splitting.md` (the report section) in `out_dir`. `widths` are the dictionaries' (smallest first) and
+    `parent_runs` their run directories. Returns the figures and the markdown's path."""
+    figures, table = [], []
+    for pair, small_width, large_width, small_run, large_run in zip(pairs, widths, widths[1:], parent_runs,
+                                                                    parent_runs[1:]):
+        title, stem = f"{pair.small} → {pair.large}", f"{small_width}-to-{large_width}"
+        figures += [cosine_figure(pair.splits, f"{title}: decoder cosines", out_dir / f"cosine-{stem}.png"),
+                    children_figure(pair.splits, f"{title}: children", out_dir / f"children-{stem}.png")]
+        table.append({"parent_run": small_run, "child_run": large_run, "threshold": threshold,
+                      "shared_fraction": pair.shared.shared_fraction(), "atom_parents": pair.shared.atom_parents(),
+                      "parents": pair.splits.table()})
+    write_json_atomic(out_dir / "splitting.json", table, indent=1)
+    write_text_atomic(out_dir / "splitting.md", markdown_section(pairs, figures, threshold, matches))
+    return figures, out_dir / "splitting.md"

@@ -4,13 +4,14 @@ dead-latent bookkeeping, and evaluation against known features."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from unmerge.config import DictionaryConfig
-from unmerge.data import ActivationSource
+from unmerge.data.source import ActivationSource, Reconstruct
 from unmerge.errors import UnmergeError
 from unmerge.metrics import dictionary as scores
 from unmerge.sae import activations
@@ -103,8 +104,12 @@ class DictionaryMethod:
     """Train a `Dictionary` on an activation source (DESIGN.md §5)."""
 
     def __init__(self, source: ActivationSource, config: DictionaryConfig, seed: int, total_steps: int,
-                 eval_batch_size: int = 4096) -> None:
+                 eval_batch_size: int = 4096,
+                 extra_evaluation: Callable[[Reconstruct], dict[str, float]] | None = None) -> None:
+        """`extra_evaluation` adds metrics that need more than the source, such as a language model's spliced-in
+        evaluation (`unmerge.eval.language.spliced_evaluator`): it gets the dictionary's `reconstruct`."""
         self.source = source
+        self.extra_evaluation = extra_evaluation
         self.config = config
         self.seed = seed
         self.total_steps = total_steps
@@ -310,8 +315,8 @@ class DictionaryMethod:
                 if self.source.parents is not None:
                     results["parent_recall"] = scores.parent_recall(coefficients, f, cosines, self.source.parents)
                     results["absorption"] = scores.absorption(coefficients, f, cosines, self.source.parents)
-        if self.source.spliced_evaluation is not None:
-            results |= self.source.spliced_evaluation(lambda a: self.reconstruct(a))
+        if self.extra_evaluation is not None:
+            results |= self.extra_evaluation(self.reconstruct)
         module.train()
         return results
 

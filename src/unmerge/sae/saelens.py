@@ -23,7 +23,7 @@ from torch import Tensor
 from unmerge.config import DictionaryConfig
 from unmerge.errors import UnmergeError
 from unmerge.sae.dictionary import Dictionary
-from unmerge.train import checkpoint
+from unmerge.io import save_tensors_atomic, write_json_atomic
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -80,8 +80,8 @@ def save_saelens(module: Dictionary, directory: Path, hook_name: str | None = No
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = _tensors(module, architecture)
-    checkpoint.write_atomic(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
-    checkpoint.write_atomic(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    save_tensors_atomic(directory / WEIGHTS_FILE, tensors)
+    write_json_atomic(directory / CONFIG_FILE, config)
     return directory
 
 

@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unmerge.spd.ci_kernel import fused_hard_sigmoids, fused_kernel_serves, scalar_mlp_ci
+from unmerge.errors import ConfigError
+from unmerge.kernels.cpu.ci import (
+    fused_hard_sigmoids,
+    fused_kernel_available,
+    fused_kernel_serves,
+    kernel_unavailable_reason,
+    scalar_mlp_ci,
+    scalar_mlp_ci_reference,
+)
 
 
 def lower_leaky_hard_sigmoid(x: Tensor, leak: float) -> Tensor:
@@ -19,11 +27,29 @@ def upper_leaky_hard_sigmoid(x: Tensor, leak: float) -> Tensor:
     return torch.where(x > 1, 1 + leak * (x - 1), x.clamp(min=0.0))
 
 
-def leaky_hard_sigmoids(x: Tensor, leak: float) -> tuple[Tensor, Tensor]:
-    """`(σ_lower(x), σ_upper(x))`, by one fused kernel pass where it can run (same values and gradients)."""
-    if fused_kernel_serves(x):
+def leaky_hard_sigmoids(x: Tensor, leak: float, c_kernel: bool) -> tuple[Tensor, Tensor]:
+    """`(σ_lower(x), σ_upper(x))`; with `c_kernel`, by one pass of the C kernel where it serves `x` (float32 on the
+    CPU; same values and gradients)."""
+    if c_kernel and fused_kernel_serves(x):
         return fused_hard_sigmoids(x, leak)
     return lower_leaky_hard_sigmoid(x, leak), upper_leaky_hard_sigmoid(x, leak)
+
+
+def uses_c_kernel(choice: str, device: torch.device) -> bool:
+    """Whether SPD computes causal importances, hard sigmoids and masks with the C kernel: `torch` never, `c`
+    always (an error where it cannot run), `auto` on the CPU where a C compiler builds it."""
+    if choice == "torch":
+        return False
+    on_cpu = torch.device(device).type == "cpu"
+    if choice == "auto":
+        return on_cpu and fused_kernel_available()
+    if not on_cpu:
+        raise ConfigError(f"method.ci_kernel=c runs on the CPU only, but the target is on {device}; "
+                          "set method.ci_kernel=auto or torch")
+    if not fused_kernel_available():
+        raise ConfigError(f"method.ci_kernel=c, but the C kernel cannot be used here ({kernel_unavailable_reason()}); "
+                          "install a C compiler (gcc) or set method.ci_kernel=torch")
+    return True
 
 
 class LinearComponents(nn.Module):
@@ -66,8 +92,7 @@ Components = LinearComponents | TransposedComponents
 class ScalarMLPCI(nn.Module):
     """The paper's CI function: one MLP `w2·GELU(w1 h + b1) + b2` per subcomponent on its scalar inner activation.
 
-    All subcomponents (of all sites, see `SiteCIFunctions`) are evaluated by one fused batched kernel.
-    """
+    The functions of all sites are evaluated together by one batched call (`causal_importances`)."""
 
     def __init__(self, C: int, hidden: int, generator: torch.Generator) -> None:
         super().__init__()
@@ -77,22 +102,9 @@ class ScalarMLPCI(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(C))
 
 
-class SiteCIFunctions(nn.Module):
-    """Pre-sigmoid causal importances γ for every site from its inner activations `h = a Vᵀ`."""
-
-    def __init__(self, site_C: dict[str, int], hidden: int, generator: torch.Generator) -> None:
-        super().__init__()
-        self.keys = list(site_C)
-        self.functions = nn.ModuleDict({key: ScalarMLPCI(C, hidden, generator) for key, C in site_C.items()})
-
-    def forward(self, inner: dict[str, Tensor]) -> Tensor:
-        """γ of all sites concatenated along the last axis, in `self.keys` order (one kernel call)."""
-        functions = [self.functions[key] for key in self.keys]
-        h = torch.cat([inner[key] for key in self.keys], dim=-1)
-        params = [torch.cat([getattr(f, name) for f in functions]) for name in ("w1", "b1", "w2", "b2")]
-        return scalar_mlp_ci(h, *params)
-
-    def split(self, concatenated: Tensor) -> dict[str, Tensor]:
-        """Per-site views of a tensor laid out like `forward`'s output."""
-        sizes = [self.functions[key].b2.shape[0] for key in self.keys]
-        return dict(zip(self.keys, concatenated.split(sizes, dim=-1), strict=True))
+def causal_importances(functions: list[ScalarMLPCI], inner: list[Tensor], c_kernel: bool) -> Tensor:
+    """Pre-sigmoid γ of every site's subcomponents from their inner activations `h = a Vᵀ`, concatenated along
+    the last axis in the given order, in one call (the C kernel's with `c_kernel`, else torch's)."""
+    h = torch.cat(inner, dim=-1)
+    params = [torch.cat([getattr(f, name) for f in functions]) for name in ("w1", "b1", "w2", "b2")]
+    return (scalar_mlp_ci if c_kernel else scalar_mlp_ci_reference)(h, *params)

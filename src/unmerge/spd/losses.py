@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from unmerge.spd.ci_kernel import counter_uniform_reference, fused_kernel_serves, fused_stochastic_masks
+from unmerge.kernels.cpu.ci import counter_uniform_reference, fused_kernel_serves, fused_stochastic_masks
 
 
 def faithfulness_loss(target_weights: list[Tensor], reconstructions: list[Tensor]) -> Tensor:
@@ -54,13 +54,13 @@ def output_divergence(prediction: Tensor, target: Tensor, kind: str) -> Tensor:
     raise ValueError(f"unknown output divergence {kind!r}")
 
 
-def stochastic_masks(lower_importance: Tensor, generator: torch.Generator) -> Tensor:
+def stochastic_masks(lower_importance: Tensor, generator: torch.Generator, c_kernel: bool) -> Tensor:
     """`m = g + (1 − g) r`, `r ~ U[0, 1)` per position and subcomponent; gradient flows through g.
 
-    r comes from a counter-based hash keyed by two words drawn from `generator`: the fused kernel computes it
-    in the same pass as the mask (and recomputes it for the gradient), and the eager path draws the same r."""
+    r comes from a counter-based hash keyed by two words drawn from `generator`: with `c_kernel` the C kernel
+    computes it in the same pass as the mask (and recomputes it for the gradient); torch draws the same r."""
     k0, k1 = (int(k) for k in torch.randint(0, 2**32, (2,), generator=generator))
-    if fused_kernel_serves(lower_importance):
+    if c_kernel and fused_kernel_serves(lower_importance):
         return fused_stochastic_masks(lower_importance, (k0, k1))
     r = counter_uniform_reference(lower_importance.shape, (k0, k1)).to(lower_importance.dtype)
     return lower_importance + (1 - lower_importance) * r

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from unmerge import metrics
 from unmerge.config import SPDConfig
 from unmerge.spd import losses
-from unmerge.spd.components import leaky_hard_sigmoids
-from unmerge.metrics import spliced
+from unmerge.metrics import language
+from unmerge.spd.components import leaky_hard_sigmoids, uses_c_kernel
 from unmerge.spd.model import CleanPass, ComponentModel
 from unmerge.targets.base import Target
 from unmerge.targets.language import CausalLM
@@ -34,22 +34,33 @@ class Importances:
         return {name: g.clamp(0.0, 1.0) for name, g in self.lower.items()}
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's weights live (the CPU for a model without any)."""
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
 class SPD:
-    """Stochastic Parameter Decomposition of a target's sites (DESIGN.md §4)."""
+    """Stochastic Parameter Decomposition of a target's sites (DESIGN.md §4): `model` is the decomposed model
+    (target and decomposition, `ComponentModel`), `module` the decomposition alone (what training learns)."""
 
     def __init__(self, target: Target, config: SPDConfig, seed: int, eval_batch_size: int = 4096) -> None:
         self.target = target
         self.config = config
         self.seed = seed
         self.eval_batch_size = eval_batch_size
-        self.module = ComponentModel(target.model, config.sites, config.ci_hidden, step_generator(seed, "init"))
+        self.model = ComponentModel(target.model, config.sites, config.ci_hidden, step_generator(seed, "init"),
+                                    c_kernel=uses_c_kernel(config.ci_kernel, device_of(target.model)))
+        self.module = self.model.sites  # what training learns and checkpoints: the decomposition, not the target
 
     def before_training(self) -> None:
         """Faithfulness warm-up: fit U V to W alone for a few data-free steps, so training starts near W = U V.
         The loop calls this only on a fresh start; a resumed or evaluated run loads its weights instead."""
         if not self.config.faithfulness_warmup_steps:
             return
-        optimizer = torch.optim.Adam(self.module.components.parameters(), lr=self.config.faithfulness_warmup_lr)
+        optimizer = torch.optim.Adam(self.model.component_parameters(), lr=self.config.faithfulness_warmup_lr)
         for _ in range(self.config.faithfulness_warmup_steps):
             optimizer.zero_grad(set_to_none=True)
             self.faithfulness().backward()
@@ -59,24 +70,24 @@ class SPD:
         """SPD's parameters are unconstrained."""
 
     def importances(self, clean: CleanPass) -> Importances:
-        inner = self.module.inner_acts(clean)
-        gamma = self.module.causal_importance(inner)
-        lower_all, upper_all = leaky_hard_sigmoids(gamma, self.config.leak)
-        return Importances(inner, lower_all, upper_all, self.module.split_sites(lower_all))
+        inner = self.model.inner_acts(clean)
+        gamma = self.model.causal_importance(inner)
+        lower_all, upper_all = leaky_hard_sigmoids(gamma, self.config.leak, self.model.c_kernel)
+        return Importances(inner, lower_all, upper_all, self.model.split_sites(lower_all))
 
     def faithfulness(self) -> Tensor:
-        names = self.module.site_names
+        names = self.model.site_names
         return losses.faithfulness_loss(
-            [self.module.target_weight(n) for n in names], [self.module.site_components(n).weight() for n in names]
+            [self.model.target_weight(n) for n in names], [self.model.site_components(n).weight() for n in names]
         )
 
     def _divergence(self, x: Tensor, masks: dict[str, Tensor], clean: CleanPass, ci: Importances) -> Tensor:
-        output = self.module.masked_pass(x, masks, clean, ci.inner)
+        output = self.model.masked_pass(x, masks, clean, ci.inner)
         return losses.output_divergence(output, clean.output, self.config.output_loss)
 
     def stochastic_masks(self, ci: Importances, generator: torch.Generator) -> dict[str, Tensor]:
         """One mask sample for every site (S = 1), shared by the all-sites and the layerwise passes."""
-        return self.module.split_sites(losses.stochastic_masks(ci.lower_all, generator))
+        return self.model.split_sites(losses.stochastic_masks(ci.lower_all, generator, self.model.c_kernel))
 
     def adversarial_masks(self, x: Tensor, clean: CleanPass, ci: Importances,
                           generator: torch.Generator) -> dict[str, Tensor]:
@@ -89,10 +100,10 @@ class SPD:
         for _ in range(self.config.adversarial_steps):
             r.requires_grad_(True)
             with torch.enable_grad():
-                divergence = self._divergence(x, self.module.split_sites(g + (1 - g) * r), clean, fixed)
+                divergence = self._divergence(x, self.model.split_sites(g + (1 - g) * r), clean, fixed)
                 (gradient,) = torch.autograd.grad(divergence, r)
             r = (r.detach() + self.config.adversarial_step_size * gradient.sign()).clamp(0.0, 1.0)
-        return self.module.split_sites(ci.lower_all + (1 - ci.lower_all) * r)
+        return self.model.split_sites(ci.lower_all + (1 - ci.lower_all) * r)
 
     def stochastic_recon(self, x: Tensor, clean: CleanPass, ci: Importances, masks: dict[str, Tensor]) -> Tensor:
         """All sites masked."""
@@ -104,7 +115,7 @@ class SPD:
         return torch.stack(terms).mean()
 
     def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
-        clean = self.module.clean_pass(batch)
+        clean = self.model.clean_pass(batch)
         ci = self.importances(clean)
         config = self.config
         powers = [losses.importance_powers(ci.upper_all, config.pnorm)]
@@ -134,7 +145,7 @@ class SPD:
     def one_hot_importance(self) -> dict[str, Tensor]:
         """CI in [0, 1] per site on one input per feature."""
         with torch.no_grad():
-            return self.importances(self.module.clean_pass(self.target.one_hot_inputs())).clipped()
+            return self.importances(self.model.clean_pass(self.target.one_hot_inputs())).clipped()
 
     def evaluation_batch(self) -> Tensor:
         return self.target.sample_inputs(self.eval_batch_size, step_generator(self.seed, "eval"))
@@ -142,17 +153,17 @@ class SPD:
     def evaluation_importance(self) -> dict[str, Tensor]:
         """CI in [0, 1] per site on the fixed evaluation batch."""
         with torch.no_grad():
-            return self.importances(self.module.clean_pass(self.evaluation_batch())).clipped()
+            return self.importances(self.model.clean_pass(self.evaluation_batch())).clipped()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Metrics on a fixed evaluation batch, plus ground-truth scores when the target has them."""
         x = self.evaluation_batch()
-        clean = self.module.clean_pass(x)
+        clean = self.model.clean_pass(x)
         ci = self.importances(clean)
         masks = self.stochastic_masks(ci, step_generator(self.seed, "eval-masks"))
         ones = {name: torch.ones_like(g) for name, g in ci.lower.items()}
-        weights = [self.module.target_weight(name) for name in self.module.site_names]
+        weights = [self.model.target_weight(name) for name in self.model.site_names]
         weight_mean_square = sum(float(w.square().sum()) for w in weights) / sum(w.numel() for w in weights)
         results: dict[str, float] = {
             "faithfulness": float(self.faithfulness()),
@@ -161,7 +172,7 @@ class SPD:
             "layerwise_recon": float(self.layerwise_recon(x, clean, ci, masks)),
             "unmasked_recon": float(self._divergence(x, ones, clean, ci)),
         }
-        ci_masked = self.module.masked_pass(x, ci.lower, clean, ci.inner)
+        ci_masked = self.model.masked_pass(x, ci.lower, clean, ci.inner)
         results["ci_masked_recon"] = float(losses.output_divergence(ci_masked, clean.output, self.config.output_loss))
         if self.config.adversarial_steps:
             adversarial = self.adversarial_masks(x, clean, ci, step_generator(self.seed, "eval-adversarial"))
@@ -181,10 +192,10 @@ class SPD:
     def next_token_losses(self, ids: Tensor, original: Tensor, ci_masked: Tensor) -> dict[str, float]:
         """CE (nats per prediction, special tokens excluded by id) of the language model and of the model whose
         sites keep only their causally important subcomponents (masks = CI)."""
-        counted = spliced.counted_predictions(self.target.model.ordinary_positions(ids))
+        counted = language.counted_predictions(self.target.model.ordinary_positions(ids))
         count = float(counted.sum().clamp(min=1))
-        return {"ce_original": float(spliced.next_token_nll(original, ids, counted)[0]) / count,
-                "ce_ci_masked": float(spliced.next_token_nll(ci_masked, ids, counted)[0]) / count}
+        return {"ce_original": float(language.next_token_nll(original, ids, counted)[0]) / count,
+                "ce_ci_masked": float(language.next_token_nll(ci_masked, ids, counted)[0]) / count}
 
     def ground_truth_metrics(self) -> dict[str, float]:
         """MMCS/ML2R on sites with known feature directions; CI pattern errors on one-hot inputs."""
@@ -193,10 +204,10 @@ class SPD:
         results: dict[str, float] = {}
         recoveries = []
         for name, axis in truth.feature_directions.items():
-            if name not in self.module.site_C:
+            if name not in self.model.site_C:
                 continue
-            components = self.module.site_components(name)
-            recovery = metrics.feature_recovery(self.module.target_weight(name), components.U, components.V, axis)
+            components = self.model.site_components(name)
+            recovery = metrics.feature_recovery(self.model.target_weight(name), components.U, components.V, axis)
             recoveries.append(recovery)
             results |= {f"mmcs/{name}": recovery.mmcs, f"ml2r/{name}": recovery.ml2r,
                         f"matrix_cosine/{name}": recovery.matrix_cosine}

@@ -1,18 +1,24 @@
-"""Wrap a frozen target: find its sites, hold their subcomponents and CI functions, run masked forward passes.
+"""The decomposed model: a frozen target and, for each of its chosen weights, one record (`DecomposedSite`) holding
+where the weight is, its subcomponents `U V` and its causal-importance function, all one `nn.Module` tree, so
+`.to(...)`, `state_dict()` and `torch.compile` see the whole thing.
 
 Sites are modules chosen by fnmatch patterns over module names whose forward is a linear map of their weight
 (checked on a probe input), in one of three kinds: `F.linear(x, W, b)` (`nn.Linear`, attention projections),
 `x W + b` (GPT-2's `Conv1D`, TransformerLens's `Unembed`), or a row lookup `W[ids]` (`nn.Embedding`,
-TransformerLens's `Embed`: a token-indexed site, the linear map of one-hot inputs). Every site's weight is held
-in one orientation, `(d_out, d_in)`; an embedding's is `Wᵀ` with d_in the vocabulary. A site whose weight is the
+TransformerLens's `Embed`: a token-indexed site, the linear map of one-hot inputs). Every site's weight is read in
+one orientation, `(d_out, d_in)`; an embedding's is `Wᵀ` with d_in the vocabulary. A site whose weight is the
 transpose of another site's (tied weights, e.g. GPT-2's `wte` and `lm_head`) shares that site's subcomponents,
-transposed. During a masked pass each site's `forward` is swapped, inside a context manager that always restores
-it, for one that computes `((a Vᵀ) ⊙ m) Uᵀ + bias` (for an embedding `a Vᵀ` is the lookup `Vᵀ[ids]`), never a
-per-example matrix.
+transposed.
 
-Two exact shortcuts make the passes cheap: until the first masked site of a pass has run, every activation equals
-the clean pass's, so an unmasked site returns its cached clean output and a masked site reuses the inner
-activations `a Vᵀ` already computed for the causal importances.
+A pass over the target (clean, masked, edited) attaches a forward pre-hook and a forward hook to each site's
+module, inside a context manager that always removes them; the target and its modules are never changed. Given
+the module's input `a`, the pass computes what it asks of the site, e.g. `((a Vᵀ) ⊙ m) Uᵀ + bias` (for an
+embedding `a Vᵀ` is the lookup `Vᵀ[ids]`), never a per-example matrix, and that becomes the module's output;
+the module's own forward then runs on an empty batch (`a[:0]`), so the replaced computation costs nothing. Hooks
+a user registered on the module still run: their pre-hooks before the pass's, their forward hooks after it, on
+the output the pass gave. Two exact shortcuts make the passes cheap: until the first masked site of a pass has
+run, every activation equals the clean pass's, so an unmasked site returns its cached clean output and a masked
+site reuses the inner activations `a Vᵀ` already computed for the causal importances.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from torch import Tensor, nn
 
 from unmerge.config import SiteConfig
 from unmerge.errors import SiteError
-from unmerge.spd.components import Components, LinearComponents, SiteCIFunctions, TransposedComponents
+from unmerge.spd.components import Components, LinearComponents, ScalarMLPCI, TransposedComponents, causal_importances
 
 
 def site_key(name: str) -> str:
@@ -45,9 +51,6 @@ class CleanPass:
     site_outputs: dict[str, Tensor]
 
 
-Apply = Callable[[Tensor, Tensor, Tensor | None], Tensor]
-
-
 def _linear(a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(a, weight, bias)
 
@@ -56,18 +59,6 @@ def _lookup(ids: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """The linear map of one-hot inputs, `onehot(ids) Wᵀ`, as a row lookup of `Wᵀ`."""
     output = F.embedding(ids, weight.T)
     return output if bias is None else output + bias
-
-
-@dataclass(frozen=True)
-class Site:
-    """A decomposable module: its weight as `(d_out, d_in)` (a view of the module's own parameter), its bias, and
-    how an input meets a `(d_out, d_in)` matrix (`apply(a, W, b)`: `F.linear`, or a lookup for token ids)."""
-
-    module: nn.Module
-    weight: Tensor
-    bias: Tensor | None
-    apply: Apply
-    kind: str
 
 
 def _site_parameters(module: nn.Module) -> tuple[Tensor, Tensor | None] | None:
@@ -82,6 +73,30 @@ def _site_parameters(module: nn.Module) -> tuple[Tensor, Tensor | None] | None:
     if len(matrices) != 1 or len(vectors) > 1 or len(own) != len(matrices) + len(vectors):
         return None
     return matrices[0], vectors[0] if vectors else None
+
+
+@dataclass(frozen=True)
+class Site:
+    """A decomposable module and how its forward meets a `(d_out, d_in)` matrix: `kind` is "linear" (`F.linear`),
+    "transposed linear" (`x W + b`) or "embedding" (a lookup of token ids). Weight and bias are read from the
+    module whenever asked, so they follow it across devices and dtypes."""
+
+    module: nn.Module
+    kind: str
+
+    @property
+    def weight(self) -> Tensor:
+        """The site's weight as `(d_out, d_in)`."""
+        weight = _site_parameters(self.module)[0]
+        return weight if self.kind == "linear" else weight.T
+
+    @property
+    def bias(self) -> Tensor | None:
+        return _site_parameters(self.module)[1]
+
+    def apply(self, a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The site's input `a` through a `(d_out, d_in)` matrix and a bias, as the module's own forward would."""
+        return _lookup(a, weight, bias) if self.kind == "embedding" else _linear(a, weight, bias)
 
 
 def _probe_agrees(module: nn.Module, probe: Tensor, expected: Tensor) -> bool:
@@ -106,20 +121,30 @@ def as_site(module: nn.Module) -> Site | None:
     for oriented, kind in ((weight, "linear"), (weight.T, "transposed linear")):
         if bias is not None and bias.shape[0] != oriented.shape[0]:
             continue
-        probe = torch.randn(3, oriented.shape[1], generator=generator, dtype=weight.dtype)
+        probe = torch.randn(3, oriented.shape[1], generator=generator, dtype=weight.dtype).to(weight.device)
         if _probe_agrees(module, probe, F.linear(probe, oriented, bias)):
-            return Site(module, oriented, bias, _linear, kind)
-    ids = torch.randint(weight.shape[0], (2, 3), generator=generator)
+            return Site(module, kind)
+    ids = torch.randint(weight.shape[0], (2, 3), generator=generator).to(weight.device)
     if bias is None and _probe_agrees(module, ids, F.embedding(ids, weight)):
-        return Site(module, weight.T, None, _lookup, "embedding")
+        return Site(module, "embedding")
     return None
 
 
-def find_sites(target: nn.Module, sites: list[SiteConfig]) -> dict[str, tuple[Site, int]]:
-    """Map each matched module name to its site and C; every pattern must match at least one decomposable
-    module."""
+@dataclass(frozen=True)
+class FoundSite:
+    """A module matched by a site pattern: its name, the pattern, the site and its number of subcomponents."""
+
+    name: str
+    pattern: str
+    site: Site
+    C: int
+
+
+def find_sites(target: nn.Module, sites: list[SiteConfig]) -> list[FoundSite]:
+    """Every module matched by the site patterns, in pattern order; every pattern must match at least one
+    decomposable module."""
     modules = dict(target.named_modules())
-    chosen: dict[str, tuple[Site, int]] = {}
+    chosen: dict[str, FoundSite] = {}
     for config in sites:
         matched = [name for name in modules if name and fnmatch.fnmatchcase(name, config.pattern)]
         if not matched:
@@ -132,8 +157,8 @@ def find_sites(target: nn.Module, sites: list[SiteConfig]) -> dict[str, tuple[Si
                 raise SiteError(f"module {name!r} ({type(modules[name]).__name__}, matched by {config.pattern!r}) "
                                 "is not a linear map of one weight (x Wᵀ + b, x W + b, or an embedding lookup "
                                 "W[ids]); choose a narrower pattern")
-            chosen[name] = (site, config.C)
-    return chosen
+            chosen[name] = FoundSite(name, config.pattern, site, config.C)
+    return list(chosen.values())
 
 
 def find_tied_sites(weights: dict[str, Tensor]) -> dict[str, str]:
@@ -149,56 +174,146 @@ def find_tied_sites(weights: dict[str, Tensor]) -> dict[str, str]:
     return tied
 
 
-class ComponentModel(nn.Module):
-    """Subcomponents and CI functions for the chosen sites of a frozen target (the target is not a submodule)."""
+Behaviour = Callable[["DecomposedSite", Tensor], Tensor | None]  # the site's output for input a (None: its own)
 
-    def __init__(self, target: nn.Module, sites: list[SiteConfig], ci_hidden: int, generator: torch.Generator):
+
+class DecomposedSite(nn.Module):
+    """One decomposed weight: its module name, the pattern that chose it, its C subcomponents (`components`, or
+    none of its own when its weight is tied to the site named `tied_to`) and its causal-importance function `ci`."""
+
+    def __init__(self, found: FoundSite, components: LinearComponents | None, tied_to: str | None,
+                 ci: ScalarMLPCI) -> None:
         super().__init__()
-        self._target = (target,)  # a tuple keeps the frozen target out of state_dict and parameters()
+        self.name, self.pattern, self.C, self.site = found.name, found.pattern, found.C, found.site
+        self.components = components
+        self.tied_to = tied_to
+        self.ci = ci
+
+
+class Decomposition(nn.ModuleDict):
+    """What SPD learns: one `DecomposedSite` per site, keyed by `site_key` (the target is not in it)."""
+
+    def legacy_names(self) -> list[tuple[str, str]]:
+        """(name before the site records, name now) of every parameter, in the order the optimiser held them
+        before (every site's U and V, then every CI function's w1, b1, w2, b2): checkpoints of that layout resume
+        through it (`unmerge.train.checkpoint.restore`)."""
+        pairs = []
+        for key, record in self.items():
+            if record.tied_to is None:
+                pairs += [(f"components.{key}.{p}", f"{key}.components.{p}") for p in ("U", "V")]
+        for key in self:
+            pairs += [(f"ci.functions.{key}.{p}", f"{key}.ci.{p}") for p in ("w1", "b1", "w2", "b2")]
+        return pairs
+
+
+class _SiteHooks:
+    """The two hooks a pass attaches to one site's module: the pre-hook computes the pass's output for the input
+    and, when there is one, hands the module an empty batch; the forward hook returns that output instead."""
+
+    def __init__(self, record: DecomposedSite, behaviour: Behaviour) -> None:
+        self.record, self.behaviour = record, behaviour
+        self.replacement: Tensor | None = None
+
+    def before(self, _: nn.Module, args: tuple) -> tuple | None:
+        self.replacement = self.behaviour(self.record, args[0])
+        return None if self.replacement is None else (args[0][:0], *args[1:])
+
+    def after(self, _: nn.Module, __: tuple, output: Tensor) -> Tensor | None:
+        replacement, self.replacement = self.replacement, None
+        return replacement
+
+
+class ComponentModel(nn.Module):
+    """A frozen target and its decomposition: one `DecomposedSite` per chosen weight (`sites`)."""
+
+    def __init__(self, target: nn.Module, sites: list[SiteConfig], ci_hidden: int, generator: torch.Generator,
+                 c_kernel: bool = False) -> None:
+        super().__init__()
+        self.target = target
+        self.c_kernel = c_kernel
         found = find_sites(target, sites)
-        self.site_names = list(found)
-        self.sites = {name: site for name, (site, _) in found.items()}
-        site_C = {name: C for name, (_, C) in found.items()}
-        weights = {name: site.weight for name, site in self.sites.items()}
-        self.tied = find_tied_sites(weights)
-        for name, source in self.tied.items():
-            if site_C[name] != site_C[source]:
+        tied = find_tied_sites({f.name: f.site.weight for f in found})
+        for name, source in tied.items():
+            C = {f.name: f.C for f in found}
+            if C[name] != C[source]:
                 raise SiteError(f"sites {source!r} and {name!r} share tied weights, so they need the same C "
-                                f"(got {site_C[source]} and {site_C[name]})")
-        self.components = nn.ModuleDict({
-            site_key(name): LinearComponents(weights[name], site_C[name], generator)
-            for name in self.site_names if name not in self.tied
+                                f"(got {C[source]} and {C[name]})")
+        # every site's U and V first, then every CI function: the order the generator has always been drawn in
+        components = {f.name: LinearComponents(f.site.weight, f.C, generator) for f in found if f.name not in tied}
+        functions = {f.name: ScalarMLPCI(f.C, ci_hidden, generator) for f in found}
+        self.sites = Decomposition({
+            site_key(f.name): DecomposedSite(f, components.get(f.name), tied.get(f.name), functions[f.name])
+            for f in found
         })
-        self.ci = SiteCIFunctions({site_key(n): site_C[n] for n in self.site_names}, ci_hidden, generator)
-        self.site_C = site_C
+
+    def train(self, mode: bool = True) -> ComponentModel:
+        """Train or evaluate the decomposition; the target stays in evaluation mode (it is frozen)."""
+        super().train(mode)
+        self.target.eval()
+        return self
 
     @property
-    def target(self) -> nn.Module:
-        return self._target[0]
+    def site_names(self) -> list[str]:
+        return [record.name for record in self.sites.values()]
+
+    @property
+    def site_C(self) -> dict[str, int]:
+        return {record.name: record.C for record in self.sites.values()}
+
+    @property
+    def tied(self) -> dict[str, str]:
+        """Tied site → the site whose subcomponents it shares, transposed."""
+        return {record.name: record.tied_to for record in self.sites.values() if record.tied_to is not None}
+
+    def site(self, name: str) -> DecomposedSite:
+        key = site_key(name)
+        if key not in self.sites:
+            raise SiteError(f"no such site: {name}; the sites are {', '.join(self.site_names)}")
+        return self.sites[key]
 
     def site_components(self, name: str) -> Components:
-        if name in self.tied:
-            return TransposedComponents(self.components[site_key(self.tied[name])])
-        return self.components[site_key(name)]
+        record = self.site(name)
+        if record.tied_to is not None:
+            return TransposedComponents(self.site(record.tied_to).components)
+        return record.components
+
+    def component_parameters(self) -> list[nn.Parameter]:
+        """Every site's own U and V (tied sites have none of their own)."""
+        return [p for record in self.sites.values() if record.components is not None
+                for p in record.components.parameters()]
 
     def target_weight(self, name: str) -> Tensor:
         """The site's weight as `(d_out, d_in)`."""
-        return self.sites[name].weight
+        return self.site(name).site.weight
 
     @contextmanager
-    def _swapped_forwards(self, make_forward: Callable[[str], Callable[[Tensor], Tensor]]) -> Iterator[None]:
-        """Replace every site's forward for the duration of one pass; always restore it."""
-        previous = {name: site.module.__dict__.get("forward") for name, site in self.sites.items()}
+    def _pass(self, behaviour: Behaviour) -> Iterator[None]:
+        """Compute every site's output by `behaviour` for one pass (module docstring); always detach the hooks."""
+        handles = []
         try:
-            for name, site in self.sites.items():
-                site.module.forward = make_forward(name)
+            for record in self.sites.values():
+                hooks = _SiteHooks(record, behaviour)
+                module = record.site.module
+                handles.append(module.register_forward_pre_hook(hooks.before))
+                handles.append(module.register_forward_hook(hooks.after, prepend=True))
             yield
         finally:
-            for name, site in self.sites.items():
-                if previous[name] is None:
-                    del site.module.forward
-                else:
-                    site.module.forward = previous[name]
+            for handle in handles:
+                handle.remove()
+
+    def forward(self, x: Tensor, masks: dict[str, Tensor] | None = None) -> Tensor:
+        """The target's output with the sites in `masks` computed from their subcomponents, each scaled per
+        position by its mask `(..., C)`, and the other sites from their target weights."""
+        masks = masks or {}
+
+        def behaviour(record: DecomposedSite, a: Tensor) -> Tensor | None:
+            if record.name not in masks:
+                return None
+            site, components = record.site, self.site_components(record.name)
+            return F.linear(site.apply(a, components.V, None) * masks[record.name], components.U, site.bias)
+
+        with self._pass(behaviour):
+            return self.target(x)
 
     @contextmanager
     def edited_weights(self, removed: dict[str, Tensor], shift: dict[str, Tensor]) -> Iterator[None]:
@@ -209,17 +324,15 @@ class ComponentModel(nn.Module):
         if unknown:
             raise SiteError(f"no such site: {', '.join(sorted(unknown))}; the sites are {', '.join(self.site_names)}")
 
-        def make_forward(name: str) -> Callable[[Tensor], Tensor]:
-            site = self.sites[name]
+        def behaviour(record: DecomposedSite, a: Tensor) -> Tensor | None:
+            site, name = record.site, record.name
+            if name not in removed and name not in shift:
+                return None
             weight = site.weight - removed[name] if name in removed else site.weight
+            output = site.apply(a, weight, site.bias)
+            return output + shift[name] if name in shift else output
 
-            def forward(a: Tensor) -> Tensor:
-                output = site.apply(a, weight, site.bias)
-                return output + shift[name] if name in shift else output
-
-            return forward
-
-        with self._swapped_forwards(make_forward):
+        with self._pass(behaviour):
             yield
 
     def clean_pass(self, x: Tensor) -> CleanPass:
@@ -227,55 +340,49 @@ class ComponentModel(nn.Module):
         inputs: dict[str, Tensor] = {}
         outputs: dict[str, Tensor] = {}
 
-        def make_forward(name: str) -> Callable[[Tensor], Tensor]:
-            site = self.sites[name]
+        def behaviour(record: DecomposedSite, a: Tensor) -> Tensor:
+            name, site = record.name, record.site
+            if name in inputs:
+                raise SiteError(f"site {name!r} ran twice in one forward pass; modules reused within a forward "
+                                "cannot be decomposed as one site")
+            inputs[name] = a
+            outputs[name] = site.apply(a, site.weight, site.bias)
+            return outputs[name]
 
-            def forward(a: Tensor) -> Tensor:
-                if name in inputs:
-                    raise SiteError(f"site {name!r} ran twice in one forward pass; modules reused within a forward "
-                                    "cannot be decomposed as one site")
-                inputs[name] = a
-                outputs[name] = site.apply(a, site.weight, site.bias)
-                return outputs[name]
-
-            return forward
-
-        with torch.no_grad(), self._swapped_forwards(make_forward):
+        with torch.no_grad(), self._pass(behaviour):
             output = self.target(x)
         return CleanPass(output=output, site_inputs=inputs, site_outputs=outputs)
 
     def inner_acts(self, clean: CleanPass) -> dict[str, Tensor]:
         """`h = a Vᵀ` for every site on its clean input (gradient flows to V)."""
-        return {name: self.sites[name].apply(clean.site_inputs[name], self.site_components(name).V, None)
+        return {name: self.site(name).site.apply(clean.site_inputs[name], self.site_components(name).V, None)
                 for name in self.site_names}
 
     def causal_importance(self, inner: dict[str, Tensor]) -> Tensor:
         """Pre-sigmoid γ of all sites, concatenated in `site_names` order (see `split_sites`)."""
-        return self.ci({site_key(n): inner[n] for n in self.site_names})
+        records = list(self.sites.values())
+        return causal_importances([record.ci for record in records], [inner[record.name] for record in records],
+                                  self.c_kernel)
 
     def split_sites(self, concatenated: Tensor) -> dict[str, Tensor]:
         """Per-site views of a (..., ΣC) tensor laid out like `causal_importance`'s output."""
-        views = self.ci.split(concatenated)
-        return {name: views[site_key(name)] for name in self.site_names}
+        records = list(self.sites.values())
+        views = concatenated.split([record.C for record in records], dim=-1)
+        return {record.name: view for record, view in zip(records, views, strict=True)}
 
     def masked_pass(self, x: Tensor, masks: dict[str, Tensor], clean: CleanPass, inner: dict[str, Tensor]) -> Tensor:
-        """Forward with the sites in `masks` replaced by their masked subcomponents, the rest by the target weight."""
+        """Forward with the sites in `masks` replaced by their masked subcomponents, the rest by the target weight,
+        using the clean pass's shortcuts (module docstring)."""
         state = {"masked_ran": False}
 
-        def make_forward(name: str) -> Callable[[Tensor], Tensor]:
-            site = self.sites[name]
+        def behaviour(record: DecomposedSite, a: Tensor) -> Tensor | None:
+            name, site = record.name, record.site
+            if name not in masks:
+                return None if state["masked_ran"] else clean.site_outputs[name]
+            components = self.site_components(name)
+            h = inner[name] if not state["masked_ran"] else site.apply(a, components.V, None)
+            state["masked_ran"] = True
+            return F.linear(h * masks[name], components.U, site.bias)
 
-            def forward(a: Tensor) -> Tensor:
-                if name not in masks:
-                    if not state["masked_ran"]:
-                        return clean.site_outputs[name]
-                    return site.apply(a, site.weight, site.bias)
-                components = self.site_components(name)
-                h = inner[name] if not state["masked_ran"] else site.apply(a, components.V, None)
-                state["masked_ran"] = True
-                return F.linear(h * masks[name], components.U, site.bias)
-
-            return forward
-
-        with self._swapped_forwards(make_forward):
+        with self._pass(behaviour):
             return self.target(x)

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from unmerge.config import SmallLMConfig
 from unmerge.errors import CheckpointError
-from unmerge.metrics import spliced
-from unmerge.train.checkpoint import write_atomic
+from unmerge.io import save_tensors_atomic
+from unmerge.metrics import language
 from unmerge.train.loop import ModelTraining, train
 from unmerge.train.rng import derive_seed
 
@@ -107,7 +107,7 @@ def next_token_nll(model: nn.Module, ids: Tensor, ignore_ids: tuple[int, ...]) -
     """Summed next-token cross-entropy (nats) over the counted predictions of `ids` (batch, seq), and their count:
     the prediction at t counts only when tokens t and t+1 are both ordinary (not in `ignore_ids`)."""
     ordinary = ~torch.isin(ids, torch.tensor(ignore_ids, dtype=ids.dtype, device=ids.device))
-    return spliced.next_token_nll(model(ids), ids, spliced.counted_predictions(ordinary))
+    return language.next_token_nll(model(ids), ids, language.counted_predictions(ordinary))
 
 
 def next_token_loss(model: nn.Module, ids: Tensor, ignore_ids: tuple[int, ...]) -> Tensor:
@@ -153,8 +153,7 @@ def train_small_lm(config: SmallLMConfig, train_windows: Tensor, heldout_windows
 def save_small_lm(model: SmallLM, directory: Path) -> None:
     """Write the weights atomically to `directory/model.safetensors`."""
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    write_atomic(directory / MODEL_FILE, lambda tmp: save_file(state, str(tmp)))
+    save_tensors_atomic(directory / MODEL_FILE, model.state_dict())
 
 
 def load_small_lm(config: SmallLMConfig, vocab_size: int, max_seq_len: int, directory: Path) -> SmallLM:

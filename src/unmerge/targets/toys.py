@@ -30,7 +30,7 @@ from unmerge.config import (
 from unmerge.errors import CheckpointError
 from unmerge.targets import algorithmic, resid_mlp, tms
 from unmerge.targets.base import GroundTruth, Target
-from unmerge.train.checkpoint import write_atomic
+from unmerge.io import cache_root, save_tensors_atomic, write_atomic, write_json_atomic
 from unmerge.train.loop import ModelTraining, train
 from unmerge.train.rng import derive_seed
 
@@ -122,16 +122,14 @@ def save_task_metrics(config: TargetConfig, model: nn.Module, directory: Path) -
     """Score the model on its task and write `task_metrics.json` beside it (nothing for kinds without one)."""
     metrics = task_metrics(config, model)
     if metrics is not None:
-        text = json.dumps(metrics, indent=2)
-        write_atomic(directory / TASK_METRICS_FILE, lambda tmp: tmp.write_text(text))
+        write_json_atomic(directory / TASK_METRICS_FILE, metrics)
     return metrics
 
 
 def save_target(target: Target, config: TargetConfig, directory: Path) -> None:
     """Write weights and config atomically (config last, so a directory with a config is complete)."""
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in target.model.state_dict().items()}
-    write_atomic(directory / MODEL_FILE, lambda tmp: save_file(state, str(tmp)))
+    save_tensors_atomic(directory / MODEL_FILE, target.model.state_dict())
     write_atomic(directory / CONFIG_FILE, lambda tmp: save_yaml(config, tmp))
 
 
@@ -149,10 +147,6 @@ def load_target(directory: Path) -> tuple[Target, TargetConfig]:
         raise CheckpointError(f"cannot load target weights from {directory / MODEL_FILE}: {error}; delete "
                               f"{directory} to retrain it") from None
     return build_target(config, model), config
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("UNMERGE_CACHE_DIR", Path.home() / ".cache" / "unmerge"))
 
 
 def target_cache_dir(config: TargetConfig) -> Path:

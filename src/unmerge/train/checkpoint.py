@@ -2,12 +2,11 @@
 
 A checkpoint is written into a temporary directory and renamed into place, so a directory with a final name is
 always complete; `state.json` records the SHA-256 of the weights, so a damaged file is detected on load rather
-than silently trained on. Optimiser state is flattened into the same safetensors file.
+than silently trained on. Optimiser state is flattened into the same safetensors file, keyed by parameter name.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,74 +17,73 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from unmerge.errors import CheckpointError
+from unmerge.io import fsync_dir, sha256_file
 
 CHECKPOINT_DIR = "checkpoints"
 WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "state.json"
 _OPTIMIZER_PREFIX = "optimizer."
+FORMAT = 2  # optimiser state keyed by parameter name (format 1, before it, keyed it by position)
 
 
-def sha256_file(path: Path) -> str:
-    """The SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _trained_names(module: nn.Module) -> list[str]:
+    """Names of the parameters the loop's optimiser holds, in its order (those that need gradients)."""
+    return [name for name, parameter in module.named_parameters() if parameter.requires_grad]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _process_umask() -> int:
-    """The process's umask (reading it means setting it, so it is set straight back)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)`, fsync, and rename onto `path`; readers see the old or the new file, never half.
-    The file gets the permissions an ordinary new file would (the umask applied), not mkstemp's private 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_process_umask())
-        write(Path(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
-    """Flatten an optimiser's per-parameter state into `optimizer.{index}.{name}` tensors."""
-    tensors = {}
+def checkpoint_tensors(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """The module's state and the optimiser's per-parameter state, as `optimizer.{parameter name}.{state}`."""
+    names = _trained_names(module)
+    tensors = dict(module.state_dict())
     for index, state in optimizer.state_dict()["state"].items():
-        for name, value in state.items():
-            tensors[f"{_OPTIMIZER_PREFIX}{index}.{name}"] = torch.as_tensor(value).clone()
+        for key, value in state.items():
+            tensors[f"{_OPTIMIZER_PREFIX}{names[index]}.{key}"] = torch.as_tensor(value).clone()
     return tensors
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
-    """Inverse of `optimizer_tensors` (hyperparameters come from the current optimiser)."""
-    state: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key[len(_OPTIMIZER_PREFIX) :].split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    current = optimizer.state_dict()
-    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+def _upgrade_format_1(module: nn.Module, model: dict[str, Tensor],
+                      optim: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A format-1 checkpoint (optimiser state by position) in format 2. A module whose parameters were renamed or
+    reordered since says how with `legacy_names()`: (old name, new name) in the old optimiser's order."""
+    legacy = getattr(module, "legacy_names", None)
+    pairs = legacy() if legacy is not None else [(name, name) for name in _trained_names(module)]
+    renamed = dict(pairs)
+    model = {renamed.get(key, key): value for key, value in model.items()}
+    upgraded = {}
+    for key, value in optim.items():
+        index, state = key[len(_OPTIMIZER_PREFIX):].split(".", 1)
+        if int(index) >= len(pairs):
+            raise CheckpointError(f"the checkpoint holds optimiser state for parameter {index}, but the model has "
+                                  f"{len(pairs)}: it belongs to another model")
+        upgraded[f"{_OPTIMIZER_PREFIX}{pairs[int(index)][1]}.{state}"] = value
+    return model, upgraded
+
+
+def restore(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load a checkpoint into `module` (and `optimizer`'s state, its hyperparameters kept); returns the saved
+    training state. A checkpoint that does not fit is a `CheckpointError` naming it."""
+    tensors, state = load_checkpoint(path)
+    model, optim = split_optimizer(tensors)
+    if state.get("format", 1) < FORMAT:
+        model, optim = _upgrade_format_1(module, model, optim)
+    try:
+        module.load_state_dict(model, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {path} does not fit this run's model: {error}") from None
+    if optimizer is not None:
+        index = {name: i for i, name in enumerate(_trained_names(module))}
+        per_parameter: dict[int, dict[str, Tensor]] = {}
+        for key, value in optim.items():
+            name, state_key = key[len(_OPTIMIZER_PREFIX):].rsplit(".", 1)
+            if name not in index:
+                raise CheckpointError(f"checkpoint {path} holds optimiser state for {name!r}, which this run's "
+                                      "model does not train; it belongs to another model")
+            per_parameter.setdefault(index[name], {})[state_key] = value
+        optimizer.load_state_dict({"state": per_parameter, "param_groups": optimizer.state_dict()["param_groups"]})
+    return state
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -107,13 +105,13 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], state:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(weights))
         with weights.open("rb") as handle:
             os.fsync(handle.fileno())
-        full_state = {**state, "step": step, "weights_sha256": sha256_file(weights)}
+        full_state = {**state, "step": step, "format": FORMAT, "weights_sha256": sha256_file(weights)}
         (staging / STATE_FILE).write_text(json.dumps(full_state, indent=2))
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if final.exists():
             shutil.rmtree(final)
         os.rename(staging, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

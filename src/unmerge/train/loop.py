@@ -19,15 +19,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from unmerge.config import TrainConfig
-from unmerge.errors import CheckpointError, NonFiniteLossError
+from unmerge.errors import NonFiniteLossError
+from unmerge.runs import EVAL_LOG, TRAIN_LOG
 from unmerge.train import checkpoint, distributed
 from unmerge.train.memory import keep_freed_memory
 from unmerge.train.rng import step_generator
 from unmerge.train.schedule import learning_rate
-
-TRAIN_LOG = "train_log.jsonl"
-EVAL_LOG = "eval_log.jsonl"
-
 
 @dataclass
 class StepOutput:
@@ -103,14 +100,7 @@ def _resume(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer) 
     saved = checkpoint.checkpoint_dirs(run_dir)
     if not saved:
         return 0
-    tensors, state = checkpoint.load_checkpoint(saved[-1])
-    model_tensors, optim_tensors = checkpoint.split_optimizer(tensors)
-    try:
-        module.load_state_dict(model_tensors, strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {saved[-1]} does not fit this run's model: {error}") from None
-    checkpoint.load_optimizer_tensors(optimizer, optim_tensors)
-    return int(state["step"])
+    return int(checkpoint.restore(saved[-1], module, optimizer)["step"])
 
 
 def _scalars(terms: dict[str, Tensor]) -> dict[str, float]:
@@ -172,7 +162,7 @@ def train(
             if writes:
                 _append_jsonl(run_dir / EVAL_LOG, {"step": done, **metrics})
         if writes and (is_last or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-            tensors = {**method.module.state_dict(), **checkpoint.optimizer_tensors(optimizer)}
+            tensors = checkpoint.checkpoint_tensors(method.module, optimizer)
             checkpoint.save_checkpoint(run_dir, done, tensors, {"lr": lr}, keep=config.keep_checkpoints)
     progress.close()
     return TrainResult(steps=config.steps, resumed_from=start, last_terms=last_terms)

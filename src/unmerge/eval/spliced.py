@@ -1,16 +1,11 @@
 """Spliced-in evaluation of a language model (DESIGN.md §7): replace one module's output by a decomposition's
 reconstruction (or by an ablation) and measure what the model's outputs lose.
 
-Positions are the model's own: a window's position t predicts token t + 1. Special tokens (BOS, EOS, CLS, SEP,
-padding, judged by id) are excluded consistently: their activations are never replaced, and a prediction counts
-only when both the token at t and the token at t + 1 are ordinary. CE is in nats per counted prediction; KL is
-KL(original ‖ spliced), averaged over the same predictions.
-
-`loss recovered = (L_ablated − L_spliced) / (L_ablated − L_original)`: 1 means splicing costs nothing, 0 means it
-is as bad as the ablation. It is reported against a zero ablation (the module's output set to 0) and a mean
-ablation (set to its mean over training activations); a denominator below 1e-6 gives NaN. For a causal LM the
-loss is CE; for a sentence encoder, whose output is a unit embedding per window, it is the cosine distance
-`1 − cos(original embedding, spliced embedding)`, which is 0 for the original model.
+Special tokens are excluded consistently: their activations are never replaced, and predictions count as
+`unmerge.metrics.language` defines (which also holds CE, KL and loss recovered as pure functions). Loss recovered
+is reported against a zero ablation (the module's output set to 0) and a mean ablation (set to its mean over
+training activations). For a causal LM the loss is CE; for a sentence encoder, whose output is a unit embedding
+per window, it is the cosine distance `1 − cos(original embedding, spliced embedding)`, 0 for the original model.
 
 A dictionary latent's ablation effect is how much that loss rises, from the spliced model's, when the latent is
 zeroed wherever it fires. `ablation_effects` estimates it for every latent at once to first order (attribution
@@ -29,9 +24,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from unmerge.errors import UnmergeError
+from unmerge.metrics.language import ce_and_kl, counted_predictions, next_token_nll
 
 Replacement = Callable[[Tensor], Tensor]  # activations (n, d) at ordinary positions → replacements (n, d)
-MIN_DENOMINATOR = 1e-6
 
 
 @dataclass(frozen=True)
@@ -44,14 +39,6 @@ class SplicedLosses:
     kl: dict[str, float]
     activations: Tensor
     predictions: int
-
-
-def loss_recovered(ablated: float, spliced: float, original: float) -> float:
-    """Fraction of the ablation's loss increase that the splice avoids (NaN when the ablation costs nothing)."""
-    denominator = ablated - original
-    if abs(denominator) < MIN_DENOMINATOR:
-        return float("nan")
-    return (ablated - spliced) / denominator
 
 
 def _output_tensor(output: Tensor | tuple) -> Tensor:
@@ -85,28 +72,6 @@ def spliced(module: nn.Module, ordinary: Tensor, replace: Replacement | None,
         handle.remove()
 
 
-def counted_predictions(ordinary: Tensor) -> Tensor:
-    """(batch, seq − 1): the prediction at t counts when tokens t and t + 1 are both ordinary."""
-    return ordinary[:, :-1] & ordinary[:, 1:]
-
-
-def next_token_nll(logits: Tensor, ids: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token cross-entropy (nats) of `logits` (batch, seq, vocab) over the `counted` predictions
-    (batch, seq − 1), and their count. Uncounted targets get the ignore index, so no logits-sized copy is made."""
-    targets = F.pad(torch.where(counted, ids[:, 1:], -100), (0, 1), value=-100)
-    total = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-    return total, counted.sum()
-
-
-def _ce_and_kl(clean_log_probs: Tensor, logits: Tensor, ids: Tensor, counted: Tensor) -> tuple[float, float]:
-    """Summed CE of `logits` on the next tokens and summed KL(clean ‖ logits), over counted predictions."""
-    log_probs = F.log_softmax(logits[:, :-1][counted].float(), dim=-1)
-    targets = ids[:, 1:][counted]
-    ce = -log_probs.gather(1, targets[:, None]).sum()
-    kl = (clean_log_probs.exp() * (clean_log_probs - log_probs)).sum()
-    return float(ce), float(kl)
-
-
 @torch.no_grad()
 def spliced_losses(lm: nn.Module, module: nn.Module, windows: Tensor, ordinary: Tensor,
                    variants: dict[str, Replacement], batch_windows: int = 8) -> SplicedLosses:
@@ -124,7 +89,7 @@ def spliced_losses(lm: nn.Module, module: nn.Module, windows: Tensor, ordinary: 
         predictions += int(counted.sum())
         for name, replace in variants.items():
             with spliced(module, keep, replace):
-                ce, kl = _ce_and_kl(clean_log_probs, lm(ids), ids, counted)
+                ce, kl = ce_and_kl(clean_log_probs, lm(ids), ids, counted)
             sums[name][0] += ce
             sums[name][1] += kl
     if predictions == 0:

@@ -13,33 +13,26 @@ as a Cartesian product) and fixed overrides. Each grid point becomes one ordinar
     overrides: {train.steps: 5000, train.threads: 1}
     group_by: [method.penalty.name, method.width]   # optional; see `SweepSpec.group_keys`
 
-The training itself (`unmerge.api.sweep`) and the figures (`unmerge.report.pareto`) live elsewhere; this module
-holds the pure pieces: the spec, its expansion, the Pareto front and the results table.
+This module holds the spec and its expansion into grid points; `table` the results table, `figures` the Pareto
+figures and `runner` the training of every point.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from unmerge.config import StrictModel
+from unmerge.config import Override, StrictModel
 from unmerge.errors import ConfigError
 
 STRENGTH_KEYS = ("method.penalty.coeff", "method.k", "method.l0_coeff")
 """Keys that trade sparsity against reconstruction: they move a run along its group's Pareto front."""
-
-TABLE_METRICS = ("l0", "fvu", "recall_mmcs", "mcc", "matched/0.9", "dead_latents", "duplicate_latents", "shrinkage")
-"""Columns of the results table after the grid keys, each shown when at least one run's metrics.json has it."""
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _UNSAFE = re.compile(r"[^A-Za-z0-9.+_-]+")
@@ -107,19 +100,19 @@ class SweepSpec(StrictModel):
             return list(self.group_by)
         return [key for key in self.grid if key not in STRENGTH_KEYS and not _is_seed(key)]
 
-    def override_strings(self) -> list[str]:
-        """The fixed overrides as `key=value` strings for `unmerge.config.apply_overrides`."""
-        return [f"{key}={yaml_text(value)}" for key, value in self.overrides.items()]
+    def fixed_overrides(self) -> list[Override]:
+        """The fixed overrides, typed, for `unmerge.config.apply_overrides`."""
+        return [Override.of(key, value) for key, value in self.overrides.items()]
 
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One grid point: its run name, the grid values that define it, and those values as `key=value` overrides
-    (applied after the spec's fixed overrides)."""
+    """One grid point: its run name, the grid values that define it, and those values as overrides (applied after
+    the spec's fixed overrides)."""
 
     name: str
     settings: dict[str, Any]
-    overrides: list[str]
+    overrides: list[Override]
 
 
 def short_labels(keys: Sequence[str]) -> dict[str, str]:
@@ -158,8 +151,7 @@ def expand(spec: SweepSpec) -> list[SweepPoint]:
         if name in seen:  # two values that only differ in characters a file name cannot hold
             name = f"{name},{index}"
         seen.add(name)
-        overrides = [f"{key}={yaml_text(value)}" for key, value in settings.items()]
-        points.append(SweepPoint(name, settings, overrides))
+        points.append(SweepPoint(name, settings, [Override.of(key, value) for key, value in settings.items()]))
     return points
 
 
@@ -176,77 +168,3 @@ def parse_grid_argument(text: str) -> tuple[str, list[Any]]:
     return key, values
 
 
-def pareto_front(xs: Sequence[float], ys: Sequence[float], maximize_y: bool = False) -> list[int]:
-    """Indices of the points not dominated by another, ordered by x. Lower x is better; lower y is better, or
-    higher with `maximize_y`. Point j dominates i when it is at least as good in both and better in one; equal
-    points do not dominate each other, so both stay. Points with a NaN or infinite coordinate are left out."""
-    sign = -1.0 if maximize_y else 1.0
-    points = [(i, float(x), sign * float(y)) for i, (x, y) in enumerate(zip(xs, ys, strict=True))
-              if math.isfinite(x) and math.isfinite(y)]
-    front = [(x, i) for i, x, y in points
-             if not any(xj <= x and yj <= y and (xj < x or yj < y) for _, xj, yj in points)]
-    return [i for _, i in sorted(front)]
-
-
-@dataclass
-class SweepRow:
-    """One finished run of a sweep: its grid values and the metrics read from its `metrics.json`."""
-
-    name: str
-    settings: dict[str, Any]
-    run_dir: Path
-    metrics: dict[str, float]
-    skipped: bool = False  # finished by an earlier invocation of the sweep, so not trained again
-
-
-def table_columns(rows: Sequence[SweepRow]) -> list[str]:
-    """`TABLE_METRICS` that at least one row has, in that order."""
-    return [key for key in TABLE_METRICS if any(key in row.metrics for row in rows)]
-
-
-def format_number(value: float | None) -> str:
-    """A metric as the results tables show it: integers plain, others to 4 significant digits."""
-    if value is None:
-        return ""
-    if float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return f"{value:.4g}"
-
-
-def csv_text(rows: Sequence[SweepRow], grid_keys: Sequence[str]) -> str:
-    """The results as CSV: `run`, the grid keys, then the metrics (full precision, empty where absent)."""
-    columns = table_columns(rows)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["run", *grid_keys, *columns])
-    for row in rows:
-        writer.writerow([row.name, *(yaml_text(row.settings[key]) for key in grid_keys),
-                         *(repr(row.metrics[key]) if key in row.metrics else "" for key in columns)])
-    return buffer.getvalue()
-
-
-def markdown_table(rows: Sequence[SweepRow], grid_keys: Sequence[str]) -> str:
-    """The results as a Markdown table (4 significant digits), readable in a terminal too."""
-    columns = table_columns(rows)
-    header = [*grid_keys, *columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for row in rows:
-        cells = [format_value(row.settings[key]) for key in grid_keys]
-        cells += [format_number(row.metrics.get(key)) for key in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-@dataclass
-class SweepResult:
-    """What `unmerge.api.sweep` wrote: one row per grid point (in grid order), the tables and the figures."""
-
-    directory: Path
-    spec: SweepSpec
-    rows: list[SweepRow]
-    csv_path: Path
-    markdown_path: Path
-    figures: list[Path]
-
-    def markdown(self) -> str:
-        return markdown_table(self.rows, list(self.spec.grid))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unmerge.data.sparse_features import ActivationSource
+from unmerge.data.source import ActivationSource
 from unmerge.errors import UnmergeError
 from unmerge.targets.base import Target
 
@@ -92,3 +92,4 @@ def target_activation_source(target: Target, hook: str, transcoder: bool = False
         true_features=_feature_directions(target, module),
         output_dim=dim if transcoder else None,
     )
+

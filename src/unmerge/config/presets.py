@@ -1,0 +1,57 @@
+"""Named presets: `configs/<name>.yaml` (SPD runs) and `configs/dictionaries/<name>.yaml`, shipped inside the
+package, loaded with overrides and strict validation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from unmerge.config.base import Override, StrictModel, apply_overrides, load_yaml, validate
+from unmerge.config.dictionary import DictionaryRunConfig
+from unmerge.config.spd import RunConfig
+from unmerge.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent.parent / "configs"  # configs/ at the repository root, linked into the package
+DICTIONARY_PRESET_DIR = PRESET_DIR / "dictionaries"
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets (`configs/<name>.yaml`, also inside the installed package)."""
+    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+
+
+def dictionary_preset_names() -> list[str]:
+    """Names of the shipped dictionary presets (`configs/dictionaries/<name>.yaml`)."""
+    return sorted(path.stem for path in DICTIONARY_PRESET_DIR.glob("*.yaml"))
+
+
+def config_source(preset_or_path: str, directory: Path = PRESET_DIR) -> Path:
+    """The YAML file for a preset name (in `directory`) or a path; an unknown name lists the presets."""
+    path = Path(preset_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    preset = directory / f"{preset_or_path}.yaml"
+    if not preset.is_file():
+        names = sorted(p.stem for p in directory.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {preset_or_path!r}; available presets: {', '.join(names)} "
+                          "(or pass a path to a YAML file)")
+    return preset
+
+
+def _load_config(model_cls: type[StrictModel], source: Path, overrides: Iterable[str | Override]) -> StrictModel:
+    overrides = list(overrides)
+    data = apply_overrides(load_yaml(source), overrides)
+    described = [item if isinstance(item, str) else item.text for item in overrides]
+    return validate(model_cls, data, str(source) + (f" with overrides {described}" if overrides else ""))
+
+
+def load_run_config(preset_or_path: str, overrides: Iterable[str | Override] = ()) -> RunConfig:
+    """Load an SPD preset or YAML file and apply `key.path=value` overrides; strict validation."""
+    return _load_config(RunConfig, config_source(preset_or_path), overrides)
+
+
+def load_dictionary_config(preset_or_path: str, overrides: Iterable[str | Override] = ()) -> DictionaryRunConfig:
+    """Load a dictionary preset or YAML file and apply overrides; strict validation."""
+    return _load_config(DictionaryRunConfig, config_source(preset_or_path, DICTIONARY_PRESET_DIR), overrides)

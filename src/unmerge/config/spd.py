@@ -1,0 +1,86 @@
+"""Stochastic Parameter Decomposition: which weights to decompose, the loss terms and their coefficients, and an
+SPD run (target + method + training)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+
+from unmerge.config.base import NonNegativeFloat, StrictModel
+from unmerge.config.targets import LanguageTargetConfig, MaxOfKConfig, ModularAdditionConfig, ResidMLPConfig, TMSConfig
+from unmerge.config.training import TrainConfig
+
+
+class SiteConfig(StrictModel):
+    """Weight matrices to decompose: every module whose name matches `pattern` (fnmatch) gets C subcomponents."""
+
+    pattern: str = Field(min_length=1, description="fnmatch pattern over module names, e.g. 'layers.*.mlp_in'")
+    C: PositiveInt = Field(description="rank-1 subcomponents per matched site")
+
+
+class SPDConfig(StrictModel):
+    """Stochastic Parameter Decomposition (DESIGN.md §4)."""
+
+    kind: Literal["spd"] = "spd"
+    sites: list[SiteConfig] = Field(min_length=1, description="which weights to decompose")
+    ci_hidden: PositiveInt = Field(16, description="hidden width d_gate of each subcomponent's CI MLP")
+    faithfulness_coeff: NonNegativeFloat = Field(1.0, description="weight of ‖W − UV‖²")
+    stochastic_recon_coeff: NonNegativeFloat = Field(1.0, description="β1: all sites masked")
+    layerwise_recon_coeff: NonNegativeFloat = Field(1.0, description="β2: one site masked at a time")
+    importance_minimality_coeff: NonNegativeFloat = Field(description="β3: penalty on Σ|g⁺|^p")
+    pnorm: PositiveFloat = Field(1.0, description="p of the importance-minimality penalty")
+    importance_frequency_coeff: NonNegativeFloat = Field(
+        0.0, description="weight of Σ_c m_c log2(1 + S_c), m_c and S_c the batch mean and sum of g⁺_c^p (VPD)"
+    )
+    leak: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.01, description="slope of the hard sigmoids' leaks")
+    output_loss: Literal["mse", "kl"] = Field("mse", description="divergence D between masked and target outputs")
+    faithfulness_warmup_steps: NonNegativeInt = Field(
+        0, description="Adam steps on ‖W − UV‖² alone before training (removes the init's overshoot)"
+    )
+    faithfulness_warmup_lr: PositiveFloat = Field(1e-2, description="learning rate of the faithfulness warm-up")
+    adversarial_steps: NonNegativeInt = Field(
+        0, description="projected sign-gradient ascent steps on r that search for the worst masks in [g, 1], for "
+                       "the adversarial loss and the `adversarial_recon` metric (0: neither)"
+    )
+    adversarial_step_size: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.25, description="how far one ascent step moves each r"
+    )
+    ci_kernel: Literal["auto", "torch", "c"] = Field(
+        "auto", description="how causal importances, hard sigmoids and masks are computed: the hand-written C kernel "
+                            "(CPU, float32), plain torch (anywhere), or auto (the C kernel on the CPU where a C "
+                            "compiler builds it, torch otherwise)"
+    )
+    adversarial_recon_coeff: NonNegativeFloat = Field(
+        0.0, description="weight of D with all sites at the worst masks found (VPD's adversarial reconstruction)"
+    )
+
+    @model_validator(mode="after")
+    def _adversarial_loss_has_steps(self) -> SPDConfig:
+        if self.adversarial_recon_coeff and not self.adversarial_steps:
+            raise ValueError("adversarial_recon_coeff > 0 needs adversarial_steps ≥ 1 (the ascent that finds the "
+                             "worst masks)")
+        return self
+
+
+class RunConfig(StrictModel):
+    """One decomposition run: which target, which method, how to train."""
+
+    name: str = Field("run", description="human-readable name (the preset's name)")
+    target: TMSConfig | ResidMLPConfig | MaxOfKConfig | ModularAdditionConfig | LanguageTargetConfig = Field(
+        discriminator="kind")
+    method: SPDConfig
+    train: TrainConfig
+
+    @model_validator(mode="after")
+    def _output_loss_fits_the_target(self) -> RunConfig:
+        whole_language_model = (isinstance(self.target, LanguageTargetConfig) and self.target.module is None
+                                and self.target.model.kind != "minilm")
+        classifier = isinstance(self.target, (MaxOfKConfig, ModularAdditionConfig))
+        wanted = "kl" if whole_language_model or classifier else "mse"
+        if self.method.output_loss != wanted:
+            kind = ("a whole causal language model" if whole_language_model
+                    else "an algorithmic toy (its output is logits)" if classifier
+                    else "a toy target, a single module or a sentence encoder's embedding")
+            raise ValueError(f"method.output_loss must be {wanted!r} for {kind}, not {self.method.output_loss!r}")
+        return self

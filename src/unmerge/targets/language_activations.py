@@ -1,0 +1,111 @@
+"""Activations of a language model at one hook point, for dictionaries: from an on-disk cache (built once,
+resumable, integrity-checked; `unmerge.data.activation_cache`) or recorded straight from the model for every batch,
+special tokens excluded by id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from unmerge.config import LanguageActivationsConfig
+from unmerge.data.activation_cache import ActivationCache, build_activation_cache
+from unmerge.data.source import ActivationSource, Sampler
+from unmerge.io import cache_root
+from unmerge.targets.activations import capture_module, find_module
+from unmerge.targets.language import LanguageModel
+from unmerge.targets.language_data import LanguageData, language_data
+from unmerge.train.rng import step_generator
+
+
+@dataclass(frozen=True)
+class LanguageActivations:
+    """A language model's activations at one module: the model and its windows, the module, and the source that
+    samples rows of the module's output at ordinary positions of training windows."""
+
+    data: LanguageData
+    module: nn.Module
+    source: ActivationSource
+
+
+def activation_cache_dir(config: LanguageActivationsConfig) -> Path:
+    """The cache's directory: `cache_dir`, or one keyed by every setting that changes what is cached."""
+    if config.cache_dir is not None:
+        return Path(config.cache_dir)
+    safe_hook = config.hook.replace("/", "_")
+    return cache_root() / "activations" / f"{config.model.kind}-{safe_hook}-{cache_settings_digest(config)}"
+
+
+def cache_settings(config: LanguageActivationsConfig) -> dict:
+    """What determines a cache's contents (stored in its manifest and checked on resume); unset options are left
+    out, so adding an option to the configs does not orphan existing caches."""
+    return config.model_dump(mode="json", include={"model", "text", "hook", "cache_tokens", "cache_dtype"},
+                             exclude_none=True)
+
+
+def cache_settings_digest(config: LanguageActivationsConfig) -> str:
+    text = json.dumps(cache_settings(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _recorder(lm: LanguageModel, module: nn.Module) -> Callable[[Tensor], Tensor]:
+    def record(windows: Tensor) -> Tensor:
+        return capture_module(lm, module, windows, lm.name)[1]
+
+    return record
+
+
+def cached_source(config: LanguageActivationsConfig, data: LanguageData, module: nn.Module) -> ActivationCache:
+    """The activation cache of `config`, built (or resumed) on first use from a seeded choice of training
+    windows holding at least `cache_tokens` ordinary tokens."""
+    directory = activation_cache_dir(config)
+    count = min(math.ceil(config.cache_tokens / data.tokens_per_window), data.train_windows.shape[0])
+    chosen = torch.randperm(data.train_windows.shape[0], generator=step_generator(0, "cache-windows"))[:count]
+    return build_activation_cache(
+        directory, data.train_windows[chosen.sort().values], _recorder(data.lm, module), data.lm.ordinary_positions,
+        shard_tokens=config.shard_tokens, batch_sequences=config.record_batch,
+        dtype=getattr(torch, config.cache_dtype), description=cache_settings(config),
+    )
+
+
+def _live_sampler(data: LanguageData, module: nn.Module, record_batch: int) -> Sampler:
+    """Rows of activations at ordinary positions of uniformly drawn training windows, recorded on demand."""
+    record = _recorder(data.lm, module)
+
+    def sample(size: int, generator: torch.Generator) -> Tensor:
+        rows, have = [], 0
+        while have < size:
+            windows = data.train_windows[torch.randint(data.train_windows.shape[0], (record_batch,),
+                                                       generator=generator)]
+            kept = record(windows)[data.lm.ordinary_positions(windows)]
+            rows.append(kept)
+            have += kept.shape[0]
+        return torch.cat(rows)[:size]
+
+    return sample
+
+
+def hook_point(config: LanguageActivationsConfig) -> tuple[LanguageData, nn.Module]:
+    """The configured model with its windows, and its module named `hook`."""
+    data = language_data(config.model, config.text)
+    return data, find_module(data.lm, config.hook, data.lm.name)
+
+
+def language_activations(config: LanguageActivationsConfig) -> LanguageActivations:
+    """Activations of the configured model at `hook` on the training windows, cached (built or resumed on first
+    use) or recorded live."""
+    data, module = hook_point(config)
+    if config.cache_tokens is None:
+        sample = _live_sampler(data, module, config.record_batch)
+        dim = int(_recorder(data.lm, module)(data.train_windows[:1]).shape[-1])
+    else:
+        cache = cached_source(config, data, module)
+        sample, dim = cache.source(config.hook).sample, cache.dim
+    return LanguageActivations(data, module, ActivationSource(name=f"{data.lm.name}/{config.hook}", dim=dim,
+                                                              sample=sample))

@@ -1,0 +1,23 @@
+"""Every activation source a dictionary run's `data` section can describe, behind one function."""
+
+from __future__ import annotations
+
+from unmerge.config import HierarchyConfig, LanguageActivationsConfig, TargetActivationsConfig
+from unmerge.config.dictionary import DictionaryDataConfig
+from unmerge.data import hierarchy_source, sparse_feature_source
+from unmerge.data.source import ActivationSource
+from unmerge.targets.activations import target_activation_source
+from unmerge.targets.language_activations import language_activations
+from unmerge.targets.toys import cached_target
+
+
+def activation_source(config: DictionaryDataConfig) -> ActivationSource:
+    """The activation source a dictionary run's `data` section describes (toy targets are trained on first use;
+    a language model's activation cache is built, or resumed, on first use)."""
+    if isinstance(config, LanguageActivationsConfig):
+        return language_activations(config).source
+    if isinstance(config, HierarchyConfig):
+        return hierarchy_source(config)
+    if isinstance(config, TargetActivationsConfig):
+        return target_activation_source(cached_target(config.target), config.hook, config.transcoder)
+    return sparse_feature_source(config)
