@@ -15,6 +15,8 @@ demo: $(VENV_STAMP)
 
 test: $(VENV_STAMP)
 	scripts/install-chromium
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
 bench: $(VENV_STAMP)

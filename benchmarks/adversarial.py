@@ -26,12 +26,22 @@ def main() -> None:
     for run_dir in args.runs:
         config, spd, step = api.load_run(run_dir)
         spd.config = config.method.model_copy(
-            update={"adversarial_steps": args.steps, "adversarial_step_size": args.step_size})
+            update={"adversarial_steps": args.steps, "adversarial_step_size": args.step_size}
+        )
         metrics = spd.evaluate()
         keys = ("stochastic_recon", "ci_masked_recon", "adversarial_recon", "output_mean_square", "ce_original")
-        print(json.dumps({"benchmark": "adversarial_recon", "run": str(run_dir), "step": step,
-                          "trained_adversarially": bool(config.method.adversarial_recon_coeff),
-                          "ascent_steps": args.steps, **{k: metrics[k] for k in keys if k in metrics}}))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "adversarial_recon",
+                    "run": str(run_dir),
+                    "step": step,
+                    "trained_adversarially": bool(config.method.adversarial_recon_coeff),
+                    "ascent_steps": args.steps,
+                    **{k: metrics[k] for k in keys if k in metrics},
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,11 @@ def spd_row(spd: SPD, x: torch.Tensor) -> dict[str, object]:
     masks = {name: g * (g > THRESHOLD) for name, g in importance.clipped().items()}
     output = spd.model.masked_pass(x, masks, clean, importance.inner)
     active = active_subcomponents(importance, THRESHOLD)
-    row: dict[str, object] = {"units": active.shape[1], "l0": float(active.sum(1).float().mean()),
-                              "output_fvu": dictionary_metrics.fvu(clean.output, output)}
+    row: dict[str, object] = {
+        "units": active.shape[1],
+        "l0": float(active.sum(1).float().mean()),
+        "output_fvu": dictionary_metrics.fvu(clean.output, output),
+    }
     for alpha in ALPHAS:
         row[f"bits_alpha{alpha:g}"] = activity_description_length(active, alpha)
         grouping = group_subcomponents(spd, INPUTS, 1024, THRESHOLD, alpha, min_active=1)
@@ -60,14 +63,18 @@ def dictionary_row(run: Path, spd: SPD, x: torch.Tensor) -> dict[str, object]:
     module = dict(model.named_modules())[config.data.hook]
     latents: list[torch.Tensor] = []
     handle = module.register_forward_hook(
-        lambda m, i, o: latents.append(dictionary(i[0] if dictionary.transcoder else o)[1]))
+        lambda m, i, o: latents.append(dictionary(i[0] if dictionary.transcoder else o)[1])
+    )
     original = model(x)
     handle.remove()
     with dictionary_spliced(module, dictionary):
         output = model(x)
     active = latents[0].reshape(-1, latents[0].shape[-1]) > 0
-    row: dict[str, object] = {"units": active.shape[1], "l0": float(active.sum(1).float().mean()),
-                              "output_fvu": dictionary_metrics.fvu(original, output)}
+    row: dict[str, object] = {
+        "units": active.shape[1],
+        "l0": float(active.sum(1).float().mean()),
+        "output_fvu": dictionary_metrics.fvu(original, output),
+    }
     for alpha in ALPHAS:
         row[f"bits_alpha{alpha:g}"] = activity_description_length(active, alpha)
     return row

@@ -37,7 +37,10 @@ def main() -> None:
     unknown = sorted(set(args.families) - set(families))
     if unknown:
         parser.error(f"no sweep {', '.join(unknown)} in {SWEEPS}; choose from {', '.join(families)}")
-    lines = ["| family | strength | steps | " + " | ".join(TABLE_METRICS) + " |", "|---" * (len(TABLE_METRICS) + 3) + "|"]
+    lines = [
+        "| family | strength | steps | " + " | ".join(TABLE_METRICS) + " |",
+        "|---" * (len(TABLE_METRICS) + 3) + "|",
+    ]
     for family in args.families or families:
         result = api.sweep(api.load_sweep_spec(str(SWEEPS / f"{family}.yaml")), args.out / family)
         lines += [_row(family, row) for row in result.rows]

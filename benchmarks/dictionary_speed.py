@@ -22,20 +22,20 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
-from unmerge.config import DictionaryConfig, PenaltyConfig, SparseFeaturesConfig  # noqa: E402
-from unmerge.data import ActivationSource, sparse_feature_source  # noqa: E402
-from unmerge.sae.method import DictionaryMethod  # noqa: E402
-from unmerge.train.memory import keep_freed_memory  # noqa: E402
-from unmerge.train.rng import step_generator  # noqa: E402
+from unmerge.config import DictionaryConfig, PenaltyConfig, SparseFeaturesConfig
+from unmerge.data import ActivationSource, sparse_feature_source
+from unmerge.sae.method import DictionaryMethod
+from unmerge.train.memory import keep_freed_memory
+from unmerge.train.rng import step_generator
 
 DIM, WIDTH, BATCH, K = 256, 1024, 4096, 16
 DENSE_MATMULS = 5
@@ -88,9 +88,15 @@ def measure(rounds: int, repeats: int, warmup: int) -> dict[str, object]:
     seconds = {name: statistics.median(times) for name, times in samples.items()}
     flops = 2 * BATCH * DIM * WIDTH
     results: dict[str, object] = {
-        "benchmark": "dictionary_step", "dim": DIM, "width": WIDTH, "batch": BATCH, "k": K,
-        "threads": torch.get_num_threads(), "samples_per_candidate": rounds * repeats,
-        "matmul_ms": round(seconds["matmul"] * 1e3, 3), "matmul_gflops": round(flops / seconds["matmul"] / 1e9, 2),
+        "benchmark": "dictionary_step",
+        "dim": DIM,
+        "width": WIDTH,
+        "batch": BATCH,
+        "k": K,
+        "threads": torch.get_num_threads(),
+        "samples_per_candidate": rounds * repeats,
+        "matmul_ms": round(seconds["matmul"] * 1e3, 3),
+        "matmul_gflops": round(flops / seconds["matmul"] / 1e9, 2),
     }
     for name in SETTINGS:
         results[name] = {
@@ -120,14 +126,18 @@ def main() -> None:
     torch.set_num_threads(1)
     keep_freed_memory()  # as the training loop does
     results = measure(args.rounds, args.repeats, args.warmup)
-    print(f"matmul ({BATCH}×{DIM})@({DIM}×{WIDTH}) fp32, 1 thread: {results['matmul_ms']} ms = "
-          f"{results['matmul_gflops']} GFLOP/s")
+    print(
+        f"matmul ({BATCH}×{DIM})@({DIM}×{WIDTH}) fp32, 1 thread: {results['matmul_ms']} ms = "
+        f"{results['matmul_gflops']} GFLOP/s"
+    )
     print(f"{'setting':<10} {'ms/step':>9} {'act/s':>9} {'fraction of matmul':>19}  quartiles ms")
     for name in SETTINGS:
         row = results[name]
         assert isinstance(row, dict)
-        print(f"{name:<10} {row['ms_per_step']:>9} {row['activations_per_s']:>9} {row['fraction_of_matmul']:>19}"
-              f"  {row['spread_ms']}")
+        print(
+            f"{name:<10} {row['ms_per_step']:>9} {row['activations_per_s']:>9} {row['fraction_of_matmul']:>19}"
+            f"  {row['spread_ms']}"
+        )
     print(f"TopK / ReLU activations per second: {results['topk_over_relu']}")
     bars = results["bars"]
     assert isinstance(bars, dict)

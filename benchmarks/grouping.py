@@ -29,15 +29,23 @@ def main() -> None:
             start = time.perf_counter()
             grouping = api.group_components(run, args.inputs, alpha=alpha)
             summary = grouping.summary()
-            print(json.dumps({
-                "run": str(run), "alpha": alpha, "active_units": summary["active_units"],
-                "components": summary["n_components"],
-                "largest": [len(c) for c in grouping.components()[:5]],
-                "ari": summary["adjusted_rand_index"], "dense": summary["dense_mechanisms"],
-                "bits_per_input": round(summary["description_length_bits"], 4),
-                "bits_unmerged": round(summary["description_length_unmerged_bits"], 4),
-                "seconds": round(time.perf_counter() - start, 1),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "run": str(run),
+                        "alpha": alpha,
+                        "active_units": summary["active_units"],
+                        "components": summary["n_components"],
+                        "largest": [len(c) for c in grouping.components()[:5]],
+                        "ari": summary["adjusted_rand_index"],
+                        "dense": summary["dense_mechanisms"],
+                        "bits_per_input": round(summary["description_length_bits"], 4),
+                        "bits_unmerged": round(summary["description_length_unmerged_bits"], 4),
+                        "seconds": round(time.perf_counter() - start, 1),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

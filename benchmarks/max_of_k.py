@@ -56,9 +56,13 @@ def spd_report(run: Path) -> list[dict[str, object]]:
                 rows.append(row)
     grouping = api.group_components(run)
     sizes = [len(members) for members in grouping.components()]
-    summary = {"spd": str(run), "alive": {s: sum(r["site"] == s for r in rows) for s in spd.model.site_names},
-               "components": len(sizes), "component_sizes": sizes,
-               "ci_masked_kl": json.loads((run / runs.METRICS_FILE).read_text())["ci_masked_recon"]}
+    summary = {
+        "spd": str(run),
+        "alive": {s: sum(r["site"] == s for r in rows) for s in spd.model.site_names},
+        "components": len(sizes),
+        "component_sizes": sizes,
+        "ci_masked_kl": json.loads((run / runs.METRICS_FILE).read_text())["ci_masked_recon"],
+    }
     return [summary] + sorted(rows, key=lambda r: (r["site"], -r["mean_ci_last"]))
 
 
@@ -76,12 +80,21 @@ def main() -> None:
     purity, label = latent_purity(latents, x.max(1).values, config.target.d_vocab)
     alive = ~torch.isnan(purity)
     pure = alive & (purity > 0.9)
-    print(json.dumps({
-        "dictionary": str(args.dictionary), "width": latents.shape[1], "alive": int(alive.sum()),
-        "mean_purity": float(purity[alive].mean()), "median_purity": float(purity[alive].median()),
-        "latents_purity_above_0.9": int(pure.sum()), "max_values_with_a_pure_latent": len(set(label[pure].tolist())),
-        "fvu": json.loads((args.dictionary / runs.METRICS_FILE).read_text())["fvu"],
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "dictionary": str(args.dictionary),
+                "width": latents.shape[1],
+                "alive": int(alive.sum()),
+                "mean_purity": float(purity[alive].mean()),
+                "median_purity": float(purity[alive].median()),
+                "latents_purity_above_0.9": int(pure.sum()),
+                "max_values_with_a_pure_latent": len(set(label[pure].tolist())),
+                "fvu": json.loads((args.dictionary / runs.METRICS_FILE).read_text())["fvu"],
+            }
+        ),
+        flush=True,
+    )
     for row in spd_report(args.spd):
         print(json.dumps(row), flush=True)
 

@@ -40,8 +40,16 @@ def main() -> None:
     config, spd, _ = api.load_run(args.spd)
     model, p = spd.target.model, config.target.p
     keys = key_frequencies(model.embed.weight.detach(), p)
-    print(json.dumps({"target": config.name, **modular_addition_accuracy(model, config.target),
-                      "key_frequencies": [[k, round(share, 3)] for k, share in keys]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "target": config.name,
+                **modular_addition_accuracy(model, config.target),
+                "key_frequencies": [[k, round(share, 3)] for k, share in keys],
+            }
+        ),
+        flush=True,
+    )
     key_set = {k for k, _ in keys}
     x = spd.target.sample_inputs(4096, step_generator(0, "modular-addition-report"))
     with torch.no_grad():
@@ -55,12 +63,20 @@ def main() -> None:
             profiles = components.V[alive, :p] if site == "embed" else (residual @ components.V[alive].T).T
             found = [dominant_frequency(profile) for profile in profiles]
             on_key = [share for k, share in found if k in key_set]
-            print(json.dumps({
-                "site": site, "alive": len(found), "on_a_key_frequency": len(on_key),
-                "median_share_of_dominant_frequency": float(torch.tensor([s for _, s in found]).median())
-                if found else None,
-                "dominant_frequencies": sorted({k for k, _ in found}),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "site": site,
+                        "alive": len(found),
+                        "on_a_key_frequency": len(on_key),
+                        "median_share_of_dominant_frequency": float(torch.tensor([s for _, s in found]).median())
+                        if found
+                        else None,
+                        "dominant_frequencies": sorted({k for k, _ in found}),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

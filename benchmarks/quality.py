@@ -59,13 +59,27 @@ def main() -> None:
             config = api.load_run_config(preset, [*args.set, f"train.seed={seed}"])
             start = time.perf_counter()
             result = api.decompose(config, args.out / f"{preset}-s{seed}")
-            headline = {k: round(v, 5) for k, v in result.metrics.items()
-                        if k in ("mmcs", "ml2r", "matrix_cosine", "ci_pattern_errors")}
-            print(json.dumps({
-                "benchmark": "spd_quality", "preset": preset, "seed": seed, "steps": config.train.steps,
-                "wall_s": round(time.perf_counter() - start, 1), "resumed_from": result.resumed_from,
-                **headline, **check(config, result.metrics), "overrides": args.set,
-            }), flush=True)
+            headline = {
+                k: round(v, 5)
+                for k, v in result.metrics.items()
+                if k in ("mmcs", "ml2r", "matrix_cosine", "ci_pattern_errors")
+            }
+            print(
+                json.dumps(
+                    {
+                        "benchmark": "spd_quality",
+                        "preset": preset,
+                        "seed": seed,
+                        "steps": config.train.steps,
+                        "wall_s": round(time.perf_counter() - start, 1),
+                        "resumed_from": result.resumed_from,
+                        **headline,
+                        **check(config, result.metrics),
+                        "overrides": args.set,
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,11 @@ from unmerge.targets.resid_mlp import ResidMLP
 def own_output_errors(model: ResidMLP, x: Tensor, removed: int | None) -> Tensor:
     """Squared error of each one-hot input's own output against `x + ReLU(x)`, with layer `removed`'s MLP output
     set to zero (none removed when None)."""
-    hooks = [] if removed is None else [
-        model.layers[removed].register_forward_hook(lambda _module, _inputs, output: torch.zeros_like(output))]
+    hooks = (
+        []
+        if removed is None
+        else [model.layers[removed].register_forward_hook(lambda _module, _inputs, output: torch.zeros_like(output))]
+    )
     try:
         with torch.no_grad():
             out = model(x)
@@ -42,8 +45,9 @@ def layer_shares(model: ResidMLP, n_features: int, value: float = 0.75) -> Tenso
     full = own_output_errors(model, x, None)
     with torch.no_grad():
         no_mlp = ((x @ model.W_E @ model.W_E.T).diagonal() - (x + F.relu(x)).diagonal()) ** 2
-    return torch.stack([(own_output_errors(model, x, layer) - full) / (no_mlp - full)
-                        for layer in range(len(model.layers))])
+    return torch.stack(
+        [(own_output_errors(model, x, layer) - full) / (no_mlp - full) for layer in range(len(model.layers))]
+    )
 
 
 def main() -> None:
@@ -54,11 +58,21 @@ def main() -> None:
         config = api.load_run_config(preset)
         model = cached_target(config.target).model
         shares = layer_shares(model, config.target.n_features)
-        summary = {f"features_needing_2_layers_at_{threshold:g}": int(((shares >= threshold).sum(0) >= 2).sum())
-                   for threshold in (0.05, 0.1, 0.2)}
-        print(json.dumps({"benchmark": "resid_mlp_layers", "preset": preset, "features": config.target.n_features,
-                          "median_share_lost_per_layer": [round(v, 3) for v in shares.median(1).values.tolist()],
-                          **summary}))
+        summary = {
+            f"features_needing_2_layers_at_{threshold:g}": int(((shares >= threshold).sum(0) >= 2).sum())
+            for threshold in (0.05, 0.1, 0.2)
+        }
+        print(
+            json.dumps(
+                {
+                    "benchmark": "resid_mlp_layers",
+                    "preset": preset,
+                    "features": config.target.n_features,
+                    "median_share_lost_per_layer": [round(v, 3) for v in shares.median(1).values.tolist()],
+                    **summary,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

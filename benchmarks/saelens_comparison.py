@@ -28,8 +28,9 @@ batch FVU, learning rate, dead latents every 50 steps), `train_summary.json` (wa
 SAELens followed unmerge's learning-rate schedule step by step, and scores it and unmerge's dictionary
 (`unmerge.api.load_dictionary`) identically: FVU and L0 on the training distribution (the rows unmerge's own
 end-of-run evaluation draws, `step_generator(seed, "eval")`, so unmerge's figure must reproduce its metrics.json)
-and the held-out spliced evaluation (`unmerge.eval.language.spliced_evaluator`: FVU, L0, CE original / spliced, KL, CE recovered
-against zero and mean ablation). It prints a markdown table with unmerge's metrics.json as a further column.
+and the held-out spliced evaluation (`unmerge.eval.language.spliced_evaluator`: FVU, L0, CE original / spliced,
+KL, CE recovered against zero and mean ablation). It prints a markdown table with unmerge's metrics.json as a
+further column.
 
 Same in both: the cached rows and the batches (`torch.randint(n, (1024,), step_generator(0, "data", step))` over
 the cache's rows in shard order), TopK k=32 with ReLU on the kept values, width 2304, encoder centred by b_dec,
@@ -76,9 +77,20 @@ PRESET = "smollm2-resid-topk"
 # The preset's dictionary and training settings, as resolved by unmerge (`compare` checks these against
 # `unmerge.api.load_dictionary_config(PRESET)`: `train` runs where unmerge cannot be imported).
 SETTINGS: dict[str, Any] = {
-    "width": 2304, "k": 32, "aux_k": 256, "aux_k_coeff": 1 / 32, "dead_window": 100_000, "init_decoder_norm": 0.1,
-    "steps": 6000, "batch_size": 1024, "seed": 0, "lr": 5e-4, "warmup_steps": 200, "final_lr_fraction": 0.1,
-    "init_samples": 8192, "eval_batch_size": 4096,
+    "width": 2304,
+    "k": 32,
+    "aux_k": 256,
+    "aux_k_coeff": 1 / 32,
+    "dead_window": 100_000,
+    "init_decoder_norm": 0.1,
+    "steps": 6000,
+    "batch_size": 1024,
+    "seed": 0,
+    "lr": 5e-4,
+    "warmup_steps": 200,
+    "final_lr_fraction": 0.1,
+    "init_samples": 8192,
+    "eval_batch_size": 4096,
 }
 LOG_EVERY = 50
 PROBE_ROWS = 512
@@ -86,20 +98,38 @@ DIAGNOSTIC_ROWS = 65_536  # cached rows for the outlier split (`outlier_split`)
 OUTLIER_FACTOR = 10.0  # a row is a massive-norm outlier above this multiple of the median norm
 
 CONFIG_DIFFERENCES = [
-    ("activation scale", "√d / mean‖x‖ on the 8,192-row init sample, exact (SAELens's ActivationScaler)",
-     "the power of two nearest to √d / mean‖x‖ on the same sample"),
-    ("decoder norm", "free rows; pre-activations multiplied by ‖W_dec,i‖ (rescale_acts_by_decoder_norm), so the "
-     "norm acts as a per-latent encoder gain; folded out on export",
-     "rows renormalised to 1 after every step; the gradient's radial part projected out"),
-    ("AuxK", "k_aux = d_in/2 = 288 (fixed), mean ‖e − ê‖² × min(dead/288, 1) × 1/32",
-     "k_aux = 256, mean ‖e − ê‖² / mean ‖e‖² × 1/32"),
+    (
+        "activation scale",
+        "√d / mean‖x‖ on the 8,192-row init sample, exact (SAELens's ActivationScaler)",
+        "the power of two nearest to √d / mean‖x‖ on the same sample",
+    ),
+    (
+        "decoder norm",
+        "free rows; pre-activations multiplied by ‖W_dec,i‖ (rescale_acts_by_decoder_norm), so the "
+        "norm acts as a per-latent encoder gain; folded out on export",
+        "rows renormalised to 1 after every step; the gradient's radial part projected out",
+    ),
+    (
+        "AuxK",
+        "k_aux = d_in/2 = 288 (fixed), mean ‖e − ê‖² × min(dead/288, 1) × 1/32",
+        "k_aux = 256, mean ‖e − ê‖² / mean ‖e‖² × 1/32",
+    ),
     ("gradient clipping", "global norm clipped to 1.0 every step (hard-coded in SAETrainer)", "none"),
-    ("initialisation", "Kaiming-uniform decoder rows scaled to norm 0.1, encoder = decoder transpose (torch seed 0)",
-     "Gaussian decoder rows at norm 1, encoder = transpose at norm 0.1 (step_generator(0, 'init'))"),
-    ("decoder bias start", "SAELens 6 has no option; this script copies the mean of the scaled init sample into "
-     "b_dec before training", "mean of the normalised init sample (decoder_bias_init: mean)"),
-    ("dead mask timing", "steps without firing before the current batch (> 97 steps)",
-     "samples without firing including the current batch (≥ 100,000)"),
+    (
+        "initialisation",
+        "Kaiming-uniform decoder rows scaled to norm 0.1, encoder = decoder transpose (torch seed 0)",
+        "Gaussian decoder rows at norm 1, encoder = transpose at norm 0.1 (step_generator(0, 'init'))",
+    ),
+    (
+        "decoder bias start",
+        "SAELens 6 has no option; this script copies the mean of the scaled init sample into b_dec before training",
+        "mean of the normalised init sample (decoder_bias_init: mean)",
+    ),
+    (
+        "dead mask timing",
+        "steps without firing before the current batch (> 97 steps)",
+        "samples without firing including the current batch (≥ 100,000)",
+    ),
 ]
 
 
@@ -134,7 +164,7 @@ def read_cache_rows(directory: Path) -> torch.Tensor:
         path = directory / shard["file"]
         if path.stat().st_size != shard["bytes"]:
             raise SystemExit(f"{path} has {path.stat().st_size} bytes, the manifest says {shard['bytes']}")
-        rows[offset:offset + shard["rows"]] = load_file(str(path))["activations"]
+        rows[offset : offset + shard["rows"]] = load_file(str(path))["activations"]
         offset += shard["rows"]
     return rows
 
@@ -171,20 +201,30 @@ def train(args: argparse.Namespace) -> None:
     init_generator = rng.step_generator(seed, "dictionary-init")
     init_sample = rows[torch.randint(n, (SETTINGS["init_samples"],), generator=init_generator)]
     scaler = ActivationScaler()
-    scaler.estimate_scaling_factor(d_in, iter(init_sample.split(batch_size)),
-                                   n_batches_for_norm_estimate=math.ceil(len(init_sample) / batch_size))
+    scaler.estimate_scaling_factor(
+        d_in, iter(init_sample.split(batch_size)), n_batches_for_norm_estimate=math.ceil(len(init_sample) / batch_size)
+    )
     mean_norm = float(init_sample.norm(dim=1).mean())
     unmerge_scale = 2.0 ** round(math.log2(math.sqrt(d_in) / mean_norm))
     if args.scale == "power-of-two":
         scaler.scaling_factor = unmerge_scale
-    print(f"mean ‖x‖ {mean_norm:.4f}; scale {scaler.scaling_factor:.6f} ({args.scale}; unmerge's "
-          f"{unmerge_scale:g})", flush=True)
+    print(
+        f"mean ‖x‖ {mean_norm:.4f}; scale {scaler.scaling_factor:.6f} ({args.scale}; unmerge's {unmerge_scale:g})",
+        flush=True,
+    )
 
     torch.manual_seed(seed)
     sae_config = TopKTrainingSAEConfig(
-        d_in=d_in, d_sae=SETTINGS["width"], k=SETTINGS["k"], aux_loss_coefficient=args.aux_coefficient,
-        rescale_acts_by_decoder_norm=True, decoder_init_norm=SETTINGS["init_decoder_norm"],
-        normalize_activations="expected_average_only_in", apply_b_dec_to_input=True, dtype="float32", device="cpu",
+        d_in=d_in,
+        d_sae=SETTINGS["width"],
+        k=SETTINGS["k"],
+        aux_loss_coefficient=args.aux_coefficient,
+        rescale_acts_by_decoder_norm=True,
+        decoder_init_norm=SETTINGS["init_decoder_norm"],
+        normalize_activations="expected_average_only_in",
+        apply_b_dec_to_input=True,
+        dtype="float32",
+        device="cpu",
     )
     sae_config.metadata.hook_name = "model.layers.14"
     sae_config.metadata.model_name = "smollm2"
@@ -197,11 +237,22 @@ def train(args: argparse.Namespace) -> None:
     # firing; SAELens: dead once steps without firing > dead_feature_window.
     dead_steps = math.ceil(SETTINGS["dead_window"] / batch_size)
     trainer_config = SAETrainerConfig(
-        total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, lr=SETTINGS["lr"],
-        lr_end=SETTINGS["lr"] * SETTINGS["final_lr_fraction"], lr_scheduler_name="cosineannealing",
-        lr_warm_up_steps=SETTINGS["warmup_steps"], lr_decay_steps=0, adam_beta1=0.9, adam_beta2=0.999,
-        device="cpu", autocast=False, dead_feature_window=dead_steps - 1, n_checkpoints=0,
-        checkpoint_path=None, save_final_checkpoint=False, logger=LoggingConfig(log_to_wandb=False),
+        total_training_samples=steps * batch_size,
+        train_batch_size_samples=batch_size,
+        lr=SETTINGS["lr"],
+        lr_end=SETTINGS["lr"] * SETTINGS["final_lr_fraction"],
+        lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=SETTINGS["warmup_steps"],
+        lr_decay_steps=0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        device="cpu",
+        autocast=False,
+        dead_feature_window=dead_steps - 1,
+        n_checkpoints=0,
+        checkpoint_path=None,
+        save_final_checkpoint=False,
+        logger=LoggingConfig(log_to_wandb=False),
     )
 
     def batches():
@@ -242,10 +293,15 @@ def train(args: argparse.Namespace) -> None:
                 with torch.no_grad():
                     x, x_hat = output.sae_in, output.sae_out
                     fvu = float((x - x_hat).square().sum() / (x - x.mean(0)).square().sum())
-                    record = {"step": done, "lr": learning_rates[-1], "fvu": fvu,
-                              "l0": float((output.feature_acts != 0).float().sum(-1).mean()),
-                              "dead": int(self.dead_neurons.sum()), "grad_norm": grad_norms[-1],
-                              **{name: float(value) for name, value in output.losses.items()}}
+                    record = {
+                        "step": done,
+                        "lr": learning_rates[-1],
+                        "fvu": fvu,
+                        "l0": float((output.feature_acts != 0).float().sum(-1).mean()),
+                        "dead": int(self.dead_neurons.sum()),
+                        "grad_norm": grad_norms[-1],
+                        **{name: float(value) for name, value in output.losses.items()},
+                    }
                 with log_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
             return output
@@ -263,27 +319,53 @@ def train(args: argparse.Namespace) -> None:
     inference = SAE.load_from_disk(str(args.out), device="cpu")
     probe_rows = rows[torch.randint(n, (PROBE_ROWS,), generator=rng.step_generator(seed, "saelens-probe"))]
     with torch.no_grad():
-        probe = {"inputs": probe_rows, "reconstructions": inference(probe_rows).contiguous(),
-                 "latents": inference.encode(probe_rows).contiguous(),
-                 "learning_rates": torch.tensor(learning_rates, dtype=torch.float64)}
+        probe = {
+            "inputs": probe_rows,
+            "reconstructions": inference(probe_rows).contiguous(),
+            "latents": inference.encode(probe_rows).contiguous(),
+            "learning_rates": torch.tensor(learning_rates, dtype=torch.float64),
+        }
     save_file(probe, str(args.out / "probe.safetensors"))
     summary = {
-        "cache": str(args.cache), "cache_rows": n, "cache_shards_sha256": cache_fingerprint(args.cache),
-        "steps": steps, "batch_size": batch_size,
-        "wall_s": wall, "steps_per_s": steps / wall, "threads": torch.get_num_threads(),
-        "scaling_factor": scaler.scaling_factor, "scale_mode": args.scale, "unmerge_scale": unmerge_scale,
-        "b_dec_init": args.b_dec_init, "aux_coefficient": args.aux_coefficient,
+        "cache": str(args.cache),
+        "cache_rows": n,
+        "cache_shards_sha256": cache_fingerprint(args.cache),
+        "steps": steps,
+        "batch_size": batch_size,
+        "wall_s": wall,
+        "steps_per_s": steps / wall,
+        "threads": torch.get_num_threads(),
+        "scaling_factor": scaler.scaling_factor,
+        "scale_mode": args.scale,
+        "unmerge_scale": unmerge_scale,
+        "b_dec_init": args.b_dec_init,
+        "aux_coefficient": args.aux_coefficient,
         "dead_feature_window": trainer_config.dead_feature_window,
-        "final_dead": int(trainer.dead_neurons.sum()), "grad_clip": not args.no_grad_clip,
+        "final_dead": int(trainer.dead_neurons.sum()),
+        "grad_clip": not args.no_grad_clip,
         "clipped_fraction": sum(norm > 1.0 for norm in grad_norms) / len(grad_norms),
-        "grad_norm_median": float(torch.tensor(grad_norms).median()), "sae_lens": sae_lens.__version__,
+        "grad_norm_median": float(torch.tensor(grad_norms).median()),
+        "sae_lens": sae_lens.__version__,
         "torch": torch.__version__,
         "sae_config": {key: value for key, value in sae_config.to_dict().items() if key != "metadata"},
         "trainer_config": {key: value for key, value in vars(trainer_config).items() if key != "logger"},
     }
     (args.out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print(json.dumps({key: summary[key] for key in ("wall_s", "steps_per_s", "scaling_factor", "final_dead",
-                                                      "clipped_fraction", "grad_norm_median")}))
+    print(
+        json.dumps(
+            {
+                key: summary[key]
+                for key in (
+                    "wall_s",
+                    "steps_per_s",
+                    "scaling_factor",
+                    "final_dead",
+                    "clipped_fraction",
+                    "grad_norm_median",
+                )
+            }
+        )
+    )
 
 
 # -------------------------------------------------------------------------------------------------- compare
@@ -293,22 +375,39 @@ def check_settings(config: Any) -> list[str]:
     """Where SETTINGS (what `train` used) disagree with the preset as unmerge resolves it."""
     method, train_config = config.method, config.train
     resolved = {
-        "width": method.width, "k": method.k, "aux_k": method.aux_k, "aux_k_coeff": method.aux_k_coeff,
-        "dead_window": method.dead_window, "init_decoder_norm": method.init_decoder_norm,
-        "steps": train_config.steps, "batch_size": train_config.batch_size, "seed": train_config.seed,
-        "lr": train_config.optim.lr, "warmup_steps": train_config.optim.warmup_steps,
-        "final_lr_fraction": train_config.optim.final_lr_fraction, "eval_batch_size": train_config.eval_batch_size,
+        "width": method.width,
+        "k": method.k,
+        "aux_k": method.aux_k,
+        "aux_k_coeff": method.aux_k_coeff,
+        "dead_window": method.dead_window,
+        "init_decoder_norm": method.init_decoder_norm,
+        "steps": train_config.steps,
+        "batch_size": train_config.batch_size,
+        "seed": train_config.seed,
+        "lr": train_config.optim.lr,
+        "warmup_steps": train_config.optim.warmup_steps,
+        "final_lr_fraction": train_config.optim.final_lr_fraction,
+        "eval_batch_size": train_config.eval_batch_size,
     }
-    problems = [f"{key}: train used {SETTINGS[key]!r}, the config (preset and --set) says {value!r}"
-                for key, value in resolved.items() if SETTINGS[key] != value and key != "steps"]  # steps: below
-    fixed = {"activation": ("topk", method.activation), "schedule": ("cosine", train_config.optim.schedule),
-             "decoder_bias_init": ("mean", method.decoder_bias_init),
-             "normalise_activations": (True, method.normalise_activations),
-             "unit_norm_decoder": (True, method.unit_norm_decoder),
-             "weight_decay": (0.0, train_config.optim.weight_decay),
-             "penalty": ("none", method.penalty.name)}
-    problems += [f"{key}: the comparison assumes {want!r}, the preset says {got!r}"
-                 for key, (want, got) in fixed.items() if want != got]
+    problems = [
+        f"{key}: train used {SETTINGS[key]!r}, the config (preset and --set) says {value!r}"
+        for key, value in resolved.items()
+        if SETTINGS[key] != value and key != "steps"
+    ]  # steps: below
+    fixed = {
+        "activation": ("topk", method.activation),
+        "schedule": ("cosine", train_config.optim.schedule),
+        "decoder_bias_init": ("mean", method.decoder_bias_init),
+        "normalise_activations": (True, method.normalise_activations),
+        "unit_norm_decoder": (True, method.unit_norm_decoder),
+        "weight_decay": (0.0, train_config.optim.weight_decay),
+        "penalty": ("none", method.penalty.name),
+    }
+    problems += [
+        f"{key}: the comparison assumes {want!r}, the preset says {got!r}"
+        for key, (want, got) in fixed.items()
+        if want != got
+    ]
     return problems
 
 
@@ -328,7 +427,8 @@ def outlier_split(dictionary: Any, rows: torch.Tensor) -> dict[str, float]:
         "outlier_residual_share": float(residuals[outliers].sum() / residuals.sum()),
         "fvu_typical": float(residuals[typical].sum() / typical_variance.sum()),
         "outlier_relative_error": float((residuals[outliers] / norms[outliers].double().square()).mean())
-        if bool(outliers.any()) else float("nan"),
+        if bool(outliers.any())
+        else float("nan"),
         "typical_relative_error": float((residuals[typical] / norms[typical].double().square()).mean()),
     }
 
@@ -355,19 +455,27 @@ def score(dictionary: Any, source: Any, evaluation: Any, seed: int, eval_batch_s
     return results
 
 
-ROWS = [("fvu", "FVU, training distribution (4,096 cached rows)"), ("l0", "L0, training distribution"),
-        ("heldout/fvu", "FVU, held-out"), ("heldout/l0", "L0, held-out"), ("ce_original", "CE original"),
-        ("ce_spliced", "CE spliced"), ("kl_spliced", "KL spliced"), ("ce_recovered_zero", "CE recovered (zero abl.)"),
-        ("ce_recovered_mean", "CE recovered (mean abl.)"),
-        ("fvu_large", "FVU, training distribution (65,536 cached rows)"),
-        ("outlier_rows", f"of which rows with ‖x‖ > {OUTLIER_FACTOR:g}× median"),
-        ("outlier_variance_share", "their share of the variance"),
-        ("outlier_residual_share", "their share of the squared error"),
-        ("fvu_typical", "FVU without them"),
-        ("typical_relative_error", "mean ‖x − x̂‖²/‖x‖², typical rows"),
-        ("outlier_relative_error", "mean ‖x − x̂‖²/‖x‖², outlier rows"),
-        ("dead_latents", "dead latents at the end (training)"),
-        ("train_wall_s", "training wall s"), ("train_steps_per_s", "training steps/s")]
+ROWS = [
+    ("fvu", "FVU, training distribution (4,096 cached rows)"),
+    ("l0", "L0, training distribution"),
+    ("heldout/fvu", "FVU, held-out"),
+    ("heldout/l0", "L0, held-out"),
+    ("ce_original", "CE original"),
+    ("ce_spliced", "CE spliced"),
+    ("kl_spliced", "KL spliced"),
+    ("ce_recovered_zero", "CE recovered (zero abl.)"),
+    ("ce_recovered_mean", "CE recovered (mean abl.)"),
+    ("fvu_large", "FVU, training distribution (65,536 cached rows)"),
+    ("outlier_rows", f"of which rows with ‖x‖ > {OUTLIER_FACTOR:g}× median"),
+    ("outlier_variance_share", "their share of the variance"),
+    ("outlier_residual_share", "their share of the squared error"),
+    ("fvu_typical", "FVU without them"),
+    ("typical_relative_error", "mean ‖x − x̂‖²/‖x‖², typical rows"),
+    ("outlier_relative_error", "mean ‖x − x̂‖²/‖x‖², outlier rows"),
+    ("dead_latents", "dead latents at the end (training)"),
+    ("train_wall_s", "training wall s"),
+    ("train_steps_per_s", "training steps/s"),
+]
 
 
 def markdown_table(columns: dict[str, dict[str, float]]) -> str:
@@ -388,8 +496,8 @@ def compare(args: argparse.Namespace) -> None:
     from unmerge import api
     from unmerge.data.activation_cache import ActivationCache
     from unmerge.eval.language import spliced_evaluator
-    from unmerge.targets.language_activations import activation_cache_dir, language_activations
     from unmerge.sae.saelens import load_saelens
+    from unmerge.targets.language_activations import activation_cache_dir, language_activations
 
     torch.set_num_threads(args.threads)
     config = api.load_dictionary_config(args.preset, args.set)
@@ -404,11 +512,16 @@ def compare(args: argparse.Namespace) -> None:
         reconstruction, latents, _ = saelens_dictionary.eval()(probe["inputs"])
     probe_error = float((reconstruction - probe["reconstructions"]).abs().max() / probe["reconstructions"].abs().max())
     latent_mismatch = float(((latents != 0) != (probe["latents"] != 0)).any(1).double().mean())
-    lr_error = max(abs(float(lr) - unmerge_learning_rate(step, summary["steps"])) / SETTINGS["lr"]
-                   for step, lr in enumerate(probe["learning_rates"]))
-    print(f"export check: max relative reconstruction difference {probe_error:.2e} (unmerge load vs SAELens load), "
-          f"rows with another support {latent_mismatch:.4f}; learning rate vs unmerge's schedule: max difference "
-          f"{lr_error:.2e} of the peak over {summary['steps']} steps", flush=True)
+    lr_error = max(
+        abs(float(lr) - unmerge_learning_rate(step, summary["steps"])) / SETTINGS["lr"]
+        for step, lr in enumerate(probe["learning_rates"])
+    )
+    print(
+        f"export check: max relative reconstruction difference {probe_error:.2e} (unmerge load vs SAELens load), "
+        f"rows with another support {latent_mismatch:.4f}; learning rate vs unmerge's schedule: max difference "
+        f"{lr_error:.2e} of the peak over {summary['steps']} steps",
+        flush=True,
+    )
     if probe_error > 1e-4 or lr_error > 1e-6:
         problems.append("the export or the learning-rate schedule does not match (see the line above)")
 
@@ -425,22 +538,30 @@ def compare(args: argparse.Namespace) -> None:
     if args.unmerge is not None and (args.unmerge / "dictionary.safetensors").is_file():
         run_config, unmerge_dictionary = api.load_dictionary(args.unmerge)
         if run_config.model_dump(exclude={"train": {"threads"}}) != config.model_dump(exclude={"train": {"threads"}}):
-            problems.append(f"the unmerge run at {args.unmerge} was trained with another config than {args.preset} "
-                            f"{' '.join(args.set)}")
+            problems.append(
+                f"the unmerge run at {args.unmerge} was trained with another config than {args.preset} "
+                f"{' '.join(args.set)}"
+            )
         print("scoring unmerge's dictionary …", flush=True)
-        columns["unmerge"] = score(unmerge_dictionary, source, evaluation, config.train.seed, config.train.eval_batch_size)
+        columns["unmerge"] = score(
+            unmerge_dictionary, source, evaluation, config.train.seed, config.train.eval_batch_size
+        )
         metrics_path = args.unmerge / "metrics.json"
         if metrics_path.is_file():
             unmerge_metrics = json.loads(metrics_path.read_text())
             columns["unmerge"]["dead_latents"] = unmerge_metrics.get("dead_latents")
             columns["unmerge (its metrics.json)"] = unmerge_metrics
     elif args.unmerge is not None:
-        print(f"{args.unmerge} holds no finished unmerge run (dictionary.safetensors missing): SAELens only",
-              flush=True)
+        print(
+            f"{args.unmerge} holds no finished unmerge run (dictionary.safetensors missing): SAELens only", flush=True
+        )
     print("scoring SAELens's dictionary …", flush=True)
     columns["SAELens"] = score(saelens_dictionary, source, evaluation, config.train.seed, config.train.eval_batch_size)
-    columns["SAELens"] |= {"dead_latents": summary["final_dead"], "train_wall_s": summary["wall_s"],
-                           "train_steps_per_s": summary["steps_per_s"]}
+    columns["SAELens"] |= {
+        "dead_latents": summary["final_dead"],
+        "train_wall_s": summary["wall_s"],
+        "train_steps_per_s": summary["steps_per_s"],
+    }
 
     print()
     print(markdown_table(columns))
@@ -448,24 +569,47 @@ def compare(args: argparse.Namespace) -> None:
     print("| setting | SAELens 6.54 | unmerge |\n|---|---|---|")
     for name, saelens_side, unmerge_side in CONFIG_DIFFERENCES:
         print(f"| {name} | {saelens_side} | {unmerge_side} |")
-    print(f"\nSAELens run: scale {summary['scaling_factor']:.6g} ({summary['scale_mode']}; unmerge's "
-          f"{summary['unmerge_scale']:g}), b_dec start {summary['b_dec_init']}, AuxK coefficient "
-          f"{summary.get('aux_coefficient', SETTINGS['aux_k_coeff']):.4g}, gradient clipping "
-          f"{'on' if summary.get('grad_clip', True) else 'off'} (norm > 1 on "
-          f"{summary.get('clipped_fraction', float('nan')):.1%} of steps, median norm "
-          f"{summary.get('grad_norm_median', float('nan')):.3g})")
+    print(
+        f"\nSAELens run: scale {summary['scaling_factor']:.6g} ({summary['scale_mode']}; unmerge's "
+        f"{summary['unmerge_scale']:g}), b_dec start {summary['b_dec_init']}, AuxK coefficient "
+        f"{summary.get('aux_coefficient', SETTINGS['aux_k_coeff']):.4g}, gradient clipping "
+        f"{'on' if summary.get('grad_clip', True) else 'off'} (norm > 1 on "
+        f"{summary.get('clipped_fraction', float('nan')):.1%} of steps, median norm "
+        f"{summary.get('grad_norm_median', float('nan')):.3g})"
+    )
     if "unmerge" in columns:
         ours, theirs = columns["unmerge"], columns["SAELens"]
-        better = [key for key, lower in (("heldout/fvu", True), ("fvu", True), ("ce_recovered_zero", False),
-                                         ("ce_recovered_mean", False), ("kl_spliced", True))
-                  if (theirs[key] < ours[key]) == lower and theirs[key] != ours[key]]
-        print(f"\nL0 held-out: unmerge {ours['heldout/l0']:.3f}, SAELens {theirs['heldout/l0']:.3f}. "
-              + (f"SAELens is better on: {', '.join(better)}" if better else "SAELens is better on no metric."))
+        better = [
+            key
+            for key, lower in (
+                ("heldout/fvu", True),
+                ("fvu", True),
+                ("ce_recovered_zero", False),
+                ("ce_recovered_mean", False),
+                ("kl_spliced", True),
+            )
+            if (theirs[key] < ours[key]) == lower and theirs[key] != ours[key]
+        ]
+        print(
+            f"\nL0 held-out: unmerge {ours['heldout/l0']:.3f}, SAELens {theirs['heldout/l0']:.3f}. "
+            + (f"SAELens is better on: {', '.join(better)}" if better else "SAELens is better on no metric.")
+        )
     if problems:
         print("\nPROBLEMS:\n" + "\n".join(f"- {problem}" for problem in problems))
     if args.json is not None:
-        args.json.write_text(json.dumps({"columns": columns, "problems": problems, "summary": summary,
-                                         "probe_error": probe_error, "lr_error": lr_error}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "columns": columns,
+                    "problems": problems,
+                    "summary": summary,
+                    "probe_error": probe_error,
+                    "lr_error": lr_error,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 def main() -> None:
@@ -475,22 +619,46 @@ def main() -> None:
     train_parser.add_argument("--cache", type=Path, required=True, help="unmerge activation cache directory")
     train_parser.add_argument("--out", type=Path, required=True, help="where the SAELens export goes")
     train_parser.add_argument("--steps", type=int, default=SETTINGS["steps"], help="fewer for a quick check")
-    train_parser.add_argument("--scale", choices=("saelens", "power-of-two"), default="saelens",
-                              help="SAELens's exact √d/mean-norm factor, or unmerge's power of two (ablation)")
-    train_parser.add_argument("--b-dec-init", choices=("mean", "zeros"), default="mean",
-                              help="mean: as unmerge's preset; zeros: SAELens 6's own start")
-    train_parser.add_argument("--aux-coefficient", type=float, default=SETTINGS["aux_k_coeff"],
-                              help="SAELens's aux_loss_coefficient (default unmerge's 1/32; other values: ablation)")
-    train_parser.add_argument("--no-grad-clip", action="store_true",
-                              help="ablation: skip SAETrainer's hard-coded gradient-norm clipping at 1.0")
+    train_parser.add_argument(
+        "--scale",
+        choices=("saelens", "power-of-two"),
+        default="saelens",
+        help="SAELens's exact √d/mean-norm factor, or unmerge's power of two (ablation)",
+    )
+    train_parser.add_argument(
+        "--b-dec-init",
+        choices=("mean", "zeros"),
+        default="mean",
+        help="mean: as unmerge's preset; zeros: SAELens 6's own start",
+    )
+    train_parser.add_argument(
+        "--aux-coefficient",
+        type=float,
+        default=SETTINGS["aux_k_coeff"],
+        help="SAELens's aux_loss_coefficient (default unmerge's 1/32; other values: ablation)",
+    )
+    train_parser.add_argument(
+        "--no-grad-clip",
+        action="store_true",
+        help="ablation: skip SAETrainer's hard-coded gradient-norm clipping at 1.0",
+    )
     train_parser.add_argument("--threads", type=int, default=1)
     compare_parser = commands.add_parser("compare", help="score both with unmerge's evaluation (unmerge's venv)")
     compare_parser.add_argument("--saelens", type=Path, required=True, help="the directory `train` wrote")
-    compare_parser.add_argument("--unmerge", type=Path, default=REPO / "runs" / "smollm2-topk",
-                                help="the unmerge run of the preset (skipped if not finished)")
+    compare_parser.add_argument(
+        "--unmerge",
+        type=Path,
+        default=REPO / "runs" / "smollm2-topk",
+        help="the unmerge run of the preset (skipped if not finished)",
+    )
     compare_parser.add_argument("--preset", default=PRESET)
-    compare_parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                                help="config overrides, as for the unmerge run (e.g. a smaller test cache)")
+    compare_parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides, as for the unmerge run (e.g. a smaller test cache)",
+    )
     compare_parser.add_argument("--json", type=Path, help="also write every number here")
     compare_parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

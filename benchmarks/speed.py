@@ -68,9 +68,15 @@ def measure(preset: str, batch_size: int, steps: int) -> dict[str, float | str |
     spd_ms = median_ms(spd_step, steps)
     sites = {name: spd.model.site_C[name] for name in spd.model.site_names}
     return {
-        "benchmark": "spd_step", "preset": preset, "batch": batch_size, "sites": json.dumps(sites),
-        "threads": torch.get_num_threads(), "steps_timed": steps, "spd_ms_per_step": round(spd_ms, 2),
-        "target_fwd_bwd_ms": round(target_ms, 3), "ratio_to_target": round(spd_ms / target_ms, 1),
+        "benchmark": "spd_step",
+        "preset": preset,
+        "batch": batch_size,
+        "sites": json.dumps(sites),
+        "threads": torch.get_num_threads(),
+        "steps_timed": steps,
+        "spd_ms_per_step": round(spd_ms, 2),
+        "target_fwd_bwd_ms": round(target_ms, 3),
+        "ratio_to_target": round(spd_ms / target_ms, 1),
         "bound_ms": next(bound for name, _, bound in SETTINGS if name == preset),
     }
 

@@ -83,8 +83,11 @@ def main() -> None:
         row: dict[str, object] = {"feature": feature, "component": units, "latent": latent}
         for name, x in zip(("active", "inactive"), feature_slices(spd, feature), strict=True):
             original = model(x)
-            errors = {"original": errors_of(original, x, feature), "spd_removed": errors_of(edited(x), x, feature),
-                      "spd_output_change": float((edited(x) - original).square().mean())}
+            errors = {
+                "original": errors_of(original, x, feature),
+                "spd_removed": errors_of(edited(x), x, feature),
+                "spd_output_change": float((edited(x) - original).square().mean()),
+            }
             with dictionary_spliced(block, dictionary):
                 errors["transcoder"] = errors_of(model(x), x, feature)
             with dictionary_spliced(block, dictionary, latents=[latent]):
@@ -98,6 +101,7 @@ def main() -> None:
 def summary(rows: list[dict]) -> dict[str, float]:
     """Worst cases over the features: the smallest rise of feature i's own error where it is active, the largest
     relative change of the whole error where it is not, for the SPD removal and the latent ablation."""
+
     def rise(row: dict, after: str, before: str) -> float:
         return row["active"][after]["own"] / row["active"][before]["own"]
 
@@ -109,7 +113,8 @@ def summary(rows: list[dict]) -> dict[str, float]:
         "spd_min_own_error_rise": min(rise(r, "spd_removed", "original") for r in rows),
         "spd_max_inactive_error_change": max(change(r, "spd_removed", "original") for r in rows),
         "spd_min_output_change_ratio_active_vs_inactive": min(
-            r["active"]["spd_output_change"] / r["inactive"]["spd_output_change"] for r in rows),
+            r["active"]["spd_output_change"] / r["inactive"]["spd_output_change"] for r in rows
+        ),
         "latent_min_own_error_rise": min(rise(r, "transcoder_latent_ablated", "transcoder") for r in rows),
         "latent_max_inactive_error_change": max(change(r, "transcoder_latent_ablated", "transcoder") for r in rows),
     }

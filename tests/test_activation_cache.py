@@ -35,9 +35,16 @@ def _keep(windows: Tensor) -> Tensor:
 
 
 def _build(directory: Path, **overrides: object) -> ActivationCache:
-    arguments = {"sequences": _sequences(), "record": _record, "keep": _keep, "shard_tokens": SHARD_TOKENS,
-                 "batch_sequences": BATCH_SEQUENCES, "description": {"model": "fake", "hook": "embed"},
-                 "progress": False, **overrides}
+    arguments = {
+        "sequences": _sequences(),
+        "record": _record,
+        "keep": _keep,
+        "shard_tokens": SHARD_TOKENS,
+        "batch_sequences": BATCH_SEQUENCES,
+        "description": {"model": "fake", "hook": "embed"},
+        "progress": False,
+        **overrides,
+    }
     return build_activation_cache(directory, **arguments)  # type: ignore[arg-type]
 
 
@@ -109,9 +116,9 @@ def test_first_shard_mixes_the_positions_of_the_first_shuffled_sequences(tmp_pat
     cache = _build(tmp_path / "cache")
     first_shard = _manifest(tmp_path / "cache")["shards"][0]
     order = torch.randperm(N_SEQUENCES, generator=step_generator(0, "cache-order"))
-    first_sequences = _sequences()[order[:first_shard["sequences_done"]]]
+    first_sequences = _sequences()[order[: first_shard["sequences_done"]]]
     in_sequence_order = first_sequences[first_sequences != 0]
-    stored = cache.load()[1][:first_shard["rows"]]
+    stored = cache.load()[1][: first_shard["rows"]]
     assert not torch.equal(stored, in_sequence_order)
     assert torch.equal(stored.sort().values, in_sequence_order.sort().values)
 
@@ -125,8 +132,11 @@ def test_interrupted_build_resumes_to_identical_files(tmp_path: Path) -> None:
     assert not manifest["complete"] and 0 < manifest["sequences_done"] < N_SEQUENCES
     with pytest.raises(CheckpointError, match="interrupted; rerun the same command"):
         ActivationCache(tmp_path / "resumed")
-    for leftover in (f"shard-{len(manifest['shards']):05d}.safetensors", "shard-00099.safetensors",
-                     f".shard-{len(manifest['shards']):05d}.safetensors.partial"):
+    for leftover in (
+        f"shard-{len(manifest['shards']):05d}.safetensors",
+        "shard-00099.safetensors",
+        f".shard-{len(manifest['shards']):05d}.safetensors.partial",
+    ):
         (tmp_path / "resumed" / leftover).write_bytes(b"half a shard")
     resumed = _FailingRecord()
     _build(tmp_path / "resumed", record=resumed)
@@ -163,12 +173,15 @@ def test_damaged_shard_fails_its_checksum_and_a_deleted_shard_is_rebuilt(tmp_pat
     assert _files(tmp_path / "cache") == original
 
 
-@pytest.mark.parametrize(("override", "setting"), [
-    ({"seed": 3}, "seed"),
-    ({"description": {"model": "other"}}, "description"),
-    ({"sequences": _sequences(seed=2)}, "sequences_sha256"),
-    ({"dtype": torch.float16}, "dtype"),
-])
+@pytest.mark.parametrize(
+    ("override", "setting"),
+    [
+        ({"seed": 3}, "seed"),
+        ({"description": {"model": "other"}}, "description"),
+        ({"sequences": _sequences(seed=2)}, "sequences_sha256"),
+        ({"dtype": torch.float16}, "dtype"),
+    ],
+)
 def test_resuming_with_other_settings_is_refused(tmp_path: Path, override: dict, setting: str) -> None:
     _build(tmp_path / "cache")
     with pytest.raises(CheckpointError, match=f"different {setting}.*choose another directory or delete it"):

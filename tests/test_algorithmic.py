@@ -23,15 +23,27 @@ from unmerge.targets.algorithmic import (
 )
 from unmerge.targets.toys import train_target
 
-TINY_MAX = ["target.d_vocab=6", "target.n_ctx=3", "target.d_model=16", "target.train.steps=600",
-            "target.train.batch_size=64", "target.train.optim={lr: 0.01}"]
-TINY_RUN = ["train.steps=20", "train.batch_size=64", "train.eval_batch_size=128", "train.checkpoint_every=10",
-            "method.faithfulness_warmup_steps=5"]
+TINY_MAX = [
+    "target.d_vocab=6",
+    "target.n_ctx=3",
+    "target.d_model=16",
+    "target.train.steps=600",
+    "target.train.batch_size=64",
+    "target.train.optim={lr: 0.01}",
+]
+TINY_RUN = [
+    "train.steps=20",
+    "train.batch_size=64",
+    "train.eval_batch_size=128",
+    "train.checkpoint_every=10",
+    "method.faithfulness_warmup_steps=5",
+]
 
 
 def test_max_of_k_learns_and_is_scored_on_every_input() -> None:
-    config = MaxOfKConfig(d_vocab=6, n_ctx=3, d_model=16,
-                          train=TrainConfig(steps=600, batch_size=64, optim=OptimConfig(lr=0.01)))
+    config = MaxOfKConfig(
+        d_vocab=6, n_ctx=3, d_model=16, train=TrainConfig(steps=600, batch_size=64, optim=OptimConfig(lr=0.01))
+    )
     target, loss = train_target(config)
     scores = max_of_k_accuracy(target.model, config)
     assert scores["inputs"] == 6**3 and scores["accuracy_all_inputs"] > 0.95 and loss < 0.3
@@ -73,8 +85,15 @@ def test_spd_on_max_of_k_attention_and_modular_addition_embedding(tmp_path: Path
     result = api.decompose(api.load_run_config("max-of-k", TINY_MAX + TINY_RUN), tmp_path / "max")
     assert {"alive/attn.q_proj", "alive/attn.o_proj"} <= result.metrics.keys()
     assert math.isfinite(result.metrics["ci_masked_recon"])
-    tiny_add = ["target.p=7", "target.d_model=8", "target.n_heads=2", "target.d_mlp=16", "target.train.steps=50",
-                "target.train.batch_size=15", "method.sites=[{pattern: embed, C: 8}]"]
+    tiny_add = [
+        "target.p=7",
+        "target.d_model=8",
+        "target.n_heads=2",
+        "target.d_mlp=16",
+        "target.train.steps=50",
+        "target.train.batch_size=15",
+        "method.sites=[{pattern: embed, C: 8}]",
+    ]
     result = api.decompose(api.load_run_config("modular-addition", tiny_add + TINY_RUN), tmp_path / "add")
     assert result.metrics["alive/embed"] >= 0 and math.isfinite(result.metrics["stochastic_recon"])
 

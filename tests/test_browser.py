@@ -12,21 +12,30 @@ from pathlib import Path
 
 import pytest
 
-from unmerge import api
 from tests.conftest import TINY_TMS
+from unmerge import api
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (it is in the test extra)")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                  "--disable-background-networking", "--disable-component-update"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 ARTIFACTS = Path(os.environ.get("UNMERGE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     if not Path(CHROMIUM).is_file():
-        pytest.skip("Chromium is not installed: `scripts/install-chromium` installs Debian's package (it needs root "
-                    "and apt-get); `make test` runs it first")
+        pytest.skip(
+            "Chromium is not installed: `scripts/install-chromium` installs Debian's package (it needs root "
+            "and apt-get); `make test` runs it first"
+        )
     with sync_api.sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         yield launched
@@ -39,8 +48,10 @@ class Page:
     def __init__(self, browser: object, path: Path) -> None:
         self.problems: list[str] = []
         self.page = browser.new_page(viewport={"width": 1200, "height": 900})
-        self.page.on("console", lambda message: message.type == "error"
-                     and self.problems.append(f"console error: {message.text}"))
+        self.page.on(
+            "console",
+            lambda message: message.type == "error" and self.problems.append(f"console error: {message.text}"),
+        )
         self.page.on("pageerror", lambda error: self.problems.append(f"page error: {error}"))
         self.page.route("**/*", self._local_only)
         self.page.goto(path.as_uri())
@@ -58,7 +69,8 @@ class Page:
 
     def visible_rows(self, table: str) -> list[str]:
         return self.page.eval_on_selector_all(
-            f"{table} tbody tr", "rows => rows.filter(r => r.offsetParent !== null).map(r => r.dataset.latent ?? '')")
+            f"{table} tbody tr", "rows => rows.filter(r => r.offsetParent !== null).map(r => r.dataset.latent ?? '')"
+        )
 
     def column(self, table: str, index: int) -> list[str]:
         script = f"rows => rows.map(r => r.cells[{index}].dataset.sort ?? r.cells[{index}].textContent)"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from unmerge.config import SiteConfig, SPDConfig
+from unmerge.config import SiteConfig, SPDConfig, TMSConfig
 from unmerge.errors import ConfigError
 from unmerge.kernels.cpu import ci as ck
 from unmerge.kernels.cpu.build import compile_library
@@ -24,7 +24,6 @@ from unmerge.spd.losses import stochastic_masks
 from unmerge.spd.method import SPD
 from unmerge.targets.base import Target
 from unmerge.targets.tms import TMSModel
-from unmerge.config import TMSConfig
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -114,7 +113,7 @@ def test_gradients_match_reference(fused: None, lead: tuple[int, ...], c: int, h
     grad = torch.randn(*lead, c, generator=torch.Generator().manual_seed(2))
     _, grads = fused_with_grads(inputs, grad)
     _, expected = reference64(inputs, grad)
-    for name, g, e in zip(("h", "w1", "b1", "w2", "b2"), grads, expected):
+    for name, g, e in zip(("h", "w1", "b1", "w2", "b2"), grads, expected, strict=True):
         assert g.shape == e.shape, name
         assert_grad_close(g, e, name)
 
@@ -142,12 +141,12 @@ def test_bitwise_deterministic(fused: None) -> None:
             out1, g1 = fused_with_grads(inputs, grad)
             out2, g2 = fused_with_grads(inputs, grad)
             assert torch.equal(out1, out2)
-            for a, b in zip(g1, g2):
+            for a, b in zip(g1, g2, strict=True):
                 assert torch.equal(a, b)
             # the n row chunks are reduced correctly too
             expected_out, expected = reference64(inputs, grad)
             assert_close_scaled(out1, expected_out, 1e-5)
-            for a, e in zip(g1, expected):
+            for a, e in zip(g1, expected, strict=True):
                 assert_grad_close(a, e)
     finally:
         torch.set_num_threads(threads)
@@ -202,13 +201,17 @@ def test_the_kernel_choice_is_explicit() -> None:
 
 def test_spd_losses_and_gradients_agree_between_the_c_and_torch_paths(fused: None) -> None:
     """The same SPD step through `method.ci_kernel=c` and `=torch`: every loss term and every gradient agree."""
-    target = Target(name="tms", model=TMSModel(TMSConfig(n_features=5, n_hidden=2)),
-                    sample_inputs=lambda n, g: torch.rand(n, 5, generator=g))
+    target = Target(
+        name="tms",
+        model=TMSModel(TMSConfig(n_features=5, n_hidden=2)),
+        sample_inputs=lambda n, g: torch.rand(n, 5, generator=g),
+    )
     x = torch.rand(64, 5, generator=torch.Generator().manual_seed(0))
     runs = {}
     for choice in ("c", "torch"):
-        config = SPDConfig(sites=[SiteConfig(pattern="linear*", C=6)], importance_minimality_coeff=1e-2,
-                           ci_kernel=choice)
+        config = SPDConfig(
+            sites=[SiteConfig(pattern="linear*", C=6)], importance_minimality_coeff=1e-2, ci_kernel=choice
+        )
         spd = SPD(target, config, seed=0)
         assert spd.model.c_kernel == (choice == "c")
         output = spd.training_loss(x, torch.Generator().manual_seed(3))
@@ -233,7 +236,7 @@ def test_float64_inputs_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPat
     ref_out = ck.scalar_mlp_ci_reference(*inputs)
     assert torch.equal(out, ref_out) and torch.equal(again, ref_out)
     _, expected = reference64(inputs, torch.ones(10, 4))
-    for g, e in zip(grads, expected):
+    for g, e in zip(grads, expected, strict=True):
         assert_grad_close(g, e)
 
 

@@ -66,8 +66,10 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     ("args", "message"),
     [
         (["decompose", "tms-5-2", "--out", "r", "train.bogus=1"], "train.bogus: unknown key"),
-        (["decompose", "tms-5-2", "--out", "r", "method.sites=[{pattern: nope, C: 3}]", "target.train.steps=20"],
-         "site pattern 'nope' matches no module"),
+        (
+            ["decompose", "tms-5-2", "--out", "r", "method.sites=[{pattern: nope, C: 3}]", "target.train.steps=20"],
+            "site pattern 'nope' matches no module",
+        ),
         (["decompose", "tms-5-2", "--out", "r", "method.sites=[{pattern: linear1, C: -2}]"], "greater than 0"),
         (["decompose", "no-such-preset", "--out", "r"], "unknown preset 'no-such-preset'"),
         (["evaluate", "missing-dir"], "is not a run directory"),
@@ -98,9 +100,21 @@ def test_decompose_writes_config_metrics_figures_and_evaluate_reproduces_them(tm
     for line in ("mmcs", "ml2r", "ci_l0/linear1/0.1", f"run directory: {run}"):
         assert line in result.stdout
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("mmcs", "ml2r", "matrix_cosine", "ci_pattern_errors", "ci_pattern_errors/hidden", "alive/hidden",
-                "ci_l0/linear1/0.01", "ci_l0/hidden/0.5", "faithfulness", "stochastic_recon", "layerwise_recon",
-                "ci_masked_recon", "unmasked_recon"):
+    for key in (
+        "mmcs",
+        "ml2r",
+        "matrix_cosine",
+        "ci_pattern_errors",
+        "ci_pattern_errors/hidden",
+        "alive/hidden",
+        "ci_l0/linear1/0.01",
+        "ci_l0/hidden/0.5",
+        "faithfulness",
+        "stochastic_recon",
+        "layerwise_recon",
+        "ci_masked_recon",
+        "unmasked_recon",
+    ):
         assert key in metrics, key
     for figure in ("ci_one_hot.png", "ci_histograms.png", "weights_linear1.png", "training_curves.png"):
         assert (run / "figures" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

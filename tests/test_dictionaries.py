@@ -23,7 +23,6 @@ from unmerge.config import (
     TrainConfig,
 )
 from unmerge.data import hierarchy_source, sparse_feature_source
-from unmerge.targets.activations import target_activation_source
 from unmerge.data.sparse_features import firing_probabilities
 from unmerge.errors import ConfigError, UnmergeError
 from unmerge.metrics import dictionary as scores
@@ -36,6 +35,7 @@ from unmerge.sae.method import (
     geometric_median,
     refit_magnitudes,
 )
+from unmerge.targets.activations import target_activation_source
 from unmerge.targets.base import Target
 from unmerge.targets.resid_mlp import ResidMLP
 from unmerge.targets.tms import TMSModel
@@ -180,8 +180,12 @@ def test_bad_dictionary_configs_and_activations_are_named() -> None:
         DictionaryConfig(width=4, activation="batchtopk")
     with pytest.raises(ConfigError, match="method.penalty.name: Input should be 'none', 'l1'"):
         api.load_dictionary_config("sparse-512-relu-l1", ["method.penalty.name=l3"])
-    method = DictionaryMethod(sparse_feature_source(SparseFeaturesConfig(n_features=8, dim=4, mean_active=1)),
-                              DictionaryConfig(width=8), seed=0, total_steps=10)
+    method = DictionaryMethod(
+        sparse_feature_source(SparseFeaturesConfig(n_features=8, dim=4, mean_active=1)),
+        DictionaryConfig(width=8),
+        seed=0,
+        total_steps=10,
+    )
     with pytest.raises(UnmergeError, match="expects \\(batch, 4\\)"):
         method.training_loss(torch.zeros(2, 5), _generator())
     with pytest.raises(UnmergeError, match="NaN"):
@@ -225,16 +229,18 @@ def test_unit_norm_decoder_keeps_the_optimizer_on_the_same_tensor() -> None:
 
 def test_topk_dictionary_recovers_small_sparse_features() -> None:
     method = _small_method("topk", k=3, penalty=PenaltyConfig(name="none"), aux_k=8, dead_window=5000)
-    train(method, method.source.sample, TrainConfig(steps=1000, batch_size=256, log_every=100,
-                                                    optim={"lr": 3e-3, "schedule": "cosine"}))
+    train(
+        method,
+        method.source.sample,
+        TrainConfig(steps=1000, batch_size=256, log_every=100, optim={"lr": 3e-3, "schedule": "cosine"}),
+    )
     metrics = method.evaluate()
     assert metrics["recall_mmcs"] > 0.9 and metrics["mcc"] > 0.85 and metrics["fvu"] < 0.2, metrics
 
 
 def test_batch_topk_inference_threshold_matches_training_l0() -> None:
     method = _small_method("batchtopk", k=3, penalty=PenaltyConfig(name="none"))
-    train(method, method.source.sample, TrainConfig(steps=600, batch_size=256, log_every=100,
-                                                    optim={"lr": 3e-3}))
+    train(method, method.source.sample, TrainConfig(steps=600, batch_size=256, log_every=100, optim={"lr": 3e-3}))
     x = method.source.sample(4096, _generator(9))
     with torch.no_grad():
         training_l0 = scores.l0(activations.batch_topk(method.module.pre_activations(x), 3)[0])
@@ -301,8 +307,9 @@ def test_resampling_points_dead_latents_at_badly_reconstructed_inputs_and_resets
 
 
 def test_resampling_a_jumprelu_latent_resets_its_threshold_and_its_adam_moments() -> None:
-    method = _small_method("jumprelu", penalty=PenaltyConfig(name="none"), l0_coeff=0.01, dead_window=64,
-                           resample_samples=512)
+    method = _small_method(
+        "jumprelu", penalty=PenaltyConfig(name="none"), l0_coeff=0.01, dead_window=64, resample_samples=512
+    )
     module = method.module
     optimizer = torch.optim.Adam(module.parameters())
     method.training_loss(method.source.sample(64, _generator()), _generator()).loss.backward()
@@ -352,9 +359,15 @@ def test_transcoder_source_pairs_a_blocks_input_with_its_output() -> None:
 @pytest.mark.parametrize("activation", ["relu", "topk", "gated"])
 def test_transcoder_with_skip_path_trains_and_folds_exactly(activation: str) -> None:
     source = target_activation_source(_resid_mlp_target(), "layers.0", transcoder=True)
-    config = DictionaryConfig(width=16, activation=activation, k=3 if activation == "topk" else None, skip=True,
-                              normalise_activations=True, matryoshka_prefixes=[4],
-                              penalty=PenaltyConfig(coeff=0 if activation == "topk" else 1e-3))
+    config = DictionaryConfig(
+        width=16,
+        activation=activation,
+        k=3 if activation == "topk" else None,
+        skip=True,
+        normalise_activations=True,
+        matryoshka_prefixes=[4],
+        penalty=PenaltyConfig(coeff=0 if activation == "topk" else 1e-3),
+    )
     method = DictionaryMethod(source, config, seed=0, total_steps=50)
     train(method, source.sample, TrainConfig(steps=50, batch_size=64, optim={"lr": 1e-2}), None)
     module = method.module
@@ -401,21 +414,24 @@ def test_matryoshka_sums_the_reconstruction_errors_of_nested_prefixes() -> None:
     x = method.source.sample(32, _generator())
     with torch.no_grad():
         f = module(x)[1]
-        expected = sum(((x - f[:, :m] @ module.W_d[:m] - module.b_d).square().sum(1).mean() for m in (4, 16, 32)))
+        expected = sum((x - f[:, :m] @ module.W_d[:m] - module.b_d).square().sum(1).mean() for m in (4, 16, 32))
         assert torch.allclose(method.training_loss(x, _generator()).terms["reconstruction"], expected)
     for bad in ([16, 4], [4, 32], [4, 4]):
         with pytest.raises(ValueError, match="must increase strictly and stay below the width 32"):
             DictionaryConfig(width=32, matryoshka_prefixes=bad)
 
 
-@pytest.mark.parametrize(("activation", "extra"), [("relu", {}), ("topk", {"k": 3}), ("batchtopk", {"k": 3}),
-                                                   ("gated", {}), ("jumprelu", {"l0_coeff": 0.01})])
+@pytest.mark.parametrize(
+    ("activation", "extra"),
+    [("relu", {}), ("topk", {"k": 3}), ("batchtopk", {"k": 3}), ("gated", {}), ("jumprelu", {"l0_coeff": 0.01})],
+)
 def test_normalisation_folds_back_into_the_weights(activation: str, extra: dict[str, object]) -> None:
     data = SparseFeaturesConfig(n_features=32, dim=16, mean_active=2.0, decay=1.0)
     raw = sparse_feature_source(data)
     source = dataclasses.replace(raw, sample=lambda size, generator: 37.0 * raw.sample(size, generator))
-    config = DictionaryConfig(width=32, activation=activation, normalise_activations=True,
-                              penalty=PenaltyConfig(coeff=0.01), **extra)
+    config = DictionaryConfig(
+        width=32, activation=activation, normalise_activations=True, penalty=PenaltyConfig(coeff=0.01), **extra
+    )
     method = DictionaryMethod(source, config, seed=0, total_steps=50)
     train(method, source.sample, TrainConfig(steps=50, batch_size=64, log_every=10, optim={"lr": 3e-3}))
     module = method.module.eval()

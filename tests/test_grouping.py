@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import TINY_TMS
 from unmerge import api
 from unmerge.analysis.grouping import greedy_merge
 from unmerge.cli import main
 from unmerge.metrics.clustering import adjusted_rand_index
 from unmerge.metrics.description import activity_description_length, description_length
 from unmerge.targets import load_target
-from tests.conftest import TINY_TMS
 
 
 def test_adjusted_rand_index_closed_forms() -> None:

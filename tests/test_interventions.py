@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import set_exact_factorisation
 from unmerge.analysis.interventions import (
     ablated,
     component_activity,
@@ -19,7 +20,6 @@ from unmerge.spd.method import SPD
 from unmerge.targets.base import Target
 from unmerge.targets.resid_mlp import ResidMLP, resid_mlp_inputs
 from unmerge.targets.tms import TMSModel
-from tests.conftest import set_exact_factorisation
 
 CONFIG = ResidMLPConfig(n_features=6, d_embed=10, n_layers=2, d_mlp=3)
 C = 5
@@ -81,8 +81,11 @@ def test_removing_one_subcomponent_permanently_matches_the_ablation_and_tied_sit
         expected = spd.target.model(x)
     torch.testing.assert_close(unlearned_model(spd, ["layers.1.mlp_out/2"])(x), expected)
     tms = TMSModel(TMSConfig(n_features=5, n_hidden=2))
-    tms_spd = SPD(Target(name="tms", model=tms, sample_inputs=lambda n, g: torch.rand(n, 5, generator=g)),
-                  SPDConfig(sites=[SiteConfig(pattern="linear*", C=4)], importance_minimality_coeff=1e-3), seed=0)
+    tms_spd = SPD(
+        Target(name="tms", model=tms, sample_inputs=lambda n, g: torch.rand(n, 5, generator=g)),
+        SPDConfig(sites=[SiteConfig(pattern="linear*", C=4)], importance_minimality_coeff=1e-3),
+        seed=0,
+    )
     edited = unlearned_model(tms_spd, ["linear2/1"])
     removed = tms_spd.model.site_components("linear1")
     torch.testing.assert_close(edited.linear1.weight, tms.linear1.weight - removed.U[:, 1:2] @ removed.V[1:2])
@@ -113,8 +116,12 @@ def test_dictionary_splice_of_an_exact_transcoder_with_nothing_ablated_changes_n
 
     model, x = _spd().target.model, _x()
     block = model.layers[0]
-    transcoder = Dictionary(CONFIG.d_embed, DictionaryConfig(width=CONFIG.d_mlp, unit_norm_decoder=False),
-                            torch.Generator(), output_dim=CONFIG.d_embed)
+    transcoder = Dictionary(
+        CONFIG.d_embed,
+        DictionaryConfig(width=CONFIG.d_mlp, unit_norm_decoder=False),
+        torch.Generator(),
+        output_dim=CONFIG.d_embed,
+    )
     with torch.no_grad():  # latents = the block's ReLU neurons, decoder = W_out: exact
         transcoder.W_e.copy_(block.mlp_in.weight.T)
         transcoder.W_d.copy_(block.mlp_out.weight.T)

@@ -16,19 +16,19 @@ import pytest
 import torch
 from torch import nn
 
+from tests.conftest import set_exact_factorisation
 from unmerge import api
 from unmerge.config import DictionaryConfig, DictionaryRunConfig, SiteConfig, SPDConfig
 from unmerge.data import text
 from unmerge.eval.spliced import ablation_effects, spliced, spliced_losses
 from unmerge.metrics.language import counted_predictions, loss_recovered, next_token_nll
-from unmerge.targets.activations import capture_module, find_module
-from unmerge.targets.language_activations import activation_cache_dir
 from unmerge.sae.dictionary import Dictionary
-from unmerge.spd.model import ComponentModel
 from unmerge.spd.method import SPD
+from unmerge.spd.model import ComponentModel
+from unmerge.targets.activations import capture_module, find_module
 from unmerge.targets.base import Target
 from unmerge.targets.language import from_hf, from_module, load_hf_directory
-from tests.conftest import set_exact_factorisation
+from unmerge.targets.language_activations import activation_cache_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,21 +44,32 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
 
+
 VOCAB, BOS, EOS = 64, 1, 2
 
 
 def _tiny_llama() -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, bos_token_id=BOS,
-                                      eos_token_id=EOS, pad_token_id=0, max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
 def _tiny_gpt2() -> nn.Module:
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=64,
-                                     bos_token_id=BOS, eos_token_id=EOS)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=64, bos_token_id=BOS, eos_token_id=EOS
+    )
     return transformers.GPT2LMHeadModel(config).eval()
 
 
@@ -80,8 +91,12 @@ def test_hf_adapter_matches_plain_forward_and_keeps_module_names(build) -> None:
     assert not any(p.requires_grad for p in lm.parameters())
 
 
-GPT2_SITES = [SiteConfig(pattern="transformer.wte", C=16), SiteConfig(pattern="transformer.h.*.attn.c_attn", C=16),
-              SiteConfig(pattern="transformer.h.0.mlp.c_*", C=16), SiteConfig(pattern="lm_head", C=16)]
+GPT2_SITES = [
+    SiteConfig(pattern="transformer.wte", C=16),
+    SiteConfig(pattern="transformer.h.*.attn.c_attn", C=16),
+    SiteConfig(pattern="transformer.h.0.mlp.c_*", C=16),
+    SiteConfig(pattern="lm_head", C=16),
+]
 
 
 def test_gpt2_conv1d_embedding_and_tied_unembedding_are_spd_sites() -> None:
@@ -97,8 +112,9 @@ def test_gpt2_conv1d_embedding_and_tied_unembedding_are_spd_sites() -> None:
     torch.testing.assert_close(clean.output, lm(ids))
     set_exact_factorisation(model)
     ones = {name: torch.ones(*ids.shape, 16) for name in model.site_names}
-    torch.testing.assert_close(model.masked_pass(ids, ones, clean, model.inner_acts(clean)), lm(ids),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        model.masked_pass(ids, ones, clean, model.inner_acts(clean)), lm(ids), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_spd_training_loss_reaches_gpt2_token_sites() -> None:
@@ -227,8 +243,9 @@ def _tiny_hf_directory(directory: Path) -> None:
     vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS, **{w: i + 3 for i, w in enumerate(WORDS)}}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                                     unk_token="<unk>")
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     _tiny_llama().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
@@ -246,10 +263,22 @@ def tiny_dictionary_config(tmp_path: Path, cache: Path) -> DictionaryRunConfig:
     _tiny_corpus(cache)
     _tiny_hf_directory(tmp_path / "model")
     overrides = [
-        "data.model.kind=hf_directory", f"data.model.path={tmp_path / 'model'}", "data.hook=model.layers.0",
-        "data.text.seq_len=16", "data.text.heldout_every=4", "data.cache_tokens=1500", "data.shard_tokens=512",
-        "data.record_batch=8", "data.eval_tokens=300", "method.width=32", "method.k=4", "method.aux_k=8",
-        "train.steps=30", "train.batch_size=64", "train.checkpoint_every=10", "train.eval_batch_size=256",
+        "data.model.kind=hf_directory",
+        f"data.model.path={tmp_path / 'model'}",
+        "data.hook=model.layers.0",
+        "data.text.seq_len=16",
+        "data.text.heldout_every=4",
+        "data.cache_tokens=1500",
+        "data.shard_tokens=512",
+        "data.record_batch=8",
+        "data.eval_tokens=300",
+        "method.width=32",
+        "method.k=4",
+        "method.aux_k=8",
+        "train.steps=30",
+        "train.batch_size=64",
+        "train.checkpoint_every=10",
+        "train.eval_batch_size=256",
     ]
     return api.load_dictionary_config("smollm2-resid-topk", overrides)
 
@@ -262,8 +291,15 @@ def test_dictionary_trains_from_a_cache_and_reports_spliced_metrics(tmp_path: Pa
     assert not bool((tokens == BOS).any())  # BOS never cached
     result = api.train_dictionary(config, tmp_path / "run")
     metrics = result.metrics
-    for key in ("heldout/fvu", "heldout/l0", "ce_original", "ce_spliced", "kl_spliced", "ce_recovered_zero",
-                "ce_recovered_mean"):
+    for key in (
+        "heldout/fvu",
+        "heldout/l0",
+        "ce_original",
+        "ce_spliced",
+        "kl_spliced",
+        "ce_recovered_zero",
+        "ce_recovered_mean",
+    ):
         assert math.isfinite(metrics[key]), key
     assert metrics["heldout/l0"] == pytest.approx(4.0)
     assert metrics["kl_spliced"] >= 0.0 and metrics["heldout/tokens"] >= 300
@@ -292,12 +328,18 @@ def test_ablation_effects_match_exact_ablations(tmp_path: Path, isolated_cache: 
         def replace(a: torch.Tensor) -> torch.Tensor:
             reconstruction, latents = dictionary(a)[:2]
             return reconstruction - latents[:, latent, None] * atoms[latent]
+
         return replace
 
     width = atoms.shape[0]
     with torch.no_grad():
-        losses = spliced_losses(data.lm, module, windows, ordinary, {"spliced": lambda a: dictionary(a)[0]}
-                                | {str(j): without(j) for j in range(width)})
+        losses = spliced_losses(
+            data.lm,
+            module,
+            windows,
+            ordinary,
+            {"spliced": lambda a: dictionary(a)[0]} | {str(j): without(j) for j in range(width)},
+        )
     exact = torch.tensor([losses.ce[str(j)] - losses.ce["spliced"] for j in range(width)])
     assert torch.corrcoef(torch.stack([estimate, exact]))[0, 1] > 0.95
     assert torch.allclose(estimate, exact, rtol=0.0, atol=0.2 * float(exact.abs().max()))
@@ -322,9 +364,17 @@ def _tiny_language_run(tmp_path: Path, isolated_cache: Path, extra: list[str]):
     _tiny_corpus(isolated_cache)
     _tiny_hf_directory(tmp_path / "model")
     overrides = [
-        "target.model.kind=hf_directory", f"target.model.path={tmp_path / 'model'}", "target.text.seq_len=16",
-        "target.text.heldout_every=4", "target.module_tokens=600", "method.faithfulness_warmup_steps=5",
-        "train.steps=6", "train.batch_size=32", "train.eval_batch_size=64", "train.checkpoint_every=3", *extra,
+        "target.model.kind=hf_directory",
+        f"target.model.path={tmp_path / 'model'}",
+        "target.text.seq_len=16",
+        "target.text.heldout_every=4",
+        "target.module_tokens=600",
+        "method.faithfulness_warmup_steps=5",
+        "train.steps=6",
+        "train.batch_size=32",
+        "train.eval_batch_size=64",
+        "train.checkpoint_every=3",
+        *extra,
     ]
     return api.load_run_config("smollm2-mlp", overrides)
 
@@ -340,10 +390,14 @@ def test_spd_decomposes_one_module_of_a_language_model(tmp_path: Path, isolated_
 
 
 def test_spd_on_a_whole_language_model_uses_kl_over_positions(tmp_path: Path, isolated_cache: Path) -> None:
-    sites = ("method.sites=[{pattern: 'model.layers.*.mlp.up_proj', C: 4}, "
-             "{pattern: 'model.layers.0.self_attn.*', C: 4}]")
-    config = _tiny_language_run(tmp_path, isolated_cache, ["target.module=null", "method.output_loss=kl", sites,
-                                                           "train.batch_size=4", "train.eval_batch_size=8"])
+    sites = (
+        "method.sites=[{pattern: 'model.layers.*.mlp.up_proj', C: 4}, {pattern: 'model.layers.0.self_attn.*', C: 4}]"
+    )
+    config = _tiny_language_run(
+        tmp_path,
+        isolated_cache,
+        ["target.module=null", "method.output_loss=kl", sites, "train.batch_size=4", "train.eval_batch_size=8"],
+    )
     result = api.decompose(config, tmp_path / "run")
     assert result.metrics["unmasked_recon"] >= 0.0 and math.isfinite(result.metrics["ci_masked_recon"])
     assert {"alive/model.layers.1.mlp.up_proj", "alive/model.layers.0.self_attn.o_proj"} <= result.metrics.keys()
@@ -387,14 +441,24 @@ def test_whole_language_model_needs_the_kl_output_loss(tmp_path: Path, isolated_
         _tiny_language_run(tmp_path, isolated_cache, ["target.module=null"])
 
 
-def test_small_lm_trains_once_and_its_spd_reports_ce_of_the_ci_masked_model(tmp_path: Path,
-                                                                             isolated_cache: Path) -> None:
+def test_small_lm_trains_once_and_its_spd_reports_ce_of_the_ci_masked_model(
+    tmp_path: Path, isolated_cache: Path
+) -> None:
     _tiny_corpus(isolated_cache)
-    recipe = ("target.model.recipe={n_layers: 1, d_model: 16, n_heads: 2, d_mlp: 32, vocab_size: 12, "
-              "train: {steps: 30, batch_size: 8, optim: {lr: 0.01}}}")
-    overrides = [recipe, "target.text.seq_len=12", "target.text.heldout_every=4", "train.steps=4",
-                 "train.batch_size=4", "train.eval_batch_size=8", "method.faithfulness_warmup_steps=2",
-                 "method.sites=[{pattern: 'blocks.*.mlp.fc_in', C: 4}, {pattern: 'blocks.0.attn.q_proj', C: 4}]"]
+    recipe = (
+        "target.model.recipe={n_layers: 1, d_model: 16, n_heads: 2, d_mlp: 32, vocab_size: 12, "
+        "train: {steps: 30, batch_size: 8, optim: {lr: 0.01}}}"
+    )
+    overrides = [
+        recipe,
+        "target.text.seq_len=12",
+        "target.text.heldout_every=4",
+        "train.steps=4",
+        "train.batch_size=4",
+        "train.eval_batch_size=8",
+        "method.faithfulness_warmup_steps=2",
+        "method.sites=[{pattern: 'blocks.*.mlp.fc_in', C: 4}, {pattern: 'blocks.0.attn.q_proj', C: 4}]",
+    ]
     directory, loss = api.train_target_preset("shakespeare-lm", overrides)
     assert loss is not None and math.isfinite(loss)
     summary = json.loads((directory / "training.json").read_text())
@@ -417,8 +481,14 @@ def _tiny_bert_directory(directory: Path) -> None:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     tokenizer = transformers.BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(config).eval().save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
@@ -459,39 +529,73 @@ def test_spliced_identity_keeps_encoder_embeddings(tiny_minilm: Path) -> None:
     windows = torch.randint(5, 5 + len(WORDS), (5, 10), generator=torch.Generator().manual_seed(0))
     windows[:, 0], windows[:, -1] = 2, 3
     dictionary = _identity_dictionary(16)
-    result = spliced_embeddings(encoder, module, windows, encoder.ordinary_positions(windows),
-                                {"spliced": lambda a: dictionary(a)[0], "zero": torch.zeros_like}, batch_windows=2)
+    result = spliced_embeddings(
+        encoder,
+        module,
+        windows,
+        encoder.ordinary_positions(windows),
+        {"spliced": lambda a: dictionary(a)[0], "zero": torch.zeros_like},
+        batch_windows=2,
+    )
     assert result.cosine_distance["spliced"] == pytest.approx(0.0, abs=1e-6)
     assert result.cosine_distance["zero"] > 1e-4 and result.activations.shape == (5 * 8, 16)
 
 
-def test_dictionary_on_encoder_activations_reports_embedding_recovery(tmp_path: Path, isolated_cache: Path,
-                                                                      tiny_minilm: Path) -> None:
+def test_dictionary_on_encoder_activations_reports_embedding_recovery(
+    tmp_path: Path, isolated_cache: Path, tiny_minilm: Path
+) -> None:
     _tiny_corpus(isolated_cache)
     overrides = [
-        "data.hook=encoder.layer.1", "data.text.seq_len=16", "data.text.heldout_every=4", "data.cache_tokens=1000",
-        "data.shard_tokens=512", "data.record_batch=8", "data.eval_tokens=200", "method.width=32", "method.k=4",
-        "method.aux_k=8", "train.steps=20", "train.batch_size=64", "train.checkpoint_every=10",
+        "data.hook=encoder.layer.1",
+        "data.text.seq_len=16",
+        "data.text.heldout_every=4",
+        "data.cache_tokens=1000",
+        "data.shard_tokens=512",
+        "data.record_batch=8",
+        "data.eval_tokens=200",
+        "method.width=32",
+        "method.k=4",
+        "method.aux_k=8",
+        "train.steps=20",
+        "train.batch_size=64",
+        "train.checkpoint_every=10",
         "train.eval_batch_size=256",
     ]
     config = api.load_dictionary_config("minilm-resid-topk", overrides)
     result = api.train_dictionary(config, tmp_path / "run")
     metrics = result.metrics
-    for key in ("heldout/fvu", "cosine_distance_spliced", "cosine_distance_zero_ablation", "embedding_recovered_zero",
-                "embedding_recovered_mean"):
+    for key in (
+        "heldout/fvu",
+        "cosine_distance_spliced",
+        "cosine_distance_zero_ablation",
+        "embedding_recovered_zero",
+        "embedding_recovered_mean",
+    ):
         assert math.isfinite(metrics[key]), key
     assert "ce_spliced" not in metrics and metrics["heldout/l0"] == pytest.approx(4.0)
     assert metrics["heldout/tokens"] == pytest.approx(metrics["heldout/tokens"] // 14 * 14)  # CLS, SEP left out
 
 
 def test_spd_on_a_whole_encoder_decomposes_its_word_embeddings_with_the_mse_of_the_embedding(
-        tmp_path: Path, isolated_cache: Path, tiny_minilm: Path) -> None:
+    tmp_path: Path, isolated_cache: Path, tiny_minilm: Path
+) -> None:
     _tiny_corpus(isolated_cache)
-    sites = ("method.sites=[{pattern: embeddings.word_embeddings, C: 8}, "
-             "{pattern: 'encoder.layer.*.intermediate.dense', C: 8}]")
-    overrides = ["target.model.kind=minilm", "target.module=null", "target.text.seq_len=16",
-                 "target.text.heldout_every=4", sites, "method.faithfulness_warmup_steps=2", "train.steps=4",
-                 "train.batch_size=4", "train.eval_batch_size=8", "train.checkpoint_every=2"]
+    sites = (
+        "method.sites=[{pattern: embeddings.word_embeddings, C: 8}, "
+        "{pattern: 'encoder.layer.*.intermediate.dense', C: 8}]"
+    )
+    overrides = [
+        "target.model.kind=minilm",
+        "target.module=null",
+        "target.text.seq_len=16",
+        "target.text.heldout_every=4",
+        sites,
+        "method.faithfulness_warmup_steps=2",
+        "train.steps=4",
+        "train.batch_size=4",
+        "train.eval_batch_size=8",
+        "train.checkpoint_every=2",
+    ]
     result = api.decompose(api.load_run_config("smollm2-mlp", overrides), tmp_path / "run")
     assert math.isfinite(result.metrics["stochastic_recon"]) and result.metrics["output_mean_square"] > 0
     assert result.metrics["alive/embeddings.word_embeddings"] >= 0 and "ce_original" not in result.metrics

@@ -14,17 +14,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import TINY_TMS
 from unmerge import api
 from unmerge.errors import CheckpointError, NonFiniteLossError
 from unmerge.spd.method import SPD
 from unmerge.train import checkpoint
-from tests.conftest import TINY_TMS
 
 
 def _decompose_command(out: Path, steps: int) -> list[str]:
     overrides = [o for o in TINY_TMS if not o.startswith("train.steps")]
-    return [sys.executable, "-m", "unmerge.cli", "decompose", "tms-5-2-id", "--out", str(out),
-            "--steps", str(steps), *overrides, "train.threads=1"]
+    return [
+        sys.executable,
+        "-m",
+        "unmerge.cli",
+        "decompose",
+        "tms-5-2-id",
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        *overrides,
+        "train.threads=1",
+    ]
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -35,8 +46,12 @@ def test_sigkill_midway_then_rerun_is_bitwise_identical(tmp_path: Path) -> None:
     steps = 400
     subprocess.run(_decompose_command(tmp_path / "whole", steps), check=True, capture_output=True)
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(_decompose_command(interrupted, steps), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        _decompose_command(interrupted, steps),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(
         int(d.name.split("-")[1]) >= 100 for d in checkpoint.checkpoint_dirs(interrupted)

@@ -74,20 +74,31 @@ def _write(directory: Path, config: dict[str, object], tensors: dict[str, torch.
 
 def _standard_tensors() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(2)
-    return {"W_enc": torch.randn(DIM, WIDTH, generator=generator), "b_enc": torch.randn(WIDTH, generator=generator),
-            "W_dec": torch.randn(WIDTH, DIM, generator=generator), "b_dec": torch.randn(DIM, generator=generator)}
+    return {
+        "W_enc": torch.randn(DIM, WIDTH, generator=generator),
+        "b_enc": torch.randn(WIDTH, generator=generator),
+        "W_dec": torch.randn(WIDTH, DIM, generator=generator),
+        "b_dec": torch.randn(DIM, generator=generator),
+    }
 
 
 def test_import_follows_the_formats_formulas_without_b_dec_on_the_input_and_with_rescaled_topk(tmp_path: Path) -> None:
     t = _standard_tensors()
     x = torch.randn(64, DIM, generator=torch.Generator().manual_seed(3))
-    plain = load_saelens(_write(tmp_path / "plain", {"d_in": DIM, "d_sae": WIDTH, "dtype": "float32",
-                                                     "apply_b_dec_to_input": False}, t))
+    plain = load_saelens(
+        _write(tmp_path / "plain", {"d_in": DIM, "d_sae": WIDTH, "dtype": "float32", "apply_b_dec_to_input": False}, t)
+    )
     with torch.no_grad():
         latents = plain(x)[1]
     assert torch.allclose(latents, F.relu(x @ t["W_enc"] + t["b_enc"]), atol=1e-5)
-    topk_config = {"d_in": DIM, "d_sae": WIDTH, "dtype": "float32", "k": 4, "architecture": "topk",
-                   "rescale_acts_by_decoder_norm": True}
+    topk_config = {
+        "d_in": DIM,
+        "d_sae": WIDTH,
+        "dtype": "float32",
+        "k": 4,
+        "architecture": "topk",
+        "rescale_acts_by_decoder_norm": True,
+    }
     rescaled = load_saelens(_write(tmp_path / "topk", topk_config, t))
     norms = t["W_dec"].norm(dim=1)
     hidden = ((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]) * norms
@@ -96,8 +107,13 @@ def test_import_follows_the_formats_formulas_without_b_dec_on_the_input_and_with
     with torch.no_grad():
         assert torch.allclose(rescaled(x)[0], (f / norms) @ t["W_dec"] + t["b_dec"], atol=1e-5)
     threshold = torch.linspace(-0.5, 0.5, WIDTH)  # SAELens's relu(h)·1[h > θ]: a θ ≤ 0 acts as θ = 0
-    jumprelu = load_saelens(_write(tmp_path / "jumprelu", {"d_in": DIM, "d_sae": WIDTH, "dtype": "float32",
-                                                           "architecture": "jumprelu"}, t | {"threshold": threshold}))
+    jumprelu = load_saelens(
+        _write(
+            tmp_path / "jumprelu",
+            {"d_in": DIM, "d_sae": WIDTH, "dtype": "float32", "architecture": "jumprelu"},
+            t | {"threshold": threshold},
+        )
+    )
     hidden = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
     with torch.no_grad():
         assert torch.allclose(jumprelu(x)[1], hidden.relu() * (hidden > threshold), atol=1e-5)

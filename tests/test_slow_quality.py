@@ -14,8 +14,9 @@ from unmerge import api
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tms-5-2", "tms-5-2-id", "tms-40-10", "tms-40-10-id", "resid-mlp-1",
-                                    "resid-mlp-2", "resid-mlp-3"])
+@pytest.mark.parametrize(
+    "preset", ["tms-5-2", "tms-5-2-id", "tms-40-10", "tms-40-10-id", "resid-mlp-1", "resid-mlp-2", "resid-mlp-3"]
+)
 def test_preset_recovers_the_ground_truth(preset: str, tmp_path: Path) -> None:
     config = api.load_run_config(preset)
     result = api.decompose(config, tmp_path)

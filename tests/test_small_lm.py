@@ -11,12 +11,17 @@ from torch import nn
 
 from unmerge.config import OptimConfig, SiteConfig, SmallLMConfig, TrainConfig
 from unmerge.errors import CheckpointError
-from unmerge.spd.model import find_sites
+from unmerge.spd.sites import find_sites
 from unmerge.targets.small_lm import SmallLM, load_small_lm, next_token_loss, save_small_lm, train_small_lm
 
 VOCAB, SEQ, BOS, PAD = 20, 12, 0, 19
-CONFIG = SmallLMConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32,
-                       train=TrainConfig(steps=100, batch_size=16, optim=OptimConfig(lr=1e-2), log_every=10))
+CONFIG = SmallLMConfig(
+    n_layers=2,
+    d_model=16,
+    n_heads=2,
+    d_mlp=32,
+    train=TrainConfig(steps=100, batch_size=16, optim=OptimConfig(lr=1e-2), log_every=10),
+)
 
 
 def cycle_windows() -> torch.Tensor:
@@ -41,8 +46,13 @@ def test_logits_shape_causality_and_site_names() -> None:
     torch.testing.assert_close(after[:, :6], logits[:, :6], rtol=0, atol=1e-6)
     assert not torch.allclose(after[:, 6:], logits[:, 6:])
     modules = dict(model.named_modules())
-    for name in ("blocks.0.attn.q_proj", "blocks.1.attn.o_proj", "blocks.0.mlp.fc_in", "blocks.0.mlp.fc_out",
-                 "unembed"):
+    for name in (
+        "blocks.0.attn.q_proj",
+        "blocks.1.attn.o_proj",
+        "blocks.0.mlp.fc_in",
+        "blocks.0.mlp.fc_out",
+        "unembed",
+    ):
         assert isinstance(modules[name], nn.Linear), name
     assert modules["unembed"].weight is not model.embed.weight  # untied
     patterns = ["blocks.*.attn.*_proj", "blocks.*.mlp.fc_in", "unembed"]

@@ -115,8 +115,14 @@ def _training_loss_and_grads(method: DictionaryMethod, batch: torch.Tensor, dens
 def test_a_training_step_gives_the_dense_formula_loss_and_gradients(setting: str) -> None:
     configs = {
         "topk": DictionaryConfig(width=48, activation="topk", k=4, penalty=PenaltyConfig(name="none")),
-        "topk-aux-l1": DictionaryConfig(width=48, activation="topk", k=4, aux_k=8, dead_window=64,
-                                        penalty=PenaltyConfig(name="l1", coeff=0.1, decoder_norm_weighted=True)),
+        "topk-aux-l1": DictionaryConfig(
+            width=48,
+            activation="topk",
+            k=4,
+            aux_k=8,
+            dead_window=64,
+            penalty=PenaltyConfig(name="l1", coeff=0.1, decoder_norm_weighted=True),
+        ),
         "relu": DictionaryConfig(width=48, activation="relu", penalty=PenaltyConfig(name="l1", coeff=0.1)),
     }
     source = sparse_feature_source(SparseFeaturesConfig(n_features=32, dim=16, mean_active=3.0))

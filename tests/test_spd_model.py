@@ -9,17 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.conftest import set_exact_factorisation
 from unmerge.config import ResidMLPConfig, SiteConfig, SPDConfig, TMSConfig
 from unmerge.errors import SiteError
-from unmerge.spd import losses
 from unmerge.kernels.cpu.ci import counter_uniform_reference
+from unmerge.spd import losses
 from unmerge.spd.components import ScalarMLPCI, causal_importances
 from unmerge.spd.method import SPD
 from unmerge.spd.model import ComponentModel
 from unmerge.targets.base import Target
 from unmerge.targets.resid_mlp import ResidMLP
 from unmerge.targets.tms import TMSModel
-from tests.conftest import set_exact_factorisation
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -108,8 +108,7 @@ class _Scale(nn.Module):
 def _one_weight_spd(**options: float) -> SPD:
     """SPD of f(x) = 2x (evaluated on x = 1 and 3) with C = 1, U V = 1 and a constant importance g = 0.25."""
     target = Target(name="scale", model=_Scale(), sample_inputs=lambda n, g: torch.tensor([[1.0], [3.0]]))
-    config = SPDConfig(sites=[SiteConfig(pattern="linear", C=1)], importance_minimality_coeff=0.5, pnorm=2.0,
-                       **options)
+    config = SPDConfig(sites=[SiteConfig(pattern="linear", C=1)], importance_minimality_coeff=0.5, pnorm=2.0, **options)
     spd = SPD(target, config, seed=0, eval_batch_size=2)
     with torch.no_grad():
         spd.model.site("linear").components.U.fill_(1.0)
@@ -172,8 +171,9 @@ def test_adversarial_masks_reach_the_worst_ablation_the_importance_permits() -> 
 
 def test_adversarial_loss_without_ascent_steps_is_refused() -> None:
     with pytest.raises(ValueError, match="adversarial_steps"):
-        SPDConfig(sites=[SiteConfig(pattern="linear", C=1)], importance_minimality_coeff=0.5,
-                  adversarial_recon_coeff=1.0)
+        SPDConfig(
+            sites=[SiteConfig(pattern="linear", C=1)], importance_minimality_coeff=0.5, adversarial_recon_coeff=1.0
+        )
 
 
 def test_site_pattern_that_matches_nothing_names_the_candidates() -> None:
@@ -218,7 +218,10 @@ def test_embedding_and_row_major_sites_are_found_in_one_orientation_and_tied() -
     target = _TokenModel()
     model = ComponentModel(target, [SiteConfig(pattern="*", C=4)], ci_hidden=2, generator=_generator())
     assert {r.name: r.site.kind for r in model.sites.values()} == {
-        "embed": "embedding", "mix": "transposed linear", "unembed": "linear"}
+        "embed": "embedding",
+        "mix": "transposed linear",
+        "unembed": "linear",
+    }
     assert model.target_weight("embed").shape == (4, 7) and model.target_weight("mix").shape == (4, 4)
     assert model.tied == {"unembed": "embed"}
     torch.testing.assert_close(model.target_weight("mix"), target.mix.weight.T)
@@ -235,7 +238,8 @@ def test_masked_pass_on_token_indexed_and_row_major_sites_matches_per_example_we
     weights = {n: model.site_components(n) for n in model.site_names}
     for b in range(3):
         for t in range(5):
-            def masked(name: str) -> torch.Tensor:
+
+            def masked(name: str, b: int = b, t: int = t) -> torch.Tensor:
                 c = weights[name]
                 return c.U @ torch.diag(masks[name][b, t]) @ c.V
 
@@ -251,5 +255,6 @@ def test_exact_factorisation_of_token_sites_reproduces_the_target() -> None:
     ids = torch.randint(7, (2, 6), generator=_generator(1))
     clean = model.clean_pass(ids)
     ones = {n: torch.ones(2, 6, 4) for n in model.site_names}
-    torch.testing.assert_close(model.masked_pass(ids, ones, clean, model.inner_acts(clean)), target(ids),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model.masked_pass(ids, ones, clean, model.inner_acts(clean)), target(ids), atol=1e-5, rtol=1e-5
+    )

@@ -70,16 +70,29 @@ def test_splits_command_on_two_hierarchy_dictionaries(tmp_path, capsys) -> None:
         config = api.load_dictionary_config("hierarchy-relu-l1", [*tiny, f"method.width={width}"])
         result = api.train_dictionary(config, tmp_path / f"w{width}")
         assert result.report is not None and "training curves" in result.report.read_text()
-    assert main(["splits", str(tmp_path / "w20"), str(tmp_path / "w11"), "--out", str(tmp_path / "splits"),
-                 "--inputs", "2048"]) == 0
+    assert (
+        main(
+            [
+                "splits",
+                str(tmp_path / "w20"),
+                str(tmp_path / "w11"),
+                "--out",
+                str(tmp_path / "splits"),
+                "--inputs",
+                "2048",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "w11 (11) → w20 (20)" in printed and "report section" in printed
     saved = json.loads((tmp_path / "splits" / "splitting.json").read_text())
     assert len(saved) == 1 and len(saved[0]["parents"]) == 11
     assert (tmp_path / "splits" / "cosine-11-to-20.png").stat().st_size > 0
     assert "| parent | fires | children (cosine) | R² |" in (tmp_path / "splits" / "splitting.md").read_text()
-    other = api.load_dictionary_config("sparse-512-topk", ["train.steps=2", "train.checkpoint_every=2",
-                                                            "train.eval_batch_size=256"])
+    other = api.load_dictionary_config(
+        "sparse-512-topk", ["train.steps=2", "train.checkpoint_every=2", "train.eval_batch_size=256"]
+    )
     api.train_dictionary(other, tmp_path / "other")
     assert main(["splits", str(tmp_path / "w11"), str(tmp_path / "other"), "--out", str(tmp_path / "x")]) == 2
     assert "other data" in capsys.readouterr().err

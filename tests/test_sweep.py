@@ -12,7 +12,7 @@ import pytest
 
 from unmerge import api, cli
 from unmerge.errors import CheckpointError, ConfigError
-from unmerge.sweep import SweepSpec, expand, parse_grid_argument, pareto_front, short_labels
+from unmerge.sweep import SweepSpec, expand, pareto_front, parse_grid_argument, short_labels
 from unmerge.sweep.runner import point_configs
 
 TINY = {"train.steps": 50, "train.threads": 1, "train.eval_batch_size": 1024, "train.log_every": 25}
@@ -37,19 +37,30 @@ def test_grid_expands_to_the_product_with_readable_names() -> None:
     spec = SweepSpec(base="hierarchy-relu-l1", grid={**GRID, "train.seed": [0, 1]}, overrides={"train.steps": 10})
     points = expand(spec)
     assert len(points) == 8
-    assert [p.name for p in points[:3]] == ["penalty=l1,coeff=0.03,seed=0", "penalty=l1,coeff=0.03,seed=1",
-                                            "penalty=l1,coeff=0.3,seed=0"]
+    assert [p.name for p in points[:3]] == [
+        "penalty=l1,coeff=0.03,seed=0",
+        "penalty=l1,coeff=0.03,seed=1",
+        "penalty=l1,coeff=0.3,seed=0",
+    ]
     assert points[-1].settings == {"method.penalty.name": "cauchy", "method.penalty.coeff": 0.3, "train.seed": 1}
-    assert [(o.key, o.value) for o in points[-1].overrides] == [("method.penalty.name", "cauchy"),
-                                                                 ("method.penalty.coeff", 0.3), ("train.seed", 1)]
+    assert [(o.key, o.value) for o in points[-1].overrides] == [
+        ("method.penalty.name", "cauchy"),
+        ("method.penalty.coeff", 0.3),
+        ("train.seed", 1),
+    ]
     assert len({p.name for p in points}) == 8
     assert spec.group_keys() == ["method.penalty.name"]  # strengths and seeds share a group
-    assert short_labels(["method.k", "data.k", "train.seed"]) == {"method.k": "method.k", "data.k": "data.k",
-                                                                   "train.seed": "seed"}
+    assert short_labels(["method.k", "data.k", "train.seed"]) == {
+        "method.k": "method.k",
+        "data.k": "data.k",
+        "train.seed": "seed",
+    }
     assert parse_grid_argument("method.penalty.coeff=0.001,0.1") == ("method.penalty.coeff", [0.001, 0.1])
-    assert api.load_sweep_spec("hierarchy-relu-l1", ["method.penalty.coeff=1e-3,0.1"], ["train.optim.lr=3e-3"]) \
-        == SweepSpec(base="hierarchy-relu-l1", grid={"method.penalty.coeff": [0.001, 0.1]},
-                     overrides={"train.optim.lr": 0.003})  # PyYAML reads 1e-3 as text; the spec reads a number
+    assert api.load_sweep_spec(
+        "hierarchy-relu-l1", ["method.penalty.coeff=1e-3,0.1"], ["train.optim.lr=3e-3"]
+    ) == SweepSpec(
+        base="hierarchy-relu-l1", grid={"method.penalty.coeff": [0.001, 0.1]}, overrides={"train.optim.lr": 0.003}
+    )  # PyYAML reads 1e-3 as text; the spec reads a number
     assert parse_grid_argument("method.penalty.name=[l1, cauchy]") == ("method.penalty.name", ["l1", "cauchy"])
     config = point_configs(SweepSpec(base="hierarchy-relu-l1", grid={"method.penalty.coeff": [1e-5]}))[0][1]
     assert config.method.penalty.coeff == 1e-5  # the value survives the trip through a key=value override
@@ -58,15 +69,21 @@ def test_grid_expands_to_the_product_with_readable_names() -> None:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"base": "hierarchy-relu-l1", "grid": {"method.width": 20}},
-         r"grid\.method\.width: Input should be a valid list"),
+        (
+            {"base": "hierarchy-relu-l1", "grid": {"method.width": 20}},
+            r"grid\.method\.width: Input should be a valid list",
+        ),
         ({"base": "hierarchy-relu-l1", "grid": {"method.width": [20]}, "gird": {}}, r"gird: unknown key"),
         ({"base": "hierarchy-relu-l1", "grid": {}}, r"grid: .*at least 1 item"),
         ({"base": "hierarchy-relu-l1", "grid": {"method.width": [20, 20]}}, r"lists 20 more than once"),
-        ({"base": "hierarchy-relu-l1", "grid": {"train.seed": [0]}, "overrides": {"train.seed": 1}},
-         r"train\.seed is both a grid key and a fixed override"),
-        ({"base": "hierarchy-relu-l1", "grid": {"train.seed": [0]}, "group_by": ["method.width"]},
-         r"group_by names method\.width"),
+        (
+            {"base": "hierarchy-relu-l1", "grid": {"train.seed": [0]}, "overrides": {"train.seed": 1}},
+            r"train\.seed is both a grid key and a fixed override",
+        ),
+        (
+            {"base": "hierarchy-relu-l1", "grid": {"train.seed": [0]}, "group_by": ["method.width"]},
+            r"group_by names method\.width",
+        ),
     ],
 )
 def test_malformed_specs_are_named(data: dict, message: str, tmp_path: Path) -> None:

@@ -9,12 +9,16 @@ import torch
 
 from unmerge.config import OptimConfig, ResidMLPConfig, TMSConfig, TrainConfig
 from unmerge.errors import CheckpointError
-from unmerge.targets import cached_target, load_target, save_target, train_target
 from unmerge.io import cache_root
+from unmerge.targets import cached_target, load_target, save_target, train_target
 from unmerge.train.rng import step_generator
 
-TMS = TMSConfig(n_features=5, n_hidden=2, identity=True,
-                train=TrainConfig(steps=200, batch_size=256, optim=OptimConfig(lr=5e-3, weight_decay=0.01)))
+TMS = TMSConfig(
+    n_features=5,
+    n_hidden=2,
+    identity=True,
+    train=TrainConfig(steps=200, batch_size=256, optim=OptimConfig(lr=5e-3, weight_decay=0.01)),
+)
 
 
 def test_training_is_seeded_and_deterministic() -> None:
@@ -55,8 +59,7 @@ def test_data_distributions() -> None:
     generator = step_generator(0, "data")
     x = train_target(TMS)[0].sample_inputs(20_000, generator)
     assert 0.045 < float((x > 0).float().mean()) < 0.055 and float(x.max()) <= 1.0 and float(x.min()) == 0.0
-    resid = ResidMLPConfig(n_features=100, d_embed=20, d_mlp=5,
-                           train=TrainConfig(steps=1, batch_size=8))
+    resid = ResidMLPConfig(n_features=100, d_embed=20, d_mlp=5, train=TrainConfig(steps=1, batch_size=8))
     target, _ = train_target(resid)
     y = target.sample_inputs(20_000, generator)
     assert 0.009 < float((y != 0).float().mean()) < 0.011 and float(y.min()) >= -1.0 and float(y.max()) <= 1.0

@@ -8,13 +8,13 @@ import warnings
 import pytest
 import torch
 
+from tests.conftest import set_exact_factorisation
 from unmerge.config import SiteConfig, SPDConfig
 from unmerge.eval.spliced import spliced
 from unmerge.spd.method import SPD
 from unmerge.spd.model import ComponentModel
 from unmerge.targets.base import Target
 from unmerge.targets.language import from_transformer_lens
-from tests.conftest import set_exact_factorisation
 
 transformer_lens = pytest.importorskip("transformer_lens", reason="transformer-lens is in the test extra")
 
@@ -24,8 +24,18 @@ SITES = [SiteConfig(pattern="embed", C=C), SiteConfig(pattern="unembed", C=C)]
 
 @pytest.fixture(scope="module")
 def hooked() -> torch.nn.Module:
-    config = transformer_lens.HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=32, d_head=4, n_heads=4, d_mlp=32,
-                                                      d_vocab=VOCAB, act_fn="gelu", normalization_type="LN", seed=0)
+    config = transformer_lens.HookedTransformerConfig(
+        n_layers=2,
+        d_model=16,
+        n_ctx=32,
+        d_head=4,
+        n_heads=4,
+        d_mlp=32,
+        d_vocab=VOCAB,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # 3.x announces TransformerBridge
         return transformer_lens.HookedTransformer(config).eval()
@@ -55,15 +65,18 @@ def test_adapter_matches_plain_forward_and_hook_points_splice(hooked: torch.nn.M
 def test_embed_and_unembed_are_spd_sites_that_reproduce_the_model(hooked: torch.nn.Module) -> None:
     lm = from_transformer_lens(hooked)
     model = ComponentModel(lm, SITES, ci_hidden=2, generator=torch.Generator().manual_seed(0))
-    assert {record.name: record.site.kind for record in model.sites.values()} == {"embed": "embedding",
-                                                                        "unembed": "transposed linear"}
+    assert {record.name: record.site.kind for record in model.sites.values()} == {
+        "embed": "embedding",
+        "unembed": "transposed linear",
+    }
     ids = _ids()
     clean = model.clean_pass(ids)
     torch.testing.assert_close(clean.output, lm(ids))
     set_exact_factorisation(model)
     ones = {name: torch.ones(*ids.shape, C) for name in model.site_names}
-    torch.testing.assert_close(model.masked_pass(ids, ones, clean, model.inner_acts(clean)), lm(ids),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        model.masked_pass(ids, ones, clean, model.inner_acts(clean)), lm(ids), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_spd_training_loss_reaches_both_sites(hooked: torch.nn.Module) -> None:

@@ -62,12 +62,38 @@ LATENT_SNIPPETS = 5  # top-activating held-out snippets per latent in a language
 TARGET_WEIGHTS_FILE = "model.safetensors"  # an edited (unlearned) language model's state dict
 
 __all__ = [
-    "DEFAULT_ALPHA", "DEFAULT_MIN_ACTIVE", "DEFAULT_THRESHOLD", "GROUPING_FILE", "TASK_METRICS_FILE", "CacheResult",
-    "RunResult", "SplittingResult", "cache_activations", "component_units", "decompose", "dictionary_preset_names",
-    "dictionary_report", "evaluate", "export_saelens", "feature_splitting", "fetch_corpus", "group_components",
-    "is_dictionary_run", "load_dictionary", "load_dictionary_config", "load_dictionary_of_target", "load_grouping",
-    "load_run", "load_run_config", "load_sweep_spec", "preset_names", "runs_index", "sweep", "train_dictionary",
-    "train_target_preset", "unlearn",
+    "DEFAULT_ALPHA",
+    "DEFAULT_MIN_ACTIVE",
+    "DEFAULT_THRESHOLD",
+    "GROUPING_FILE",
+    "TASK_METRICS_FILE",
+    "CacheResult",
+    "RunResult",
+    "SplittingResult",
+    "cache_activations",
+    "component_units",
+    "decompose",
+    "dictionary_preset_names",
+    "dictionary_report",
+    "evaluate",
+    "export_saelens",
+    "feature_splitting",
+    "fetch_corpus",
+    "group_components",
+    "is_dictionary_run",
+    "load_dictionary",
+    "load_dictionary_config",
+    "load_dictionary_of_target",
+    "load_grouping",
+    "load_run",
+    "load_run_config",
+    "load_sweep_spec",
+    "preset_names",
+    "runs_index",
+    "sweep",
+    "train_dictionary",
+    "train_target_preset",
+    "unlearn",
 ]
 
 
@@ -101,8 +127,11 @@ def _subcomponents_section(spd: SPD, config: RunConfig) -> str:
     """For SPD of a whole causal LM, the report's list of subcomponents with their top-activating held-out
     snippets (by causal importance) and ablation effects; nothing for other targets."""
     target = config.target
-    if not isinstance(target, LanguageTargetConfig) or target.module is not None or not isinstance(
-            spd.target.model, CausalLM):
+    if (
+        not isinstance(target, LanguageTargetConfig)
+        or target.module is not None
+        or not isinstance(spd.target.model, CausalLM)
+    ):
         return ""
     windows, tokens = report_windows(language_data(target.model, target.text), REPORT_TOKENS)
     examples = subcomponent_examples(spd, windows, tokens, LATENT_SNIPPETS)
@@ -119,8 +148,14 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
     recorded = language_activations(config.data) if isinstance(config.data, LanguageActivationsConfig) else None
     source = recorded.source if recorded else activation_source(config.data)
     evaluation = spliced_evaluator(recorded, config.data.eval_tokens) if recorded else None
-    method = DictionaryMethod(source, config.method, seed=config.train.seed, total_steps=config.train.steps,
-                              eval_batch_size=config.train.eval_batch_size, extra_evaluation=evaluation)
+    method = DictionaryMethod(
+        source,
+        config.method,
+        seed=config.train.seed,
+        total_steps=config.train.steps,
+        eval_batch_size=config.train.eval_batch_size,
+        extra_evaluation=evaluation,
+    )
     result = train(method, source.sample, config.train, run_dir, description=f"dictionary {config.name}")
     method.module.fold_input_scale()
     metrics = method.evaluate()
@@ -129,10 +164,19 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
     save_trained(run_dir, method)
     sections = ""
     if recorded:
-        sections = latents_section(latent_examples(recorded.data, recorded.module, config.data.eval_tokens,
-                                                   method.reconstruct, method.module.W_d, LATENT_SNIPPETS))
-    density = density_histogram_figure(method.latent_density(), config.train.eval_batch_size,
-                                       run_dir / runs.FIGURES_DIR / "latent_density.png")
+        sections = latents_section(
+            latent_examples(
+                recorded.data,
+                recorded.module,
+                config.data.eval_tokens,
+                method.reconstruct,
+                method.module.W_d,
+                LATENT_SNIPPETS,
+            )
+        )
+    density = density_histogram_figure(
+        method.latent_density(), config.train.eval_batch_size, run_dir / runs.FIGURES_DIR / "latent_density.png"
+    )
     figures, report = publish(run_dir, f"Dictionary: {config.name}", metrics, [density], sections)
     return RunResult(run_dir, metrics, figures, result.resumed_from, report)
 
@@ -144,8 +188,11 @@ def dictionary_report(run_dir: Path) -> Path:
     sections = ""
     if isinstance(config.data, LanguageActivationsConfig):
         data, module = hook_point(config.data)
-        sections = latents_section(latent_examples(data, module, config.data.eval_tokens,
-                                                   lambda a: dictionary(a)[:2], dictionary.W_d, LATENT_SNIPPETS))
+        sections = latents_section(
+            latent_examples(
+                data, module, config.data.eval_tokens, lambda a: dictionary(a)[:2], dictionary.W_d, LATENT_SNIPPETS
+            )
+        )
     return refresh(Path(run_dir), f"Dictionary: {config.name}", sections)
 
 
@@ -160,8 +207,9 @@ class SplittingResult:
     markdown: Path
 
 
-def feature_splitting(run_dirs: list[Path], out_dir: Path, threshold: float = 0.5,
-                      n_inputs: int = 16_384) -> SplittingResult:
+def feature_splitting(
+    run_dirs: list[Path], out_dir: Path, threshold: float = 0.5, n_inputs: int = 16_384
+) -> SplittingResult:
     """Compare finished dictionary runs of growing width on the same data (`unmerge.analysis.splitting`): each
     smaller dictionary's latents against the next larger one's, on `n_inputs` sampled activations. Writes
     `splitting.json`, `splitting.md` (a report section) and figures to `out_dir`."""
@@ -171,20 +219,26 @@ def feature_splitting(run_dirs: list[Path], out_dir: Path, threshold: float = 0.
     data = loaded[0][1].data
     for run_dir, config, _ in loaded[1:]:
         if config.data != data:
-            raise ConfigError(f"{run_dir} was trained on other data than {loaded[0][0]}; feature splitting compares "
-                              "dictionaries of the same activations")
+            raise ConfigError(
+                f"{run_dir} was trained on other data than {loaded[0][0]}; feature splitting compares "
+                "dictionaries of the same activations"
+            )
     source = activation_source(data)
-    activations = source.sample(n_inputs, step_generator(0, "splitting"))[:, :source.dim]
+    activations = source.sample(n_inputs, step_generator(0, "splitting"))[:, : source.dim]
     widths = [dictionary.W_d.shape[0] for _, _, dictionary in loaded]
-    named = [(f"{run_dir.name} ({width})", dictionary) for (run_dir, _, dictionary), width in zip(loaded, widths)]
+    named = [
+        (f"{run_dir.name} ({width})", dictionary)
+        for (run_dir, _, dictionary), width in zip(loaded, widths, strict=True)
+    ]
     pairs = splitting_pairs(named, activations, threshold)
     matches = None
     if source.true_features is not None:
         names = truth_names(source.true_features, source.parents)
         matches = [best_matches(dictionary, source.true_features, names) for _, _, dictionary in loaded]
     out_dir = Path(out_dir)
-    figures, markdown = write_splitting(out_dir, pairs, widths, [str(run_dir) for run_dir, _, _ in loaded],
-                                        threshold, matches)
+    figures, markdown = write_splitting(
+        out_dir, pairs, widths, [str(run_dir) for run_dir, _, _ in loaded], threshold, matches
+    )
     return SplittingResult(out_dir, pairs, figures, markdown)
 
 
@@ -206,8 +260,9 @@ def cache_activations(config: DictionaryRunConfig) -> CacheResult:
     """Build (or resume, or reuse) the activation cache a language-model dictionary config trains from."""
     data = config.data
     if not isinstance(data, LanguageActivationsConfig) or data.cache_tokens is None:
-        raise ConfigError("cache-activations needs a dictionary config with data.kind: lm_activations and "
-                          "data.cache_tokens set")
+        raise ConfigError(
+            "cache-activations needs a dictionary config with data.kind: lm_activations and data.cache_tokens set"
+        )
     _set_threads(config.train.threads)
     language, module = hook_point(data)
     start = time.perf_counter()
@@ -240,17 +295,23 @@ def evaluate(run_dir: Path) -> RunResult:
     return _finish_spd(spd, config, Path(run_dir), step)
 
 
-def group_components(run_dir: Path, n_inputs: int = 16_384, threshold: float = DEFAULT_THRESHOLD,
-                     alpha: float = DEFAULT_ALPHA, min_active: int = DEFAULT_MIN_ACTIVE,
-                     batch_size: int = 1024) -> Grouping:
+def group_components(
+    run_dir: Path,
+    n_inputs: int = 16_384,
+    threshold: float = DEFAULT_THRESHOLD,
+    alpha: float = DEFAULT_ALPHA,
+    min_active: int = DEFAULT_MIN_ACTIVE,
+    batch_size: int = 1024,
+) -> Grouping:
     """Group a run's subcomponents into components by description length (`unmerge.analysis.grouping`) and save
     the grouping, its merge history and, on toys, its agreement with the truth as `grouping.json` in the run."""
     config, spd, _ = load_run(run_dir)
     run_dir = Path(run_dir)
     grouping = group_subcomponents(spd, n_inputs, batch_size, threshold, alpha, min_active, seed=0)
     write_json_atomic(run_dir / GROUPING_FILE, grouping.summary(), indent=1)
-    merge_history_figure(grouping.history.costs, grouping.history.best_step,
-                         run_dir / runs.FIGURES_DIR / "grouping.png")
+    merge_history_figure(
+        grouping.history.costs, grouping.history.best_step, run_dir / runs.FIGURES_DIR / "grouping.png"
+    )
     if runs.is_finished(run_dir):  # refresh the report with the grouping's figure
         refresh(run_dir, f"SPD: {config.name}")
     return grouping
@@ -259,8 +320,10 @@ def group_components(run_dir: Path, n_inputs: int = 16_384, threshold: float = D
 def runs_index(run_dirs: list[Path], out_dir: Path, columns: list[str] | None = None) -> Path:
     """`out_dir/index.html` comparing finished runs (SPD or dictionary): their metrics side by side, sortable,
     each run linked to its `report.html`. Columns: `columns`, else the metrics every run has (at most 40)."""
-    listed = [(Path(run_dir), f"{runs.run_name(run_dir)} · {Path(run_dir).name}", runs.read_metrics(run_dir))
-              for run_dir in run_dirs]
+    listed = [
+        (Path(run_dir), f"{runs.run_name(run_dir)} · {Path(run_dir).name}", runs.read_metrics(run_dir))
+        for run_dir in run_dirs
+    ]
     if columns is None:
         common = set.intersection(*(set(metrics) for _, _, metrics in listed)) if listed else set()
         columns = [key for key in listed[0][2] if key in common][:40] if listed else []
@@ -272,8 +335,10 @@ def component_units(run_dir: Path, components: list[int]) -> list[str]:
     saved = load_grouping(run_dir)["components"]
     bad = [c for c in components if not 0 <= c < len(saved)]
     if bad:
-        raise ConfigError(f"component {bad[0]} does not exist: the grouping of {run_dir} has {len(saved)} "
-                          f"components, numbered 0–{len(saved) - 1}")
+        raise ConfigError(
+            f"component {bad[0]} does not exist: the grouping of {run_dir} has {len(saved)} "
+            f"components, numbered 0–{len(saved) - 1}"
+        )
     return [unit for c in components for unit in saved[c]]
 
 
@@ -287,15 +352,17 @@ def unlearn(run_dir: Path, units: list[str], out_dir: Path) -> float:
     out_dir = Path(out_dir)
     if isinstance(config.target, LanguageTargetConfig):
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_tensors_atomic(out_dir / TARGET_WEIGHTS_FILE,
-                            {name: value.clone() for name, value in edited.state_dict().items()})
+        save_tensors_atomic(
+            out_dir / TARGET_WEIGHTS_FILE, {name: value.clone() for name, value in edited.state_dict().items()}
+        )
     else:
         save_target(replace(spd.target, model=edited), config.target, out_dir)
     return output_change(spd, edited)
 
 
-def train_target_preset(preset_or_path: str, overrides: list[str | Override] = (),
-                        out: Path | None = None) -> tuple[Path, float | None]:
+def train_target_preset(
+    preset_or_path: str, overrides: list[str | Override] = (), out: Path | None = None
+) -> tuple[Path, float | None]:
     """Train a preset's target into the cache (or `out`); the final loss, or None if it was already trained. An
     algorithmic toy's task score goes to `task_metrics.json` beside it."""
     return train_preset_target(load_run_config(preset_or_path, overrides).target, out, preset_or_path)
@@ -305,4 +372,3 @@ def sweep(spec: SweepSpec, out_dir: Path, log: Any = print) -> SweepResult:
     """Train a dictionary for every grid point of `spec` (`unmerge.sweep.runner.run_sweep`) and write the results
     table and Pareto figures to `out_dir`."""
     return run_sweep(spec, Path(out_dir), train_dictionary, log)
-

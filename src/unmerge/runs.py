@@ -74,8 +74,10 @@ def prepare(config: StrictModel, run_dir: Path) -> None:
     run_dir = Path(run_dir)
     differences = differences_from_saved(run_dir, config)
     if differences:
-        raise CheckpointError(f"{run_dir} already holds a run with a different config ({'; '.join(differences)}); "
-                              "choose another --out directory, or rerun with the original settings to resume")
+        raise CheckpointError(
+            f"{run_dir} already holds a run with a different config ({'; '.join(differences)}); "
+            "choose another --out directory, or rerun with the original settings to resume"
+        )
     if differences is not None:
         return
     if run_dir.exists() and any(run_dir.iterdir()):

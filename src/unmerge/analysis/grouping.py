@@ -101,8 +101,14 @@ def active_subcomponents(importances: Importances, threshold: float = DEFAULT_TH
 
 
 @torch.no_grad()
-def unit_activity(spd: SPD, n_inputs: int, batch_size: int, threshold: float = DEFAULT_THRESHOLD,
-                  min_active: int = DEFAULT_MIN_ACTIVE, seed: int = 0) -> UnitActivity:
+def unit_activity(
+    spd: SPD,
+    n_inputs: int,
+    batch_size: int,
+    threshold: float = DEFAULT_THRESHOLD,
+    min_active: int = DEFAULT_MIN_ACTIVE,
+    seed: int = 0,
+) -> UnitActivity:
     """Binarised CI of every subcomponent of every site on `n_inputs` rows of the target's input distribution;
     units active on fewer than `min_active` rows are set aside as inactive."""
     names = subcomponent_names(spd)
@@ -114,8 +120,11 @@ def unit_activity(spd: SPD, n_inputs: int, batch_size: int, threshold: float = D
         active[filled : filled + rows.shape[0]] = rows
         filled, batch = filled + rows.shape[0], batch + 1
     fired = active.sum(dim=0) >= min_active
-    return UnitActivity([n for n, f in zip(names, fired.tolist(), strict=True) if f], active[:, fired],
-                        [n for n, f in zip(names, fired.tolist(), strict=True) if not f])
+    return UnitActivity(
+        [n for n, f in zip(names, fired.tolist(), strict=True) if f],
+        active[:, fired],
+        [n for n, f in zip(names, fired.tolist(), strict=True) if not f],
+    )
 
 
 def _merge_costs(frequency: Tensor, sizes: Tensor, coactive: Tensor, alive: Tensor, alpha: float) -> Tensor:
@@ -126,7 +135,7 @@ def _merge_costs(frequency: Tensor, sizes: Tensor, coactive: Tensor, alive: Tens
     union = frequency[:, None] + frequency[None, :] - coactive
     merged_size = sizes[:, None] + sizes[None, :]
     naming = naming_total - frequency[:, None] - frequency[None, :] + union
-    values = (value_total - (frequency * sizes)[:, None] - (frequency * sizes)[None, :] + union * merged_size)
+    values = value_total - (frequency * sizes)[:, None] - (frequency * sizes)[None, :] + union * merged_size
     cost = math.log2(k - 1) * naming + alpha * values if k > 1 else torch.full_like(union, math.inf)
     valid = alive[:, None] & alive[None, :] & torch.ones_like(union, dtype=torch.bool).triu(1)
     return torch.where(valid, cost, math.inf)
@@ -214,8 +223,11 @@ class Grouping:
             members = torch.tensor([truth == name for truth in self.truth])
             components = self.labels[members].unique()
             pure = len(components) == 1 and int((self.labels == components[0]).sum()) == int(members.sum())
-            results[name.removeprefix("dense:")] = {"active_units": int(members.sum()),
-                                                    "components": len(components), "pure": pure}
+            results[name.removeprefix("dense:")] = {
+                "active_units": int(members.sum()),
+                "components": len(components),
+                "pure": pure,
+            }
         return results
 
     def summary(self) -> dict:
@@ -233,23 +245,39 @@ class Grouping:
             "merges_chosen": self.history.best_step,
             "adjusted_rand_index": self.ari(),
             "dense_mechanisms": self.dense_mechanisms(),
-            "history": [{"kept": self.units[m.kept], "absorbed": self.units[m.absorbed], "cost": m.cost}
-                        for m in self.history.merges],
+            "history": [
+                {"kept": self.units[m.kept], "absorbed": self.units[m.absorbed], "cost": m.cost}
+                for m in self.history.merges
+            ],
         }
 
 
-def group_subcomponents(spd: SPD, n_inputs: int = 16_384, batch_size: int = 1024,
-                        threshold: float = DEFAULT_THRESHOLD, alpha: float = DEFAULT_ALPHA,
-                        min_active: int = DEFAULT_MIN_ACTIVE, seed: int = 0) -> Grouping:
+def group_subcomponents(
+    spd: SPD,
+    n_inputs: int = 16_384,
+    batch_size: int = 1024,
+    threshold: float = DEFAULT_THRESHOLD,
+    alpha: float = DEFAULT_ALPHA,
+    min_active: int = DEFAULT_MIN_ACTIVE,
+    seed: int = 0,
+) -> Grouping:
     """Sample the units' activity, merge greedily, choose the cheapest grouping (module docstring)."""
     activity = unit_activity(spd, n_inputs, batch_size, threshold, min_active, seed)
     if not activity.units:
-        raise UnmergeError(f"no subcomponent has CI above {threshold} on {min_active} or more of {n_inputs} "
-                           "inputs; lower the threshold, sample more inputs or check the run")
+        raise UnmergeError(
+            f"no subcomponent has CI above {threshold} on {min_active} or more of {n_inputs} "
+            "inputs; lower the threshold, sample more inputs or check the run"
+        )
     history = greedy_merge(activity.active, alpha)
     settings = {"threshold": threshold, "alpha": alpha, "min_active": min_active, "inputs": n_inputs, "seed": seed}
-    return Grouping(activity.units, history.labels(len(activity.units)), history, activity.inactive, settings,
-                    ground_truth_labels(spd, activity.units))
+    return Grouping(
+        activity.units,
+        history.labels(len(activity.units)),
+        history,
+        activity.inactive,
+        settings,
+        ground_truth_labels(spd, activity.units),
+    )
 
 
 def load_grouping(run_dir: Path) -> dict[str, Any]:

@@ -27,13 +27,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from unmerge.analysis.grouping import DEFAULT_THRESHOLD, active_subcomponents, subcomponent_names
-from unmerge.eval.examples import LatentExamples, top_positions
 from unmerge.errors import SiteError
+from unmerge.eval.examples import LatentExamples, top_positions
 from unmerge.eval.spliced import frozen
 from unmerge.metrics.language import counted_predictions, next_token_nll
 from unmerge.sae.dictionary import Dictionary
 from unmerge.spd.method import SPD
-from unmerge.spd.model import as_site
+from unmerge.spd.sites import as_site
 from unmerge.train.rng import step_generator
 
 Ablation = Literal["zero", "mean"]
@@ -45,8 +45,10 @@ def unit_index(spd: SPD, units: Iterable[str]) -> list[int]:
     units = list(units)
     unknown = [unit for unit in units if unit not in index]
     if unknown:
-        raise SiteError(f"{unknown[0]!r} names no subcomponent; subcomponents are named SITE/INDEX with SITE one of "
-                        f"{', '.join(spd.model.site_names)} and INDEX below its C")
+        raise SiteError(
+            f"{unknown[0]!r} names no subcomponent; subcomponents are named SITE/INDEX with SITE one of "
+            f"{', '.join(spd.model.site_names)} and INDEX below its C"
+        )
     return [index[unit] for unit in units]
 
 
@@ -54,9 +56,13 @@ def subcomponent_masks(spd: SPD, units: Iterable[str]) -> dict[str, Tensor]:
     """Per site, a bool mask (C,) of the named subcomponents `site/c`."""
     chosen = torch.zeros(len(subcomponent_names(spd)), dtype=torch.bool)
     chosen[unit_index(spd, units)] = True
-    return {site: mask for site, mask in zip(spd.model.site_names,
-                                               chosen.split([spd.model.site_C[s] for s in spd.model.site_names]),
-                                               strict=True) if mask.any()}
+    return {
+        site: mask
+        for site, mask in zip(
+            spd.model.site_names, chosen.split([spd.model.site_C[s] for s in spd.model.site_names]), strict=True
+        )
+        if mask.any()
+    }
 
 
 def removed_weight(spd: SPD, site: str, mask: Tensor) -> Tensor:
@@ -66,8 +72,9 @@ def removed_weight(spd: SPD, site: str, mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def mean_inner_activations(spd: SPD, n_inputs: int = 16_384, batch_size: int = 1024,
-                           seed: int = 0) -> dict[str, Tensor]:
+def mean_inner_activations(
+    spd: SPD, n_inputs: int = 16_384, batch_size: int = 1024, seed: int = 0
+) -> dict[str, Tensor]:
     """Per site, the mean inner activation `E[V a]` (C,) over rows of sampled inputs (for mean ablations)."""
     totals = {name: torch.zeros(C) for name, C in spd.model.site_C.items()}
     rows, batch = 0, 0
@@ -82,8 +89,9 @@ def mean_inner_activations(spd: SPD, n_inputs: int = 16_384, batch_size: int = 1
 
 
 @contextmanager
-def ablated(spd: SPD, units: Iterable[str], mode: Ablation = "zero",
-            means: dict[str, Tensor] | None = None) -> Iterator[None]:
+def ablated(
+    spd: SPD, units: Iterable[str], mode: Ablation = "zero", means: dict[str, Tensor] | None = None
+) -> Iterator[None]:
     """While active, the target runs with the named subcomponents ablated (zero, or mean with `means` from
     `mean_inner_activations`)."""
     masks = subcomponent_masks(spd, units)
@@ -99,8 +107,7 @@ def ablated(spd: SPD, units: Iterable[str], mode: Ablation = "zero",
 
 
 @torch.no_grad()
-def component_activity(spd: SPD, x: Tensor, components: list[list[str]],
-                       threshold: float = 0.1) -> Tensor:
+def component_activity(spd: SPD, x: Tensor, components: list[list[str]], threshold: float = 0.1) -> Tensor:
     """Monitoring: (rows, components) bool, True where any subcomponent of the component has CI > threshold (rows
     are inputs, or token positions of a language model)."""
     active = active_subcomponents(spd.importances(spd.model.clean_pass(x)), threshold)
@@ -128,8 +135,13 @@ def unlearned_model(spd: SPD, units: Iterable[str]) -> nn.Module:
 
 
 @contextmanager
-def dictionary_spliced(module: nn.Module, dictionary: Dictionary, latents: Iterable[int] = (),
-                       mode: Ablation = "zero", latent_means: Tensor | None = None) -> Iterator[None]:
+def dictionary_spliced(
+    module: nn.Module,
+    dictionary: Dictionary,
+    latents: Iterable[int] = (),
+    mode: Ablation = "zero",
+    latent_means: Tensor | None = None,
+) -> Iterator[None]:
     """While active, `module`'s output is the dictionary's reconstruction — a transcoder's from the module's input,
     an autoencoder's from its output — with the given latents ablated (set to zero, or to their mean activation
     `latent_means` (width,) in the dictionary's working units)."""
@@ -162,8 +174,11 @@ def _importance_and_mask_gradients(spd: SPD, ids: Tensor) -> tuple[Tensor, Tenso
         importances = spd.importances(clean)
     masks = {name: torch.ones_like(importances.inner[name], requires_grad=True) for name in names}
     with frozen(spd.module):
-        loss, predictions = next_token_nll(spd.model.masked_pass(ids, masks, clean, importances.inner), ids,
-                                           counted_predictions(spd.target.model.ordinary_positions(ids)))
+        loss, predictions = next_token_nll(
+            spd.model.masked_pass(ids, masks, clean, importances.inner),
+            ids,
+            counted_predictions(spd.target.model.ordinary_positions(ids)),
+        )
         gradients = torch.autograd.grad(loss, [masks[name] for name in names])
     summed = torch.cat([g.flatten(0, -2).sum(0) for g in gradients]).double()
     return importances.lower_all.clamp(0.0, 1.0), summed, int(predictions)
@@ -175,9 +190,14 @@ def _importances_and_effects(spd: SPD, windows: Tensor, batch_windows: int) -> t
     importances: list[Tensor] = []
     effects = torch.zeros(sum(spd.model.site_C[name] for name in spd.model.site_names), dtype=torch.float64)
     count = 0
-    for start in tqdm(range(0, windows.shape[0], batch_windows), desc="subcomponent importances and effects",
-                      unit="batch", disable=None, leave=False):
-        ids = windows[start:start + batch_windows]
+    for start in tqdm(
+        range(0, windows.shape[0], batch_windows),
+        desc="subcomponent importances and effects",
+        unit="batch",
+        disable=None,
+        leave=False,
+    ):
+        ids = windows[start : start + batch_windows]
         importance, gradient, predictions = _importance_and_mask_gradients(spd, ids)
         importances.append(importance)
         effects -= gradient
@@ -192,16 +212,25 @@ def subcomponent_ablation_effects(spd: SPD, windows: Tensor, batch_windows: int 
     return _importances_and_effects(spd, windows, batch_windows)[1]
 
 
-def subcomponent_examples(spd: SPD, windows: Tensor, tokens: list[list[str]], per_unit: int,
-                          batch_windows: int = 8) -> LatentExamples:
+def subcomponent_examples(
+    spd: SPD, windows: Tensor, tokens: list[list[str]], per_unit: int, batch_windows: int = 8
+) -> LatentExamples:
     """Monitoring on held-out text of a causal LM: every subcomponent's causal importance (clipped to [0, 1]) at
     every position of `windows` (special tokens get 0), its `per_unit` most important positions, `tokens` (each
     window's token texts) and the first-order ablation effects, for the report's subcomponent list."""
     importance, effects = _importances_and_effects(spd, windows, batch_windows)
     ordinary = spd.target.model.ordinary_positions(windows)
     importance[~ordinary] = 0.0
-    return LatentExamples(tokens, importance, top_positions(importance, per_unit), ordinary, effects, "ΔCE",
-                          subcomponent_names(spd), DEFAULT_THRESHOLD)
+    return LatentExamples(
+        tokens,
+        importance,
+        top_positions(importance, per_unit),
+        ordinary,
+        effects,
+        "ΔCE",
+        subcomponent_names(spd),
+        DEFAULT_THRESHOLD,
+    )
 
 
 @torch.no_grad()

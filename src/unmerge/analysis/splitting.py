@@ -36,9 +36,16 @@ class Splits:
 
     def table(self) -> list[dict[str, object]]:
         """One row per parent latent: children, their cosines, R²."""
-        return [{"parent": p, "frequency": float(self.parent_frequency[p]), "children": kids,
-                 "cosines": [round(float(self.cosine[p, c]), 3) for c in kids],
-                 "r2": float(self.reconstruction_r2[p])} for p, kids in enumerate(self.children)]
+        return [
+            {
+                "parent": p,
+                "frequency": float(self.parent_frequency[p]),
+                "children": kids,
+                "cosines": [round(float(self.cosine[p, c]), 3) for c in kids],
+                "r2": float(self.reconstruction_r2[p]),
+            }
+            for p, kids in enumerate(self.children)
+        ]
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,9 @@ class SharedDirections:
     def atom_parents(self) -> list[list[int]]:
         """Distinct parents whose split vectors use each atom at cosine above 0.5."""
         close = self.assignment_cosine > SHARED_COSINE
-        return [sorted(set(self.split_parents[close & (self.assignment == a)].tolist()))
-                for a in range(self.atoms.shape[0])]
+        return [
+            sorted(set(self.split_parents[close & (self.assignment == a)].tolist())) for a in range(self.atoms.shape[0])
+        ]
 
     def shared_fraction(self) -> float:
         """Fraction of split vectors on an atom shared by at least two parents (at cosine above 0.5)."""
@@ -75,8 +83,10 @@ def feature_splits(parent: Dictionary, child: Dictionary, activations: Tensor, t
     """Children of each parent latent (decoder cosine > threshold) and the R² of its reconstruction from them, on
     `activations` (rows of the data both dictionaries encode)."""
     if parent.W_d.shape[1] != child.W_d.shape[1]:
-        raise ValueError(f"the dictionaries decode to different sizes ({parent.W_d.shape[1]} and "
-                         f"{child.W_d.shape[1]}); feature splitting compares dictionaries of the same activations")
+        raise ValueError(
+            f"the dictionaries decode to different sizes ({parent.W_d.shape[1]} and "
+            f"{child.W_d.shape[1]}); feature splitting compares dictionaries of the same activations"
+        )
     cosine = unit_decoder(parent) @ unit_decoder(child).T
     is_child = cosine > threshold
     f_parent, f_child = parent(activations)[1], child(activations)[1]
@@ -102,8 +112,14 @@ def _spherical_kmeans(vectors: Tensor, k: int, iterations: int, generator: torch
 
 
 @torch.no_grad()
-def shared_split_directions(parent: Dictionary, child: Dictionary, splits: Splits, n_atoms: int | None = None,
-                            iterations: int = 50, seed: int = 0) -> SharedDirections:
+def shared_split_directions(
+    parent: Dictionary,
+    child: Dictionary,
+    splits: Splits,
+    n_atoms: int | None = None,
+    iterations: int = 50,
+    seed: int = 0,
+) -> SharedDirections:
     """Fit atoms to the split vectors of parents with at least two children (module docstring); by default one
     atom per two split vectors."""
     parent_dirs, child_dirs = unit_decoder(parent), unit_decoder(child)
@@ -111,8 +127,9 @@ def shared_split_directions(parent: Dictionary, child: Dictionary, splits: Split
     dim = parent_dirs.shape[1]
     if not pairs:
         empty = torch.zeros(0, dim)
-        return SharedDirections(empty, torch.zeros(0, dtype=torch.long), empty, torch.zeros(0, dtype=torch.long),
-                                torch.zeros(0))
+        return SharedDirections(
+            empty, torch.zeros(0, dtype=torch.long), empty, torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        )
     p_index = torch.tensor([p for p, _ in pairs])
     c_index = torch.tensor([c for _, c in pairs])
     d_p, d_c = parent_dirs[p_index], child_dirs[c_index]
@@ -151,11 +168,12 @@ class SplitPair:
     shared: SharedDirections
 
 
-def splitting_pairs(dictionaries: list[tuple[str, Dictionary]], activations: Tensor,
-                    threshold: float = 0.5) -> list[SplitPair]:
+def splitting_pairs(
+    dictionaries: list[tuple[str, Dictionary]], activations: Tensor, threshold: float = 0.5
+) -> list[SplitPair]:
     """Each dictionary (named, smallest first) against the next larger one on the same `activations`."""
     pairs = []
-    for (small_name, small), (large_name, large) in zip(dictionaries, dictionaries[1:]):
+    for (small_name, small), (large_name, large) in zip(dictionaries, dictionaries[1:], strict=False):
         splits = feature_splits(small, large, activations, threshold)
         pairs.append(SplitPair(small_name, large_name, splits, shared_split_directions(small, large, splits)))
     return pairs

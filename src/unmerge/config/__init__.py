@@ -87,6 +87,7 @@ __all__ = [
     "load_yaml",
     "parse_override",
     "parse_overrides",
+    "preset_names",
     "save_yaml",
     "validate",
     "yaml_dump",

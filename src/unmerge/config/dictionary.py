@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, NonNegativeInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from unmerge.config.base import NonNegativeFloat, StrictModel
 from unmerge.config.targets import LanguageModelConfig, TargetConfig, TextConfig
@@ -41,10 +41,12 @@ class HierarchyConfig(StrictModel):
     n_independent: NonNegativeInt = Field(8, description="features without parent or children")
     parent_probability: Annotated[float, Field(gt=0.0, le=1.0)] = Field(0.15, description="P(a parent fires)")
     child_probability: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
-        0.6, description="P(one of its children fires | the parent fires); the child is chosen uniformly")
+        0.6, description="P(one of its children fires | the parent fires); the child is chosen uniformly"
+    )
     independent_probability: Annotated[float, Field(gt=0.0, le=1.0)] = Field(0.1, description="P(fires)")
     magnitude_spread: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
-        0.0, description="a firing feature's coefficient is U[1 − spread, 1 + spread] (0: always 1)")
+        0.0, description="a firing feature's coefficient is U[1 − spread, 1 + spread] (0: always 1)"
+    )
     seed: NonNegativeInt = Field(0, description="fixes the random orthonormal directions")
 
     @property
@@ -60,7 +62,8 @@ class TargetActivationsConfig(StrictModel):
     target: TargetConfig
     hook: str = Field(description="name of the module whose output is recorded (as in model.named_modules())")
     transcoder: bool = Field(
-        False, description="record the module's input and output: a transcoder encodes the one, decodes the other")
+        False, description="record the module's input and output: a transcoder encodes the one, decodes the other"
+    )
 
 
 class LanguageActivationsConfig(StrictModel):
@@ -75,10 +78,12 @@ class LanguageActivationsConfig(StrictModel):
     text: TextConfig = TextConfig()
     hook: str = Field(min_length=1, description="module whose output is recorded (as in model.named_modules())")
     cache_tokens: PositiveInt | None = Field(
-        1_048_576, description="tokens to cache from the training windows (None: record from the model every batch)")
+        1_048_576, description="tokens to cache from the training windows (None: record from the model every batch)"
+    )
     cache_dtype: Literal["float32", "float16"] = Field("float32", description="how cached activations are stored")
-    cache_dir: str | None = Field(None, description="where the cache lives (default: keyed by these settings "
-                                                    "under UNMERGE_CACHE_DIR/activations)")
+    cache_dir: str | None = Field(
+        None, description="where the cache lives (default: keyed by these settings under UNMERGE_CACHE_DIR/activations)"
+    )
     shard_tokens: PositiveInt = Field(65_536, description="rows per cache shard")
     record_batch: PositiveInt = Field(32, description="windows per forward pass while recording")
     eval_tokens: PositiveInt = Field(8_192, description="held-out tokens for the spliced-in evaluation")
@@ -122,21 +127,28 @@ class DictionaryConfig(StrictModel):
     unit_norm_decoder: bool = Field(True, description="renormalise decoder rows to 1 after every step")
     dead_window: PositiveInt = Field(100_000, description="a latent is dead if it has not fired in this many samples")
     matryoshka_prefixes: list[PositiveInt] | None = Field(
-        None, description="Matryoshka: also reconstruct from the first m_i latents for each of these widths")
+        None, description="Matryoshka: also reconstruct from the first m_i latents for each of these widths"
+    )
     normalise_activations: bool = Field(
-        False, description="train on s·x with s ≈ √d / E‖x‖ (a power of two), folded into the weights at the end")
+        False, description="train on s·x with s ≈ √d / E‖x‖ (a power of two), folded into the weights at the end"
+    )
     refit_magnitudes: bool = Field(
-        False, description="also evaluate with magnitudes refitted by least squares on each input's support")
+        False, description="also evaluate with magnitudes refitted by least squares on each input's support"
+    )
     resample_every: NonNegativeInt = Field(0, description="every N steps, re-initialise dead latents (0: never)")
     resample_until: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
-        0.5, description="resample only within this fraction of training, so the last part can settle")
+        0.5, description="resample only within this fraction of training, so the last part can settle"
+    )
     resample_duplicates: bool = Field(
-        False, description="also resample a latent whose atom nearly copies an earlier one's (cosine > 0.95)")
+        False, description="also resample a latent whose atom nearly copies an earlier one's (cosine > 0.95)"
+    )
     resample_misaligned: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
-        0.0, description="also resample a latent whose atom_alignment on the resampling inputs is below this (0: off)")
+        0.0, description="also resample a latent whose atom_alignment on the resampling inputs is below this (0: off)"
+    )
     resample_samples: PositiveInt = Field(8192, description="inputs scored to choose the resampled directions")
     resample_encoder_norm: PositiveFloat = Field(
-        0.2, description="a resampled encoder column's norm, as a fraction of the mean live column's norm")
+        0.2, description="a resampled encoder column's norm, as a fraction of the mean live column's norm"
+    )
     skip: bool = Field(False, description="transcoders: add a linear skip path x W_skip (zero at the start)")
 
     @model_validator(mode="after")
@@ -152,8 +164,10 @@ class DictionaryConfig(StrictModel):
             raise ValueError(f"aux_k = {self.aux_k} is larger than the width {self.width}")
         prefixes = self.matryoshka_prefixes
         if prefixes is not None and (sorted(set(prefixes)) != prefixes or prefixes[-1] >= self.width):
-            raise ValueError(f"matryoshka_prefixes {prefixes} must increase strictly and stay below the width "
-                             f"{self.width} (the full width is always one of the nested dictionaries)")
+            raise ValueError(
+                f"matryoshka_prefixes {prefixes} must increase strictly and stay below the width "
+                f"{self.width} (the full width is always one of the nested dictionaries)"
+            )
         return self
 
 
@@ -168,6 +182,8 @@ class DictionaryRunConfig(StrictModel):
     @model_validator(mode="after")
     def _skip_needs_a_transcoder(self) -> DictionaryRunConfig:
         if self.method.skip and not getattr(self.data, "transcoder", False):
-            raise ValueError("method.skip adds a linear path from a block's input to its output, so it needs "
-                             "transcoder data (data.kind: target_activations with data.transcoder: true)")
+            raise ValueError(
+                "method.skip adds a linear path from a block's input to its output, so it needs "
+                "transcoder data (data.kind: target_activations with data.transcoder: true)"
+            )
         return self

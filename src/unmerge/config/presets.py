@@ -35,8 +35,9 @@ def config_source(preset_or_path: str, directory: Path = PRESET_DIR) -> Path:
     preset = directory / f"{preset_or_path}.yaml"
     if not preset.is_file():
         names = sorted(p.stem for p in directory.glob("*.yaml"))
-        raise ConfigError(f"unknown preset {preset_or_path!r}; available presets: {', '.join(names)} "
-                          "(or pass a path to a YAML file)")
+        raise ConfigError(
+            f"unknown preset {preset_or_path!r}; available presets: {', '.join(names)} (or pass a path to a YAML file)"
+        )
     return preset
 
 

@@ -40,16 +40,18 @@ class SPDConfig(StrictModel):
     )
     faithfulness_warmup_lr: PositiveFloat = Field(1e-2, description="learning rate of the faithfulness warm-up")
     adversarial_steps: NonNegativeInt = Field(
-        0, description="projected sign-gradient ascent steps on r that search for the worst masks in [g, 1], for "
-                       "the adversarial loss and the `adversarial_recon` metric (0: neither)"
+        0,
+        description="projected sign-gradient ascent steps on r that search for the worst masks in [g, 1], for "
+        "the adversarial loss and the `adversarial_recon` metric (0: neither)",
     )
     adversarial_step_size: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
         0.25, description="how far one ascent step moves each r"
     )
     ci_kernel: Literal["auto", "torch", "c"] = Field(
-        "auto", description="how causal importances, hard sigmoids and masks are computed: the hand-written C kernel "
-                            "(CPU, float32), plain torch (anywhere), or auto (the C kernel on the CPU where a C "
-                            "compiler builds it, torch otherwise)"
+        "auto",
+        description="how causal importances, hard sigmoids and masks are computed: the hand-written C kernel "
+        "(CPU, float32), plain torch (anywhere), or auto (the C kernel on the CPU where a C "
+        "compiler builds it, torch otherwise)",
     )
     adversarial_recon_coeff: NonNegativeFloat = Field(
         0.0, description="weight of D with all sites at the worst masks found (VPD's adversarial reconstruction)"
@@ -58,8 +60,9 @@ class SPDConfig(StrictModel):
     @model_validator(mode="after")
     def _adversarial_loss_has_steps(self) -> SPDConfig:
         if self.adversarial_recon_coeff and not self.adversarial_steps:
-            raise ValueError("adversarial_recon_coeff > 0 needs adversarial_steps ≥ 1 (the ascent that finds the "
-                             "worst masks)")
+            raise ValueError(
+                "adversarial_recon_coeff > 0 needs adversarial_steps ≥ 1 (the ascent that finds the worst masks)"
+            )
         return self
 
 
@@ -68,19 +71,27 @@ class RunConfig(StrictModel):
 
     name: str = Field("run", description="human-readable name (the preset's name)")
     target: TMSConfig | ResidMLPConfig | MaxOfKConfig | ModularAdditionConfig | LanguageTargetConfig = Field(
-        discriminator="kind")
+        discriminator="kind"
+    )
     method: SPDConfig
     train: TrainConfig
 
     @model_validator(mode="after")
     def _output_loss_fits_the_target(self) -> RunConfig:
-        whole_language_model = (isinstance(self.target, LanguageTargetConfig) and self.target.module is None
-                                and self.target.model.kind != "minilm")
+        whole_language_model = (
+            isinstance(self.target, LanguageTargetConfig)
+            and self.target.module is None
+            and self.target.model.kind != "minilm"
+        )
         classifier = isinstance(self.target, (MaxOfKConfig, ModularAdditionConfig))
         wanted = "kl" if whole_language_model or classifier else "mse"
         if self.method.output_loss != wanted:
-            kind = ("a whole causal language model" if whole_language_model
-                    else "an algorithmic toy (its output is logits)" if classifier
-                    else "a toy target, a single module or a sentence encoder's embedding")
+            kind = (
+                "a whole causal language model"
+                if whole_language_model
+                else "an algorithmic toy (its output is logits)"
+                if classifier
+                else "a toy target, a single module or a sentence encoder's embedding"
+            )
             raise ValueError(f"method.output_loss must be {wanted!r} for {kind}, not {self.method.output_loss!r}")
         return self

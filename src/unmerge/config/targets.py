@@ -19,8 +19,9 @@ class TMSConfig(StrictModel):
     identity: bool = Field(False, description="insert a fixed m×m identity site between W and Wᵀ")
     feature_probability: Probability = Field(0.05, description="probability that a feature is active")
     train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(steps=10_000, batch_size=1024,
-                                            optim=OptimConfig(lr=5e-3, weight_decay=0.01)),
+        default_factory=lambda: TrainConfig(
+            steps=10_000, batch_size=1024, optim=OptimConfig(lr=5e-3, weight_decay=0.01)
+        ),
         description="training recipe of the target (AdamW, constant lr)",
     )
 
@@ -68,17 +69,19 @@ class ModularAdditionConfig(StrictModel):
     d_mlp: PositiveInt = Field(512, description="ReLU MLP width")
     train_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(0.3, description="pairs seen in training")
     init: Literal["nanda", "pytorch"] = Field(
-        "nanda", description="initial weights: every matrix N(0, 1/d_model), the unembedding N(0, 1/(p + 1)) and "
-        "biases 0 as Nanda et al.; or PyTorch's module defaults with the token embedding at 1/√d_model")
+        "nanda",
+        description="initial weights: every matrix N(0, 1/d_model), the unembedding N(0, 1/(p + 1)) and "
+        "biases 0 as Nanda et al.; or PyTorch's module defaults with the token embedding at 1/√d_model",
+    )
     train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(steps=10_000, batch_size=3831,
-                                            optim=OptimConfig(lr=1e-3, weight_decay=1.0)),
+        default_factory=lambda: TrainConfig(
+            steps=10_000, batch_size=3831, optim=OptimConfig(lr=1e-3, weight_decay=1.0)
+        ),
         description="training recipe: full batch (batch_size ≥ the training pairs), AdamW with weight decay 1",
     )
 
 
-TargetConfig = Annotated[TMSConfig | ResidMLPConfig | MaxOfKConfig | ModularAdditionConfig,
-                         Field(discriminator="kind")]
+TargetConfig = Annotated[TMSConfig | ResidMLPConfig | MaxOfKConfig | ModularAdditionConfig, Field(discriminator="kind")]
 
 
 class SmallLMConfig(StrictModel):
@@ -91,12 +94,16 @@ class SmallLMConfig(StrictModel):
     n_heads: PositiveInt = Field(4, description="attention heads (d_model must be divisible by it)")
     d_mlp: PositiveInt = Field(512, description="MLP hidden width")
     vocab_size: Annotated[int, Field(ge=3)] = Field(
-        4096, description="ids kept: BOS, the most frequent training tokens, and one id for every other token")
+        4096, description="ids kept: BOS, the most frequent training tokens, and one id for every other token"
+    )
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(
-            steps=3000, batch_size=32, optim=OptimConfig(lr=3e-3, schedule="cosine", warmup_steps=100,
-                                                         weight_decay=0.1, final_lr_fraction=0.1)),
-        description="training recipe (batch_size counts windows)")
+            steps=3000,
+            batch_size=32,
+            optim=OptimConfig(lr=3e-3, schedule="cosine", warmup_steps=100, weight_decay=0.1, final_lr_fraction=0.1),
+        ),
+        description="training recipe (batch_size counts windows)",
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> SmallLMConfig:
@@ -111,8 +118,10 @@ class LanguageModelConfig(StrictModel):
     or a small LM trained here."""
 
     kind: Literal["smollm2", "minilm", "hf_directory", "small_lm"] = Field(
-        "smollm2", description="SmolLM2-135M, the all-MiniLM-L6-v2 encoder, a local Hugging Face causal LM "
-                               "directory, or a small LM trained here")
+        "smollm2",
+        description="SmolLM2-135M, the all-MiniLM-L6-v2 encoder, a local Hugging Face causal LM "
+        "directory, or a small LM trained here",
+    )
     path: str | None = Field(None, description="hf_directory: the local directory (nothing is downloaded)")
     recipe: SmallLMConfig | None = Field(None, description="small_lm: its architecture and training recipe")
 

@@ -18,7 +18,8 @@ class OptimConfig(StrictModel):
     final_lr_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = Field(0.0, description="cosine floor / peak")
     weight_decay: NonNegativeFloat = Field(0.0, description="decoupled weight decay (AdamW); 0 is plain Adam")
     beta2: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
-        None, description="Adam's second-moment decay (unset: torch's 0.999)")
+        None, description="Adam's second-moment decay (unset: torch's 0.999)"
+    )
 
 
 class TrainConfig(StrictModel):

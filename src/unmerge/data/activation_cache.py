@@ -60,13 +60,16 @@ def _read_manifest(directory: Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path} is unreadable ({error}); delete {directory} and rebuild the cache") from None
     if manifest.get("version") != _VERSION:
-        raise CheckpointError(f"{path} has version {manifest.get('version')!r}, this code reads version {_VERSION}; "
-                              f"delete {directory} and rebuild the cache")
+        raise CheckpointError(
+            f"{path} has version {manifest.get('version')!r}, this code reads version {_VERSION}; "
+            f"delete {directory} and rebuild the cache"
+        )
     return manifest
 
 
-def _build_settings(sequences: Tensor, seed: int, shard_tokens: int, batch_sequences: int, dtype: torch.dtype,
-                    description: dict | None) -> dict[str, Any]:
+def _build_settings(
+    sequences: Tensor, seed: int, shard_tokens: int, batch_sequences: int, dtype: torch.dtype, description: dict | None
+) -> dict[str, Any]:
     """What a resumed build must share with the interrupted one for the two to write the same cache."""
     return {
         "dtype": _dtype_name(dtype),
@@ -82,8 +85,10 @@ def _build_settings(sequences: Tensor, seed: int, shard_tokens: int, batch_seque
 
 def _checked_sequences(sequences: Tensor, shard_tokens: int, batch_sequences: int) -> Tensor:
     if sequences.dim() != 2 or sequences.shape[0] == 0 or sequences.is_floating_point():
-        raise UnmergeError(f"sequences must be a non-empty (n_sequences, seq_len) tensor of token ids, got a "
-                           f"{sequences.dtype} tensor of shape {tuple(sequences.shape)}")
+        raise UnmergeError(
+            f"sequences must be a non-empty (n_sequences, seq_len) tensor of token ids, got a "
+            f"{sequences.dtype} tensor of shape {tuple(sequences.shape)}"
+        )
     if shard_tokens < 1 or batch_sequences < 1:
         raise UnmergeError(f"shard_tokens ({shard_tokens}) and batch_sequences ({batch_sequences}) must be positive")
     return sequences.to(device="cpu", dtype=torch.int64).contiguous()
@@ -95,18 +100,20 @@ def _start_or_resume(directory: Path, settings: dict[str, Any]) -> dict[str, Any
     manifest = _read_manifest(directory)
     if manifest is None:
         if directory.is_dir() and any(directory.glob(_SHARD_PATTERN)):
-            raise CheckpointError(f"{directory} holds activation shards but no {MANIFEST_FILE}; choose another "
-                                  "directory or delete it")
+            raise CheckpointError(
+                f"{directory} holds activation shards but no {MANIFEST_FILE}; choose another directory or delete it"
+            )
         directory.mkdir(parents=True, exist_ok=True)
-        manifest = {"version": _VERSION, "dim": None, **settings, "sequences_done": 0, "complete": False,
-                    "shards": []}
+        manifest = {"version": _VERSION, "dim": None, **settings, "sequences_done": 0, "complete": False, "shards": []}
         _write_manifest(directory, manifest)
         return manifest
     for key, value in settings.items():
         if manifest.get(key) != value:
-            raise CheckpointError(f"the activation cache at {directory} was built with a different {key} "
-                                  f"({manifest.get(key)!r} there, {value!r} now); choose another directory or "
-                                  "delete it")
+            raise CheckpointError(
+                f"the activation cache at {directory} was built with a different {key} "
+                f"({manifest.get(key)!r} there, {value!r} now); choose another directory or "
+                "delete it"
+            )
     _drop_damaged_tail(directory, manifest)
     return manifest
 
@@ -115,41 +122,63 @@ def _drop_damaged_tail(directory: Path, manifest: dict[str, Any]) -> None:
     """Cut the shard list at its first missing or wrong-sized shard and delete shard files it does not list
     (leftovers of an interrupted write), so the build goes on from the last intact shard."""
     shards = manifest["shards"]
-    intact = next((index for index, shard in enumerate(shards)
-                   if not (directory / shard["file"]).is_file()
-                   or (directory / shard["file"]).stat().st_size != shard["bytes"]), len(shards))
+    intact = next(
+        (
+            index
+            for index, shard in enumerate(shards)
+            if not (directory / shard["file"]).is_file() or (directory / shard["file"]).stat().st_size != shard["bytes"]
+        ),
+        len(shards),
+    )
     if intact < len(shards):
-        manifest.update(shards=shards[:intact], complete=False,
-                        sequences_done=shards[intact - 1]["sequences_done"] if intact else 0)
+        manifest.update(
+            shards=shards[:intact], complete=False, sequences_done=shards[intact - 1]["sequences_done"] if intact else 0
+        )
     listed = {shard["file"] for shard in manifest["shards"]}
     for leftover in [*directory.glob(_SHARD_PATTERN), *directory.glob(_PARTIAL_SHARD_PATTERN)]:
         if leftover.name not in listed:
             leftover.unlink()
 
 
-def _kept_rows(windows: Tensor, record: Callable[[Tensor], Tensor], keep: Callable[[Tensor], Tensor],
-               dim: int | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _kept_rows(
+    windows: Tensor,
+    record: Callable[[Tensor], Tensor],
+    keep: Callable[[Tensor], Tensor],
+    dim: int | None,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
     """(activations in `dtype`, int32 token ids) of the kept positions of a batch of windows, on the CPU."""
     activations = record(windows)
     if activations.dim() != 3 or activations.shape[:2] != windows.shape or dim not in (None, activations.shape[2]):
         expected = f"({windows.shape[0]}, {windows.shape[1]}, {'d' if dim is None else dim})"
-        raise UnmergeError(f"record returned activations of shape {tuple(activations.shape)}, expected {expected}: "
-                           "(sequences, positions, d) with the same d for every batch")
+        raise UnmergeError(
+            f"record returned activations of shape {tuple(activations.shape)}, expected {expected}: "
+            "(sequences, positions, d) with the same d for every batch"
+        )
     mask = keep(windows)
     if mask.shape != windows.shape or mask.dtype != torch.bool:
-        raise UnmergeError(f"keep returned a {mask.dtype} mask of shape {tuple(mask.shape)}, expected a bool mask "
-                           f"of shape {tuple(windows.shape)}")
+        raise UnmergeError(
+            f"keep returned a {mask.dtype} mask of shape {tuple(mask.shape)}, expected a bool mask "
+            f"of shape {tuple(windows.shape)}"
+        )
     kept = activations[mask.to(activations.device)].to(device="cpu", dtype=dtype)
     non_finite = int((~torch.isfinite(kept)).any(dim=1).sum())
     if non_finite:
-        raise UnmergeError(f"{non_finite} of {kept.shape[0]} kept positions have non-finite activations (NaN or "
-                           f"infinity as {_dtype_name(dtype)}); check the model and its inputs, or store a wider "
-                           "dtype")
+        raise UnmergeError(
+            f"{non_finite} of {kept.shape[0]} kept positions have non-finite activations (NaN or "
+            f"infinity as {_dtype_name(dtype)}); check the model and its inputs, or store a wider "
+            "dtype"
+        )
     return kept, windows[mask.cpu()].to(torch.int32)
 
 
-def _write_shard(directory: Path, manifest: dict[str, Any], activation_parts: list[Tensor], token_parts: list[Tensor],
-                 sequences_done: int) -> None:
+def _write_shard(
+    directory: Path,
+    manifest: dict[str, Any],
+    activation_parts: list[Tensor],
+    token_parts: list[Tensor],
+    sequences_done: int,
+) -> None:
     """Drain the buffered parts into the next shard, its rows permuted, then write the manifest that lists it.
 
     At most two copies of the shard's rows are alive at once (parts and their concatenation, then that and its
@@ -163,14 +192,28 @@ def _write_shard(directory: Path, manifest: dict[str, Any], activation_parts: li
     del activations, tokens
     path = directory / _shard_name(index)
     write_atomic(path, lambda temporary: save_file(tensors, str(temporary)))
-    manifest["shards"].append({"file": path.name, "rows": tensors["tokens"].shape[0], "sequences_done": sequences_done,
-                               "sha256": sha256_file(path), "bytes": path.stat().st_size})
+    manifest["shards"].append(
+        {
+            "file": path.name,
+            "rows": tensors["tokens"].shape[0],
+            "sequences_done": sequences_done,
+            "sha256": sha256_file(path),
+            "bytes": path.stat().st_size,
+        }
+    )
     manifest["sequences_done"] = sequences_done
     _write_manifest(directory, manifest)
 
 
-def _record_shards(directory: Path, manifest: dict[str, Any], sequences: Tensor, record: Callable[[Tensor], Tensor],
-                   keep: Callable[[Tensor], Tensor], dtype: torch.dtype, progress: bool) -> None:
+def _record_shards(
+    directory: Path,
+    manifest: dict[str, Any],
+    sequences: Tensor,
+    record: Callable[[Tensor], Tensor],
+    keep: Callable[[Tensor], Tensor],
+    dtype: torch.dtype,
+    progress: bool,
+) -> None:
     """Record the sequences not yet done, in the shuffled order, into shards; mark the manifest complete."""
     n_sequences, seq_len = sequences.shape
     batch_sequences, rows_per_shard = manifest["batch_sequences"], manifest["shard_tokens"]
@@ -178,11 +221,18 @@ def _record_shards(directory: Path, manifest: dict[str, Any], sequences: Tensor,
     activation_parts: list[Tensor] = []
     token_parts: list[Tensor] = []
     buffered = 0
-    bar = tqdm(total=n_sequences * seq_len, initial=manifest["sequences_done"] * seq_len, unit="tok",
-               unit_scale=True, desc="caching activations", disable=None if progress else True, dynamic_ncols=True)
+    bar = tqdm(
+        total=n_sequences * seq_len,
+        initial=manifest["sequences_done"] * seq_len,
+        unit="tok",
+        unit_scale=True,
+        desc="caching activations",
+        disable=None if progress else True,
+        dynamic_ncols=True,
+    )
     with bar, torch.no_grad():
         for start in range(manifest["sequences_done"], n_sequences, batch_sequences):
-            windows = sequences[order[start:start + batch_sequences]]
+            windows = sequences[order[start : start + batch_sequences]]
             activations, tokens = _kept_rows(windows, record, keep, manifest["dim"], dtype)
             manifest["dim"] = activations.shape[1]
             activation_parts.append(activations)
@@ -229,8 +279,10 @@ def build_activation_cache(
 
 
 def _shard_error(directory: Path, file: str, problem: str) -> CheckpointError:
-    return CheckpointError(f"shard {file} of the activation cache at {directory} {problem}; delete the shard and "
-                           f"rerun the build to record it again, or delete {directory} and rebuild")
+    return CheckpointError(
+        f"shard {file} of the activation cache at {directory} {problem}; delete the shard and "
+        f"rerun the build to record it again, or delete {directory} and rebuild"
+    )
 
 
 class ActivationCache:
@@ -241,11 +293,15 @@ class ActivationCache:
         self.directory = Path(directory)
         manifest = _read_manifest(self.directory)
         if manifest is None:
-            raise CheckpointError(f"there is no activation cache at {self.directory} ({MANIFEST_FILE} is missing); "
-                                  "build it with build_activation_cache")
+            raise CheckpointError(
+                f"there is no activation cache at {self.directory} ({MANIFEST_FILE} is missing); "
+                "build it with build_activation_cache"
+            )
         if not manifest["complete"]:
-            raise CheckpointError(f"the activation cache at {self.directory} is incomplete: the cache build was "
-                                  "interrupted; rerun the same command to resume it")
+            raise CheckpointError(
+                f"the activation cache at {self.directory} is incomplete: the cache build was "
+                "interrupted; rerun the same command to resume it"
+            )
         self.dim: int = manifest["dim"]
         self.description: dict = manifest["description"]
         self.shards: list[dict[str, Any]] = manifest["shards"]
@@ -260,8 +316,11 @@ class ActivationCache:
             raise _shard_error(self.directory, shard["file"], "is missing")
         size = path.stat().st_size
         if size != shard["bytes"]:
-            raise _shard_error(self.directory, shard["file"], f"has {size} bytes instead of {shard['bytes']} "
-                               "(truncated or overwritten)")
+            raise _shard_error(
+                self.directory,
+                shard["file"],
+                f"has {size} bytes instead of {shard['bytes']} (truncated or overwritten)",
+            )
         if verify and sha256_file(path) != shard["sha256"]:
             raise _shard_error(self.directory, shard["file"], "fails its SHA-256 checksum (its bytes are damaged)")
         try:
@@ -282,8 +341,8 @@ class ActivationCache:
             offset = 0
             for shard in self.shards:
                 tensors = load_file(str(self.directory / shard["file"]))
-                activations[offset:offset + shard["rows"]] = tensors["activations"]
-                tokens[offset:offset + shard["rows"]] = tensors["tokens"]
+                activations[offset : offset + shard["rows"]] = tensors["activations"]
+                tokens[offset : offset + shard["rows"]] = tensors["tokens"]
                 offset += shard["rows"]
             self._loaded = activations, tokens
         return self._loaded
@@ -292,8 +351,10 @@ class ActivationCache:
         """An `ActivationSource` that samples cached rows uniformly with replacement (a function of the generator)."""
         activations, _ = self.load()
         if activations.shape[0] == 0:
-            raise UnmergeError(f"the activation cache at {self.directory} holds no rows (keep() kept no position); "
-                               "rebuild it with a keep mask that keeps some")
+            raise UnmergeError(
+                f"the activation cache at {self.directory} holds no rows (keep() kept no position); "
+                "rebuild it with a keep mask that keeps some"
+            )
 
         def sample(size: int, generator: torch.Generator) -> Tensor:
             return activations[torch.randint(activations.shape[0], (size,), generator=generator)]

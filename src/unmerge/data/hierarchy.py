@@ -20,7 +20,7 @@ def parent_indices(config: HierarchyConfig) -> Tensor:
     """Each feature's parent index, −1 for parents and independent features."""
     parents = torch.full((config.n_features,), -1, dtype=torch.int64)
     children = torch.arange(config.n_parents).repeat_interleave(config.children_per_parent)
-    parents[config.n_parents:config.n_parents + children.numel()] = children
+    parents[config.n_parents : config.n_parents + children.numel()] = children
     return parents
 
 

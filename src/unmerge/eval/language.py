@@ -23,8 +23,9 @@ from unmerge.train.rng import step_generator
 MEAN_SAMPLE = 16_384  # training rows averaged for the mean ablation
 
 
-def _next_token_scores(lm: LanguageModel, module: nn.Module, windows: Tensor, ordinary: Tensor,
-                       variants: dict[str, Replacement]) -> tuple[dict[str, float], Tensor]:
+def _next_token_scores(
+    lm: LanguageModel, module: nn.Module, windows: Tensor, ordinary: Tensor, variants: dict[str, Replacement]
+) -> tuple[dict[str, float], Tensor]:
     losses = spliced_losses(lm, module, windows, ordinary, variants)
     scores = {
         "ce_original": losses.ce_original,
@@ -38,14 +39,16 @@ def _next_token_scores(lm: LanguageModel, module: nn.Module, windows: Tensor, or
     return scores, losses.activations
 
 
-def _embedding_scores(encoder: LanguageModel, module: nn.Module, windows: Tensor, ordinary: Tensor,
-                      variants: dict[str, Replacement]) -> tuple[dict[str, float], Tensor]:
+def _embedding_scores(
+    encoder: LanguageModel, module: nn.Module, windows: Tensor, ordinary: Tensor, variants: dict[str, Replacement]
+) -> tuple[dict[str, float], Tensor]:
     result = spliced_embeddings(encoder, module, windows, ordinary, variants)
     distance = result.cosine_distance
     scores = {f"cosine_distance_{name}": value for name, value in distance.items()}
     for ablation in ("zero", "mean"):
-        scores[f"embedding_recovered_{ablation}"] = loss_recovered(distance[f"{ablation}_ablation"],
-                                                                   distance["spliced"], 0.0)
+        scores[f"embedding_recovered_{ablation}"] = loss_recovered(
+            distance[f"{ablation}_ablation"], distance["spliced"], 0.0
+        )
     return scores, result.activations
 
 
@@ -60,8 +63,11 @@ def spliced_evaluator(recorded: LanguageActivations, tokens: int) -> Callable[[R
 
     def evaluate(reconstruct: Reconstruct) -> dict[str, float]:
         mean = recorded.source.sample(MEAN_SAMPLE, step_generator(0, "ablation-mean")).mean(0)
-        variants = {"spliced": lambda a: reconstruct(a)[0], "zero_ablation": torch.zeros_like,
-                    "mean_ablation": lambda a: mean.expand_as(a)}
+        variants = {
+            "spliced": lambda a: reconstruct(a)[0],
+            "zero_ablation": torch.zeros_like,
+            "mean_ablation": lambda a: mean.expand_as(a),
+        }
         scores, activations = model_scores(data.lm, module, windows, ordinary, variants)
         reconstruction, latents = reconstruct(activations)
         return {
@@ -73,8 +79,9 @@ def spliced_evaluator(recorded: LanguageActivations, tokens: int) -> Callable[[R
     return evaluate
 
 
-def latent_examples(data: LanguageData, module: nn.Module, tokens: int, reconstruct: Reconstruct, atoms: Tensor,
-                    per_latent: int) -> LatentExamples:
+def latent_examples(
+    data: LanguageData, module: nn.Module, tokens: int, reconstruct: Reconstruct, atoms: Tensor, per_latent: int
+) -> LatentExamples:
     """A dictionary spliced in at `module` on held-out windows of up to `tokens` (at most `REPORT_TOKENS`): every
     latent's activation at every position (special tokens get 0), its `per_latent` most activating positions, the
     windows' token texts, and each latent's estimated ablation effect on the spliced loss
@@ -86,5 +93,11 @@ def latent_examples(data: LanguageData, module: nn.Module, tokens: int, reconstr
     attribution = ablation_effects(data.lm, module, windows, ordinary, reconstruct, atoms.detach(), encoder)
     full = torch.zeros(*windows.shape, attribution.latents.shape[-1])
     full[ordinary] = attribution.latents
-    return LatentExamples(texts, full, top_positions(full, per_latent), ordinary, attribution.effects,
-                          "Δ cosine distance" if encoder else "ΔCE")
+    return LatentExamples(
+        texts,
+        full,
+        top_positions(full, per_latent),
+        ordinary,
+        attribution.effects,
+        "Δ cosine distance" if encoder else "ΔCE",
+    )

@@ -46,16 +46,19 @@ def _output_tensor(output: Tensor | tuple) -> Tensor:
 
 
 @contextmanager
-def spliced(module: nn.Module, ordinary: Tensor, replace: Replacement | None,
-            record: list[Tensor] | None = None) -> Iterator[None]:
+def spliced(
+    module: nn.Module, ordinary: Tensor, replace: Replacement | None, record: list[Tensor] | None = None
+) -> Iterator[None]:
     """While active, `module`'s output at the `ordinary` positions (batch, seq) is replaced by `replace` of it
     (None: left alone); with `record`, the original activations there are appended to it."""
 
     def hook(_: nn.Module, __: tuple, output: Tensor | tuple) -> Tensor | tuple:
         hidden = _output_tensor(output)
         if hidden.shape[:2] != ordinary.shape:
-            raise UnmergeError(f"the spliced module's output has shape {tuple(hidden.shape)}, but the windows are "
-                               f"{tuple(ordinary.shape)}; choose a hook point whose output is (batch, seq, d)")
+            raise UnmergeError(
+                f"the spliced module's output has shape {tuple(hidden.shape)}, but the windows are "
+                f"{tuple(ordinary.shape)}; choose a hook point whose output is (batch, seq, d)"
+            )
         original = hidden[ordinary]
         if record is not None:
             record.append(original.detach())
@@ -73,14 +76,20 @@ def spliced(module: nn.Module, ordinary: Tensor, replace: Replacement | None,
 
 
 @torch.no_grad()
-def spliced_losses(lm: nn.Module, module: nn.Module, windows: Tensor, ordinary: Tensor,
-                   variants: dict[str, Replacement], batch_windows: int = 8) -> SplicedLosses:
+def spliced_losses(
+    lm: nn.Module,
+    module: nn.Module,
+    windows: Tensor,
+    ordinary: Tensor,
+    variants: dict[str, Replacement],
+    batch_windows: int = 8,
+) -> SplicedLosses:
     """Run `lm` (token ids → logits) on `windows` unchanged and with `module`'s output replaced by each variant;
     `ordinary` (windows' shape) marks the positions holding ordinary tokens."""
     sums = {name: [0.0, 0.0] for name in variants}
     ce_original, recorded, predictions = 0.0, [], 0
     for start in range(0, windows.shape[0], batch_windows):
-        ids, keep = windows[start:start + batch_windows], ordinary[start:start + batch_windows]
+        ids, keep = windows[start : start + batch_windows], ordinary[start : start + batch_windows]
         counted = counted_predictions(keep)
         with spliced(module, keep, None, recorded):
             clean_logits = lm(ids)
@@ -93,8 +102,9 @@ def spliced_losses(lm: nn.Module, module: nn.Module, windows: Tensor, ordinary: 
             sums[name][0] += ce
             sums[name][1] += kl
     if predictions == 0:
-        raise UnmergeError("no prediction has an ordinary token on both sides; the evaluation windows hold only "
-                           "special tokens")
+        raise UnmergeError(
+            "no prediction has an ordinary token on both sides; the evaluation windows hold only special tokens"
+        )
     return SplicedLosses(
         ce_original=ce_original / predictions,
         ce={name: ce / predictions for name, (ce, _) in sums.items()},
@@ -114,14 +124,20 @@ class SplicedEmbeddings:
 
 
 @torch.no_grad()
-def spliced_embeddings(encoder: nn.Module, module: nn.Module, windows: Tensor, ordinary: Tensor,
-                       variants: dict[str, Replacement], batch_windows: int = 8) -> SplicedEmbeddings:
+def spliced_embeddings(
+    encoder: nn.Module,
+    module: nn.Module,
+    windows: Tensor,
+    ordinary: Tensor,
+    variants: dict[str, Replacement],
+    batch_windows: int = 8,
+) -> SplicedEmbeddings:
     """Run `encoder` (token ids → embeddings (batch, d)) on `windows` unchanged and with `module`'s output at the
     `ordinary` positions replaced by each variant."""
     sums = dict.fromkeys(variants, 0.0)
     recorded: list[Tensor] = []
     for start in range(0, windows.shape[0], batch_windows):
-        ids, keep = windows[start:start + batch_windows], ordinary[start:start + batch_windows]
+        ids, keep = windows[start : start + batch_windows], ordinary[start : start + batch_windows]
         with spliced(module, keep, None, recorded):
             original = encoder(ids)
         for name, replace in variants.items():
@@ -152,9 +168,16 @@ def frozen(model: nn.Module) -> Iterator[None]:
             parameter.requires_grad_(True)
 
 
-def ablation_effects(model: nn.Module, module: nn.Module, windows: Tensor, ordinary: Tensor,
-                     reconstruct: Callable[[Tensor], tuple[Tensor, Tensor]], atoms: Tensor, encoder: bool,
-                     batch_windows: int = 8) -> LatentAttribution:
+def ablation_effects(
+    model: nn.Module,
+    module: nn.Module,
+    windows: Tensor,
+    ordinary: Tensor,
+    reconstruct: Callable[[Tensor], tuple[Tensor, Tensor]],
+    atoms: Tensor,
+    encoder: bool,
+    batch_windows: int = 8,
+) -> LatentAttribution:
     """Splice the dictionary in at `module` on `windows` once, recording its latents, and
     estimate each latent's ablation effect on the spliced loss to first order (see the module docstring): CE per
     counted prediction for a causal LM, cosine distance per window for a sentence `encoder`. `reconstruct` maps
@@ -162,12 +185,17 @@ def ablation_effects(model: nn.Module, module: nn.Module, windows: Tensor, ordin
     effects = torch.zeros(atoms.shape[0], dtype=torch.float64)
     latents: list[Tensor] = []
     count = 0
-    for start in tqdm(range(0, windows.shape[0], batch_windows), desc="latent ablation effects", unit="batch",
-                      disable=None, leave=False):
-        ids, keep = windows[start:start + batch_windows], ordinary[start:start + batch_windows]
+    for start in tqdm(
+        range(0, windows.shape[0], batch_windows),
+        desc="latent ablation effects",
+        unit="batch",
+        disable=None,
+        leave=False,
+    ):
+        ids, keep = windows[start : start + batch_windows], ordinary[start : start + batch_windows]
         captured: dict[str, Tensor] = {}
 
-        def replace(activations: Tensor) -> Tensor:
+        def replace(activations: Tensor, captured: dict[str, Tensor] = captured) -> Tensor:
             with torch.no_grad():
                 reconstruction, captured["latents"] = reconstruct(activations)
             captured["leaf"] = reconstruction.detach().requires_grad_(True)

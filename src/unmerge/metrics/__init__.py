@@ -15,10 +15,10 @@ Keys written to a run's `metrics.json` (flat; `/` separates a metric from its si
   `method.adversarial_steps` > 0 also `adversarial_recon` (all sites at the worst masks in [g, 1] the ascent finds).
 
 Dictionary runs (see `metrics.dictionary`): `recall_mmcs`, `precision_mmcs`, `mcc`, `matched/<cosine>`, `fvu`,
-`reconstruction_cosine`, `norm_ratio`, `l0`, `dead_fraction`, `dead_latents`, `duplicate_latents`, `shrinkage`.
-On a language model (see `metrics.language` and `unmerge.eval.language`), on held-out text: `heldout/fvu`, `heldout/l0`, `heldout/tokens`,
-`ce_original`, `ce_spliced`, `ce_zero_ablation`, `ce_mean_ablation` (nats per counted prediction), `kl_spliced`,
-`ce_recovered_zero`, `ce_recovered_mean`; on a sentence encoder instead of the CE and KL keys:
+`reconstruction_cosine`, `norm_ratio`, `l0`, `dead_fraction`, `dead_latents`, `duplicate_latents`, `shrinkage`. On a
+language model (see `metrics.language` and `unmerge.eval.language`), on held-out text: `heldout/fvu`, `heldout/l0`,
+`heldout/tokens`, `ce_original`, `ce_spliced`, `ce_zero_ablation`, `ce_mean_ablation` (nats per counted prediction),
+`kl_spliced`, `ce_recovered_zero`, `ce_recovered_mean`; on a sentence encoder instead of the CE and KL keys:
 `cosine_distance_spliced`, `cosine_distance_zero_ablation`, `cosine_distance_mean_ablation` (mean 1 − cos of the
 window's embedding to the original's), `embedding_recovered_zero`, `embedding_recovered_mean`.
 """

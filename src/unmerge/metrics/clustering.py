@@ -19,8 +19,9 @@ def _pairs(counts: Tensor) -> Tensor:
 def adjusted_rand_index(labels_a: Tensor, labels_b: Tensor) -> float:
     """ARI of two integer labelings of the same items (any label values)."""
     if labels_a.shape != labels_b.shape or labels_a.dim() != 1:
-        raise ValueError(f"two 1-D labelings of equal length are needed, got {tuple(labels_a.shape)} and "
-                         f"{tuple(labels_b.shape)}")
+        raise ValueError(
+            f"two 1-D labelings of equal length are needed, got {tuple(labels_a.shape)} and {tuple(labels_b.shape)}"
+        )
     if labels_a.shape[0] < 2:
         return 1.0
     a = torch.unique(labels_a, return_inverse=True)[1]

@@ -106,8 +106,6 @@ def shrinkage(true_coefficients: Tensor, latents: Tensor, cosines: Tensor, atom_
     return float((recovered[active] / true_coefficients[active].double()).mean())
 
 
-
-
 def _best_latent_fires(latents: Tensor, cosines: Tensor) -> Tensor:
     """(examples × true features): whether each feature's best-matching latent fires."""
     return latents[:, cosines.max(1).indices] != 0

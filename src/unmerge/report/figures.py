@@ -10,12 +10,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
 
-from unmerge import metrics  # noqa: E402
-from unmerge.spd.method import SPD  # noqa: E402
+from unmerge import metrics
+from unmerge.spd.method import SPD
 
 STYLE = {"figure.dpi": 110, "font.size": 9, "axes.titlesize": 9, "image.cmap": "RdBu_r"}
 
@@ -42,8 +42,14 @@ def importance_figure(one_hot: dict[str, Tensor], path: Path) -> Path:
     with plt.rc_context(STYLE):
         figure, axes = plt.subplots(1, len(one_hot), figsize=(4.2 * len(one_hot), 3.2), squeeze=False)
         for axis, (name, importance) in zip(axes[0], one_hot.items(), strict=True):
-            image = axis.imshow(permuted_importance(importance).numpy(), vmin=0, vmax=1, cmap="Blues",
-                                aspect="auto", interpolation="nearest")
+            image = axis.imshow(
+                permuted_importance(importance).numpy(),
+                vmin=0,
+                vmax=1,
+                cmap="Blues",
+                aspect="auto",
+                interpolation="nearest",
+            )
             axis.set_title(f"{name}: CI on one-hot inputs")
             axis.set_xlabel("subcomponent (permuted)")
             axis.set_ylabel("active feature")
@@ -76,8 +82,10 @@ def weights_figure(spd: SPD, site: str, axis: str, path: Path) -> Path:
                 axes[row, i].set_yticks([])
         axes[0, 0].set_ylabel("target")
         axes[1, 0].set_ylabel("SPD")
-        figure.suptitle(f"{site}: MMCS {recovery.mmcs:.4f}, ML2R {recovery.ml2r:.3f}"
-                        + (f" (first {shown} of {n_features} features)" if shown < n_features else ""))
+        figure.suptitle(
+            f"{site}: MMCS {recovery.mmcs:.4f}, ML2R {recovery.ml2r:.3f}"
+            + (f" (first {shown} of {n_features} features)" if shown < n_features else "")
+        )
         return save_figure(figure, path)
 
 
@@ -121,8 +129,12 @@ def training_curves_figure(log_path: Path, path: Path) -> Path | None:
         return None
     columns = min(3, len(terms))
     with plt.rc_context(STYLE):
-        figure, axes = plt.subplots(math.ceil(len(terms) / columns), columns, figsize=(3.6 * columns,
-                                    2.6 * math.ceil(len(terms) / columns)), squeeze=False)
+        figure, axes = plt.subplots(
+            math.ceil(len(terms) / columns),
+            columns,
+            figsize=(3.6 * columns, 2.6 * math.ceil(len(terms) / columns)),
+            squeeze=False,
+        )
         for axis, term in zip(axes.flat, terms, strict=False):
             points = [(row["step"], row[term]) for row in rows if isinstance(row.get(term), (int, float))]
             steps, values = zip(*points, strict=True) if points else ((), ())
@@ -131,7 +143,7 @@ def training_curves_figure(log_path: Path, path: Path) -> Path | None:
                 axis.set_yscale("log")
             axis.set_title(term)
             axis.set_xlabel("step")
-        for axis in list(axes.flat)[len(terms):]:
+        for axis in list(axes.flat)[len(terms) :]:
             axis.set_visible(False)
         figure.tight_layout()
     return save_figure(figure, path)
@@ -143,8 +155,13 @@ def merge_history_figure(costs: list[float], best_step: int, path: Path) -> Path
         figure, axis = plt.subplots(figsize=(5.0, 3.0))
         groups = [len(costs) - step for step in range(len(costs))]
         axis.plot(groups, costs, color="#1f77b4", linewidth=1.2)
-        axis.axvline(groups[best_step], color="#d62728", linestyle="--", linewidth=1,
-                     label=f"chosen: {groups[best_step]} components")
+        axis.axvline(
+            groups[best_step],
+            color="#d62728",
+            linestyle="--",
+            linewidth=1,
+            label=f"chosen: {groups[best_step]} components",
+        )
         axis.set_xscale("log")
         axis.set_xlabel("components (merging runs right to left)")
         axis.set_ylabel("description length (bits / input)")
@@ -163,6 +180,7 @@ def density_histogram_figure(density: Tensor, samples: int, path: Path) -> Path:
             axis.hist(torch.log10(fired).numpy(), bins=50, color="#1f77b4")
         axis.set_xlabel("log10 firing density")
         axis.set_ylabel("latents")
-        axis.set_title(f"latent density over {samples:,} inputs: {int((density == 0).sum())} of {density.numel()} "
-                       "never fired")
+        axis.set_title(
+            f"latent density over {samples:,} inputs: {int((density == 0).sum())} of {density.numel()} never fired"
+        )
     return save_figure(figure, path)

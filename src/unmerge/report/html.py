@@ -35,12 +35,20 @@ def _figure(path: Path) -> str:
     return f'<figure><img src="data:image/png;base64,{data}" alt="{name}"><figcaption>{name}</figcaption></figure>'
 
 
-def write_run_report(run_dir: Path, title: str, metrics: dict[str, object], figures: list[Path],
-                     config_file: str = "config.yaml", sections: str = "") -> Path:
+def write_run_report(
+    run_dir: Path,
+    title: str,
+    metrics: dict[str, object],
+    figures: list[Path],
+    config_file: str = "config.yaml",
+    sections: str = "",
+) -> Path:
     """Write `run_dir/report.html` (atomically) and return its path; `sections` is further HTML (e.g. the
     latents of a dictionary on a language model), placed before the config."""
-    rows = "\n".join(f"<tr><td>{html.escape(key)}</td><td class=value>{html.escape(_format(value))}</td></tr>"
-                     for key, value in metrics.items())
+    rows = "\n".join(
+        f"<tr><td>{html.escape(key)}</td><td class=value>{html.escape(_format(value))}</td></tr>"
+        for key, value in metrics.items()
+    )
     config_path = run_dir / config_file
     config = html.escape(config_path.read_text()) if config_path.is_file() else "(no config)"
     page = f"""<!doctype html>
@@ -85,11 +93,17 @@ def write_index(out_dir: Path, runs: list[tuple[Path, str, dict[str, object]]], 
     rows = []
     for run_dir, title, metrics in runs:
         report = run_dir / REPORT_FILE
-        link = (f'<a href="{html.escape(str(os.path.relpath(report, out_dir)))}">{html.escape(title)}</a>'
-                if report.is_file() else html.escape(title))
-        cells = "".join(f"<td class=value data-sort=\"{html.escape(_format(metrics.get(c, '')))}\">"
-                        f"{html.escape(_format(metrics[c]) if c in metrics else '—')}</td>" for c in columns)
-        rows.append(f"<tr><td data-sort=\"{html.escape(title)}\">{link}</td>{cells}</tr>")
+        link = (
+            f'<a href="{html.escape(str(os.path.relpath(report, out_dir)))}">{html.escape(title)}</a>'
+            if report.is_file()
+            else html.escape(title)
+        )
+        cells = "".join(
+            f'<td class=value data-sort="{html.escape(_format(metrics.get(c, "")))}">'
+            f"{html.escape(_format(metrics[c]) if c in metrics else '—')}</td>"
+            for c in columns
+        )
+        rows.append(f'<tr><td data-sort="{html.escape(title)}">{link}</td>{cells}</tr>')
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>unmerge runs</title><style>{STYLE}
 th {{ cursor: pointer; text-align: left; }}</style></head>

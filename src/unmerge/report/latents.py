@@ -33,8 +33,10 @@ STYLE = """
 def _token(text: str, activation: float, peak: float, strongest: bool) -> str:
     shade = 0.0 if peak <= 0 else max(0.0, min(1.0, activation / peak))
     shown = html.escape(text.replace("\n", "⏎"))
-    return (f'<span class="tok{" max" if strongest else ""}" data-activation="{activation:.4g}" '
-            f'title="{activation:.4g}" style="background: rgba(214, 39, 40, {shade:.2f})">{shown}</span>')
+    return (
+        f'<span class="tok{" max" if strongest else ""}" data-activation="{activation:.4g}" '
+        f'title="{activation:.4g}" style="background: rgba(214, 39, 40, {shade:.2f})">{shown}</span>'
+    )
 
 
 def _snippet(examples: LatentExamples, latent: int, flat: int, peak: float) -> str:
@@ -43,13 +45,20 @@ def _snippet(examples: LatentExamples, latent: int, flat: int, peak: float) -> s
     start, stop = max(0, position - BEFORE), min(seq, position + AFTER + 1)
     values = examples.activations[window, start:stop, latent].tolist()
     tokens = examples.tokens[window][start:stop]
-    spans = "".join(_token(text, value, peak, start + i == position)
-                    for i, (text, value) in enumerate(zip(tokens, values, strict=True)))
+    spans = "".join(
+        _token(text, value, peak, start + i == position)
+        for i, (text, value) in enumerate(zip(tokens, values, strict=True))
+    )
     return f'<div class="snippet">{spans}</div>'
 
 
-def latents_section(examples: LatentExamples, max_latents: int = 2000, title: str = "Latents",
-                    unit: str = "latent", measure: str = "activation") -> str:
+def latents_section(
+    examples: LatentExamples,
+    max_latents: int = 2000,
+    title: str = "Latents",
+    unit: str = "latent",
+    measure: str = "activation",
+) -> str:
     """HTML: the units (dictionary latents, or SPD subcomponents with `measure` "causal importance") active on
     the held-out windows, densest first (at most `max_latents`)."""
     flat = examples.activations[examples.ordinary]
@@ -57,18 +66,22 @@ def latents_section(examples: LatentExamples, max_latents: int = 2000, title: st
     density = active.float().mean(0)
     peaks = flat.max(0).values
     active_units = int((density > 0).sum())
-    order = [int(j) for j in torch.argsort(density, descending=True)[:min(active_units, max_latents)]]
+    order = [int(j) for j in torch.argsort(density, descending=True)[: min(active_units, max_latents)]]
     windows_by_seq = examples.activations.reshape(-1, flat.shape[1])
     rows = []
     for latent in order:
         peak = float(peaks[latent])
-        snippets = "".join(_snippet(examples, latent, int(flat_index), peak)
-                           for flat_index in examples.top[:, latent]
-                           if windows_by_seq[flat_index, latent] > examples.threshold)
+        snippets = "".join(
+            _snippet(examples, latent, int(flat_index), peak)
+            for flat_index in examples.top[:, latent]
+            if windows_by_seq[flat_index, latent] > examples.threshold
+        )
         label = html.escape(str(latent) if examples.names is None else examples.names[latent])
         effect = "—" if examples.ablation_effect is None else f"{float(examples.ablation_effect[latent]):.3g}"
-        rows.append(f'<tr data-latent="{label}"><td>{label}</td><td class=value>{float(density[latent]):.4g}</td>'
-                    f"<td class=value>{peak:.4g}</td><td class=value>{effect}</td><td>{snippets}</td></tr>")
+        rows.append(
+            f'<tr data-latent="{label}"><td>{label}</td><td class=value>{float(density[latent]):.4g}</td>'
+            f"<td class=value>{peak:.4g}</td><td class=value>{effect}</td><td>{snippets}</td></tr>"
+        )
     return f"""<style>{STYLE}</style>
 <h2>{html.escape(title)}</h2>
 <p>{active_units} {unit}s are active on {int(examples.ordinary.sum())} held-out tokens ({int((density == 0).sum())} are

@@ -5,20 +5,30 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Literal
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import matplotlib.pyplot as plt
 
-from unmerge.report.figures import STYLE, save_figure  # noqa: E402
+from unmerge.report.figures import STYLE, save_figure
 
-COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
-           "tab:olive", "tab:cyan")
+COLOURS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:gray",
+    "tab:olive",
+    "tab:cyan",
+)
 ANNOTATE_AT_MOST = 40  # label points with their strength only while the figure stays readable
 
 
@@ -27,12 +37,15 @@ def pareto_front(xs: Sequence[float], ys: Sequence[float], maximize_y: bool = Fa
     higher with `maximize_y`. Point j dominates i when it is at least as good in both and better in one; equal
     points do not dominate each other, so both stay. Points with a NaN or infinite coordinate are left out."""
     sign = -1.0 if maximize_y else 1.0
-    points = [(i, float(x), sign * float(y)) for i, (x, y) in enumerate(zip(xs, ys, strict=True))
-              if math.isfinite(x) and math.isfinite(y)]
-    front = [(x, i) for i, x, y in points
-             if not any(xj <= x and yj <= y and (xj < x or yj < y) for _, xj, yj in points)]
+    points = [
+        (i, float(x), sign * float(y))
+        for i, (x, y) in enumerate(zip(xs, ys, strict=True))
+        if math.isfinite(x) and math.isfinite(y)
+    ]
+    front = [
+        (x, i) for i, x, y in points if not any(xj <= x and yj <= y and (xj < x or yj < y) for _, xj, yj in points)
+    ]
     return [i for _, i in sorted(front)]
-
 
 
 @dataclass(frozen=True)
@@ -42,8 +55,14 @@ class Point:
     label: str = ""
 
 
-def tradeoff_figure(groups: dict[str, list[Point]], x_label: str, y_label: str, title: str, path: Path,
-                    better_y: Literal["lower", "higher"] | None = None) -> Path:
+def tradeoff_figure(
+    groups: dict[str, list[Point]],
+    x_label: str,
+    y_label: str,
+    title: str,
+    path: Path,
+    better_y: Literal["lower", "higher"] | None = None,
+) -> Path:
     """Scatter each group in its own colour; with `better_y` ("lower" or "higher"), join the group's Pareto-optimal
     points (lower x is always better) with a line. Non-finite points are left out."""
     with plt.rc_context(STYLE):
@@ -62,8 +81,9 @@ def tradeoff_figure(groups: dict[str, list[Point]], x_label: str, y_label: str, 
             if sum(len(g) for g in groups.values()) <= ANNOTATE_AT_MOST:
                 for p in points:
                     if p.label:
-                        axis.annotate(p.label, (p.x, p.y), xytext=(3, 3), textcoords="offset points", fontsize=7,
-                                      color=colour)
+                        axis.annotate(
+                            p.label, (p.x, p.y), xytext=(3, 3), textcoords="offset points", fontsize=7, color=colour
+                        )
         if all_x and min(all_x) > 0 and max(all_x) / min(all_x) > 10:
             axis.set_xscale("log")
         axis.set_xlabel(x_label)

@@ -9,8 +9,9 @@ from unmerge.report.figures import training_curves_figure
 from unmerge.report.html import write_run_report
 
 
-def publish(run_dir: Path, title: str, metrics: dict[str, float], figures: list[Path],
-            sections: str = "") -> tuple[list[Path], Path]:
+def publish(
+    run_dir: Path, title: str, metrics: dict[str, float], figures: list[Path], sections: str = ""
+) -> tuple[list[Path], Path]:
     """Finish a run: write `metrics.json`, the training curves and `report.html` (with `sections`, further HTML);
     returns (all figures, the report's path)."""
     runs.write_metrics(run_dir, metrics)

@@ -8,12 +8,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from unmerge.analysis.splitting import SplitPair, Splits  # noqa: E402
-from unmerge.io import write_json_atomic, write_text_atomic  # noqa: E402
-from unmerge.report.figures import STYLE, save_figure  # noqa: E402
+from unmerge.analysis.splitting import SplitPair, Splits
+from unmerge.io import write_json_atomic, write_text_atomic
+from unmerge.report.figures import STYLE, save_figure
 
 R2_FLOOR = -1.0  # the children figure draws lower R² here
 
@@ -22,8 +22,9 @@ def cosine_figure(splits: Splits, title: str, path: Path) -> Path:
     """Decoder cosines, parents × children, each child column placed under its most similar parent."""
     order = torch.argsort(splits.cosine.argmax(0) * 2.0 - splits.cosine.max(0).values, stable=True)
     with plt.rc_context(STYLE):
-        figure, axis = plt.subplots(figsize=(min(12.0, 2 + 0.08 * splits.cosine.shape[1]),
-                                             min(8.0, 1.5 + 0.08 * splits.cosine.shape[0])))
+        figure, axis = plt.subplots(
+            figsize=(min(12.0, 2 + 0.08 * splits.cosine.shape[1]), min(8.0, 1.5 + 0.08 * splits.cosine.shape[0]))
+        )
         image = axis.imshow(splits.cosine[:, order].numpy(), vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
         axis.set_xlabel("child latent (grouped by most similar parent)")
         axis.set_ylabel("parent latent")
@@ -51,28 +52,35 @@ def children_figure(splits: Splits, title: str, path: Path) -> Path:
     return save_figure(figure, path)
 
 
-def markdown_section(pairs: list[SplitPair], figures: list[Path], threshold: float,
-                     matches: list[list[str]] | None = None) -> str:
+def markdown_section(
+    pairs: list[SplitPair], figures: list[Path], threshold: float, matches: list[list[str]] | None = None
+) -> str:
     """The report section: per width pair, summary numbers, the children table and the figures; with `matches`
     (per dictionary, smallest first, each latent's closest true feature) the table names what each latent is."""
-    lines = ["## Feature splitting", "",
-             f"Children: child latents with decoder cosine > {threshold:g} to the parent's; R²: the parent's "
-             "activation predicted from what its children write, projected on its decoder; shared: split vectors "
-             "on a direction that splits two or more parents (cosine > 0.5)."
-             + (" Each latent is named by the true feature its decoder is closest to, with the cosine." if matches
-                else ""), ""]
+    lines = [
+        "## Feature splitting",
+        "",
+        f"Children: child latents with decoder cosine > {threshold:g} to the parent's; R²: the parent's "
+        "activation predicted from what its children write, projected on its decoder; shared: split vectors "
+        "on a direction that splits two or more parents (cosine > 0.5)."
+        + (" Each latent is named by the true feature its decoder is closest to, with the cosine." if matches else ""),
+        "",
+    ]
     for pair, (split_pair, pair_figures) in enumerate(zip(pairs, _chunks(figures, 2), strict=True)):
         small, large, splits, shared = split_pair.small, split_pair.large, split_pair.splits, split_pair.shared
         counts = [len(kids) for kids in splits.children]
         r2 = splits.reconstruction_r2[~torch.isnan(splits.reconstruction_r2)]
-        lines += [f"### {small} → {large}", "",
-                  f"- parents with 0 / 1 / ≥ 2 children: {counts.count(0)} / {counts.count(1)} / "
-                  f"{sum(c >= 2 for c in counts)}",
-                  f"- median R² of a parent from its children: "
-                  f"{float(r2.median()) if r2.numel() else math.nan:.3f}",
-                  f"- split vectors: {shared.split_vectors.shape[0]}; on shared directions: "
-                  f"{shared.shared_fraction():.3f}", "",
-                  "| parent | fires | children (cosine) | R² |", "|---|---|---|---|"]
+        lines += [
+            f"### {small} → {large}",
+            "",
+            f"- parents with 0 / 1 / ≥ 2 children: {counts.count(0)} / {counts.count(1)} / "
+            f"{sum(c >= 2 for c in counts)}",
+            f"- median R² of a parent from its children: {float(r2.median()) if r2.numel() else math.nan:.3f}",
+            f"- split vectors: {shared.split_vectors.shape[0]}; on shared directions: {shared.shared_fraction():.3f}",
+            "",
+            "| parent | fires | children (cosine) | R² |",
+            "|---|---|---|---|",
+        ]
         for row in splits.table():
             parent, kids = str(row["parent"]), [str(c) for c in row["children"]]
             if matches is not None:
@@ -85,23 +93,39 @@ def markdown_section(pairs: list[SplitPair], figures: list[Path], threshold: flo
 
 
 def _chunks(items: list[Path], size: int) -> list[list[Path]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def write_splitting(out_dir: Path, pairs: list[SplitPair], widths: list[int], parent_runs: list[str],
-                    threshold: float, matches: list[list[str]] | None = None) -> tuple[list[Path], Path]:
+def write_splitting(
+    out_dir: Path,
+    pairs: list[SplitPair],
+    widths: list[int],
+    parent_runs: list[str],
+    threshold: float,
+    matches: list[list[str]] | None = None,
+) -> tuple[list[Path], Path]:
     """Per pair, its cosine and children figures; `splitting.json` (every parent's children, per pair) and
     `splitting.md` (the report section) in `out_dir`. `widths` are the dictionaries' (smallest first) and
     `parent_runs` their run directories. Returns the figures and the markdown's path."""
     figures, table = [], []
-    for pair, small_width, large_width, small_run, large_run in zip(pairs, widths, widths[1:], parent_runs,
-                                                                    parent_runs[1:]):
+    for pair, small_width, large_width, small_run, large_run in zip(
+        pairs, widths, widths[1:], parent_runs, parent_runs[1:], strict=False
+    ):
         title, stem = f"{pair.small} → {pair.large}", f"{small_width}-to-{large_width}"
-        figures += [cosine_figure(pair.splits, f"{title}: decoder cosines", out_dir / f"cosine-{stem}.png"),
-                    children_figure(pair.splits, f"{title}: children", out_dir / f"children-{stem}.png")]
-        table.append({"parent_run": small_run, "child_run": large_run, "threshold": threshold,
-                      "shared_fraction": pair.shared.shared_fraction(), "atom_parents": pair.shared.atom_parents(),
-                      "parents": pair.splits.table()})
+        figures += [
+            cosine_figure(pair.splits, f"{title}: decoder cosines", out_dir / f"cosine-{stem}.png"),
+            children_figure(pair.splits, f"{title}: children", out_dir / f"children-{stem}.png"),
+        ]
+        table.append(
+            {
+                "parent_run": small_run,
+                "child_run": large_run,
+                "threshold": threshold,
+                "shared_fraction": pair.shared.shared_fraction(),
+                "atom_parents": pair.shared.atom_parents(),
+                "parents": pair.splits.table(),
+            }
+        )
     write_json_atomic(out_dir / "splitting.json", table, indent=1)
     write_text_atomic(out_dir / "splitting.md", markdown_section(pairs, figures, threshold, matches))
     return figures, out_dir / "splitting.md"

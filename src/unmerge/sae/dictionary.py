@@ -27,8 +27,14 @@ class _ReLUDictionary(torch.autograd.Function):
     `∂L/∂W_d` is formed as `(∂L/∂x̂ᵀ f)ᵀ`, which runs faster here than `fᵀ ∂L/∂x̂` (a transposed left operand)."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, W_e: Tensor, b_e: Tensor, W_d: Tensor,  # type: ignore[override]
-                b_d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        W_e: Tensor,
+        b_e: Tensor,
+        W_d: Tensor,  # type: ignore[override]
+        b_d: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         centred = x - b_d
         z = torch.addmm(b_e, centred, W_e)
         f = F.relu(z)
@@ -38,8 +44,12 @@ class _ReLUDictionary(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor | None, grad_f: Tensor | None,  # type: ignore[override]
-                 grad_z: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(
+        ctx: FunctionCtx,
+        grad_out: Tensor | None,
+        grad_f: Tensor | None,  # type: ignore[override]
+        grad_z: Tensor | None,
+    ) -> tuple[Tensor | None, ...]:
         centred, W_e, W_d, f = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_W_d = grad_b_d = None
@@ -75,15 +85,19 @@ class Dictionary(nn.Module):
     come out with both scales 1 (bit for bit: scaling by a power of two is exact in floating point) and the latents
     are in raw units."""
 
-    def __init__(self, dim: int, config: DictionaryConfig, generator: torch.Generator,
-                 output_dim: int | None = None) -> None:
+    def __init__(
+        self, dim: int, config: DictionaryConfig, generator: torch.Generator, output_dim: int | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.transcoder = output_dim is not None
         out = dim if output_dim is None else output_dim
         decoder = F.normalize(torch.randn(config.width, out, generator=generator), dim=1) * config.init_decoder_norm
-        encoder = decoder.T.clone() if out == dim else (
-            F.normalize(torch.randn(dim, config.width, generator=generator), dim=0) * config.init_decoder_norm)
+        encoder = (
+            decoder.T.clone()
+            if out == dim
+            else (F.normalize(torch.randn(dim, config.width, generator=generator), dim=0) * config.init_decoder_norm)
+        )
         self.W_d = nn.Parameter(decoder)
         self.W_e = nn.Parameter(encoder)
         self.b_e = nn.Parameter(torch.zeros(config.width))
@@ -201,8 +215,13 @@ class Dictionary(nn.Module):
         (`W_e`, `W_skip`) by `s / s_out` (1 for an autoencoder), and set both scales to 1. Reconstructions of raw
         activations are unchanged (exactly, as the scales are powers of two) and latents become raw-unit `f / s_out`."""
         scale, target_scale = float(self.input_scale), float(self.target_scale())
-        for bias in (self.b_e, self.b_d, getattr(self, "b_mag", None), getattr(self, "threshold", None),
-                     getattr(self, "inference_threshold", None)):
+        for bias in (
+            self.b_e,
+            self.b_d,
+            getattr(self, "b_mag", None),
+            getattr(self, "threshold", None),
+            getattr(self, "inference_threshold", None),
+        ):
             if bias is not None:
                 bias.div_(target_scale)
         if scale != target_scale:

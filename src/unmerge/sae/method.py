@@ -44,8 +44,10 @@ def normalising_scale(sample: Tensor) -> float:
     norm near √d and folding the scale back is exact."""
     mean_norm = float(sample.norm(dim=1).mean())
     if mean_norm == 0:
-        raise UnmergeError("every activation in the initialisation sample is zero, so there is no scale to normalise "
-                           "by; check the source or set method.normalise_activations=false")
+        raise UnmergeError(
+            "every activation in the initialisation sample is zero, so there is no scale to normalise "
+            "by; check the source or set method.normalise_activations=false"
+        )
     return 2.0 ** round(math.log2(math.sqrt(sample.shape[1]) / mean_norm))
 
 
@@ -103,9 +105,15 @@ def aux_k_loss(x: Tensor, reconstruction: Tensor, z: Tensor, W_d: Tensor, dead: 
 class DictionaryMethod:
     """Train a `Dictionary` on an activation source (DESIGN.md §5)."""
 
-    def __init__(self, source: ActivationSource, config: DictionaryConfig, seed: int, total_steps: int,
-                 eval_batch_size: int = 4096,
-                 extra_evaluation: Callable[[Reconstruct], dict[str, float]] | None = None) -> None:
+    def __init__(
+        self,
+        source: ActivationSource,
+        config: DictionaryConfig,
+        seed: int,
+        total_steps: int,
+        eval_batch_size: int = 4096,
+        extra_evaluation: Callable[[Reconstruct], dict[str, float]] | None = None,
+    ) -> None:
         """`extra_evaluation` adds metrics that need more than the source, such as a language model's spliced-in
         evaluation (`unmerge.eval.language.spliced_evaluator`): it gets the dictionary's `reconstruct`."""
         self.source = source
@@ -147,8 +155,10 @@ class DictionaryMethod:
                 centred = target - module.b_d
                 usable = (centred.norm(dim=1) > 1e-6 * float(centred.norm(dim=1).max())).nonzero().squeeze(1)
                 if usable.numel() == 0:
-                    raise UnmergeError("every initialisation sample equals the decoder bias, so no atom can be taken "
-                                       "from data; use method.init=random")
+                    raise UnmergeError(
+                        "every initialisation sample equals the decoder bias, so no atom can be taken "
+                        "from data; use method.init=random"
+                    )
                 order = torch.randperm(usable.numel(), generator=step_generator(self.seed, "atoms"))
                 rows = usable[order[torch.arange(config.width) % usable.numel()]]
                 module.W_d.copy_(F.normalize(centred[rows], dim=1) * config.init_decoder_norm)
@@ -160,8 +170,9 @@ class DictionaryMethod:
     def dictionary_state(self) -> dict[str, Tensor]:
         """The dictionary's own tensors, without the training bookkeeping (firing counters, step) that the
         checkpoints keep: what `dictionary.safetensors` holds and `Dictionary.load_state_dict` takes."""
-        return {name: value.contiguous() for name, value in self.module.state_dict().items()
-                if name not in TRAINING_BUFFERS}
+        return {
+            name: value.contiguous() for name, value in self.module.state_dict().items() if name not in TRAINING_BUFFERS
+        }
 
     def progress(self) -> float:
         return float(self.module.step) / max(self.total_steps, 1)
@@ -179,7 +190,8 @@ class DictionaryMethod:
         terms = {"reconstruction": squared_error(target, reconstruction)}
         if config.matryoshka_prefixes:
             terms["reconstruction"] = terms["reconstruction"] + matryoshka_loss(
-                target, f, module.W_d, module.offset(x), config.matryoshka_prefixes)
+                target, f, module.W_d, module.offset(x), config.matryoshka_prefixes
+            )
         if config.penalty.name != "none" and config.penalty.coeff:
             penalised = F.relu(z) if config.activation == "gated" else f
             terms["sparsity"] = sparsity_penalty(penalised, config.penalty, module.decoder_norms(), self.progress())
@@ -189,8 +201,13 @@ class DictionaryMethod:
             terms["aux_k"] = aux_k_loss(target, reconstruction, z, module.W_d, self.dead(), config.aux_k)
         if config.activation == "gated":
             terms["gate_reconstruction"] = gated_auxiliary_loss(target, z, module.W_d, module.offset(x))
-        coefficients = {"reconstruction": 1.0, "sparsity": config.penalty.coeff, "l0": config.l0_coeff,
-                        "aux_k": config.aux_k_coeff, "gate_reconstruction": 1.0}
+        coefficients = {
+            "reconstruction": 1.0,
+            "sparsity": config.penalty.coeff,
+            "l0": config.l0_coeff,
+            "aux_k": config.aux_k_coeff,
+            "gate_reconstruction": 1.0,
+        }
         loss = sum(coefficients[name] * value for name, value in terms.items())
         return StepOutput(loss=loss, terms=terms)
 
@@ -246,8 +263,7 @@ class DictionaryMethod:
         weights = residual.square().sum(1).square()
         if not bool(weights.sum() > 0):
             weights = torch.ones_like(weights)
-        chosen = torch.multinomial(weights, rows.numel(), replacement=rows.numel() > x.shape[0],
-                                   generator=generator)
+        chosen = torch.multinomial(weights, rows.numel(), replacement=rows.numel() > x.shape[0], generator=generator)
         atoms = F.normalize(residual[chosen], dim=1)
         encoder = F.normalize(x[chosen], dim=1) if module.transcoder else atoms
         live_norm = module.W_e[:, ~dead].norm(dim=0).mean() if bool((~dead).any()) else torch.tensor(1.0)
@@ -308,8 +324,9 @@ class DictionaryMethod:
                 results["shrinkage"] = scores.shrinkage(coefficients, f, cosines, norms)
                 if self.config.refit_magnitudes:
                     x_normalised = module.normalise(x)
-                    refitted = refit_magnitudes(module.normalise_target(target), normalised_latents, module.W_d,
-                                                module.offset(x_normalised))
+                    refitted = refit_magnitudes(
+                        module.normalise_target(target), normalised_latents, module.W_d, module.offset(x_normalised)
+                    )
                     results["fvu_refit"] = scores.fvu(target, module.decode(refitted, x_normalised) / scale)
                     results["shrinkage_refit"] = scores.shrinkage(coefficients, refitted / scale, cosines, norms)
                 if self.source.parents is not None:
@@ -329,9 +346,13 @@ class DictionaryMethod:
 def check_activations(x: Tensor, dim: int) -> None:
     """Activations must be finite and of the dictionary's dimension; say which and how to fix it."""
     if x.dim() != 2 or x.shape[1] != dim:
-        raise UnmergeError(f"activations have shape {tuple(x.shape)}, but the dictionary expects (batch, {dim}); "
-                           "check the hook point or the dictionary's input dimension")
+        raise UnmergeError(
+            f"activations have shape {tuple(x.shape)}, but the dictionary expects (batch, {dim}); "
+            "check the hook point or the dictionary's input dimension"
+        )
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).any(1).sum())
-        raise UnmergeError(f"{bad} of {x.shape[0]} activation vectors contain NaN or infinity; "
-                           "fix or filter the source before training a dictionary on it")
+        raise UnmergeError(
+            f"{bad} of {x.shape[0]} activation vectors contain NaN or infinity; "
+            "fix or filter the source before training a dictionary on it"
+        )

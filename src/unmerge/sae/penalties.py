@@ -69,8 +69,9 @@ def elementwise_penalty(config: PenaltyConfig, progress: float = 0.0) -> Callabl
     raise ConfigError(f"unknown penalty {name!r}; choose one of l1, lp, cauchy, log1p, tanh, none")
 
 
-def sparsity_penalty(f: Tensor, config: PenaltyConfig, decoder_norms: Tensor | None = None,
-                     progress: float = 0.0) -> Tensor:
+def sparsity_penalty(
+    f: Tensor, config: PenaltyConfig, decoder_norms: Tensor | None = None, progress: float = 0.0
+) -> Tensor:
     """`mean_b Σ_i ρ(f_bi ‖d_i‖)` (or `ρ(f_bi)` without decoder weighting), unscaled by λ."""
     if config.decoder_norm_weighted:
         if decoder_norms is None:

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from unmerge.config import DictionaryConfig
 from unmerge.errors import UnmergeError
-from unmerge.sae.dictionary import Dictionary
 from unmerge.io import save_tensors_atomic, write_json_atomic
+from unmerge.sae.dictionary import Dictionary
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -37,11 +37,13 @@ def _architecture(module: Dictionary) -> str:
         names = {"relu": "skip_transcoder" if module.config.skip else "transcoder", "jumprelu": "jumprelu_transcoder"}
         if activation not in names or (activation == "jumprelu" and module.config.skip):
             kind = f"{activation} transcoder" + (" with a skip path" if module.config.skip else "")
-            raise UnmergeError(f"SAELens has no {kind}; export a ReLU transcoder (with or without skip) or a "
-                               "JumpReLU one without skip")
+            raise UnmergeError(
+                f"SAELens has no {kind}; export a ReLU transcoder (with or without skip) or a JumpReLU one without skip"
+            )
         return names[activation]
-    return {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
-            "gated": "gated"}[activation]
+    return {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}[
+        activation
+    ]
 
 
 def _tensors(module: Dictionary, architecture: str) -> dict[str, Tensor]:
@@ -58,20 +60,31 @@ def _tensors(module: Dictionary, architecture: str) -> dict[str, Tensor]:
     return {name: value.detach().float().contiguous() for name, value in tensors.items()}
 
 
-def save_saelens(module: Dictionary, directory: Path, hook_name: str | None = None,
-                 model_name: str | None = None) -> Path:
+def save_saelens(
+    module: Dictionary, directory: Path, hook_name: str | None = None, model_name: str | None = None
+) -> Path:
     """Write `module` to `directory` in SAELens's format (atomically, file by file); returns the directory."""
     if float(module.input_scale) != 1.0 or float(module.target_scale()) != 1.0:
-        raise UnmergeError("the dictionary still has an activation normalisation scale; call fold_input_scale() "
-                           "first so that the weights alone give its reconstructions")
+        raise UnmergeError(
+            "the dictionary still has an activation normalisation scale; call fold_input_scale() "
+            "first so that the weights alone give its reconstructions"
+        )
     architecture = _architecture(module)
     dim = module.W_e.shape[0]
     config: dict[str, Any] = {
-        "architecture": architecture, "d_in": dim, "d_sae": module.config.width, "dtype": "float32",
-        "device": "cpu", "apply_b_dec_to_input": not module.transcoder, "normalize_activations": "none",
-        "metadata": {"sae_lens_version": FORMAT_VERSION, "exported_by": "unmerge",
-                     **({"hook_name": hook_name} if hook_name else {}),
-                     **({"model_name": model_name} if model_name else {})},
+        "architecture": architecture,
+        "d_in": dim,
+        "d_sae": module.config.width,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": not module.transcoder,
+        "normalize_activations": "none",
+        "metadata": {
+            "sae_lens_version": FORMAT_VERSION,
+            "exported_by": "unmerge",
+            **({"hook_name": hook_name} if hook_name else {}),
+            **({"model_name": model_name} if model_name else {}),
+        },
     }
     if architecture == "topk":
         config |= {"k": module.config.k, "rescale_acts_by_decoder_norm": False}
@@ -94,28 +107,43 @@ def _read(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         config = json.loads(config_path.read_text())
         tensors = load_file(str(weights_path))
     except (ValueError, OSError, SafetensorError) as error:
-        raise UnmergeError(f"{directory} holds a SAELens dictionary that cannot be read ({error}); "
-                           "re-export it") from None
+        raise UnmergeError(
+            f"{directory} holds a SAELens dictionary that cannot be read ({error}); re-export it"
+        ) from None
     missing = [key for key in ("d_in", "d_sae") if key not in config]
     if missing:
         raise UnmergeError(f"{config_path} lacks {', '.join(missing)}")
     normalisation = config.get("normalize_activations", "none")
     if normalisation not in IDENTITY_NORMALISATIONS:
-        raise UnmergeError(f"{config_path}: normalize_activations={normalisation!r} rescales every input at run time, "
-                           "which an unmerge Dictionary does not do; only 'none' can be imported")
+        raise UnmergeError(
+            f"{config_path}: normalize_activations={normalisation!r} rescales every input at run time, "
+            "which an unmerge Dictionary does not do; only 'none' can be imported"
+        )
     return config, {name: value.float() for name, value in tensors.items()}
 
 
 def _dictionary_config(config: dict[str, Any]) -> DictionaryConfig:
     architecture = config.get("architecture", "standard")
-    activations = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated",
-                   "transcoder": "relu", "skip_transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
+    activations = {
+        "standard": "relu",
+        "topk": "topk",
+        "jumprelu": "jumprelu",
+        "gated": "gated",
+        "transcoder": "relu",
+        "skip_transcoder": "relu",
+        "jumprelu_transcoder": "jumprelu",
+    }
     if architecture not in activations:
-        raise UnmergeError(f"SAELens architecture {architecture!r} cannot be imported; supported: "
-                           + ", ".join(activations))
-    return DictionaryConfig(width=config["d_sae"], activation=activations[architecture],
-                            k=config.get("k", 100) if architecture == "topk" else None,
-                            skip=architecture == "skip_transcoder", penalty={"name": "none"})
+        raise UnmergeError(
+            f"SAELens architecture {architecture!r} cannot be imported; supported: " + ", ".join(activations)
+        )
+    return DictionaryConfig(
+        width=config["d_sae"],
+        activation=activations[architecture],
+        k=config.get("k", 100) if architecture == "topk" else None,
+        skip=architecture == "skip_transcoder",
+        penalty={"name": "none"},
+    )
 
 
 def load_saelens(directory: Path) -> Dictionary:
@@ -126,8 +154,9 @@ def load_saelens(directory: Path) -> Dictionary:
     config, tensors = _read(directory)
     dictionary_config = _dictionary_config(config)
     transcoder = "transcoder" in config.get("architecture", "standard")
-    module = Dictionary(config["d_in"], dictionary_config, torch.Generator().manual_seed(0),
-                        config.get("d_out") if transcoder else None)
+    module = Dictionary(
+        config["d_in"], dictionary_config, torch.Generator().manual_seed(0), config.get("d_out") if transcoder else None
+    )
     W_enc, W_dec, b_dec = tensors["W_enc"], tensors["W_dec"], tensors["b_dec"]
     b_enc = tensors["b_gate"] if dictionary_config.activation == "gated" else tensors["b_enc"]
     if not transcoder and not config.get("apply_b_dec_to_input", True):
@@ -137,8 +166,10 @@ def load_saelens(directory: Path) -> Dictionary:
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
     expected = (module.W_e.shape, module.W_d.shape)
     if (W_enc.shape, W_dec.shape) != expected:
-        raise UnmergeError(f"{directory}: W_enc {tuple(W_enc.shape)} / W_dec {tuple(W_dec.shape)} do not match "
-                           f"d_in, d_sae{', d_out' if transcoder else ''} in {CONFIG_FILE} ({expected})")
+        raise UnmergeError(
+            f"{directory}: W_enc {tuple(W_enc.shape)} / W_dec {tuple(W_dec.shape)} do not match "
+            f"d_in, d_sae{', d_out' if transcoder else ''} in {CONFIG_FILE} ({expected})"
+        )
     with torch.no_grad():
         for parameter, value in ((module.W_e, W_enc), (module.b_e, b_enc), (module.W_d, W_dec), (module.b_d, b_dec)):
             parameter.copy_(value)

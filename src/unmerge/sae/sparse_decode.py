@@ -69,8 +69,13 @@ def _sampled_product(values: Tensor, indices: Tensor, left: Tensor, right: Tenso
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, values: Tensor, indices: Tensor, W_d: Tensor,  # type: ignore[override]
-                b_d: Tensor) -> Tensor:
+    def forward(
+        ctx: FunctionCtx,
+        values: Tensor,
+        indices: Tensor,
+        W_d: Tensor,  # type: ignore[override]
+        b_d: Tensor,
+    ) -> Tensor:
         ctx.save_for_backward(values, indices, W_d)
         return F.embedding_bag(indices, W_d, per_sample_weights=values, mode="sum").add_(b_d)
 
@@ -97,8 +102,14 @@ def sparse_decode(values: Tensor, indices: Tensor, W_d: Tensor, b_d: Tensor) -> 
 
 class _TopKEncode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, W_e: Tensor, b_e: Tensor, b_d: Tensor,  # type: ignore[override]
-                k: int) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        W_e: Tensor,
+        b_e: Tensor,
+        b_d: Tensor,  # type: ignore[override]
+        k: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         centred = x - b_d
         z = torch.addmm(b_e, centred, W_e)
         top, indices = z.topk(k, dim=-1, sorted=False)
@@ -110,8 +121,12 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad_values: Tensor | None, _: None,  # type: ignore[override]
-                 grad_z: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, None]:
+    def backward(
+        ctx: FunctionCtx,
+        grad_values: Tensor | None,
+        _: None,  # type: ignore[override]
+        grad_z: Tensor | None,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, None]:
         centred, W_e, values, indices = ctx.saved_tensors
         width = W_e.shape[1]
         grad_x = grad_W_e = grad_b_e = None

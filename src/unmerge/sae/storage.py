@@ -25,8 +25,11 @@ def save_trained(run_dir: Path, method: DictionaryMethod) -> None:
     (`true_features`, and `parents` on the hierarchy toy)."""
     save_tensors_atomic(run_dir / runs.DICTIONARY_FILE, method.dictionary_state())
     source: ActivationSource = method.source
-    truth = {name: value for name, value in (("true_features", source.true_features), ("parents", source.parents))
-             if value is not None}
+    truth = {
+        name: value
+        for name, value in (("true_features", source.true_features), ("parents", source.parents))
+        if value is not None
+    }
     if truth:
         save_tensors_atomic(run_dir / runs.GROUND_TRUTH_FILE, truth)
 
@@ -37,23 +40,29 @@ def load_dictionary(run_dir: Path) -> tuple[DictionaryRunConfig, Dictionary]:
     config = runs.saved_config(run_dir, DictionaryRunConfig)
     weights_path = run_dir / runs.DICTIONARY_FILE
     if not weights_path.is_file():
-        raise CheckpointError(f"{run_dir} has no {runs.DICTIONARY_FILE}: the run has not finished; rerun its "
-                              "train-dictionary command to resume and finish it")
+        raise CheckpointError(
+            f"{run_dir} has no {runs.DICTIONARY_FILE}: the run has not finished; rerun its "
+            "train-dictionary command to resume and finish it"
+        )
     try:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{weights_path} cannot be read ({error}); rerun the train-dictionary command "
-                              "after deleting it (the run re-evaluates from its newest checkpoint)") from None
+        raise CheckpointError(
+            f"{weights_path} cannot be read ({error}); rerun the train-dictionary command "
+            "after deleting it (the run re-evaluates from its newest checkpoint)"
+        ) from None
     transcoder = bool(getattr(config.data, "transcoder", False))
     try:
-        module = Dictionary(weights["W_e"].shape[0], config.method, torch.Generator(),
-                            weights["W_d"].shape[1] if transcoder else None)
+        module = Dictionary(
+            weights["W_e"].shape[0], config.method, torch.Generator(), weights["W_d"].shape[1] if transcoder else None
+        )
         module.load_state_dict({name: value for name, value in weights.items() if name not in TRAINING_BUFFERS})
     except (KeyError, RuntimeError) as error:
         reason = " ".join(str(error).split())
-        raise CheckpointError(f"{weights_path} does not fit the dictionary its {runs.RUN_CONFIG} describes "
-                              f"({reason}); it was written by another unmerge version or edited: train it again"
-                              ) from None
+        raise CheckpointError(
+            f"{weights_path} does not fit the dictionary its {runs.RUN_CONFIG} describes "
+            f"({reason}); it was written by another unmerge version or edited: train it again"
+        ) from None
     return config, module.eval()
 
 
@@ -64,6 +73,8 @@ def load_dictionary_of_target(run_dir: Path, target: Target) -> Dictionary:
     trained_on = cached_target(config.data.target).model.state_dict() if hasattr(config.data, "target") else {}
     wanted = target.model.state_dict()
     if trained_on.keys() != wanted.keys() or not all(torch.equal(trained_on[k], v) for k, v in wanted.items()):
-        raise ConfigError(f"the dictionary in {run_dir} was not trained on the activations of {target.name} as "
-                          "given (a different target or trained weights); train both from the same preset")
+        raise ConfigError(
+            f"the dictionary in {run_dir} was not trained on the activations of {target.name} as "
+            "given (a different target or trained weights); train both from the same preset"
+        )
     return dictionary

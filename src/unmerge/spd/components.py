@@ -44,11 +44,15 @@ def uses_c_kernel(choice: str, device: torch.device) -> bool:
     if choice == "auto":
         return on_cpu and fused_kernel_available()
     if not on_cpu:
-        raise ConfigError(f"method.ci_kernel=c runs on the CPU only, but the target is on {device}; "
-                          "set method.ci_kernel=auto or torch")
+        raise ConfigError(
+            f"method.ci_kernel=c runs on the CPU only, but the target is on {device}; "
+            "set method.ci_kernel=auto or torch"
+        )
     if not fused_kernel_available():
-        raise ConfigError(f"method.ci_kernel=c, but the C kernel cannot be used here ({kernel_unavailable_reason()}); "
-                          "install a C compiler (gcc) or set method.ci_kernel=torch")
+        raise ConfigError(
+            f"method.ci_kernel=c, but the C kernel cannot be used here ({kernel_unavailable_reason()}); "
+            "install a C compiler (gcc) or set method.ci_kernel=torch"
+        )
     return True
 
 

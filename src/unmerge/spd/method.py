@@ -9,8 +9,8 @@ from torch import Tensor, nn
 
 from unmerge import metrics
 from unmerge.config import SPDConfig
-from unmerge.spd import losses
 from unmerge.metrics import language
+from unmerge.spd import losses
 from unmerge.spd.components import leaky_hard_sigmoids, uses_c_kernel
 from unmerge.spd.model import CleanPass, ComponentModel
 from unmerge.targets.base import Target
@@ -51,8 +51,13 @@ class SPD:
         self.config = config
         self.seed = seed
         self.eval_batch_size = eval_batch_size
-        self.model = ComponentModel(target.model, config.sites, config.ci_hidden, step_generator(seed, "init"),
-                                    c_kernel=uses_c_kernel(config.ci_kernel, device_of(target.model)))
+        self.model = ComponentModel(
+            target.model,
+            config.sites,
+            config.ci_hidden,
+            step_generator(seed, "init"),
+            c_kernel=uses_c_kernel(config.ci_kernel, device_of(target.model)),
+        )
         self.module = self.model.sites  # what training learns and checkpoints: the decomposition, not the target
 
     def before_training(self) -> None:
@@ -89,8 +94,9 @@ class SPD:
         """One mask sample for every site (S = 1), shared by the all-sites and the layerwise passes."""
         return self.model.split_sites(losses.stochastic_masks(ci.lower_all, generator, self.model.c_kernel))
 
-    def adversarial_masks(self, x: Tensor, clean: CleanPass, ci: Importances,
-                          generator: torch.Generator) -> dict[str, Tensor]:
+    def adversarial_masks(
+        self, x: Tensor, clean: CleanPass, ci: Importances, generator: torch.Generator
+    ) -> dict[str, Tensor]:
         """Masks `g + (1 − g) r` for every site, with r moved from a uniform draw by `adversarial_steps` projected
         sign-gradient ascent steps on the all-sites divergence (g and the weights held fixed during the search):
         close to the worst partial ablation the CI permits. Gradients flow through g as for stochastic masks."""
@@ -119,8 +125,10 @@ class SPD:
         ci = self.importances(clean)
         config = self.config
         powers = [losses.importance_powers(ci.upper_all, config.pnorm)]
-        terms = {"faithfulness": self.faithfulness(),
-                 "importance_minimality": losses.importance_minimality_loss(powers)}
+        terms = {
+            "faithfulness": self.faithfulness(),
+            "importance_minimality": losses.importance_minimality_loss(powers),
+        }
         if config.importance_frequency_coeff:
             terms["importance_frequency"] = losses.importance_frequency_loss(powers)
         masks = self.stochastic_masks(ci, generator)
@@ -194,8 +202,10 @@ class SPD:
         sites keep only their causally important subcomponents (masks = CI)."""
         counted = language.counted_predictions(self.target.model.ordinary_positions(ids))
         count = float(counted.sum().clamp(min=1))
-        return {"ce_original": float(language.next_token_nll(original, ids, counted)[0]) / count,
-                "ce_ci_masked": float(language.next_token_nll(ci_masked, ids, counted)[0]) / count}
+        return {
+            "ce_original": float(language.next_token_nll(original, ids, counted)[0]) / count,
+            "ce_ci_masked": float(language.next_token_nll(ci_masked, ids, counted)[0]) / count,
+        }
 
     def ground_truth_metrics(self) -> dict[str, float]:
         """MMCS/ML2R on sites with known feature directions; CI pattern errors on one-hot inputs."""
@@ -209,8 +219,11 @@ class SPD:
             components = self.model.site_components(name)
             recovery = metrics.feature_recovery(self.model.target_weight(name), components.U, components.V, axis)
             recoveries.append(recovery)
-            results |= {f"mmcs/{name}": recovery.mmcs, f"ml2r/{name}": recovery.ml2r,
-                        f"matrix_cosine/{name}": recovery.matrix_cosine}
+            results |= {
+                f"mmcs/{name}": recovery.mmcs,
+                f"ml2r/{name}": recovery.ml2r,
+                f"matrix_cosine/{name}": recovery.matrix_cosine,
+            }
         if recoveries:
             results["mmcs"] = sum(r.mmcs for r in recoveries) / len(recoveries)
             results["ml2r"] = sum(r.ml2r for r in recoveries) / len(recoveries)

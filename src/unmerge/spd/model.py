@@ -2,13 +2,8 @@
 where the weight is, its subcomponents `U V` and its causal-importance function, all one `nn.Module` tree, so
 `.to(...)`, `state_dict()` and `torch.compile` see the whole thing.
 
-Sites are modules chosen by fnmatch patterns over module names whose forward is a linear map of their weight
-(checked on a probe input), in one of three kinds: `F.linear(x, W, b)` (`nn.Linear`, attention projections),
-`x W + b` (GPT-2's `Conv1D`, TransformerLens's `Unembed`), or a row lookup `W[ids]` (`nn.Embedding`,
-TransformerLens's `Embed`: a token-indexed site, the linear map of one-hot inputs). Every site's weight is read in
-one orientation, `(d_out, d_in)`; an embedding's is `Wᵀ` with d_in the vocabulary. A site whose weight is the
-transpose of another site's (tied weights, e.g. GPT-2's `wte` and `lm_head`) shares that site's subcomponents,
-transposed.
+Sites are the modules `unmerge.spd.sites` finds; a site whose weight is the transpose of another site's (tied
+weights) shares that site's subcomponents, transposed.
 
 A pass over the target (clean, masked, edited) attaches a forward pre-hook and a forward hook to each site's
 module, inside a context manager that always removes them; the target and its modules are never changed. Given
@@ -23,7 +18,6 @@ site reuses the inner activations `a Vᵀ` already computed for the causal impor
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +29,7 @@ from torch import Tensor, nn
 from unmerge.config import SiteConfig
 from unmerge.errors import SiteError
 from unmerge.spd.components import Components, LinearComponents, ScalarMLPCI, TransposedComponents, causal_importances
+from unmerge.spd.sites import FoundSite, find_sites, find_tied_sites
 
 
 def site_key(name: str) -> str:
@@ -51,129 +46,6 @@ class CleanPass:
     site_outputs: dict[str, Tensor]
 
 
-def _linear(a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return F.linear(a, weight, bias)
-
-
-def _lookup(ids: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The linear map of one-hot inputs, `onehot(ids) Wᵀ`, as a row lookup of `Wᵀ`."""
-    output = F.embedding(ids, weight.T)
-    return output if bias is None else output + bias
-
-
-def _site_parameters(module: nn.Module) -> tuple[Tensor, Tensor | None] | None:
-    """The module's weight and bias: `weight`/`bias` attributes, else its only matrix and vector parameters."""
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, Tensor):
-        bias = getattr(module, "bias", None)
-        return weight, bias if isinstance(bias, Tensor) else None
-    own = list(module.parameters(recurse=False))
-    matrices = [p for p in own if p.dim() == 2]
-    vectors = [p for p in own if p.dim() == 1]
-    if len(matrices) != 1 or len(vectors) > 1 or len(own) != len(matrices) + len(vectors):
-        return None
-    return matrices[0], vectors[0] if vectors else None
-
-
-@dataclass(frozen=True)
-class Site:
-    """A decomposable module and how its forward meets a `(d_out, d_in)` matrix: `kind` is "linear" (`F.linear`),
-    "transposed linear" (`x W + b`) or "embedding" (a lookup of token ids). Weight and bias are read from the
-    module whenever asked, so they follow it across devices and dtypes."""
-
-    module: nn.Module
-    kind: str
-
-    @property
-    def weight(self) -> Tensor:
-        """The site's weight as `(d_out, d_in)`."""
-        weight = _site_parameters(self.module)[0]
-        return weight if self.kind == "linear" else weight.T
-
-    @property
-    def bias(self) -> Tensor | None:
-        return _site_parameters(self.module)[1]
-
-    def apply(self, a: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """The site's input `a` through a `(d_out, d_in)` matrix and a bias, as the module's own forward would."""
-        return _lookup(a, weight, bias) if self.kind == "embedding" else _linear(a, weight, bias)
-
-
-def _probe_agrees(module: nn.Module, probe: Tensor, expected: Tensor) -> bool:
-    with torch.no_grad():
-        try:
-            output = module(probe)
-        except Exception:  # noqa: BLE001 - any failure means the module is not this kind of map
-            return False
-    return isinstance(output, Tensor) and output.shape == expected.shape and torch.allclose(output, expected,
-                                                                                           atol=1e-5)
-
-
-def as_site(module: nn.Module) -> Site | None:
-    """The module as a site, if its forward is one of the three linear kinds on a probe input; else None."""
-    if isinstance(module, nn.Embedding) and module.max_norm is not None:
-        return None  # its forward renormalises the weight in place
-    parameters = _site_parameters(module)
-    if parameters is None or parameters[0].dim() != 2:
-        return None
-    weight, bias = parameters
-    generator = torch.Generator().manual_seed(0)
-    for oriented, kind in ((weight, "linear"), (weight.T, "transposed linear")):
-        if bias is not None and bias.shape[0] != oriented.shape[0]:
-            continue
-        probe = torch.randn(3, oriented.shape[1], generator=generator, dtype=weight.dtype).to(weight.device)
-        if _probe_agrees(module, probe, F.linear(probe, oriented, bias)):
-            return Site(module, kind)
-    ids = torch.randint(weight.shape[0], (2, 3), generator=generator).to(weight.device)
-    if bias is None and _probe_agrees(module, ids, F.embedding(ids, weight)):
-        return Site(module, "embedding")
-    return None
-
-
-@dataclass(frozen=True)
-class FoundSite:
-    """A module matched by a site pattern: its name, the pattern, the site and its number of subcomponents."""
-
-    name: str
-    pattern: str
-    site: Site
-    C: int
-
-
-def find_sites(target: nn.Module, sites: list[SiteConfig]) -> list[FoundSite]:
-    """Every module matched by the site patterns, in pattern order; every pattern must match at least one
-    decomposable module."""
-    modules = dict(target.named_modules())
-    chosen: dict[str, FoundSite] = {}
-    for config in sites:
-        matched = [name for name in modules if name and fnmatch.fnmatchcase(name, config.pattern)]
-        if not matched:
-            candidates = ", ".join(n for n, m in modules.items() if n and as_site(m) is not None) or "none"
-            raise SiteError(f"site pattern {config.pattern!r} matches no module of the target; "
-                            f"decomposable modules are: {candidates}")
-        for name in matched:
-            site = as_site(modules[name])
-            if site is None:
-                raise SiteError(f"module {name!r} ({type(modules[name]).__name__}, matched by {config.pattern!r}) "
-                                "is not a linear map of one weight (x Wᵀ + b, x W + b, or an embedding lookup "
-                                "W[ids]); choose a narrower pattern")
-            chosen[name] = FoundSite(name, config.pattern, site, config.C)
-    return list(chosen.values())
-
-
-def find_tied_sites(weights: dict[str, Tensor]) -> dict[str, str]:
-    """Sites whose weight is exactly the transpose of an earlier site's weight (same storage): tied → source."""
-    tied: dict[str, str] = {}
-    names = list(weights)
-    for i, name in enumerate(names):
-        for source in names[:i]:
-            w, s = weights[name], weights[source]
-            if source not in tied and w.shape == s.shape[::-1] and w.data_ptr() == s.data_ptr():
-                tied[name] = source
-                break
-    return tied
-
-
 Behaviour = Callable[["DecomposedSite", Tensor], Tensor | None]  # the site's output for input a (None: its own)
 
 
@@ -181,8 +53,9 @@ class DecomposedSite(nn.Module):
     """One decomposed weight: its module name, the pattern that chose it, its C subcomponents (`components`, or
     none of its own when its weight is tied to the site named `tied_to`) and its causal-importance function `ci`."""
 
-    def __init__(self, found: FoundSite, components: LinearComponents | None, tied_to: str | None,
-                 ci: ScalarMLPCI) -> None:
+    def __init__(
+        self, found: FoundSite, components: LinearComponents | None, tied_to: str | None, ci: ScalarMLPCI
+    ) -> None:
         super().__init__()
         self.name, self.pattern, self.C, self.site = found.name, found.pattern, found.C, found.site
         self.components = components
@@ -226,8 +99,14 @@ class _SiteHooks:
 class ComponentModel(nn.Module):
     """A frozen target and its decomposition: one `DecomposedSite` per chosen weight (`sites`)."""
 
-    def __init__(self, target: nn.Module, sites: list[SiteConfig], ci_hidden: int, generator: torch.Generator,
-                 c_kernel: bool = False) -> None:
+    def __init__(
+        self,
+        target: nn.Module,
+        sites: list[SiteConfig],
+        ci_hidden: int,
+        generator: torch.Generator,
+        c_kernel: bool = False,
+    ) -> None:
         super().__init__()
         self.target = target
         self.c_kernel = c_kernel
@@ -236,15 +115,19 @@ class ComponentModel(nn.Module):
         for name, source in tied.items():
             C = {f.name: f.C for f in found}
             if C[name] != C[source]:
-                raise SiteError(f"sites {source!r} and {name!r} share tied weights, so they need the same C "
-                                f"(got {C[source]} and {C[name]})")
+                raise SiteError(
+                    f"sites {source!r} and {name!r} share tied weights, so they need the same C "
+                    f"(got {C[source]} and {C[name]})"
+                )
         # every site's U and V first, then every CI function: the order the generator has always been drawn in
         components = {f.name: LinearComponents(f.site.weight, f.C, generator) for f in found if f.name not in tied}
         functions = {f.name: ScalarMLPCI(f.C, ci_hidden, generator) for f in found}
-        self.sites = Decomposition({
-            site_key(f.name): DecomposedSite(f, components.get(f.name), tied.get(f.name), functions[f.name])
-            for f in found
-        })
+        self.sites = Decomposition(
+            {
+                site_key(f.name): DecomposedSite(f, components.get(f.name), tied.get(f.name), functions[f.name])
+                for f in found
+            }
+        )
 
     def train(self, mode: bool = True) -> ComponentModel:
         """Train or evaluate the decomposition; the target stays in evaluation mode (it is frozen)."""
@@ -279,8 +162,9 @@ class ComponentModel(nn.Module):
 
     def component_parameters(self) -> list[nn.Parameter]:
         """Every site's own U and V (tied sites have none of their own)."""
-        return [p for record in self.sites.values() if record.components is not None
-                for p in record.components.parameters()]
+        return [
+            p for record in self.sites.values() if record.components is not None for p in record.components.parameters()
+        ]
 
     def target_weight(self, name: str) -> Tensor:
         """The site's weight as `(d_out, d_in)`."""
@@ -343,8 +227,10 @@ class ComponentModel(nn.Module):
         def behaviour(record: DecomposedSite, a: Tensor) -> Tensor:
             name, site = record.name, record.site
             if name in inputs:
-                raise SiteError(f"site {name!r} ran twice in one forward pass; modules reused within a forward "
-                                "cannot be decomposed as one site")
+                raise SiteError(
+                    f"site {name!r} ran twice in one forward pass; modules reused within a forward "
+                    "cannot be decomposed as one site"
+                )
             inputs[name] = a
             outputs[name] = site.apply(a, site.weight, site.bias)
             return outputs[name]
@@ -355,14 +241,17 @@ class ComponentModel(nn.Module):
 
     def inner_acts(self, clean: CleanPass) -> dict[str, Tensor]:
         """`h = a Vᵀ` for every site on its clean input (gradient flows to V)."""
-        return {name: self.site(name).site.apply(clean.site_inputs[name], self.site_components(name).V, None)
-                for name in self.site_names}
+        return {
+            name: self.site(name).site.apply(clean.site_inputs[name], self.site_components(name).V, None)
+            for name in self.site_names
+        }
 
     def causal_importance(self, inner: dict[str, Tensor]) -> Tensor:
         """Pre-sigmoid γ of all sites, concatenated in `site_names` order (see `split_sites`)."""
         records = list(self.sites.values())
-        return causal_importances([record.ci for record in records], [inner[record.name] for record in records],
-                                  self.c_kernel)
+        return causal_importances(
+            [record.ci for record in records], [inner[record.name] for record in records], self.c_kernel
+        )
 
     def split_sites(self, concatenated: Tensor) -> dict[str, Tensor]:
         """Per-site views of a (..., ΣC) tensor laid out like `causal_importance`'s output."""

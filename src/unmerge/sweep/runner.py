@@ -52,8 +52,10 @@ def load_sweep_spec(source: str, grid: Iterable[str] = (), overrides: Iterable[s
     data["overrides"] |= {override.key: override.value for override in parse_overrides(overrides)}
     described = f"sweep of {source}" + (f" with --grid {grid}" if grid else "")
     if not data["grid"]:
-        raise ConfigError(f"{described}: no grid; add --grid key=v1,v2 (e.g. --grid method.penalty.coeff=0.03,0.1) "
-                          "or pass a sweep YAML file with a `grid:` mapping")
+        raise ConfigError(
+            f"{described}: no grid; add --grid key=v1,v2 (e.g. --grid method.penalty.coeff=0.03,0.1) "
+            "or pass a sweep YAML file with a `grid:` mapping"
+        )
     return validate(SweepSpec, data, described)
 
 
@@ -77,13 +79,16 @@ def _check_sweep_dir(out_dir: Path, configs: list[tuple[SweepPoint, DictionaryRu
         run_dir = out_dir / SWEEP_RUNS / point.name
         differences = runs.differences_from_saved(run_dir, config)
         if differences:
-            raise CheckpointError(f"{run_dir} was trained with other settings ({'; '.join(differences)}); a sweep "
-                                  "directory holds one config per grid point, so give the changed sweep a new --out "
-                                  "(or rerun it with the original settings)")
+            raise CheckpointError(
+                f"{run_dir} was trained with other settings ({'; '.join(differences)}); a sweep "
+                "directory holds one config per grid point, so give the changed sweep a new --out "
+                "(or rerun it with the original settings)"
+            )
 
 
-def run_sweep(spec: SweepSpec, out_dir: Path, train: TrainRun,
-              log: Callable[[str], None] | None = print) -> SweepResult:
+def run_sweep(
+    spec: SweepSpec, out_dir: Path, train: TrainRun, log: Callable[[str], None] | None = print
+) -> SweepResult:
     """Train every grid point of `spec` in turn with `train` into `out_dir/runs/<name>` and write `results.csv`,
     `results.md`, the Pareto figures and `sweep.yaml` to `out_dir`.
 

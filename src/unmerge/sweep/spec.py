@@ -54,22 +54,27 @@ class SweepSpec(StrictModel):
 
     base: str = Field(min_length=1, description="dictionary preset name or path to a dictionary YAML config")
     grid: dict[str, list[Any]] = Field(
-        min_length=1, description="dotted config key → the values it takes; runs are the Cartesian product")
+        min_length=1, description="dotted config key → the values it takes; runs are the Cartesian product"
+    )
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config key → value, for every run")
     group_by: list[str] | None = Field(
-        None, description="grid keys whose values colour the figures (default: all but strengths and seeds)")
+        None, description="grid keys whose values colour the figures (default: all but strengths and seeds)"
+    )
 
     @field_validator("grid", "overrides", mode="before")
     @classmethod
     def _exponent_numbers_are_floats(cls, value: Any) -> Any:
         """`1e-3` is a string to PyYAML (YAML 1.1 wants `1.0e-3`); read it as the number everyone means."""
+
         def number(item: Any) -> Any:
             return float(item) if isinstance(item, str) and _EXPONENT_ONLY.fullmatch(item) else item
 
         if not isinstance(value, dict):
             return value
-        return {key: [number(v) for v in values] if isinstance(values, list) else number(values)
-                for key, values in value.items()}
+        return {
+            key: [number(v) for v in values] if isinstance(values, list) else number(values)
+            for key, values in value.items()
+        }
 
     @model_validator(mode="after")
     def _well_formed_grid(self) -> SweepSpec:
@@ -118,8 +123,10 @@ class SweepPoint:
 def short_labels(keys: Sequence[str]) -> dict[str, str]:
     """The shortest dotted suffix of each key that tells it apart from the others (`method.penalty.coeff` →
     `coeff`); a generic leaf (`name`, `kind`) is named by its section instead (`method.penalty.name` → `penalty`)."""
-    trimmed = {key: key.split(".")[:-1] if key.split(".")[-1] in _GENERIC_LEAVES and "." in key else key.split(".")
-               for key in keys}
+    trimmed = {
+        key: key.split(".")[:-1] if key.split(".")[-1] in _GENERIC_LEAVES and "." in key else key.split(".")
+        for key in keys
+    }
     labels = {}
     for key, parts in trimmed.items():
         for n in range(1, len(parts) + 1):
@@ -166,5 +173,3 @@ def parse_grid_argument(text: str) -> tuple[str, list[Any]]:
     except yaml.YAMLError as error:
         raise ConfigError(f"--grid {text!r}: the values are not valid YAML ({error})") from None
     return key, values
-
-

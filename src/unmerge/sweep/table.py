@@ -47,8 +47,13 @@ def csv_text(rows: Sequence[SweepRow], grid_keys: Sequence[str]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["run", *grid_keys, *columns])
     for row in rows:
-        writer.writerow([row.name, *(yaml_text(row.settings[key]) for key in grid_keys),
-                         *(repr(row.metrics[key]) if key in row.metrics else "" for key in columns)])
+        writer.writerow(
+            [
+                row.name,
+                *(yaml_text(row.settings[key]) for key in grid_keys),
+                *(repr(row.metrics[key]) if key in row.metrics else "" for key in columns),
+            ]
+        )
     return buffer.getvalue()
 
 

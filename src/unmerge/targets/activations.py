@@ -82,14 +82,16 @@ def target_activation_source(target: Target, hook: str, transcoder: bool = False
     """Activations of `target` at the module named `hook` (a transcoder's: its input and output), with true
     features where the ground truth has them."""
     module = find_module(target.model, hook, target.name)
-    input_dim, dim = (part.shape[1] for part in
-                      _module_activations(target, module, target.sample_inputs(1, torch.Generator().manual_seed(0))))
+    input_dim, dim = (
+        part.shape[1]
+        for part in _module_activations(target, module, target.sample_inputs(1, torch.Generator().manual_seed(0)))
+    )
     return ActivationSource(
         name=f"{target.name}/{hook}" + ("/transcoder" if transcoder else ""),
         dim=input_dim if transcoder else dim,
-        sample=lambda size, generator: record_activations(target, module, target.sample_inputs(size, generator),
-                                                          with_input=transcoder),
+        sample=lambda size, generator: record_activations(
+            target, module, target.sample_inputs(size, generator), with_input=transcoder
+        ),
         true_features=_feature_directions(target, module),
         output_dim=dim if transcoder else None,
     )
-

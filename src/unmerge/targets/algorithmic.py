@@ -25,8 +25,16 @@ EVAL_CHUNK = 65_536
 class OneLayerTransformer(nn.Module):
     """Token ids (batch, n_ctx) → logits at the last position (batch, d_vocab_out)."""
 
-    def __init__(self, d_vocab: int, d_vocab_out: int, n_ctx: int, d_model: int, n_heads: int,
-                 d_mlp: int | None, embed_std: float = 1.0) -> None:
+    def __init__(
+        self,
+        d_vocab: int,
+        d_vocab_out: int,
+        n_ctx: int,
+        d_model: int,
+        n_heads: int,
+        d_mlp: int | None,
+        embed_std: float = 1.0,
+    ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
@@ -34,10 +42,14 @@ class OneLayerTransformer(nn.Module):
         self.embed = nn.Embedding(d_vocab, d_model)
         nn.init.normal_(self.embed.weight, std=embed_std)
         self.pos_embed = nn.Parameter(torch.randn(n_ctx, d_model) / math.sqrt(d_model))
-        self.attn = nn.ModuleDict({name: nn.Linear(d_model, d_model, bias=False)
-                                   for name in ("q_proj", "k_proj", "v_proj", "o_proj")})
-        self.mlp = None if d_mlp is None else nn.ModuleDict({"fc_in": nn.Linear(d_model, d_mlp),
-                                                             "fc_out": nn.Linear(d_mlp, d_model)})
+        self.attn = nn.ModuleDict(
+            {name: nn.Linear(d_model, d_model, bias=False) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        )
+        self.mlp = (
+            None
+            if d_mlp is None
+            else nn.ModuleDict({"fc_in": nn.Linear(d_model, d_mlp), "fc_out": nn.Linear(d_mlp, d_model)})
+        )
         self.unembed = nn.Linear(d_model, d_vocab_out, bias=False)
         self.logits = nn.Identity()  # a hook point for the output: the last position's logits
 
@@ -79,7 +91,7 @@ def max_of_k_loss(model: nn.Module, ids: Tensor) -> Tensor:
 @torch.no_grad()
 def max_of_k_accuracy(model: nn.Module, config: MaxOfKConfig) -> dict[str, float]:
     """Accuracy on every one of the d_vocab^n_ctx inputs, enumerated in chunks."""
-    total = config.d_vocab ** config.n_ctx
+    total = config.d_vocab**config.n_ctx
     powers = config.d_vocab ** torch.arange(config.n_ctx - 1, -1, -1)
     correct = 0
     for start in range(0, total, EVAL_CHUNK):
@@ -93,8 +105,9 @@ def modular_addition_model(config: ModularAdditionConfig) -> OneLayerTransformer
     """Token embeddings at 1/√d_model (at nn.Embedding's scale 1 the memorising solution is large-norm from the
     start); with `init: nanda` every other weight is drawn as Nanda et al. draw it too (BENCHMARKS.md: the test
     loss falls faster than with PyTorch's defaults)."""
-    model = OneLayerTransformer(config.p + 1, config.p, 3, config.d_model, config.n_heads, config.d_mlp,
-                                embed_std=config.d_model**-0.5)
+    model = OneLayerTransformer(
+        config.p + 1, config.p, 3, config.d_model, config.n_heads, config.d_mlp, embed_std=config.d_model**-0.5
+    )
     if config.init == "nanda":
         with torch.no_grad():
             for name, parameter in model.named_parameters():

@@ -38,8 +38,9 @@ HF_EXTRA = "pip install 'unmerge[hf]' (transformers, gguf, accelerate)"
 class LanguageModel(nn.Module):
     """A frozen model over token ids: `forward(ids)` runs it; `named_modules` are the wrapped model's, unprefixed."""
 
-    def __init__(self, name: str, model: nn.Module, run: RunFunction, bos_id: int | None,
-                 special_ids: set[int], vocab_size: int) -> None:
+    def __init__(
+        self, name: str, model: nn.Module, run: RunFunction, bos_id: int | None, special_ids: set[int], vocab_size: int
+    ) -> None:
         super().__init__()
         self.name = name
         self.wrapped = model
@@ -54,8 +55,9 @@ class LanguageModel(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         return self._run(self.wrapped, ids)
 
-    def named_modules(self, memo: set[nn.Module] | None = None, prefix: str = "",
-                      remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Module]]:
+    def named_modules(
+        self, memo: set[nn.Module] | None = None, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Module]]:
         return self.wrapped.named_modules(memo, prefix, remove_duplicate)
 
     def ordinary_positions(self, ids: Tensor) -> Tensor:
@@ -103,8 +105,14 @@ def from_hf(model: nn.Module, tokenizer: object | None = None, name: str | None 
     ids = {getattr(config, key, None) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     special = {i for i in ids if isinstance(i, int)} | _tokenizer_special_ids(tokenizer)
     bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else config.bos_token_id
-    return CausalLM(name or getattr(config, "_name_or_path", "hf-model") or "hf-model", model, _hf_logits, bos,
-                    special, config.vocab_size)
+    return CausalLM(
+        name or getattr(config, "_name_or_path", "hf-model") or "hf-model",
+        model,
+        _hf_logits,
+        bos,
+        special,
+        config.vocab_size,
+    )
 
 
 def from_transformer_lens(model: nn.Module, name: str | None = None) -> CausalLM:
@@ -113,15 +121,27 @@ def from_transformer_lens(model: nn.Module, name: str | None = None) -> CausalLM
     whose underlying model `from_hf` takes.)"""
     tokenizer = getattr(model, "tokenizer", None)
     bos = getattr(tokenizer, "bos_token_id", None)
-    return CausalLM(name or model.cfg.model_name, model, _transformer_lens_logits, bos,
-                    _tokenizer_special_ids(tokenizer) | ({bos} if bos is not None else set()), model.cfg.d_vocab)
+    return CausalLM(
+        name or model.cfg.model_name,
+        model,
+        _transformer_lens_logits,
+        bos,
+        _tokenizer_special_ids(tokenizer) | ({bos} if bos is not None else set()),
+        model.cfg.d_vocab,
+    )
 
 
-def from_module(model: nn.Module, vocab_size: int, bos_id: int | None = None, special_ids: set[int] = frozenset(),
-                name: str = "model") -> CausalLM:
+def from_module(
+    model: nn.Module,
+    vocab_size: int,
+    bos_id: int | None = None,
+    special_ids: set[int] = frozenset(),
+    name: str = "model",
+) -> CausalLM:
     """Any module mapping token ids to logits (or to an object with `.logits`)."""
-    return CausalLM(name, model, _plain_logits, bos_id, set(special_ids) | ({bos_id} if bos_id is not None else set()),
-                    vocab_size)
+    return CausalLM(
+        name, model, _plain_logits, bos_id, set(special_ids) | ({bos_id} if bos_id is not None else set()), vocab_size
+    )
 
 
 def _require(*packages: str) -> None:
@@ -137,12 +157,14 @@ def packaged_file(package: str, install: str, suffix: str) -> Path:
     try:
         distribution = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError:
-        raise UnmergeError(f"the {package} package, which holds the model, is not installed: {install} "
-                           "(or `make real`)") from None
+        raise UnmergeError(
+            f"the {package} package, which holds the model, is not installed: {install} (or `make real`)"
+        ) from None
     files = [f for f in distribution.files or [] if str(f).endswith(suffix)]
     if not files:
-        raise UnmergeError(f"the installed {package} package holds no {suffix} file; reinstall it: "
-                           f"{install} --force-reinstall")
+        raise UnmergeError(
+            f"the installed {package} package holds no {suffix} file; reinstall it: {install} --force-reinstall"
+        )
     return Path(distribution.locate_file(files[0]))
 
 
@@ -189,8 +211,10 @@ def load_hf_directory(directory: Path, name: str | None = None) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"cannot load a language model from {directory}: {error}; check the directory "
-                              "(a cached SmolLM2 can be deleted and is rebuilt from the package)") from None
+        raise CheckpointError(
+            f"cannot load a language model from {directory}: {error}; check the directory "
+            "(a cached SmolLM2 can be deleted and is rebuilt from the package)"
+        ) from None
     lm = from_hf(model, tokenizer, name or directory.name)
     return LoadedModel(lm, tokenizer, time.perf_counter() - start)
 
@@ -213,8 +237,14 @@ def minilm_directory() -> Path:
 def from_hf_encoder(model: nn.Module, tokenizer: object, name: str) -> SentenceEncoder:
     """A Hugging Face BERT-style encoder (`AutoModel`) as a sentence encoder; CLS, SEP, PAD, ... are special."""
     special = _tokenizer_special_ids(tokenizer) | {i for i in [model.config.pad_token_id] if isinstance(i, int)}
-    return SentenceEncoder(name, model, _mean_pooled_unit_embedding, getattr(tokenizer, "cls_token_id", None),
-                           special, model.config.vocab_size)
+    return SentenceEncoder(
+        name,
+        model,
+        _mean_pooled_unit_embedding,
+        getattr(tokenizer, "cls_token_id", None),
+        special,
+        model.config.vocab_size,
+    )
 
 
 def load_minilm() -> LoadedModel:

@@ -45,8 +45,9 @@ def activation_cache_dir(config: LanguageActivationsConfig) -> Path:
 def cache_settings(config: LanguageActivationsConfig) -> dict:
     """What determines a cache's contents (stored in its manifest and checked on resume); unset options are left
     out, so adding an option to the configs does not orphan existing caches."""
-    return config.model_dump(mode="json", include={"model", "text", "hook", "cache_tokens", "cache_dtype"},
-                             exclude_none=True)
+    return config.model_dump(
+        mode="json", include={"model", "text", "hook", "cache_tokens", "cache_dtype"}, exclude_none=True
+    )
 
 
 def cache_settings_digest(config: LanguageActivationsConfig) -> str:
@@ -68,9 +69,14 @@ def cached_source(config: LanguageActivationsConfig, data: LanguageData, module:
     count = min(math.ceil(config.cache_tokens / data.tokens_per_window), data.train_windows.shape[0])
     chosen = torch.randperm(data.train_windows.shape[0], generator=step_generator(0, "cache-windows"))[:count]
     return build_activation_cache(
-        directory, data.train_windows[chosen.sort().values], _recorder(data.lm, module), data.lm.ordinary_positions,
-        shard_tokens=config.shard_tokens, batch_sequences=config.record_batch,
-        dtype=getattr(torch, config.cache_dtype), description=cache_settings(config),
+        directory,
+        data.train_windows[chosen.sort().values],
+        _recorder(data.lm, module),
+        data.lm.ordinary_positions,
+        shard_tokens=config.shard_tokens,
+        batch_sequences=config.record_batch,
+        dtype=getattr(torch, config.cache_dtype),
+        description=cache_settings(config),
     )
 
 
@@ -81,8 +87,9 @@ def _live_sampler(data: LanguageData, module: nn.Module, record_batch: int) -> S
     def sample(size: int, generator: torch.Generator) -> Tensor:
         rows, have = [], 0
         while have < size:
-            windows = data.train_windows[torch.randint(data.train_windows.shape[0], (record_batch,),
-                                                       generator=generator)]
+            windows = data.train_windows[
+                torch.randint(data.train_windows.shape[0], (record_batch,), generator=generator)
+            ]
             kept = record(windows)[data.lm.ordinary_positions(windows)]
             rows.append(kept)
             have += kept.shape[0]
@@ -107,5 +114,6 @@ def language_activations(config: LanguageActivationsConfig) -> LanguageActivatio
     else:
         cache = cached_source(config, data, module)
         sample, dim = cache.source(config.hook).sample, cache.dim
-    return LanguageActivations(data, module, ActivationSource(name=f"{data.lm.name}/{config.hook}", dim=dim,
-                                                              sample=sample))
+    return LanguageActivations(
+        data, module, ActivationSource(name=f"{data.lm.name}/{config.hook}", dim=dim, sample=sample)
+    )

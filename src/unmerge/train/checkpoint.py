@@ -44,8 +44,9 @@ def checkpoint_tensors(module: nn.Module, optimizer: torch.optim.Optimizer) -> d
     return tensors
 
 
-def _upgrade_format_1(module: nn.Module, model: dict[str, Tensor],
-                      optim: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def _upgrade_format_1(
+    module: nn.Module, model: dict[str, Tensor], optim: dict[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """A format-1 checkpoint (optimiser state by position) in format 2. A module whose parameters were renamed or
     reordered since says how with `legacy_names()`: (old name, new name) in the old optimiser's order."""
     legacy = getattr(module, "legacy_names", None)
@@ -54,10 +55,12 @@ def _upgrade_format_1(module: nn.Module, model: dict[str, Tensor],
     model = {renamed.get(key, key): value for key, value in model.items()}
     upgraded = {}
     for key, value in optim.items():
-        index, state = key[len(_OPTIMIZER_PREFIX):].split(".", 1)
+        index, state = key[len(_OPTIMIZER_PREFIX) :].split(".", 1)
         if int(index) >= len(pairs):
-            raise CheckpointError(f"the checkpoint holds optimiser state for parameter {index}, but the model has "
-                                  f"{len(pairs)}: it belongs to another model")
+            raise CheckpointError(
+                f"the checkpoint holds optimiser state for parameter {index}, but the model has "
+                f"{len(pairs)}: it belongs to another model"
+            )
         upgraded[f"{_OPTIMIZER_PREFIX}{pairs[int(index)][1]}.{state}"] = value
     return model, upgraded
 
@@ -77,10 +80,12 @@ def restore(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | No
         index = {name: i for i, name in enumerate(_trained_names(module))}
         per_parameter: dict[int, dict[str, Tensor]] = {}
         for key, value in optim.items():
-            name, state_key = key[len(_OPTIMIZER_PREFIX):].rsplit(".", 1)
+            name, state_key = key[len(_OPTIMIZER_PREFIX) :].rsplit(".", 1)
             if name not in index:
-                raise CheckpointError(f"checkpoint {path} holds optimiser state for {name!r}, which this run's "
-                                      "model does not train; it belongs to another model")
+                raise CheckpointError(
+                    f"checkpoint {path} holds optimiser state for {name!r}, which this run's "
+                    "model does not train; it belongs to another model"
+                )
             per_parameter.setdefault(index[name], {})[state_key] = value
         optimizer.load_state_dict({"state": per_parameter, "param_groups": optimizer.state_dict()["param_groups"]})
     return state
@@ -126,15 +131,21 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     try:
         state = json.loads(state_file.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"checkpoint {path} has an unreadable {STATE_FILE} ({error}); delete {path} to "
-                              "resume from the previous checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {path} has an unreadable {STATE_FILE} ({error}); delete {path} to "
+            "resume from the previous checkpoint"
+        ) from None
     if not weights.is_file() or sha256_file(weights) != state.get("weights_sha256"):
-        raise CheckpointError(f"checkpoint {path} is corrupt ({WEIGHTS_FILE} is missing or fails its checksum); "
-                              f"delete {path} to resume from the previous checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt ({WEIGHTS_FILE} is missing or fails its checksum); "
+            f"delete {path} to resume from the previous checkpoint"
+        )
     try:
         tensors = load_file(str(weights))
     except SafetensorError as error:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({error}); delete it to resume from the previous one") from None
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({error}); delete it to resume from the previous one"
+        ) from None
     return tensors, state
 
 

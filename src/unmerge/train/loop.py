@@ -2,8 +2,9 @@
 
 A method is anything with a `module` (the learned state to checkpoint), a `before_training()` hook for a fresh
 start, a `training_loss(batch, generator)`, an `after_step(optimizer)` hook and an `evaluate()`. Each step is named
-up front: draw the batch, compute the loss, check it is finite, step the optimiser; then log, evaluate, checkpoint when their cadence says so. Data and noise come from counter-based
-generators (`rng.step_generator`), so a resumed run is bitwise identical to an uninterrupted one.
+up front: draw the batch, compute the loss, check it is finite, step the optimiser; then log, evaluate and
+checkpoint when their cadence says so. Data and noise come from counter-based generators (`rng.step_generator`),
+so a resumed run is bitwise identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from unmerge.train import checkpoint, distributed
 from unmerge.train.memory import keep_freed_memory
 from unmerge.train.rng import step_generator
 from unmerge.train.schedule import learning_rate
+
 
 @dataclass
 class StepOutput:
@@ -63,8 +65,12 @@ class ModelTraining:
     """Adapts a model and its loss to the method interface, to train the model itself (toy targets, the small
     language model): no preparation, no constraints; evaluation is the model's task score if one is given."""
 
-    def __init__(self, model: nn.Module, loss: Callable[[nn.Module, Tensor], Tensor],
-                 score: Callable[[nn.Module], dict[str, float]] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Callable[[nn.Module, Tensor], Tensor],
+        score: Callable[[nn.Module], dict[str, float]] | None = None,
+    ) -> None:
         self.module = model
         self.loss = loss
         self.score = score
@@ -130,8 +136,13 @@ def train(
             _truncate_log(run_dir / log, start)
     last_terms: dict[str, float] = {}
     progress = tqdm(
-        range(start, config.steps), initial=start, total=config.steps, desc=description,
-        disable=None if distributed.is_main_process() else True, mininterval=0.5, dynamic_ncols=True,
+        range(start, config.steps),
+        initial=start,
+        total=config.steps,
+        desc=description,
+        disable=None if distributed.is_main_process() else True,
+        mininterval=0.5,
+        dynamic_ncols=True,
     )
     for step in progress:
         lr = learning_rate(config.optim, step, config.steps)
@@ -141,9 +152,9 @@ def train(
         output = method.training_loss(batch, step_generator(config.seed, "noise", step, rank))
         if not torch.isfinite(output.loss):
             raise NonFiniteLossError(
-                f"the loss became {float(output.loss.detach())} at step {step} (terms: {_scalars(output.terms)}); the last "
-                f"good checkpoint is untouched. Lower the learning rate (train.optim.lr={lr:g} now) or the loss "
-                "coefficients, then rerun the same command to resume."
+                f"the loss became {float(output.loss.detach())} at step {step} (terms: {_scalars(output.terms)}); "
+                f"the last good checkpoint is untouched. Lower the learning rate (train.optim.lr={lr:g} now) or "
+                "the loss coefficients, then rerun the same command to resume."
             )
         optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
@@ -166,4 +177,3 @@ def train(
             checkpoint.save_checkpoint(run_dir, done, tensors, {"lr": lr}, keep=config.keep_checkpoints)
     progress.close()
     return TrainResult(steps=config.steps, resumed_from=start, last_terms=last_terms)
-

@@ -65,8 +65,9 @@ def compile_library(source: str, name: str, cache_dir: Path) -> Path:
             fd, partial = tempfile.mkstemp(dir=cache_dir, suffix=".so.tmp")
             os.close(fd)
             try:
-                proc = subprocess.run([compiler, *flags, "-o", partial, str(src)], capture_output=True, text=True,
-                                      timeout=300)
+                proc = subprocess.run(
+                    [compiler, *flags, "-o", partial, str(src)], capture_output=True, text=True, timeout=300
+                )
                 if proc.returncode == 0:
                     os.replace(partial, target)
                     return target

@@ -69,6 +69,7 @@ from unmerge.kernels.cpu.build import compile_library, kernel_cache_dir
 
 C_SOURCE = Path(__file__).with_name("ci_kernel.c")
 
+
 def scalar_mlp_ci_reference(
     h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
 ) -> torch.Tensor:
@@ -175,8 +176,16 @@ class _FusedScalarMLPCI(torch.autograd.Function):
         rows, c = h.shape
         out = torch.empty_like(h)
         code = lib.ci_forward(
-            h.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
-            out.data_ptr(), rows, c, w1.shape[1], _num_chunks(rows),
+            h.data_ptr(),
+            w1.data_ptr(),
+            b1.data_ptr(),
+            w2.data_ptr(),
+            b2.data_ptr(),
+            out.data_ptr(),
+            rows,
+            c,
+            w1.shape[1],
+            _num_chunks(rows),
         )
         _check(code, "forward")
         ctx.save_for_backward(h, w1, b1, w2)
@@ -196,9 +205,19 @@ class _FusedScalarMLPCI(torch.autograd.Function):
         gb2 = h.new_empty(h.shape[1]) if need_b2 else None
         rows, c = h.shape
         code = _load_kernel()[0].ci_backward(
-            h.data_ptr(), w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), grad_out.data_ptr(),
+            h.data_ptr(),
+            w1.data_ptr(),
+            b1.data_ptr(),
+            w2.data_ptr(),
+            grad_out.data_ptr(),
             *(t.data_ptr() if t is not None else None for t in (gh, gw1, gb1, gw2, gb2)),
-            rows, c, w1.shape[1], int(need_h), int(need_w), int(need_b2), _num_chunks(rows),
+            rows,
+            c,
+            w1.shape[1],
+            int(need_h),
+            int(need_w),
+            int(need_b2),
+            _num_chunks(rows),
         )
         _check(code, "backward")
         return (
@@ -264,8 +283,12 @@ class _FusedHardSigmoids(torch.autograd.Function):
         grads = [g.contiguous() if g is not None else None for g in (grad_lower, grad_upper)]
         grad_x = torch.empty_like(x)
         _load_kernel()[0].hard_sigmoids_backward(
-            x.data_ptr(), *(g.data_ptr() if g is not None else None for g in grads), grad_x.data_ptr(),
-            x.numel(), ctx.leak, _elementwise_chunks(x),
+            x.data_ptr(),
+            *(g.data_ptr() if g is not None else None for g in grads),
+            grad_x.data_ptr(),
+            x.numel(),
+            ctx.leak,
+            _elementwise_chunks(x),
         )
         return grad_x, None
 
@@ -305,8 +328,7 @@ class _FusedStochasticMasks(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, g: torch.Tensor, k0: int, k1: int) -> torch.Tensor:  # type: ignore[override]
         masks = torch.empty_like(g)
-        _load_kernel()[0].masks_forward(g.data_ptr(), masks.data_ptr(), g.numel(), k0, k1,
-                                        _elementwise_chunks(g))
+        _load_kernel()[0].masks_forward(g.data_ptr(), masks.data_ptr(), g.numel(), k0, k1, _elementwise_chunks(g))
         ctx.keys = (k0, k1)
         return masks
 
@@ -315,8 +337,9 @@ class _FusedStochasticMasks(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_masks: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         grad_masks = grad_masks.contiguous()
         grad_g = torch.empty_like(grad_masks)
-        _load_kernel()[0].masks_backward(grad_masks.data_ptr(), grad_g.data_ptr(), grad_masks.numel(), *ctx.keys,
-                                         _elementwise_chunks(grad_masks))
+        _load_kernel()[0].masks_backward(
+            grad_masks.data_ptr(), grad_g.data_ptr(), grad_masks.numel(), *ctx.keys, _elementwise_chunks(grad_masks)
+        )
         return grad_g, None, None
 
 
