@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import TINY_TMS
 from unmerge import api
@@ -117,3 +119,48 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path: Path) -> None:
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "report.html").stat().st_mode) == 0o644
+
+
+def _as_format_1(checkpoint_dir: Path, order: list[str]) -> None:
+    """Rewrite a checkpoint of TMS 5-2+ID in the layout written before the site records (format 1): components
+    under `components.<site>.U`, CI functions under `ci.functions.<site>.w1`, optimiser state by position in the
+    old parameter order `order`, no `format` in state.json."""
+    weights = checkpoint_dir / checkpoint.WEIGHTS_FILE
+    tensors = load_file(str(weights))
+
+    def old_name(name: str) -> str:
+        site, part, leaf = name.split(".")
+        return f"components.{site}.{leaf}" if part == "components" else f"ci.functions.{site}.{leaf}"
+
+    legacy = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            parameter, state = key.removeprefix("optimizer.").rsplit(".", 1)
+            legacy[f"optimizer.{order.index(old_name(parameter))}.{state}"] = value
+        else:
+            legacy[old_name(key)] = value
+    save_file(legacy, str(weights))
+    state = json.loads((checkpoint_dir / checkpoint.STATE_FILE).read_text())
+    del state["format"]
+    state["weights_sha256"] = _sha(weights)
+    (checkpoint_dir / checkpoint.STATE_FILE).write_text(json.dumps(state))
+
+
+def test_a_checkpoint_written_before_the_site_records_resumes_to_the_same_result(tmp_path: Path) -> None:
+    config = api.load_run_config("tms-5-2-id", TINY_TMS)
+    api.decompose(config, tmp_path / "whole")
+    api.decompose(config, tmp_path / "legacy")
+    for late in checkpoint.checkpoint_dirs(tmp_path / "legacy")[1:]:
+        shutil.rmtree(late)
+    (tmp_path / "legacy" / "metrics.json").unlink()
+    sites = ["linear1", "hidden"]  # linear2 is tied to linear1: no components of its own
+    order = [f"components.{s}.{p}" for s in sites for p in ("U", "V")]
+    order += [f"ci.functions.{s}.{p}" for s in ("linear1", "hidden", "linear2") for p in ("w1", "b1", "w2", "b2")]
+    _as_format_1(checkpoint.checkpoint_dirs(tmp_path / "legacy")[-1], order)
+    result = api.decompose(config, tmp_path / "legacy")
+    assert result.resumed_from == 40
+    whole, resumed = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "legacy")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    assert (tmp_path / "whole" / "metrics.json").read_text() == (tmp_path / "legacy" / "metrics.json").read_text()

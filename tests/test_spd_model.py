@@ -258,3 +258,30 @@ def test_exact_factorisation_of_token_sites_reproduces_the_target() -> None:
     torch.testing.assert_close(
         model.masked_pass(ids, ones, clean, model.inner_acts(clean)), target(ids), atol=1e-5, rtol=1e-5
     )
+
+
+def test_the_decomposed_model_is_one_module_tree() -> None:
+    """Target and decomposition in one `nn.Module`: state_dict holds both, `.to` converts both, the masked forward
+    compiles, and hooks a user put on a site's module still see what the module outputs during a pass."""
+    target = TMSModel(TMSConfig(n_features=5, n_hidden=2, identity=True))
+    sites = [SiteConfig(pattern="linear*", C=4), SiteConfig(pattern="hidden", C=3)]
+    model = ComponentModel(target, sites, ci_hidden=3, generator=_generator())
+    keys = set(model.state_dict())
+    assert {"target.linear1.weight", "sites.linear1.components.U", "sites.hidden.ci.w1"} <= keys
+    assert not any(key.startswith("sites.linear2.components") for key in keys)  # tied to linear1
+    x = torch.rand(16, 5, generator=_generator(1))
+    masks = {n: torch.rand(16, model.site_C[n], generator=_generator(2)) for n in model.site_names}
+    eager = model(x, masks)
+    torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x, masks), eager)
+    seen = []
+    handle = target.hidden.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    model(x, {"hidden": masks["hidden"]})
+    handle.remove()
+    hidden = model.site_components("hidden")
+    expected = F.linear(F.linear(target.linear1(x), hidden.V) * masks["hidden"], hidden.U)
+    torch.testing.assert_close(seen[0], expected)  # the hook saw the masked site's output, not the original's
+    model.to(torch.float64)
+    assert target.linear1.weight.dtype == model.site("hidden").ci.w1.dtype == torch.float64
+    assert model(x.double(), {n: m.double() for n, m in masks.items()}).dtype == torch.float64
+    model.train()
+    assert not target.training  # the frozen target stays in evaluation mode

@@ -49,7 +49,7 @@ from unmerge.sae.storage import load_dictionary, load_dictionary_of_target, save
 from unmerge.spd.method import SPD
 from unmerge.sweep import SweepResult, SweepSpec, load_sweep_spec, run_sweep
 from unmerge.targets.language import CausalLM
-from unmerge.targets.language_activations import cached_source, hook_point, language_activations
+from unmerge.targets.language_activations import activation_cache, hook_point, language_activations
 from unmerge.targets.language_data import REPORT_TOKENS, language_data, report_windows
 from unmerge.targets.resolve import run_target, train_preset_target
 from unmerge.targets.sources import activation_source
@@ -266,7 +266,7 @@ def cache_activations(config: DictionaryRunConfig) -> CacheResult:
     _set_threads(config.train.threads)
     language, module = hook_point(data)
     start = time.perf_counter()
-    cache = cached_source(data, language, module)
+    cache = activation_cache(data, language, module)
     return CacheResult(cache, time.perf_counter() - start, language.loaded.seconds)
 
 

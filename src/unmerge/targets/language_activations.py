@@ -62,8 +62,8 @@ def _recorder(lm: LanguageModel, module: nn.Module) -> Callable[[Tensor], Tensor
     return record
 
 
-def cached_source(config: LanguageActivationsConfig, data: LanguageData, module: nn.Module) -> ActivationCache:
-    """The activation cache of `config`, built (or resumed) on first use from a seeded choice of training
+def activation_cache(config: LanguageActivationsConfig, data: LanguageData, module: nn.Module) -> ActivationCache:
+    """The activation cache of `config`, built (or resumed, or opened) from a seeded choice of training
     windows holding at least `cache_tokens` ordinary tokens."""
     directory = activation_cache_dir(config)
     count = min(math.ceil(config.cache_tokens / data.tokens_per_window), data.train_windows.shape[0])
@@ -112,7 +112,7 @@ def language_activations(config: LanguageActivationsConfig) -> LanguageActivatio
         sample = _live_sampler(data, module, config.record_batch)
         dim = int(_recorder(data.lm, module)(data.train_windows[:1]).shape[-1])
     else:
-        cache = cached_source(config, data, module)
+        cache = activation_cache(config, data, module)
         sample, dim = cache.source(config.hook).sample, cache.dim
     return LanguageActivations(
         data, module, ActivationSource(name=f"{data.lm.name}/{config.hook}", dim=dim, sample=sample)
