@@ -121,6 +121,10 @@ class SPD:
         return torch.stack(terms).mean()
 
     def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
+        with self.model.attached():
+            return self._training_loss(batch, generator)
+
+    def _training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
         clean = self.model.clean_pass(batch)
         ci = self.importances(clean)
         config = self.config

@@ -47,6 +47,7 @@ class CleanPass:
 
 
 Behaviour = Callable[["DecomposedSite", Tensor], Tensor | None]  # the site's output for input a (None: its own)
+Observer = Callable[["DecomposedSite", Tensor], None]  # sees the site's output, whichever computed it
 
 
 class DecomposedSite(nn.Module):
@@ -80,19 +81,27 @@ class Decomposition(nn.ModuleDict):
 
 
 class _SiteHooks:
-    """The two hooks a pass attaches to one site's module: the pre-hook computes the pass's output for the input
-    and, when there is one, hands the module an empty batch; the forward hook returns that output instead."""
+    """The two hooks attached to one site's module. With a pass's `behaviour` set, the pre-hook computes the pass's
+    output for the input and, when there is one, hands the module an empty batch; the forward hook returns that
+    output instead, and shows the output to the pass's `observer` if it has one. Without a pass both leave the
+    module alone."""
 
-    def __init__(self, record: DecomposedSite, behaviour: Behaviour) -> None:
-        self.record, self.behaviour = record, behaviour
+    def __init__(self, record: DecomposedSite) -> None:
+        self.record = record
+        self.behaviour: Behaviour | None = None
+        self.observer: Observer | None = None
         self.replacement: Tensor | None = None
 
     def before(self, _: nn.Module, args: tuple) -> tuple | None:
+        if self.behaviour is None:
+            return None
         self.replacement = self.behaviour(self.record, args[0])
         return None if self.replacement is None else (args[0][:0], *args[1:])
 
     def after(self, _: nn.Module, __: tuple, output: Tensor) -> Tensor | None:
         replacement, self.replacement = self.replacement, None
+        if self.observer is not None:
+            self.observer(self.record, output if replacement is None else replacement)
         return replacement
 
 
@@ -128,6 +137,14 @@ class ComponentModel(nn.Module):
                 for f in found
             }
         )
+        self._components: dict[str, Components] = {
+            record.name: record.components
+            if record.tied_to is None
+            else TransposedComponents(self.site(record.tied_to).components)
+            for record in self.sites.values()
+        }
+        self._hooks = [_SiteHooks(record) for record in self.sites.values()]
+        self._attached = False
 
     def train(self, mode: bool = True) -> ComponentModel:
         """Train or evaluate the decomposition; the target stays in evaluation mode (it is frozen)."""
@@ -155,10 +172,10 @@ class ComponentModel(nn.Module):
         return self.sites[key]
 
     def site_components(self, name: str) -> Components:
-        record = self.site(name)
-        if record.tied_to is not None:
-            return TransposedComponents(self.site(record.tied_to).components)
-        return record.components
+        """The site's subcomponents (a tied site's are its source's, transposed)."""
+        if name not in self._components:
+            self.site(name)  # names the sites in its error
+        return self._components[name]
 
     def component_parameters(self) -> list[nn.Parameter]:
         """Every site's own U and V (tied sites have none of their own)."""
@@ -171,19 +188,38 @@ class ComponentModel(nn.Module):
         return self.site(name).site.weight
 
     @contextmanager
-    def _pass(self, behaviour: Behaviour) -> Iterator[None]:
-        """Compute every site's output by `behaviour` for one pass (module docstring); always detach the hooks."""
+    def attached(self) -> Iterator[None]:
+        """Keep the passes' hooks attached to the site modules while active (a method's step runs several passes;
+        attaching once is cheaper), and always detach them; without it each pass attaches its own."""
+        if self._attached:
+            yield
+            return
         handles = []
         try:
-            for record in self.sites.values():
-                hooks = _SiteHooks(record, behaviour)
-                module = record.site.module
+            self._attached = True
+            for hooks in self._hooks:
+                module = hooks.record.site.module
                 handles.append(module.register_forward_pre_hook(hooks.before))
                 handles.append(module.register_forward_hook(hooks.after, prepend=True))
             yield
         finally:
+            self._attached = False
             for handle in handles:
                 handle.remove()
+
+    @contextmanager
+    def _pass(self, behaviour: Behaviour, observer: Observer | None = None) -> Iterator[None]:
+        """Compute every site's output by `behaviour` for one pass (module docstring), showing each to `observer`;
+        a pass inside another replaces it for its own duration."""
+        previous = [(hooks.behaviour, hooks.observer) for hooks in self._hooks]
+        with self.attached():
+            try:
+                for hooks in self._hooks:
+                    hooks.behaviour, hooks.observer = behaviour, observer
+                yield
+            finally:
+                for hooks, (outer_behaviour, outer_observer) in zip(self._hooks, previous, strict=True):
+                    hooks.behaviour, hooks.observer = outer_behaviour, outer_observer
 
     def forward(self, x: Tensor, masks: dict[str, Tensor] | None = None) -> Tensor:
         """The target's output with the sites in `masks` computed from their subcomponents, each scaled per
@@ -224,18 +260,18 @@ class ComponentModel(nn.Module):
         inputs: dict[str, Tensor] = {}
         outputs: dict[str, Tensor] = {}
 
-        def behaviour(record: DecomposedSite, a: Tensor) -> Tensor:
-            name, site = record.name, record.site
-            if name in inputs:
+        def record_input(record: DecomposedSite, a: Tensor) -> None:
+            if record.name in inputs:
                 raise SiteError(
-                    f"site {name!r} ran twice in one forward pass; modules reused within a forward "
+                    f"site {record.name!r} ran twice in one forward pass; modules reused within a forward "
                     "cannot be decomposed as one site"
                 )
-            inputs[name] = a
-            outputs[name] = site.apply(a, site.weight, site.bias)
-            return outputs[name]
+            inputs[record.name] = a
 
-        with torch.no_grad(), self._pass(behaviour):
+        def record_output(record: DecomposedSite, output: Tensor) -> None:
+            outputs[record.name] = output
+
+        with torch.no_grad(), self._pass(record_input, record_output):
             output = self.target(x)
         return CleanPass(output=output, site_inputs=inputs, site_outputs=outputs)
 
