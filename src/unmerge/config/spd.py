@@ -47,14 +47,14 @@ class SPDConfig(StrictModel):
     adversarial_step_size: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
         0.25, description="how far one ascent step moves each r"
     )
+    adversarial_recon_coeff: NonNegativeFloat = Field(
+        0.0, description="weight of D with all sites at the worst masks found (VPD's adversarial reconstruction)"
+    )
     ci_kernel: Literal["auto", "torch", "c"] = Field(
         "auto",
         description="how causal importances, hard sigmoids and masks are computed: the hand-written C kernel "
-        "(CPU, float32), plain torch (anywhere), or auto (the C kernel on the CPU where a C "
-        "compiler builds it, torch otherwise)",
-    )
-    adversarial_recon_coeff: NonNegativeFloat = Field(
-        0.0, description="weight of D with all sites at the worst masks found (VPD's adversarial reconstruction)"
+        "(CPU, float32), plain torch (anywhere), or auto (the C kernel on the CPU where a C compiler builds it, "
+        "torch otherwise)",
     )
 
     @model_validator(mode="after")
