@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from unmerge.config import DictionaryConfig, PenaltyConfig, SparseFeaturesConfig
+from unmerge.config import DictionaryConfig, PenaltyConfig, SparseFeaturesConfig, dictionary_config
 from unmerge.data import ActivationSource, sparse_feature_source
 from unmerge.sae.method import DictionaryMethod
 from unmerge.train.memory import keep_freed_memory
@@ -43,8 +43,8 @@ RELU_FRACTION_BAR = 0.7
 TOPK_RATIO_BAR = 1.8
 
 SETTINGS: dict[str, DictionaryConfig] = {
-    "relu_l1": DictionaryConfig(width=WIDTH, activation="relu", penalty=PenaltyConfig(name="l1", coeff=3e-2)),
-    "topk": DictionaryConfig(width=WIDTH, activation="topk", k=K, penalty=PenaltyConfig(name="none")),
+    "relu_l1": dictionary_config(width=WIDTH, activation="relu", penalty=PenaltyConfig(name="l1", coeff=3e-2)),
+    "topk": dictionary_config(width=WIDTH, activation="topk", k=K, penalty=PenaltyConfig(name="none")),
 }
 
 

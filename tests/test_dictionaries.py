@@ -14,27 +14,23 @@ from safetensors.torch import load_file, save_file
 
 from unmerge import api, cli, runs
 from unmerge.config import (
-    DictionaryConfig,
     HierarchyConfig,
     PenaltyConfig,
     ResidMLPConfig,
     SparseFeaturesConfig,
     TMSConfig,
     TrainConfig,
+    dictionary_config,
 )
 from unmerge.data import hierarchy_source, sparse_feature_source
 from unmerge.data.sparse_features import firing_probabilities
 from unmerge.errors import ConfigError, UnmergeError
 from unmerge.metrics import dictionary as scores
 from unmerge.sae import activations, penalties
-from unmerge.sae.dictionary import Dictionary
-from unmerge.sae.method import (
-    DictionaryMethod,
-    aux_k_loss,
-    gated_auxiliary_loss,
-    geometric_median,
-    refit_magnitudes,
-)
+from unmerge.sae.arch import build_dictionary
+from unmerge.sae.arch.gated import gated_auxiliary_loss
+from unmerge.sae.arch.topk import aux_k_loss
+from unmerge.sae.method import DictionaryMethod, geometric_median, refit_magnitudes
 from unmerge.targets.activations import target_activation_source
 from unmerge.targets.base import Target
 from unmerge.targets.resid_mlp import ResidMLP
@@ -66,7 +62,7 @@ def test_jumprelu_l0_penalty_makes_the_dictionary_sparse() -> None:
     """The L0 term moves θ into the pre-activations' range within a few hundred steps (when θ was stored as log θ,
     Adam moved it by at most a factor e per 1/lr steps and the dictionary stayed dense), and θ stays ≥ 0."""
     source = sparse_feature_source(SparseFeaturesConfig(n_features=64, dim=32, mean_active=3.0, decay=1.0))
-    config = DictionaryConfig(width=64, activation="jumprelu", l0_coeff=0.03, penalty=PenaltyConfig(name="none"))
+    config = dictionary_config(width=64, activation="jumprelu", l0_coeff=0.03, penalty=PenaltyConfig(name="none"))
     method = DictionaryMethod(source, config, seed=0, total_steps=300)
     train(method, source.sample, TrainConfig(steps=300, batch_size=256, log_every=100, optim={"lr": 3e-3}))
     metrics = method.evaluate()
@@ -173,16 +169,16 @@ def test_sparse_features_are_reproducible_with_the_documented_statistics() -> No
 
 def test_bad_dictionary_configs_and_activations_are_named() -> None:
     with pytest.raises(ValueError, match="greater than 0"):
-        DictionaryConfig(width=0)
+        dictionary_config(width=0)
     with pytest.raises(ValueError, match="larger than the width"):
-        DictionaryConfig(width=4, activation="topk", k=5)
+        dictionary_config(width=4, activation="topk", k=5)
     with pytest.raises(ValueError, match="needs k"):
-        DictionaryConfig(width=4, activation="batchtopk")
+        dictionary_config(width=4, activation="batchtopk")
     with pytest.raises(ConfigError, match="method.penalty.name: Input should be 'none', 'l1'"):
         api.load_dictionary_config("sparse-512-relu-l1", ["method.penalty.name=l3"])
     method = DictionaryMethod(
         sparse_feature_source(SparseFeaturesConfig(n_features=8, dim=4, mean_active=1)),
-        DictionaryConfig(width=8),
+        dictionary_config(width=8),
         seed=0,
         total_steps=10,
     )
@@ -205,7 +201,7 @@ def test_cli_reports_a_bad_dictionary_preset_and_key(capsys: pytest.CaptureFixtu
 
 def _small_method(activation: str, **overrides: object) -> DictionaryMethod:
     data = SparseFeaturesConfig(n_features=32, dim=16, mean_active=2.0, decay=1.0)
-    config = DictionaryConfig(width=32, activation=activation, init="data", **overrides)
+    config = dictionary_config(width=32, activation=activation, init="data", **overrides)
     return DictionaryMethod(sparse_feature_source(data), config, seed=0, total_steps=1500)
 
 
@@ -359,10 +355,10 @@ def test_transcoder_source_pairs_a_blocks_input_with_its_output() -> None:
 @pytest.mark.parametrize("activation", ["relu", "topk", "gated"])
 def test_transcoder_with_skip_path_trains_and_folds_exactly(activation: str) -> None:
     source = target_activation_source(_resid_mlp_target(), "layers.0", transcoder=True)
-    config = DictionaryConfig(
+    config = dictionary_config(
         width=16,
         activation=activation,
-        k=3 if activation == "topk" else None,
+        **({"k": 3} if activation == "topk" else {}),
         skip=True,
         normalise_activations=True,
         matryoshka_prefixes=[4],
@@ -418,7 +414,7 @@ def test_matryoshka_sums_the_reconstruction_errors_of_nested_prefixes() -> None:
         assert torch.allclose(method.training_loss(x, _generator()).terms["reconstruction"], expected)
     for bad in ([16, 4], [4, 32], [4, 4]):
         with pytest.raises(ValueError, match="must increase strictly and stay below the width 32"):
-            DictionaryConfig(width=32, matryoshka_prefixes=bad)
+            dictionary_config(width=32, matryoshka_prefixes=bad)
 
 
 @pytest.mark.parametrize(
@@ -429,7 +425,7 @@ def test_normalisation_folds_back_into_the_weights(activation: str, extra: dict[
     data = SparseFeaturesConfig(n_features=32, dim=16, mean_active=2.0, decay=1.0)
     raw = sparse_feature_source(data)
     source = dataclasses.replace(raw, sample=lambda size, generator: 37.0 * raw.sample(size, generator))
-    config = DictionaryConfig(
+    config = dictionary_config(
         width=32, activation=activation, normalise_activations=True, penalty=PenaltyConfig(coeff=0.01), **extra
     )
     method = DictionaryMethod(source, config, seed=0, total_steps=50)
@@ -476,7 +472,7 @@ def test_train_dictionary_writes_the_folded_dictionary_and_the_ground_truth(tmp_
     assert torch.equal(truth["true_features"], source.true_features) and torch.equal(truth["parents"], source.parents)
     weights = load_file(str(tmp_path / "run" / runs.DICTIONARY_FILE))
     assert float(weights["input_scale"]) == 1.0
-    module = Dictionary(source.dim, config.method, _generator())
+    module = build_dictionary(source.dim, config.method, _generator())
     module.load_state_dict(weights)
     x = source.sample(config.train.eval_batch_size, step_generator(config.train.seed, "eval"))
     module.eval()
@@ -502,7 +498,7 @@ def test_misaligned_latents_are_resampled_and_aligned_ones_kept() -> None:
     source = hierarchy_source(HierarchyConfig())  # orthonormal true features
     truth = source.true_features
     n = truth.shape[0]
-    config = DictionaryConfig(width=n + 4, resample_misaligned=0.5, resample_samples=4096)
+    config = dictionary_config(width=n + 4, resample_misaligned=0.5, resample_samples=4096)
     method = DictionaryMethod(source, config, seed=0, total_steps=100)
     module = method.module
     between = F.normalize(truth[:4] + truth[4:8], dim=1)

@@ -14,8 +14,9 @@ from unmerge.analysis.interventions import (
     subcomponent_masks,
     unlearned_model,
 )
-from unmerge.config import ResidMLPConfig, SiteConfig, SPDConfig, TMSConfig
+from unmerge.config import ResidMLPConfig, SiteConfig, SPDConfig, TMSConfig, dictionary_config
 from unmerge.errors import SiteError
+from unmerge.sae.arch import build_dictionary
 from unmerge.spd.method import SPD
 from unmerge.targets.base import Target
 from unmerge.targets.resid_mlp import ResidMLP, resid_mlp_inputs
@@ -111,14 +112,12 @@ def test_a_bad_subcomponent_name_is_refused() -> None:
 
 def test_dictionary_splice_of_an_exact_transcoder_with_nothing_ablated_changes_nothing() -> None:
     from unmerge.analysis.interventions import dictionary_spliced
-    from unmerge.config import DictionaryConfig
-    from unmerge.sae.dictionary import Dictionary
 
     model, x = _spd().target.model, _x()
     block = model.layers[0]
-    transcoder = Dictionary(
+    transcoder = build_dictionary(
         CONFIG.d_embed,
-        DictionaryConfig(width=CONFIG.d_mlp, unit_norm_decoder=False),
+        dictionary_config(width=CONFIG.d_mlp, unit_norm_decoder=False),
         torch.Generator(),
         output_dim=CONFIG.d_embed,
     )

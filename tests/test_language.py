@@ -18,10 +18,11 @@ from torch import nn
 
 from tests.conftest import set_exact_factorisation
 from unmerge import api
-from unmerge.config import DictionaryConfig, DictionaryRunConfig, SiteConfig, SPDConfig
+from unmerge.config import DictionaryRunConfig, SiteConfig, SPDConfig, dictionary_config
 from unmerge.data import text
 from unmerge.eval.spliced import ablation_effects, spliced, spliced_losses
 from unmerge.metrics.language import counted_predictions, loss_recovered, next_token_nll
+from unmerge.sae.arch import build_dictionary
 from unmerge.sae.dictionary import Dictionary
 from unmerge.spd.method import SPD
 from unmerge.spd.model import ComponentModel
@@ -154,7 +155,7 @@ def test_bos_is_masked_by_id_wherever_it_appears() -> None:
 
 def _identity_dictionary(dim: int) -> Dictionary:
     """A ReLU dictionary that reconstructs exactly: latents [x, −x]⁺, atoms [I; −I]."""
-    module = Dictionary(dim, DictionaryConfig(width=2 * dim, unit_norm_decoder=False), torch.Generator())
+    module = build_dictionary(dim, dictionary_config(width=2 * dim, unit_norm_decoder=False), torch.Generator())
     eye = torch.eye(dim)
     with torch.no_grad():
         module.W_e.copy_(torch.cat([eye, -eye], dim=1))

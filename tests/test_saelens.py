@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from unmerge import api, cli, runs
-from unmerge.config import DictionaryConfig
+from unmerge.config import DictionaryConfig, dictionary_config
 from unmerge.errors import UnmergeError
+from unmerge.sae.arch import build_dictionary
 from unmerge.sae.dictionary import Dictionary
 from unmerge.sae.saelens import CONFIG_FILE, WEIGHTS_FILE, load_saelens, save_saelens
 
@@ -22,7 +23,7 @@ DIM, WIDTH, OUT = 8, 16, 6
 def _randomised(config: DictionaryConfig, output_dim: int | None = None) -> Dictionary:
     """A dictionary with every parameter random (biases, thresholds and gates included), in eval mode."""
     generator = torch.Generator().manual_seed(0)
-    module = Dictionary(DIM, config, generator, output_dim)
+    module = build_dictionary(DIM, config, generator, output_dim)
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
@@ -34,14 +35,14 @@ def _randomised(config: DictionaryConfig, output_dim: int | None = None) -> Dict
 
 
 CASES = {
-    "relu": (DictionaryConfig(width=WIDTH), None),
-    "topk": (DictionaryConfig(width=WIDTH, activation="topk", k=3), None),
-    "batchtopk": (DictionaryConfig(width=WIDTH, activation="batchtopk", k=3), None),
-    "jumprelu": (DictionaryConfig(width=WIDTH, activation="jumprelu"), None),
-    "gated": (DictionaryConfig(width=WIDTH, activation="gated"), None),
-    "transcoder": (DictionaryConfig(width=WIDTH), OUT),
-    "skip-transcoder": (DictionaryConfig(width=WIDTH, skip=True), OUT),
-    "jumprelu-transcoder": (DictionaryConfig(width=WIDTH, activation="jumprelu"), OUT),
+    "relu": (dictionary_config(width=WIDTH), None),
+    "topk": (dictionary_config(width=WIDTH, activation="topk", k=3), None),
+    "batchtopk": (dictionary_config(width=WIDTH, activation="batchtopk", k=3), None),
+    "jumprelu": (dictionary_config(width=WIDTH, activation="jumprelu"), None),
+    "gated": (dictionary_config(width=WIDTH, activation="gated"), None),
+    "transcoder": (dictionary_config(width=WIDTH), OUT),
+    "skip-transcoder": (dictionary_config(width=WIDTH, skip=True), OUT),
+    "jumprelu-transcoder": (dictionary_config(width=WIDTH, activation="jumprelu"), OUT),
 }
 
 
@@ -135,7 +136,7 @@ def test_unreadable_or_unsupported_saelens_files_are_named(tmp_path: Path) -> No
     with pytest.raises(UnmergeError, match="cannot be read"):
         load_saelens(truncated)
     with pytest.raises(UnmergeError, match="SAELens has no topk transcoder"):
-        save_saelens(_randomised(DictionaryConfig(width=WIDTH, activation="topk", k=2), OUT), tmp_path / "tc")
+        save_saelens(_randomised(dictionary_config(width=WIDTH, activation="topk", k=2), OUT), tmp_path / "tc")
 
 
 def test_a_trained_run_exported_by_the_cli_reloads_with_identical_reconstructions(tmp_path: Path) -> None:

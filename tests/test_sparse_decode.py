@@ -9,11 +9,13 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from unmerge.config import DictionaryConfig, PenaltyConfig, SparseFeaturesConfig
+from unmerge.config import PenaltyConfig, SparseFeaturesConfig, dictionary_config
 from unmerge.data import sparse_feature_source
 from unmerge.sae import activations
-from unmerge.sae.dictionary import Dictionary
-from unmerge.sae.method import DictionaryMethod, aux_k_loss, squared_error
+from unmerge.sae.arch import build_dictionary
+from unmerge.sae.arch.topk import aux_k_loss
+from unmerge.sae.dictionary import Dictionary, squared_error
+from unmerge.sae.method import DictionaryMethod
 from unmerge.sae.penalties import sparsity_penalty
 from unmerge.sae.sparse_decode import dense_latents, sparse_decode, topk_encode
 from unmerge.train.rng import step_generator
@@ -114,8 +116,8 @@ def _training_loss_and_grads(method: DictionaryMethod, batch: torch.Tensor, dens
 @pytest.mark.parametrize("setting", ["topk", "topk-aux-l1", "relu"])
 def test_a_training_step_gives_the_dense_formula_loss_and_gradients(setting: str) -> None:
     configs = {
-        "topk": DictionaryConfig(width=48, activation="topk", k=4, penalty=PenaltyConfig(name="none")),
-        "topk-aux-l1": DictionaryConfig(
+        "topk": dictionary_config(width=48, activation="topk", k=4, penalty=PenaltyConfig(name="none")),
+        "topk-aux-l1": dictionary_config(
             width=48,
             activation="topk",
             k=4,
@@ -123,7 +125,7 @@ def test_a_training_step_gives_the_dense_formula_loss_and_gradients(setting: str
             dead_window=64,
             penalty=PenaltyConfig(name="l1", coeff=0.1, decoder_norm_weighted=True),
         ),
-        "relu": DictionaryConfig(width=48, activation="relu", penalty=PenaltyConfig(name="l1", coeff=0.1)),
+        "relu": dictionary_config(width=48, activation="relu", penalty=PenaltyConfig(name="l1", coeff=0.1)),
     }
     source = sparse_feature_source(SparseFeaturesConfig(n_features=32, dim=16, mean_active=3.0))
     method = DictionaryMethod(source, configs[setting], seed=0, total_steps=10)
@@ -131,7 +133,7 @@ def test_a_training_step_gives_the_dense_formula_loss_and_gradients(setting: str
     batch = source.sample(64, step_generator(0, "data"))
     with torch.no_grad():
         method.module.b_e.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(5))
-    if configs[setting].aux_k:
+    if getattr(configs[setting], "aux_k", None):
         method.module.samples_since_fired[::2] = 10**6  # half the latents dead, so AuxK's gradient flows through z
     state = {name: value.clone() for name, value in method.module.state_dict().items()}
 
@@ -141,12 +143,13 @@ def test_a_training_step_gives_the_dense_formula_loss_and_gradients(setting: str
     assert loss == pytest.approx(dense_loss, rel=1e-5)
     for got, expected in zip(grads, dense_grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
-    if configs[setting].aux_k:
+    if getattr(configs[setting], "aux_k", None):
         assert "aux_k" in method.training_loss(batch, step_generator(0, "noise")).terms
 
 
 def test_fused_relu_dictionary_passes_gradcheck_with_penalty_and_z_gradients() -> None:
-    module = Dictionary(4, DictionaryConfig(width=7, activation="relu"), torch.Generator().manual_seed(0)).double()
+    config = dictionary_config(width=7, activation="relu")
+    module = build_dictionary(4, config, torch.Generator().manual_seed(0)).double()
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.normal_(generator=torch.Generator().manual_seed(6))
@@ -163,7 +166,7 @@ def test_fused_relu_dictionary_passes_gradcheck_with_penalty_and_z_gradients() -
 
 
 def test_topk_dictionary_in_eval_mode_and_without_gradients_matches_dense() -> None:
-    module = Dictionary(16, DictionaryConfig(width=48, activation="topk", k=4), torch.Generator().manual_seed(0))
+    module = build_dictionary(16, dictionary_config(width=48, activation="topk", k=4), torch.Generator().manual_seed(0))
     x = torch.randn(32, 16, generator=torch.Generator().manual_seed(7))
     module.eval()
     with torch.no_grad():

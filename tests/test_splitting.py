@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from unmerge.analysis.splitting import feature_splits, shared_split_directions
-from unmerge.config import DictionaryConfig
+from unmerge.config import dictionary_config
+from unmerge.sae.arch import build_dictionary
 from unmerge.sae.dictionary import Dictionary
 
 E = torch.eye(5)
@@ -19,7 +20,7 @@ E = torch.eye(5)
 def _tied_relu(directions: torch.Tensor) -> Dictionary:
     """A ReLU dictionary whose encoder reads and decoder writes the given unit directions, no biases."""
     rows = F.normalize(directions, dim=1)
-    dictionary = Dictionary(5, DictionaryConfig(width=rows.shape[0], unit_norm_decoder=False), torch.Generator())
+    dictionary = build_dictionary(5, dictionary_config(width=rows.shape[0], unit_norm_decoder=False), torch.Generator())
     with torch.no_grad():
         dictionary.W_d.copy_(rows)
         dictionary.W_e.copy_(rows.T)

@@ -17,15 +17,25 @@ from unmerge.config.base import (
     validate,
     yaml_dump,
 )
-from unmerge.config.dictionary import (
-    Activation,
-    DictionaryConfig,
-    DictionaryRunConfig,
+from unmerge.config.data import (
+    DictionaryDataConfig,
     HierarchyConfig,
     LanguageActivationsConfig,
-    PenaltyConfig,
     SparseFeaturesConfig,
     TargetActivationsConfig,
+)
+from unmerge.config.dictionary import (
+    ARCHITECTURE_CONFIGS,
+    BatchTopKConfig,
+    DictionaryBaseConfig,
+    DictionaryConfig,
+    DictionaryRunConfig,
+    GatedConfig,
+    JumpReLUConfig,
+    PenaltyConfig,
+    ReLUConfig,
+    TopKConfig,
+    dictionary_config,
 )
 from unmerge.config.presets import (
     DICTIONARY_PRESET_DIR,
@@ -51,12 +61,17 @@ from unmerge.config.targets import (
 from unmerge.config.training import OptimConfig, TrainConfig
 
 __all__ = [
+    "ARCHITECTURE_CONFIGS",
     "DICTIONARY_PRESET_DIR",
     "PRESET_DIR",
-    "Activation",
+    "BatchTopKConfig",
+    "DictionaryBaseConfig",
     "DictionaryConfig",
+    "DictionaryDataConfig",
     "DictionaryRunConfig",
+    "GatedConfig",
     "HierarchyConfig",
+    "JumpReLUConfig",
     "LanguageActivationsConfig",
     "LanguageModelConfig",
     "LanguageTargetConfig",
@@ -67,6 +82,7 @@ __all__ = [
     "Override",
     "PenaltyConfig",
     "Probability",
+    "ReLUConfig",
     "ResidMLPConfig",
     "RunConfig",
     "SPDConfig",
@@ -78,9 +94,11 @@ __all__ = [
     "TargetActivationsConfig",
     "TargetConfig",
     "TextConfig",
+    "TopKConfig",
     "TrainConfig",
     "apply_overrides",
     "config_source",
+    "dictionary_config",
     "dictionary_preset_names",
     "load_dictionary_config",
     "load_run_config",

@@ -36,12 +36,23 @@ class StrictModel(BaseModel):
         return data
 
 
+def _path(loc: tuple) -> tuple[str, str]:
+    """A validation error's location as a dotted key, and the tag of the union member it lies in (e.g.
+    `activation=topk`; empty if none): tags are left out of the key."""
+    parts = [str(part) for part in loc if not (isinstance(part, str) and "=" in part)]
+    tags = [part for part in loc if isinstance(part, str) and "=" in part]
+    return ".".join(parts) or "<root>", tags[-1] if tags else ""
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "<root>"
+        where, member = _path(item["loc"])
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {where}: unknown key (check the spelling; `unmerge decompose --help` lists presets)")
+            whose = f" for {member}" if member else ""
+            lines.append(
+                f"  {where}: unknown key{whose} (check the spelling; `unmerge decompose --help` lists presets)"
+            )
         else:
             lines.append(f"  {where}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)

@@ -1,97 +1,16 @@
-"""Sparse dictionaries: the activations they train on (synthetic, a toy target's, a language model's), the
-sparsity penalty, the dictionary itself, and a dictionary run (data + method + training)."""
+"""Sparse dictionaries: the sparsity penalty, one config per architecture (a discriminated union on `activation`,
+`relu` when absent), and a dictionary run (data + method + training)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import Discriminator, Field, NonNegativeInt, PositiveFloat, PositiveInt, Tag, TypeAdapter, model_validator
 
 from unmerge.config.base import NonNegativeFloat, StrictModel
-from unmerge.config.targets import LanguageModelConfig, TargetConfig, TextConfig
+from unmerge.config.data import DictionaryDataConfig
 from unmerge.config.training import TrainConfig
 
-
-class SparseFeaturesConfig(StrictModel):
-    """Synthetic activations: sparse non-negative combinations of known unit-norm directions (DESIGN.md §6)."""
-
-    kind: Literal["sparse_features"] = "sparse_features"
-    n_features: PositiveInt = Field(512, description="true features")
-    dim: PositiveInt = Field(256, description="activation dimension d")
-    mean_active: PositiveFloat = Field(5.0, description="expected number of firing features per sample")
-    decay: Annotated[float, Field(gt=0.0, le=1.0)] = Field(0.99, description="p_i ∝ decay^i")
-    correlated: bool = Field(False, description="correlate firing through a Gaussian copula")
-    correlation_rank: PositiveInt = Field(16, description="rank of the copula's random correlation factor")
-    seed: NonNegativeInt = Field(0, description="fixes the directions and correlations")
-
-    @model_validator(mode="after")
-    def _expected_count_fits(self) -> SparseFeaturesConfig:
-        if self.mean_active > self.n_features:
-            raise ValueError(f"mean_active {self.mean_active} exceeds n_features {self.n_features}")
-        return self
-
-
-class HierarchyConfig(StrictModel):
-    """The absorption toy: orthogonal features where each child fires only together with its parent
-    (DESIGN.md §6, issue #3). With the defaults: 3 parents × 3 children + 8 independent = 20 features in R^20."""
-
-    kind: Literal["hierarchy"] = "hierarchy"
-    n_parents: PositiveInt = Field(3, description="parent features")
-    children_per_parent: PositiveInt = Field(3, description="children of each parent (at most one fires at a time)")
-    n_independent: NonNegativeInt = Field(8, description="features without parent or children")
-    parent_probability: Annotated[float, Field(gt=0.0, le=1.0)] = Field(0.15, description="P(a parent fires)")
-    child_probability: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
-        0.6, description="P(one of its children fires | the parent fires); the child is chosen uniformly"
-    )
-    independent_probability: Annotated[float, Field(gt=0.0, le=1.0)] = Field(0.1, description="P(fires)")
-    magnitude_spread: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
-        0.0, description="a firing feature's coefficient is U[1 − spread, 1 + spread] (0: always 1)"
-    )
-    seed: NonNegativeInt = Field(0, description="fixes the random orthonormal directions")
-
-    @property
-    def n_features(self) -> int:
-        return self.n_parents * (1 + self.children_per_parent) + self.n_independent
-
-
-class TargetActivationsConfig(StrictModel):
-    """Activations of a toy target at one module's output (e.g. TMS's hidden layer `linear1`), for a dictionary
-    scored against the same ground truth as SPD on that target's weights."""
-
-    kind: Literal["target_activations"] = "target_activations"
-    target: TargetConfig
-    hook: str = Field(description="name of the module whose output is recorded (as in model.named_modules())")
-    transcoder: bool = Field(
-        False, description="record the module's input and output: a transcoder encodes the one, decodes the other"
-    )
-
-
-class LanguageActivationsConfig(StrictModel):
-    """Activations of a language model at one hook point (a module's output, e.g. `model.layers.15`: the residual
-    stream after block 15) on text windows, BOS and other special tokens excluded by id. With `cache_tokens` they
-    are cached on disk once (resumable, integrity-checked) and dictionaries sample from the cache; without,
-    they are recorded straight from the model for every batch. Evaluation splices the dictionary in on held-out
-    windows (FVU, L0, CE, KL, CE recovered against zero and mean ablation)."""
-
-    kind: Literal["lm_activations"] = "lm_activations"
-    model: LanguageModelConfig = LanguageModelConfig()
-    text: TextConfig = TextConfig()
-    hook: str = Field(min_length=1, description="module whose output is recorded (as in model.named_modules())")
-    cache_tokens: PositiveInt | None = Field(
-        1_048_576, description="tokens to cache from the training windows (None: record from the model every batch)"
-    )
-    cache_dtype: Literal["float32", "float16"] = Field("float32", description="how cached activations are stored")
-    cache_dir: str | None = Field(
-        None, description="where the cache lives (default: keyed by these settings under UNMERGE_CACHE_DIR/activations)"
-    )
-    shard_tokens: PositiveInt = Field(65_536, description="rows per cache shard")
-    record_batch: PositiveInt = Field(32, description="windows per forward pass while recording")
-    eval_tokens: PositiveInt = Field(8_192, description="held-out tokens for the spliced-in evaluation")
-
-
-DictionaryDataConfig = SparseFeaturesConfig | HierarchyConfig | TargetActivationsConfig | LanguageActivationsConfig
-
-Activation = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 PenaltyName = Literal["none", "l1", "lp", "cauchy", "log1p", "tanh"]
 
 
@@ -108,19 +27,12 @@ class PenaltyConfig(StrictModel):
     decoder_norm_weighted: bool = Field(False, description="multiply each latent by its decoder row norm ‖d_i‖")
 
 
-class DictionaryConfig(StrictModel):
-    """A sparse dictionary (SAE) on activations (DESIGN.md §5)."""
+class DictionaryBaseConfig(StrictModel):
+    """What every dictionary architecture shares (DESIGN.md §5); Matryoshka is its nested-prefix option."""
 
     kind: Literal["dictionary"] = "dictionary"
     width: PositiveInt = Field(description="latents m")
-    activation: Activation = Field("relu", description="relu | topk | batchtopk | jumprelu | gated")
-    k: PositiveInt | None = Field(None, description="active latents per example for topk / batchtopk")
     penalty: PenaltyConfig = PenaltyConfig()
-    aux_k: PositiveInt | None = Field(None, description="AuxK: dead latents used to model the residual (topk)")
-    aux_k_coeff: NonNegativeFloat = Field(1 / 32, description="weight of the AuxK loss")
-    jumprelu_bandwidth: PositiveFloat = Field(1e-3, description="ε of the rectangle kernel in θ's gradient")
-    jumprelu_init_threshold: PositiveFloat = Field(1e-3, description="initial θ")
-    l0_coeff: NonNegativeFloat = Field(0.0, description="λ of JumpReLU's L0 penalty Σ H(z − θ)")
     init: Literal["random", "data"] = Field("random", description="decoder atoms random or from data samples")
     init_decoder_norm: PositiveFloat = Field(0.1, description="row norm of a random decoder (encoder = its transpose)")
     decoder_bias_init: Literal["zero", "mean", "geometric_median"] = Field("geometric_median")
@@ -152,16 +64,7 @@ class DictionaryConfig(StrictModel):
     skip: bool = Field(False, description="transcoders: add a linear skip path x W_skip (zero at the start)")
 
     @model_validator(mode="after")
-    def _consistent(self) -> DictionaryConfig:
-        if self.activation in ("topk", "batchtopk"):
-            if self.k is None:
-                raise ValueError(f"activation {self.activation!r} needs k (active latents per example)")
-            if self.k > self.width:
-                raise ValueError(f"k = {self.k} is larger than the width {self.width}; choose k ≤ width")
-        elif self.k is not None:
-            raise ValueError(f"k is only used by topk / batchtopk, not {self.activation!r}; remove it")
-        if self.aux_k is not None and self.aux_k > self.width:
-            raise ValueError(f"aux_k = {self.aux_k} is larger than the width {self.width}")
+    def _prefixes_nest(self) -> DictionaryBaseConfig:
         prefixes = self.matryoshka_prefixes
         if prefixes is not None and (sorted(set(prefixes)) != prefixes or prefixes[-1] >= self.width):
             raise ValueError(
@@ -169,6 +72,92 @@ class DictionaryConfig(StrictModel):
                 f"{self.width} (the full width is always one of the nested dictionaries)"
             )
         return self
+
+
+class ReLUConfig(DictionaryBaseConfig):
+    """`f = ReLU(z)`, made sparse by the penalty."""
+
+    activation: Literal["relu"] = "relu"
+
+
+class TopKConfig(DictionaryBaseConfig):
+    """Each example keeps its k largest pre-activations; AuxK trains dead latents on the residual."""
+
+    activation: Literal["topk"] = "topk"
+    k: PositiveInt | None = Field(None, description="active latents per example")
+    aux_k: PositiveInt | None = Field(None, description="AuxK: dead latents used to model the residual")
+    aux_k_coeff: NonNegativeFloat = Field(1 / 32, description="weight of the AuxK loss")
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> TopKConfig:
+        if self.k is None:
+            raise ValueError(f"activation {self.activation!r} needs k (active latents per example)")
+        if self.k > self.width:
+            raise ValueError(f"k = {self.k} is larger than the width {self.width}; choose k ≤ width")
+        if self.aux_k is not None and self.aux_k > self.width:
+            raise ValueError(f"aux_k = {self.aux_k} is larger than the width {self.width}")
+        return self
+
+
+class BatchTopKConfig(TopKConfig):
+    """The batch keeps its k·B largest pre-activations; a running threshold replaces the rule in evaluation."""
+
+    activation: Literal["batchtopk"] = "batchtopk"
+
+
+class JumpReLUConfig(DictionaryBaseConfig):
+    """`f = z·H(z − θ)` with a learned threshold per latent, made sparse by an L0 penalty (or the penalty)."""
+
+    activation: Literal["jumprelu"] = "jumprelu"
+    jumprelu_bandwidth: PositiveFloat = Field(1e-3, description="ε of the rectangle kernel in θ's gradient")
+    jumprelu_init_threshold: PositiveFloat = Field(1e-3, description="initial θ")
+    l0_coeff: NonNegativeFloat = Field(0.0, description="λ of JumpReLU's L0 penalty Σ H(z − θ)")
+
+
+class GatedConfig(DictionaryBaseConfig):
+    """Separate gate and magnitude paths sharing directions; the gate also reconstructs through a frozen decoder."""
+
+    activation: Literal["gated"] = "gated"
+
+
+ARCHITECTURE_CONFIGS: dict[str, type[DictionaryBaseConfig]] = {
+    "relu": ReLUConfig,
+    "topk": TopKConfig,
+    "batchtopk": BatchTopKConfig,
+    "jumprelu": JumpReLUConfig,
+    "gated": GatedConfig,
+}
+_LEGACY_DEFAULTS = {  # the architecture fields of the one flat dictionary config, and their defaults there
+    "k": None,
+    "aux_k": None,
+    "aux_k_coeff": 1 / 32,
+    "jumprelu_bandwidth": 1e-3,
+    "jumprelu_init_threshold": 1e-3,
+    "l0_coeff": 0.0,
+}
+
+
+def _activation(data: Any) -> str:
+    """The architecture a config names (`relu` when it names none)."""
+    return data.get("activation", "relu") if isinstance(data, dict) else getattr(data, "activation", "relu")
+
+
+def _tag(data: Any) -> str:
+    """The union's discriminator: `activation=<name>` (it shows in the path of a validation error)."""
+    return f"activation={_activation(data)}"
+
+
+DictionaryConfig = Annotated[
+    Union[tuple(Annotated[config, Tag(f"activation={name}")] for name, config in ARCHITECTURE_CONFIGS.items())],  # noqa: UP007
+    Discriminator(_tag),
+]
+"""A dictionary's config: the member of `ARCHITECTURE_CONFIGS` its `activation` names (`relu` when absent)."""
+_DICTIONARY_CONFIG = TypeAdapter(DictionaryConfig)
+
+
+def dictionary_config(**fields: Any) -> DictionaryConfig:
+    """The config of the architecture `activation` names (`relu` by default) from its fields, validated."""
+    return _DICTIONARY_CONFIG.validate_python(fields)
 
 
 class DictionaryRunConfig(StrictModel):
@@ -187,3 +176,19 @@ class DictionaryRunConfig(StrictModel):
                 "transcoder data (data.kind: target_activations with data.transcoder: true)"
             )
         return self
+
+    @classmethod
+    def upgrade_saved(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A run saved before each architecture had its own config held every architecture's fields at their
+        defaults (`k: null` on a ReLU dictionary): drop those its architecture lacks. A field another
+        architecture uses, set to anything but its old default, stays, so validation names it."""
+        method = data.get("method")
+        if not isinstance(method, dict):
+            return data
+        fields = ARCHITECTURE_CONFIGS.get(_activation(method), ReLUConfig).model_fields
+        kept = {
+            key: value
+            for key, value in method.items()
+            if key in fields or key not in _LEGACY_DEFAULTS or value != _LEGACY_DEFAULTS[key]
+        }
+        return {**data, "method": kept}

@@ -1,4 +1,6 @@
-"""The dictionary: `z = (x − b_d) W_e + b_e`, `f = act(z)`, `x̂ = f W_d + b_d` (DESIGN.md §5).
+"""The dictionary: `z = (x − b_d) W_e + b_e`, `f = act(z)`, `x̂ = f W_d + b_d` (DESIGN.md §5). This base class holds
+what every architecture shares; each architecture (`unmerge.sae.arch`) is a small subclass that owns its
+activation, its extra parameters, its own loss terms and constraints, and its SAELens form.
 
 A transcoder is the same module with an output space of its own: it encodes a block's input x and decodes the
 block's output y, `z = x W_e + b_e`, `ŷ = f W_d + b_d (+ x W_skip)`; the encoder is not centred by b_d, which lives
@@ -6,84 +8,51 @@ in the output space, and the optional linear skip path (zero at the start) carri
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx, once_differentiable
 
 from unmerge.config import DictionaryConfig
-from unmerge.sae import activations
-from unmerge.sae.sparse_decode import dense_latents, sparse_decode, topk_encode
-
-BATCHTOPK_THRESHOLD_MOMENTUM = 0.99
+from unmerge.errors import UnmergeError
 
 
-class _ReLUDictionary(torch.autograd.Function):
-    """The whole ReLU dictionary, `z = (x − b_d) W_e + b_e`, `f = relu(z)`, `x̂ = f W_d + b_d`, as one function so
-    that its backward does the five products a dense step needs and no more: autograd would also form the B × d
-    gradient of `x − b_d` (a sixth product of the same size) because b_d needs a gradient, whereas its share
-    through the encoder is the vector `−W_e Σ_b ∂L/∂z[b]`. The latents' gradient from the decoder is accumulated
-    into the one from the caller's use of f (a penalty) inside the product, the ReLU mask is applied in place, and
-    `∂L/∂W_d` is formed as `(∂L/∂x̂ᵀ f)ᵀ`, which runs faster here than `fᵀ ∂L/∂x̂` (a transposed left operand)."""
+def squared_error(x: Tensor, reconstruction: Tensor) -> Tensor:
+    """Mean over examples of ‖x − x̂‖² (summed over dimensions): the reconstruction loss."""
+    return (x - reconstruction).square().sum(-1).mean()
 
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        x: Tensor,
-        W_e: Tensor,
-        b_e: Tensor,
-        W_d: Tensor,  # type: ignore[override]
-        b_d: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        centred = x - b_d
-        z = torch.addmm(b_e, centred, W_e)
-        f = F.relu(z)
-        ctx.save_for_backward(centred, W_e, W_d, f)
-        ctx.set_materialize_grads(False)
-        return torch.addmm(b_d, f, W_d), f, z
 
-    @staticmethod
-    @once_differentiable
-    def backward(
-        ctx: FunctionCtx,
-        grad_out: Tensor | None,
-        grad_f: Tensor | None,  # type: ignore[override]
-        grad_z: Tensor | None,
-    ) -> tuple[Tensor | None, ...]:
-        centred, W_e, W_d, f = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grad_W_d = grad_b_d = None
-        if grad_out is not None:
-            grad_W_d = (grad_out.T @ f).T if needs[3] else None
-            grad_b_d = grad_out.sum(0)
-            grad = grad_out @ W_d.T if grad_f is None else torch.addmm(grad_f, grad_out, W_d.T)
-            torch.ops.aten.threshold_backward.grad_input(grad, f, 0, grad_input=grad)  # ours: mask in place
-        elif grad_f is not None:
-            grad = torch.ops.aten.threshold_backward(grad_f, f, 0)
-        else:
-            grad = None
-        if grad_z is not None:
-            grad = grad_z if grad is None else grad.add_(grad_z)
-        grad_x = grad_W_e = grad_b_e = None
-        if grad is not None:
-            grad_x = grad @ W_e.T if needs[0] else None
-            grad_W_e = centred.T @ grad if needs[1] else None
-            grad_b_e = grad.sum(0)
-            encoder_b_d = -(W_e @ grad_b_e)
-            grad_b_d = encoder_b_d if grad_b_d is None else grad_b_d + encoder_b_d
-        return (grad_x, grad_W_e, grad_b_e if needs[2] else None, grad_W_d, grad_b_d if needs[4] else None)
+@dataclass(frozen=True)
+class LossInputs:
+    """What a training step gives an architecture for its own loss terms: the inputs and targets in working units,
+    the reconstruction, latents and pre-activations, and the latents that are dead (computed when asked)."""
+
+    x: Tensor
+    target: Tensor
+    reconstruction: Tensor
+    f: Tensor
+    z: Tensor
+    dead: Callable[[], Tensor]
 
 
 class Dictionary(nn.Module):
-    """Encoder `W_e` (d × m), `b_e`; decoder `W_d` (m × d_out, rows are atoms), `b_d`; JumpReLU's threshold θ,
-    BatchTopK's running inference threshold, or the Gated magnitude path (`r_mag`, `b_mag`) where the activation
-    needs them; a transcoder's skip path `W_skip` (d × d_out). `output_dim` None: an autoencoder (d_out = d).
+    """Encoder `W_e` (d × m), `b_e`; decoder `W_d` (m × d_out, rows are atoms), `b_d`; a transcoder's skip path
+    `W_skip` (d × d_out). `output_dim` None: an autoencoder (d_out = d). Subclasses add what their activation needs.
 
     With activation normalisation the dictionary works on `s·x` (and a transcoder's targets on `s_out·y`) for
     fixed scales (`input_scale`, `output_scale`, powers of two); `forward` takes and returns raw activations, and
     `fold_input_scale` moves the scales into the weights, biases and thresholds so that the same reconstructions
     come out with both scales 1 (bit for bit: scaling by a power of two is exact in floating point) and the latents
     are in raw units."""
+
+    activation: ClassVar[str]  # the name the config's `activation` gives the architecture
+    saelens_name: ClassVar[str | None] = None  # SAELens's `architecture` for it as an autoencoder (None: none)
+    saelens_transcoders: ClassVar[dict[bool, str]] = {}  # skip path or not → SAELens's transcoder architecture
+    saelens_encoder_bias: ClassVar[str] = "b_enc"  # the name SAELens gives `b_e`
+    saelens_imported: ClassVar[bool] = True  # SAELens files of this architecture are read as this class
 
     def __init__(
         self, dim: int, config: DictionaryConfig, generator: torch.Generator, output_dim: int | None = None
@@ -104,14 +73,6 @@ class Dictionary(nn.Module):
         self.b_d = nn.Parameter(torch.zeros(out))
         if config.skip:
             self.W_skip = nn.Parameter(torch.zeros(dim, out))
-        if config.activation == "jumprelu":
-            self.threshold = nn.Parameter(torch.full((config.width,), config.jumprelu_init_threshold))
-        if config.activation == "batchtopk":
-            self.register_buffer("inference_threshold", torch.zeros(()))
-            self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
-        if config.activation == "gated":
-            self.r_mag = nn.Parameter(torch.zeros(config.width))
-            self.b_mag = nn.Parameter(torch.zeros(config.width))
         self.register_buffer("input_scale", torch.ones(()))
         if self.transcoder:
             self.register_buffer("output_scale", torch.ones(()))
@@ -125,27 +86,8 @@ class Dictionary(nn.Module):
         return (x - self.centre()) @ self.W_e + self.b_e
 
     def activate(self, z: Tensor) -> Tensor:
-        """Latents from pre-activations; BatchTopK uses its batch rule in training mode, its threshold in eval."""
-        config = self.config
-        if config.activation == "relu":
-            return F.relu(z)
-        if config.activation == "topk":
-            return activations.topk(z, config.k)
-        if config.activation == "jumprelu":
-            return activations.jumprelu(z, self.threshold, config.jumprelu_bandwidth)
-        if not self.training:
-            return activations.threshold_activation(z, self.inference_threshold)
-        f, smallest = activations.batch_topk(z, config.k)
-        self._update_threshold(smallest)
-        return f
-
-    @torch.no_grad()
-    def _update_threshold(self, smallest_kept: Tensor) -> None:
-        """Running mean of the smallest kept activation: exponential with a bias correction, so early batches
-        count fully and the result does not depend on the starting value."""
-        self.threshold_updates += 1
-        weight = (1 - BATCHTOPK_THRESHOLD_MOMENTUM) / (1 - BATCHTOPK_THRESHOLD_MOMENTUM ** int(self.threshold_updates))
-        self.inference_threshold.lerp_(smallest_kept, weight)
+        """Latents from pre-activations (the architecture's activation)."""
+        raise NotImplementedError
 
     def add_skip(self, reconstruction: Tensor, x: Tensor) -> Tensor:
         """`reconstruction + x W_skip` with a skip path, else `reconstruction` itself."""
@@ -183,24 +125,7 @@ class Dictionary(nn.Module):
         return (reconstruction if scale == 1.0 else reconstruction / scale), f, z
 
     def forward_normalised(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(x̂, f, z) of activations already multiplied by the input scale. ReLU runs as one fused function; TopK
-        encodes and decodes through its k active latents per example (`sparse_decode`), and its dense f, formed
-        for the caller (firing counts, penalties), is not on the decoder's gradient path. Both form the input's
-        B × d gradient only when the input needs one. For Gated, z is the gate's pre-activation."""
-        config = self.config
-        if config.activation == "gated":
-            projection = (x - self.centre()) @ self.W_e
-            z = projection + self.b_e
-            magnitude = projection * self.r_mag.exp() + self.b_mag
-            f = F.relu(magnitude) * (z > 0)
-            return self.decode(f, x), f, z
-        if config.activation == "topk":
-            assert config.k is not None
-            values, indices, z = topk_encode(x, self.W_e, self.b_e, self.centre(), config.k)
-            reconstruction = self.add_skip(sparse_decode(values, indices, self.W_d, self.b_d), x)
-            return reconstruction, dense_latents(values, indices, config.width), z
-        if config.activation == "relu" and not self.transcoder:
-            return _ReLUDictionary.apply(x, self.W_e, self.b_e, self.W_d, self.b_d)
+        """(x̂, f, z) of activations already multiplied by the input scale."""
         z = self.pre_activations(x)
         f = self.activate(z)
         return self.decode(f, x), f, z
@@ -208,25 +133,73 @@ class Dictionary(nn.Module):
     def decoder_norms(self) -> Tensor:
         return self.W_d.norm(dim=1)
 
+    def penalised(self, f: Tensor, z: Tensor) -> Tensor:
+        """What the sparsity penalty is applied to: the latents."""
+        return f
+
+    def extra_losses(self, inputs: LossInputs) -> dict[str, tuple[Tensor, float]]:
+        """The architecture's own loss terms, by name, each with its coefficient (none here)."""
+        return {}
+
+    def constrain(self) -> None:
+        """Constraints on the architecture's own parameters after each optimiser step (none here)."""
+
+    def reset_latents(self, rows: Tensor) -> list[tuple[nn.Parameter, Any]]:
+        """Reset the architecture's own parameters of resampled latents `rows`; returns (parameter, index) pairs
+        whose Adam moments must be zeroed too (none here: the method resets the encoder and decoder)."""
+        return []
+
+    def target_unit_tensors(self) -> list[Tensor]:
+        """Every tensor measured in the units of what the decoder reconstructs (biases, thresholds): folding the
+        normalisation divides them by the target scale."""
+        return [self.b_e, self.b_d]
+
     @torch.no_grad()
     def fold_input_scale(self) -> None:
         """Fold the activation normalisation into the weights: divide every additive term and threshold by the
         target scale `s_out` (an autoencoder's is its input scale `s`), multiply the linear maps of the input
         (`W_e`, `W_skip`) by `s / s_out` (1 for an autoencoder), and set both scales to 1. Reconstructions of raw
-        activations are unchanged (exactly, as the scales are powers of two) and latents become raw-unit `f / s_out`."""
+        activations are unchanged (exactly, as the scales are powers of two) and latents become raw-unit
+        `f / s_out`."""
         scale, target_scale = float(self.input_scale), float(self.target_scale())
-        for bias in (
-            self.b_e,
-            self.b_d,
-            getattr(self, "b_mag", None),
-            getattr(self, "threshold", None),
-            getattr(self, "inference_threshold", None),
-        ):
-            if bias is not None:
-                bias.div_(target_scale)
+        for tensor in self.target_unit_tensors():
+            tensor.div_(target_scale)
         if scale != target_scale:
             for weight in (self.W_e, getattr(self, "W_skip", None)):
                 if weight is not None:
                     weight.mul_(scale / target_scale)
         self.input_scale.fill_(1.0)
         self.target_scale().fill_(1.0)
+
+    def saelens_architecture(self) -> str:
+        """SAELens's `architecture` for this dictionary; an error where SAELens has no such dictionary."""
+        if not self.transcoder and self.saelens_name is None:
+            raise UnmergeError(f"SAELens has no {self.activation} dictionary")
+        if not self.transcoder:
+            return self.saelens_name
+        if self.config.skip not in self.saelens_transcoders:
+            kind = f"{self.activation} transcoder" + (" with a skip path" if self.config.skip else "")
+            raise UnmergeError(
+                f"SAELens has no {kind}; export a ReLU transcoder (with or without skip) or a JumpReLU one without skip"
+            )
+        return self.saelens_transcoders[self.config.skip]
+
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        """The weights under SAELens's names (W_skip as d_out × d_in)."""
+        tensors = {"W_enc": self.W_e, self.saelens_encoder_bias: self.b_e, "W_dec": self.W_d, "b_dec": self.b_d}
+        if self.transcoder and self.config.skip:
+            tensors["W_skip"] = self.W_skip.T
+        return tensors
+
+    def saelens_settings(self) -> dict[str, Any]:
+        """What SAELens's `cfg.json` says of this dictionary beyond its architecture and sizes (nothing here)."""
+        return {}
+
+    @classmethod
+    def saelens_config_fields(cls, saelens_config: dict[str, Any]) -> dict[str, Any]:
+        """Config fields this architecture reads from a SAELens `cfg.json` (none here)."""
+        return {}
+
+    @torch.no_grad()
+    def load_saelens_extras(self, tensors: dict[str, Tensor]) -> None:
+        """Copy the architecture's own tensors from a SAELens file (none here)."""

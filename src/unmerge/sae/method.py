@@ -14,8 +14,8 @@ from unmerge.config import DictionaryConfig
 from unmerge.data.source import ActivationSource, Reconstruct
 from unmerge.errors import UnmergeError
 from unmerge.metrics import dictionary as scores
-from unmerge.sae import activations
-from unmerge.sae.dictionary import Dictionary
+from unmerge.sae.arch import build_dictionary
+from unmerge.sae.dictionary import LossInputs, squared_error
 from unmerge.sae.penalties import sparsity_penalty
 from unmerge.train.loop import StepOutput
 from unmerge.train.rng import step_generator
@@ -23,11 +23,6 @@ from unmerge.train.rng import step_generator
 GEOMETRIC_MEDIAN_ITERATIONS = 100
 INIT_SAMPLES = 8192
 TRAINING_BUFFERS = ("samples_since_fired", "step")  # added to the module by DictionaryMethod; not the dictionary's
-
-
-def squared_error(x: Tensor, reconstruction: Tensor) -> Tensor:
-    """Mean over examples of ‖x − x̂‖² (summed over dimensions)."""
-    return (x - reconstruction).square().sum(-1).mean()
 
 
 def geometric_median(points: Tensor, iterations: int = GEOMETRIC_MEDIAN_ITERATIONS) -> Tensor:
@@ -64,13 +59,6 @@ def matryoshka_loss(target: Tensor, f: Tensor, W_d: Tensor, offset: Tensor, pref
     return total
 
 
-def gated_auxiliary_loss(target: Tensor, gate: Tensor, W_d: Tensor, offset: Tensor) -> Tensor:
-    """Gated SAE's auxiliary term (Rajamanoharan et al. 2024): the gate path's `ReLU(π_gate)` must reconstruct the
-    target through a frozen copy of the decoder (and of `offset`, the part no latent makes), so this term trains
-    the encoder (gate) but never the decoder."""
-    return squared_error(target, F.relu(gate) @ W_d.detach() + offset.detach())
-
-
 def refit_magnitudes(x: Tensor, f: Tensor, W_d: Tensor, offset: Tensor, ridge: float = 1e-6) -> Tensor:
     """Latents with each input's support kept and its magnitudes refitted by least squares,
     `min_c ‖x − offset − Σ_{i∈S} c_i d_i‖²` (offset: b_d, or a transcoder's b_d + skip path), which removes the
@@ -86,20 +74,6 @@ def refit_magnitudes(x: Tensor, f: Tensor, W_d: Tensor, offset: Tensor, ridge: f
     target = (atoms @ (x - offset)[..., None]).squeeze(-1)
     values = torch.linalg.solve(gram.double(), target.double()).to(f.dtype) * on
     return torch.zeros_like(f).scatter(1, indices, values)
-
-
-def aux_k_loss(x: Tensor, reconstruction: Tensor, z: Tensor, W_d: Tensor, dead: Tensor, k: int) -> Tensor:
-    """AuxK (Gao et al. 2024): the k largest pre-activations among dead latents reconstruct the main
-    reconstruction's residual `e = x − x̂` (detached, so it trains only the dead latents). The decoder bias is
-    already inside x̂, so the auxiliary reconstruction `f_aux W_d` does not add it again. Normalised by the
-    residual's own squared norm, so the term is scale-free."""
-    n_dead = int(dead.sum())
-    if n_dead == 0:
-        return z.new_zeros(())
-    residual = (x - reconstruction).detach()
-    dead_z = z.masked_fill(~dead, float("-inf"))
-    auxiliary = activations.topk(dead_z, min(k, n_dead)) @ W_d
-    return (residual - auxiliary).square().sum(-1).mean() / residual.square().sum(-1).mean().clamp(min=1e-12)
 
 
 class DictionaryMethod:
@@ -122,7 +96,7 @@ class DictionaryMethod:
         self.seed = seed
         self.total_steps = total_steps
         self.eval_batch_size = eval_batch_size
-        self.module = Dictionary(source.dim, config, step_generator(seed, "init"), source.output_dim)
+        self.module = build_dictionary(source.dim, config, step_generator(seed, "init"), source.output_dim)
         self.module.register_buffer("samples_since_fired", torch.zeros(config.width, dtype=torch.int64))
         self.module.register_buffer("step", torch.zeros((), dtype=torch.int64))
         if config.unit_norm_decoder:
@@ -179,7 +153,8 @@ class DictionaryMethod:
 
     def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
         """Reconstruction (summed over Matryoshka prefixes if configured), sparsity penalty, and the
-        activation's own terms (JumpReLU's L0, AuxK, Gated's auxiliary reconstruction), all in normalised units."""
+        architecture's own terms (`Dictionary.extra_losses`: JumpReLU's L0, AuxK, Gated's auxiliary
+        reconstruction), all in normalised units."""
         check_activations(batch, self.source.row_width)
         module, config = self.module, self.config
         module.train()
@@ -192,22 +167,14 @@ class DictionaryMethod:
             terms["reconstruction"] = terms["reconstruction"] + matryoshka_loss(
                 target, f, module.W_d, module.offset(x), config.matryoshka_prefixes
             )
+        coefficients = {"reconstruction": 1.0, "sparsity": config.penalty.coeff}
         if config.penalty.name != "none" and config.penalty.coeff:
-            penalised = F.relu(z) if config.activation == "gated" else f
+            penalised = module.penalised(f, z)
             terms["sparsity"] = sparsity_penalty(penalised, config.penalty, module.decoder_norms(), self.progress())
-        if config.activation == "jumprelu" and config.l0_coeff:
-            terms["l0"] = activations.jumprelu_l0(z, module.threshold, config.jumprelu_bandwidth)
-        if config.aux_k:
-            terms["aux_k"] = aux_k_loss(target, reconstruction, z, module.W_d, self.dead(), config.aux_k)
-        if config.activation == "gated":
-            terms["gate_reconstruction"] = gated_auxiliary_loss(target, z, module.W_d, module.offset(x))
-        coefficients = {
-            "reconstruction": 1.0,
-            "sparsity": config.penalty.coeff,
-            "l0": config.l0_coeff,
-            "aux_k": config.aux_k_coeff,
-            "gate_reconstruction": 1.0,
-        }
+        for name, (value, coefficient) in module.extra_losses(
+            LossInputs(x, target, reconstruction, f, z, self.dead)
+        ).items():
+            terms[name], coefficients[name] = value, coefficient
         loss = sum(coefficients[name] * value for name, value in terms.items())
         return StepOutput(loss=loss, terms=terms)
 
@@ -222,13 +189,12 @@ class DictionaryMethod:
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Unit-norm decoder rows (in place, so the optimiser keeps its state for the same tensor); JumpReLU
-        thresholds kept ≥ 0 (below 0 a latent could go negative); dead latents resampled on the configured cadence."""
+        """Unit-norm decoder rows (in place, so the optimiser keeps its state for the same tensor); the
+        architecture's own constraints (`Dictionary.constrain`); dead latents resampled on the configured cadence."""
         self.module.step += 1
         if self.config.unit_norm_decoder:
             self.module.W_d.copy_(F.normalize(self.module.W_d, dim=1))
-        if self.config.activation == "jumprelu":
-            self.module.threshold.clamp_(min=0.0)
+        self.module.constrain()
         step, every = int(self.module.step), self.config.resample_every
         if every and step % every == 0 and step <= self.config.resample_until * self.total_steps:
             self.resample_dead(optimizer)
@@ -238,7 +204,8 @@ class DictionaryMethod:
         """Point every dead latent at an input the dictionary reconstructs badly (Bricken et al. 2023): draw
         inputs with probability ∝ squared loss², set the atom to the normalised residual `x − x̂` (the part not yet
         explained), the encoder column to the atom at `resample_encoder_norm` × the mean live column norm, the
-        encoder bias to 0 (a JumpReLU threshold to its initial value), and zero those entries' Adam moments. With
+        encoder bias to 0 (and what the architecture resets, `Dictionary.reset_latents`: a JumpReLU threshold to its
+        initial value), and zero those entries' Adam moments. With
         `resample_duplicates`, the later copy of each near-duplicate pair is freed the same way (it adds nothing a
         single atom does not); with `resample_misaligned`, so is a latent whose atom sits between features
         (`atom_alignment` below the threshold on the resampling inputs). Returns the number resampled."""
@@ -271,9 +238,7 @@ class DictionaryMethod:
         module.W_e[:, rows] = encoder.T * (config.resample_encoder_norm * live_norm)
         module.b_e[rows] = 0.0
         resampled = [(module.W_d, rows), (module.W_e, (slice(None), rows)), (module.b_e, rows)]
-        if config.activation == "jumprelu":
-            module.threshold[rows] = config.jumprelu_init_threshold
-            resampled.append((module.threshold, rows))
+        resampled += module.reset_latents(rows)
         for parameter, index in resampled:
             for moment in ("exp_avg", "exp_avg_sq"):
                 if moment in optimizer.state.get(parameter, {}):

@@ -20,44 +20,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from unmerge.config import DictionaryConfig
+from unmerge.config import dictionary_config as dictionary_config_of
 from unmerge.errors import UnmergeError
 from unmerge.io import save_tensors_atomic, write_json_atomic
+from unmerge.sae.arch import ARCHITECTURES
 from unmerge.sae.dictionary import Dictionary
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 FORMAT_VERSION = "6.0.0"  # written as metadata.sae_lens_version: the layout is SAELens 6's
 IDENTITY_NORMALISATIONS = ("none", "expected_average_only_in", "covariance_whitening")  # no-ops once loaded
-
-
-def _architecture(module: Dictionary) -> str:
-    activation = module.config.activation
-    if module.transcoder:
-        names = {"relu": "skip_transcoder" if module.config.skip else "transcoder", "jumprelu": "jumprelu_transcoder"}
-        if activation not in names or (activation == "jumprelu" and module.config.skip):
-            kind = f"{activation} transcoder" + (" with a skip path" if module.config.skip else "")
-            raise UnmergeError(
-                f"SAELens has no {kind}; export a ReLU transcoder (with or without skip) or a JumpReLU one without skip"
-            )
-        return names[activation]
-    return {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}[
-        activation
-    ]
-
-
-def _tensors(module: Dictionary, architecture: str) -> dict[str, Tensor]:
-    tensors = {"W_enc": module.W_e, "b_enc": module.b_e, "W_dec": module.W_d, "b_dec": module.b_d}
-    activation = module.config.activation
-    if activation == "jumprelu":
-        tensors["threshold"] = module.threshold
-    if activation == "batchtopk":
-        tensors["threshold"] = module.inference_threshold.expand(module.config.width)
-    if activation == "gated":
-        tensors |= {"b_gate": tensors.pop("b_enc"), "r_mag": module.r_mag, "b_mag": module.b_mag}
-    if architecture == "skip_transcoder":
-        tensors["W_skip"] = module.W_skip.T
-    return {name: value.detach().float().contiguous() for name, value in tensors.items()}
 
 
 def save_saelens(
@@ -69,7 +41,7 @@ def save_saelens(
             "the dictionary still has an activation normalisation scale; call fold_input_scale() "
             "first so that the weights alone give its reconstructions"
         )
-    architecture = _architecture(module)
+    architecture = module.saelens_architecture()
     dim = module.W_e.shape[0]
     config: dict[str, Any] = {
         "architecture": architecture,
@@ -86,13 +58,12 @@ def save_saelens(
             **({"model_name": model_name} if model_name else {}),
         },
     }
-    if architecture == "topk":
-        config |= {"k": module.config.k, "rescale_acts_by_decoder_norm": False}
+    config |= module.saelens_settings()
     if module.transcoder:
         config["d_out"] = module.W_d.shape[1]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = _tensors(module, architecture)
+    tensors = {name: value.detach().float() for name, value in module.saelens_tensors().items()}
     save_tensors_atomic(directory / WEIGHTS_FILE, tensors)
     write_json_atomic(directory / CONFIG_FILE, config)
     return directory
@@ -122,43 +93,27 @@ def _read(directory: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return config, {name: value.float() for name, value in tensors.items()}
 
 
-def _dictionary_config(config: dict[str, Any]) -> DictionaryConfig:
-    architecture = config.get("architecture", "standard")
-    activations = {
-        "standard": "relu",
-        "topk": "topk",
-        "jumprelu": "jumprelu",
-        "gated": "gated",
-        "transcoder": "relu",
-        "skip_transcoder": "relu",
-        "jumprelu_transcoder": "jumprelu",
-    }
-    if architecture not in activations:
-        raise UnmergeError(
-            f"SAELens architecture {architecture!r} cannot be imported; supported: " + ", ".join(activations)
-        )
-    return DictionaryConfig(
-        width=config["d_sae"],
-        activation=activations[architecture],
-        k=config.get("k", 100) if architecture == "topk" else None,
-        skip=architecture == "skip_transcoder",
-        penalty={"name": "none"},
-    )
-
-
 def load_saelens(directory: Path) -> Dictionary:
     """A SAELens-format dictionary as an unmerge `Dictionary` with the same encodings and reconstructions (up to
     float rounding where the format needs converting: an autoencoder that does not subtract `b_dec` from its
     input gets `b_enc + b_dec W_enc` instead; TopK's decoder-norm rescaling is folded into the weights)."""
     directory = Path(directory)
     config, tensors = _read(directory)
-    dictionary_config = _dictionary_config(config)
-    transcoder = "transcoder" in config.get("architecture", "standard")
-    module = Dictionary(
+    architecture = config.get("architecture", "standard")
+    cls = ARCHITECTURES.for_saelens(architecture)
+    transcoder = architecture in cls.saelens_transcoders.values()
+    dictionary_config = dictionary_config_of(
+        width=config["d_sae"],
+        activation=cls.activation,
+        skip=transcoder and architecture == cls.saelens_transcoders.get(True),
+        penalty={"name": "none"},
+        **cls.saelens_config_fields(config),
+    )
+    module = cls(
         config["d_in"], dictionary_config, torch.Generator().manual_seed(0), config.get("d_out") if transcoder else None
     )
     W_enc, W_dec, b_dec = tensors["W_enc"], tensors["W_dec"], tensors["b_dec"]
-    b_enc = tensors["b_gate"] if dictionary_config.activation == "gated" else tensors["b_enc"]
+    b_enc = tensors[cls.saelens_encoder_bias]
     if not transcoder and not config.get("apply_b_dec_to_input", True):
         b_enc = b_enc + b_dec @ W_enc
     if config.get("rescale_acts_by_decoder_norm", False):
@@ -173,11 +128,7 @@ def load_saelens(directory: Path) -> Dictionary:
     with torch.no_grad():
         for parameter, value in ((module.W_e, W_enc), (module.b_e, b_enc), (module.W_d, W_dec), (module.b_d, b_dec)):
             parameter.copy_(value)
-        if dictionary_config.activation == "jumprelu":
-            module.threshold.copy_(tensors["threshold"].clamp(min=0))  # latents stay ≥ 0: θ < 0 acts as θ = 0
-        if dictionary_config.activation == "gated":
-            module.r_mag.copy_(tensors["r_mag"])
-            module.b_mag.copy_(tensors["b_mag"])
+        module.load_saelens_extras(tensors)
         if dictionary_config.skip:
             module.W_skip.copy_(tensors["W_skip"].T)
     return module.eval()

@@ -14,6 +14,7 @@ from unmerge.config import DictionaryRunConfig
 from unmerge.data.source import ActivationSource
 from unmerge.errors import CheckpointError, ConfigError
 from unmerge.io import save_tensors_atomic
+from unmerge.sae.arch import build_dictionary
 from unmerge.sae.dictionary import Dictionary
 from unmerge.sae.method import TRAINING_BUFFERS, DictionaryMethod
 from unmerge.targets.base import Target
@@ -53,7 +54,7 @@ def load_dictionary(run_dir: Path) -> tuple[DictionaryRunConfig, Dictionary]:
         ) from None
     transcoder = bool(getattr(config.data, "transcoder", False))
     try:
-        module = Dictionary(
+        module = build_dictionary(
             weights["W_e"].shape[0], config.method, torch.Generator(), weights["W_d"].shape[1] if transcoder else None
         )
         module.load_state_dict({name: value for name, value in weights.items() if name not in TRAINING_BUFFERS})

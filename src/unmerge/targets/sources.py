@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from unmerge.config import HierarchyConfig, LanguageActivationsConfig, TargetActivationsConfig
-from unmerge.config.dictionary import DictionaryDataConfig
+from unmerge.config.data import DictionaryDataConfig
 from unmerge.data import hierarchy_source, sparse_feature_source
 from unmerge.data.source import ActivationSource
 from unmerge.targets.activations import target_activation_source
