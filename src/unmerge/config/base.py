@@ -48,11 +48,11 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for item in error.errors():
         where, member = _path(item["loc"])
-        if item["type"] == "extra_forbidden":
-            whose = f" for {member}" if member else ""
-            lines.append(
-                f"  {where}: unknown key{whose} (check the spelling; `unmerge decompose --help` lists presets)"
-            )
+        if item["type"] == "extra_forbidden" and member:
+            choice = member.split("=")[0]
+            lines.append(f"  {where}: unknown key for {member} (set the {choice} that has it, or check the spelling)")
+        elif item["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key (check the spelling; `unmerge decompose --help` lists presets)")
         else:
             lines.append(f"  {where}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)

@@ -127,14 +127,10 @@ ARCHITECTURE_CONFIGS: dict[str, type[DictionaryBaseConfig]] = {
     "jumprelu": JumpReLUConfig,
     "gated": GatedConfig,
 }
-_LEGACY_DEFAULTS = {  # the architecture fields of the one flat dictionary config, and their defaults there
-    "k": None,
-    "aux_k": None,
-    "aux_k_coeff": 1 / 32,
-    "jumprelu_bandwidth": 1e-3,
-    "jumprelu_init_threshold": 1e-3,
-    "l0_coeff": 0.0,
-}
+# The architecture fields of the one flat dictionary config that runs saved before this layout hold. They did
+# nothing on another architecture, except AuxK, which the flat config ran on any architecture with `aux_k` set.
+_FLAT_FIELDS = ("k", "aux_k", "aux_k_coeff", "jumprelu_bandwidth", "jumprelu_init_threshold", "l0_coeff")
+_AUX_K_FIELDS = ("aux_k", "aux_k_coeff")
 
 
 def _activation(data: Any) -> str:
@@ -149,7 +145,11 @@ def _tag(data: Any) -> str:
 
 DictionaryConfig = Annotated[
     Union[tuple(Annotated[config, Tag(f"activation={name}")] for name, config in ARCHITECTURE_CONFIGS.items())],  # noqa: UP007
-    Discriminator(_tag),
+    Discriminator(
+        _tag,
+        custom_error_type="unknown_activation",
+        custom_error_message=f"activation must be one of {', '.join(ARCHITECTURE_CONFIGS)}",
+    ),
 ]
 """A dictionary's config: the member of `ARCHITECTURE_CONFIGS` its `activation` names (`relu` when absent)."""
 _DICTIONARY_CONFIG = TypeAdapter(DictionaryConfig)
@@ -179,16 +179,17 @@ class DictionaryRunConfig(StrictModel):
 
     @classmethod
     def upgrade_saved(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """A run saved before each architecture had its own config held every architecture's fields at their
-        defaults (`k: null` on a ReLU dictionary): drop those its architecture lacks. A field another
-        architecture uses, set to anything but its old default, stays, so validation names it."""
+        """A run saved before each architecture had its own config held every architecture's fields (`k: null`
+        on a ReLU dictionary): drop those its architecture lacks, as they did nothing there. AuxK on an
+        architecture that now has none ran, so a set `aux_k` stays and validation names it."""
         method = data.get("method")
         if not isinstance(method, dict):
             return data
         fields = ARCHITECTURE_CONFIGS.get(_activation(method), ReLUConfig).model_fields
+        ran_aux_k = method.get("aux_k") is not None
         kept = {
             key: value
             for key, value in method.items()
-            if key in fields or key not in _LEGACY_DEFAULTS or value != _LEGACY_DEFAULTS[key]
+            if key in fields or key not in _FLAT_FIELDS or (ran_aux_k and key in _AUX_K_FIELDS)
         }
         return {**data, "method": kept}

@@ -35,9 +35,14 @@ class Registry:
 
     def for_saelens(self, architecture: str) -> type[Dictionary]:
         """The class SAELens's `architecture` is imported as (a BatchTopK dictionary is saved as JumpReLU)."""
-        readers = [cls for cls in self._classes.values() if cls.saelens_imported]
-        for cls in readers:
-            if architecture == cls.saelens_name or architecture in cls.saelens_transcoders.values():
-                return cls
-        names = sorted({n for c in readers for n in (c.saelens_name, *c.saelens_transcoders.values())})
-        raise UnmergeError(f"SAELens architecture {architecture!r} cannot be imported; supported: {', '.join(names)}")
+        readers = {
+            name: cls
+            for cls in self._classes.values()
+            if cls.saelens_imported
+            for name in (cls.saelens_name, *cls.saelens_transcoders.values())
+            if name is not None  # an architecture SAELens does not have
+        }
+        if architecture not in readers:
+            supported = ", ".join(sorted(readers))
+            raise UnmergeError(f"SAELens architecture {architecture!r} cannot be imported; supported: {supported}")
+        return readers[architecture]

@@ -4,6 +4,8 @@ which stores it as a JumpReLU)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -55,5 +57,6 @@ class BatchTopKDictionary(TopKDictionary):
     def saelens_tensors(self) -> dict[str, Tensor]:
         return {**super().saelens_tensors(), "threshold": self.inference_threshold.expand(self.config.width)}
 
-    def saelens_settings(self) -> dict:
+    def saelens_settings(self) -> dict[str, Any]:
+        """None of TopK's: SAELens reads the file as the JumpReLU it is saved as."""
         return {}

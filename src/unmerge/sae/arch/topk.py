@@ -3,6 +3,8 @@ alone (`unmerge.sae.sparse_decode`); AuxK trains dead latents to model the resid
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from unmerge.config import TopKConfig
@@ -49,8 +51,8 @@ class TopKDictionary(Dictionary):
         return {"aux_k": (loss, self.config.aux_k_coeff)}
 
     @classmethod
-    def saelens_config_fields(cls, saelens_config: dict) -> dict:
+    def saelens_config_fields(cls, saelens_config: dict[str, Any]) -> dict[str, Any]:
         return {"k": saelens_config.get("k", 100)}
 
-    def saelens_settings(self) -> dict:
+    def saelens_settings(self) -> dict[str, Any]:
         return {"k": self.config.k, "rescale_acts_by_decoder_norm": False}
