@@ -10,7 +10,8 @@ Each side runs its own copy of the script (or, with `--script-from-working-tree`
 temporary git worktree). A run's results are the JSON lines it prints or, with `--result-file-option`, the JSON
 file it writes where that option says (nested objects flattened to dotted keys). Each is echoed with `commit` and
 `round` added; at the end, one JSON line per setting gives the median of each numeric field over the rounds on
-either side, whether they are all equal, and the ratio of the working tree's median to the earlier commit's.
+either side, whether they are all equal, and the ratio of the working tree's median to the earlier commit's; and
+the same for the minimum (the least disturbed round, for times).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,28 +61,20 @@ def run_once(tree: Path, script: Path, arguments: list[str], result_option: str 
 
 
 def setting(record: dict) -> str:
-    """What identifies a result line: its non-numeric fields."""
-    return json.dumps(
-        {k: v for k, v in record.items() if not isinstance(v, int | float) or isinstance(v, bool)}, sort_keys=True
-    )
+    """What identifies a result: its text fields."""
+    return json.dumps({k: v for k, v in record.items() if isinstance(v, str)}, sort_keys=True)
 
 
-def medians(records: list[dict]) -> dict[str, dict[str, float]]:
-    """Per setting, the median of every numeric field."""
-    grouped: dict[str, list[dict]] = {}
+def summaries(records: list[dict], statistic: Callable[[list[float]], float]) -> dict[str, dict[str, float]]:
+    """Per setting, `statistic` (median, min) of every numeric field over the rounds (null or missing values are
+    skipped)."""
+    grouped: dict[str, dict[str, list[float]]] = {}
     for record in records:
-        grouped.setdefault(setting(record), []).append(record)
-    return {key: _numeric_medians(rows) for key, rows in grouped.items()}
-
-
-def _numeric_medians(rows: list[dict]) -> dict[str, float]:
-    """The median of every numeric field over `rows` (fields that are null or missing in a row are skipped)."""
-    values: dict[str, list[float]] = {}
-    for row in rows:
-        for field, value in row.items():
+        values = grouped.setdefault(setting(record), {})
+        for field, value in record.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 values.setdefault(field, []).append(value)
-    return {field: statistics.median(numbers) for field, numbers in values.items()}
+    return {key: {field: statistic(numbers) for field, numbers in values.items()} for key, values in grouped.items()}
 
 
 def main() -> None:
@@ -111,10 +105,16 @@ def main() -> None:
                         print(json.dumps({"commit": name, "round": round_, **record}), flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(earlier)], cwd=ROOT, check=True)
-    before, after = medians(results[args.ref]), medians(results["working tree"])
+    before, after = (
+        summaries(results[args.ref], statistics.median),
+        summaries(results["working tree"], statistics.median),
+    )
+    fastest_before, fastest_after = summaries(results[args.ref], min), summaries(results["working tree"], min)
     for key, now in after.items():
         then = before.get(key, {})
         ratios = {f: round(v / then[f], 3) for f, v in now.items() if then.get(f)}
+        low, low_then = fastest_after[key], fastest_before.get(key, {})
+        min_ratios = {f: round(v / low_then[f], 3) for f, v in low.items() if low_then.get(f)}
         print(
             json.dumps(
                 {
@@ -123,6 +123,9 @@ def main() -> None:
                     "median_earlier": then,
                     "median_now": now,
                     "ratio_now_to_earlier": ratios,
+                    "min_earlier": low_then,
+                    "min_now": low,
+                    "min_ratio_now_to_earlier": min_ratios,
                 }
             ),
             flush=True,
