@@ -4,9 +4,9 @@ method → the one training loop → metrics and analysis → report; `ARCHITECT
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -368,7 +368,7 @@ def train_target_preset(
     return train_preset_target(load_run_config(preset_or_path, overrides).target, out, preset_or_path)
 
 
-def sweep(spec: SweepSpec, out_dir: Path, log: Any = print) -> SweepResult:
+def sweep(spec: SweepSpec, out_dir: Path, log: Callable[[str], None] | None = print) -> SweepResult:
     """Train a dictionary for every grid point of `spec` (`unmerge.sweep.runner.run_sweep`) and write the results
     table and Pareto figures to `out_dir`."""
     return run_sweep(spec, Path(out_dir), train_dictionary, log)

@@ -15,7 +15,6 @@ from unmerge.config.base import (
     parse_overrides,
     save_yaml,
     validate,
-    yaml_dump,
 )
 from unmerge.config.data import (
     DictionaryDataConfig,
@@ -108,5 +107,4 @@ __all__ = [
     "preset_names",
     "save_yaml",
     "validate",
-    "yaml_dump",
 ]

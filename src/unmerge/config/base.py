@@ -81,12 +81,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 def save_yaml(config: StrictModel, path: Path) -> None:
     """Write the fully resolved config (defaults included) as YAML."""
-    path.write_text(yaml_dump(config))
-
-
-def yaml_dump(config: StrictModel) -> str:
-    """The fully resolved config (defaults included) as YAML text."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
 
 
 @dataclass(frozen=True)
