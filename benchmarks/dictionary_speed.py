@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from unmerge.config import DictionaryConfig, PenaltyConfig, SparseFeaturesConfig, dictionary_config
+from unmerge.config import DictionaryConfig, OptimConfig, PenaltyConfig, SparseFeaturesConfig, dictionary_config
 from unmerge.data import ActivationSource, sparse_feature_source
 from unmerge.sae.method import DictionaryMethod
+from unmerge.train.loop import make_optimizer
 from unmerge.train.memory import keep_freed_memory
 from unmerge.train.rng import step_generator
 
@@ -58,8 +59,7 @@ def training_step(source: ActivationSource, config: DictionaryConfig, batch: tor
     """One step of the training loop for a fresh `DictionaryMethod` (the loop's own order of calls)."""
     method = DictionaryMethod(source, config, seed=0, total_steps=10_000)
     method.before_training()
-    parameters = [p for p in method.module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.0)
+    optimizer = make_optimizer(method.module, OptimConfig(lr=1e-4))  # as the training loop builds it
     noise = step_generator(0, "noise")
 
     def step() -> None:

@@ -19,9 +19,11 @@ from collections.abc import Callable
 import torch
 
 from unmerge import api
+from unmerge.config import OptimConfig
 from unmerge.spd.method import SPD
 from unmerge.targets import cached_target
 from unmerge.targets.toys import RECIPES
+from unmerge.train.loop import make_optimizer
 from unmerge.train.memory import keep_freed_memory
 from unmerge.train.rng import step_generator
 
@@ -47,7 +49,7 @@ def measure(preset: str, batch_size: int, steps: int) -> dict[str, float | str |
     target = cached_target(config.target)
     x = target.sample_inputs(batch_size, step_generator(0, "bench"))
     spd = SPD(target, config.method, seed=0)
-    optimizer = torch.optim.AdamW(spd.model.parameters(), lr=1e-4, weight_decay=0.0)
+    optimizer = make_optimizer(spd.module, OptimConfig(lr=1e-4))  # as the training loop builds it
 
     def spd_step() -> None:
         output = spd.training_loss(x, step_generator(0, "noise"))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from unmerge.config import TrainConfig
+from unmerge.config import OptimConfig, TrainConfig
 from unmerge.errors import NonFiniteLossError
 from unmerge.runs import EVAL_LOG, TRAIN_LOG
 from unmerge.train import checkpoint, distributed
@@ -88,6 +88,14 @@ class ModelTraining:
         """No constraints on the model's parameters."""
 
 
+def make_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the module's parameters that need gradients, updating them all with one multi-tensor (foreach)
+    kernel per operation: the same arithmetic, element by element, as one tensor at a time, with less overhead."""
+    betas = {} if optim.beta2 is None else {"betas": (0.9, optim.beta2)}
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay, foreach=True, **betas)
+
+
 def _append_jsonl(path: Path, record: dict[str, float]) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -122,9 +130,8 @@ def train(
 ) -> TrainResult:
     """Optimise `method.module` for `config.steps` steps, resuming from `run_dir`'s newest checkpoint if any."""
     keep_freed_memory()
-    parameters = [p for p in method.module.parameters() if p.requires_grad]
-    betas = {} if config.optim.beta2 is None else {"betas": (0.9, config.optim.beta2)}
-    optimizer = torch.optim.AdamW(parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay, **betas)
+    optimizer = make_optimizer(method.module, config.optim)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     rank, writes = distributed.rank(), run_dir is not None and distributed.is_main_process()
     start = _resume(run_dir, method.module, optimizer) if run_dir is not None else 0
     if start == 0:
