@@ -106,7 +106,8 @@ def decompose(config: RunConfig, run_dir: Path) -> RunResult:
     """Train SPD on the config's target in `run_dir`, resuming from its newest checkpoint if there is one."""
     _set_threads(config.train.threads)
     run_dir = Path(run_dir)
-    runs.prepare(config, run_dir)
+    distributed.start(config.train.device)
+    runs.prepare(config, run_dir, write=distributed.is_main_process())
     target = run_target(config.target, run_dir / runs.TARGET_DIR)
     spd = SPD(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
     result = train(spd, target.sample_inputs, config.train, run_dir, description=f"SPD {config.name}")
@@ -144,8 +145,10 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
     truth it was scored against (`ground_truth.safetensors`: `true_features`, and `parents` on the hierarchy toy)."""
     _set_threads(config.train.threads)
     run_dir = Path(run_dir)
-    runs.prepare(config, run_dir)
-    recorded = language_activations(config.data) if isinstance(config.data, LanguageActivationsConfig) else None
+    distributed.start(config.train.device)
+    runs.prepare(config, run_dir, write=distributed.is_main_process())
+    language = isinstance(config.data, LanguageActivationsConfig)
+    recorded = language_activations(config.data, config.train.seed) if language else None
     source = recorded.source if recorded else activation_source(config.data)
     evaluation = spliced_evaluator(recorded, config.data.eval_tokens) if recorded else None
     method = DictionaryMethod(
@@ -264,9 +267,14 @@ def cache_activations(config: DictionaryRunConfig) -> CacheResult:
             "cache-activations needs a dictionary config with data.kind: lm_activations and data.cache_tokens set"
         )
     _set_threads(config.train.threads)
+    device = distributed.start(config.train.device)
     language, module = hook_point(data)
     start = time.perf_counter()
-    cache = activation_cache(data, language, module)
+    language.lm.to(device)  # record on the run's device
+    try:
+        cache = activation_cache(data, language, module)
+    finally:
+        language.lm.to("cpu")
     return CacheResult(cache, time.perf_counter() - start, language.loaded.seconds)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from unmerge import api
 from unmerge.config import Override, parse_overrides
 from unmerge.errors import UnmergeError
+from unmerge.train import distributed
 
 DEMO_PRESET = "tms-5-2"
 DEMO_OVERRIDES = ["train.steps=3000", "train.checkpoint_every=1000"]
@@ -370,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         args.handler(args)
+        distributed.stop()
     except UnmergeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

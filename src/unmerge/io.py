@@ -73,6 +73,6 @@ def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> None:
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, Tensor]) -> None:
-    """A safetensors file of contiguous copies-or-views of `tensors`, written atomically."""
-    contiguous = {name: value.detach().contiguous() for name, value in tensors.items()}
+    """A safetensors file of contiguous CPU copies-or-views of `tensors`, written atomically."""
+    contiguous = {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
     write_atomic(path, lambda tmp: save_file(contiguous, str(tmp)))

@@ -41,6 +41,9 @@ class RunResult:
     report: Path | None = None
 
 
+RESUMABLE_ELSEWHERE = ("train.device:", "train.loggers:")  # a run may resume on another device, watched otherwise
+
+
 def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     """`key: old → new` for every leaf where two plain config dicts differ."""
     differences = []
@@ -66,11 +69,13 @@ def differences_from_saved(run_dir: Path, config: StrictModel) -> list[str] | No
     if not (Path(run_dir) / RUN_CONFIG).is_file():
         return None
     previous = saved_config(run_dir, type(config))
-    return config_differences(previous.model_dump(mode="json"), config.model_dump(mode="json"))
+    differences = config_differences(previous.model_dump(mode="json"), config.model_dump(mode="json"))
+    return [line for line in differences if not line.startswith(RESUMABLE_ELSEWHERE)]
 
 
-def prepare(config: StrictModel, run_dir: Path) -> None:
-    """Create a run directory with its config, or check that an existing one holds the same config (to resume)."""
+def prepare(config: StrictModel, run_dir: Path, write: bool = True) -> None:
+    """Create a run directory with its config, or check that an existing one holds the same config (to resume).
+    With `write` False (the other ranks of a torchrun job) only the check is made: rank 0 creates the directory."""
     run_dir = Path(run_dir)
     differences = differences_from_saved(run_dir, config)
     if differences:
@@ -78,7 +83,7 @@ def prepare(config: StrictModel, run_dir: Path) -> None:
             f"{run_dir} already holds a run with a different config ({'; '.join(differences)}); "
             "choose another --out directory, or rerun with the original settings to resume"
         )
-    if differences is not None:
+    if differences is not None or not write:
         return
     if run_dir.exists() and any(run_dir.iterdir()):
         raise CheckpointError(f"{run_dir} exists and is not a run directory; choose an empty or new --out directory")

@@ -17,6 +17,7 @@ from unmerge.errors import ConfigError
 
 Probability = Annotated[float, Field(gt=0.0, le=1.0)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+DIGEST_CONTEXT = "digest"  # serialisation context of `StrictModel.digest`
 
 
 class StrictModel(BaseModel):
@@ -26,7 +27,8 @@ class StrictModel(BaseModel):
 
     def digest(self) -> str:
         """Short stable hash of the config's content (used to key caches of trained targets)."""
-        text = json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True)  # unset options add nothing
+        data = self.model_dump(mode="json", exclude_none=True, context=DIGEST_CONTEXT)
+        text = json.dumps(data, sort_keys=True)  # unset options add nothing
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @classmethod

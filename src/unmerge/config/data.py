@@ -84,6 +84,11 @@ class LanguageActivationsConfig(StrictModel):
         None, description="where the cache lives (default: keyed by these settings under UNMERGE_CACHE_DIR/activations)"
     )
     shard_tokens: PositiveInt = Field(65_536, description="rows per cache shard")
+    stream_shards: PositiveInt | None = Field(
+        None,
+        description="train from the cache streamed from disk, this many shards shuffled in memory at a time "
+        "(each row once per epoch; for caches larger than memory); unset: read the whole cache into memory",
+    )
     record_batch: PositiveInt = Field(32, description="windows per forward pass while recording")
     eval_tokens: PositiveInt = Field(8_192, description="held-out tokens for the spliced-in evaluation")
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_serializer
+from pydantic_core.core_schema import SerializationInfo, SerializerFunctionWrapHandler
 
-from unmerge.config.base import NonNegativeFloat, StrictModel
+from unmerge.config.base import DIGEST_CONTEXT, NonNegativeFloat, StrictModel
 
 
 class OptimConfig(StrictModel):
@@ -35,3 +37,32 @@ class TrainConfig(StrictModel):
     checkpoint_every: NonNegativeInt = Field(1000, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: PositiveInt = Field(2, description="how many recent checkpoints to keep")
     threads: NonNegativeInt = Field(0, description="torch threads per process (0: leave torch's default)")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N | mps")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: matmuls under bf16 autocast; weights, optimiser state and losses stay fp32"
+    )
+    loggers: tuple[Literal["tensorboard", "wandb"], ...] = Field(
+        (), description="also send train_log.jsonl's scalars to these (rank 0; wandb offline unless WANDB_MODE)"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not _DEVICE.fullmatch(device):
+            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+        return device
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        """Where a run executes (device, precision at fp32, loggers) is left out of `digest()` unless set, so the
+        keys of cached targets made before these options existed stay valid."""
+        data = handler(self)
+        if info.context == DIGEST_CONTEXT:
+            for name, default in _PLACEMENT_DEFAULTS.items():
+                if data.get(name) == default:
+                    data.pop(name)
+        return data
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+_PLACEMENT_DEFAULTS: dict[str, Any] = {"device": "auto", "precision": "fp32", "loggers": []}

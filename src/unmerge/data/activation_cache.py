@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from unmerge.data.source import ActivationSource
 from unmerge.errors import CheckpointError, UnmergeError
 from unmerge.io import sha256_file, write_atomic
-from unmerge.train.rng import step_generator
+from unmerge.train.rng import draw_rows, step_generator
 
 MANIFEST_FILE = "manifest.json"
 _VERSION = 1
@@ -357,6 +357,6 @@ class ActivationCache:
             )
 
         def sample(size: int, generator: torch.Generator) -> Tensor:
-            return activations[torch.randint(activations.shape[0], (size,), generator=generator)]
+            return draw_rows(activations, size, generator)
 
         return ActivationSource(name=name, dim=self.dim, sample=sample)

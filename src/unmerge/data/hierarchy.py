@@ -31,16 +31,17 @@ def hierarchy_source(config: HierarchyConfig) -> ActivationSource:
     directions = torch.linalg.qr(gaussian).Q.float()
 
     def sample_with_coefficients(batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        parent = torch.rand(batch_size, n_parents, generator=generator) < config.parent_probability
-        with_child = parent & (torch.rand(batch_size, n_parents, generator=generator) < config.child_probability)
-        which = torch.randint(n_children, (batch_size, n_parents, 1), generator=generator)
-        child = with_child[..., None] & (torch.arange(n_children) == which)
-        independent = torch.rand(batch_size, config.n_independent, generator=generator) < config.independent_probability
+        on = {"generator": generator, "device": generator.device}
+        parent = torch.rand(batch_size, n_parents, **on) < config.parent_probability
+        with_child = parent & (torch.rand(batch_size, n_parents, **on) < config.child_probability)
+        which = torch.randint(n_children, (batch_size, n_parents, 1), **on)
+        child = with_child[..., None] & (torch.arange(n_children, device=generator.device) == which)
+        independent = torch.rand(batch_size, config.n_independent, **on) < config.independent_probability
         active = torch.cat([parent, child.flatten(1), independent], dim=1)
         spread = config.magnitude_spread
-        magnitudes = 1 - spread + 2 * spread * torch.rand(batch_size, n, generator=generator)
+        magnitudes = 1 - spread + 2 * spread * torch.rand(batch_size, n, **on)
         coefficients = magnitudes * active
-        return coefficients @ directions, coefficients
+        return coefficients @ directions.to(generator.device), coefficients
 
     return ActivationSource(
         name=f"hierarchy-{n_parents}x{n_children}+{config.n_independent}",

@@ -41,14 +41,15 @@ def sparse_feature_source(config: SparseFeaturesConfig) -> ActivationSource:
     normal = torch.distributions.Normal(0.0, 1.0)
 
     def sample_with_coefficients(batch_size: int, batch_generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        device = batch_generator.device
         if factor is None:
-            uniform = torch.rand(batch_size, config.n_features, generator=batch_generator)
+            uniform = torch.rand(batch_size, config.n_features, generator=batch_generator, device=device)
         else:
-            latent = torch.randn(batch_size, factor.shape[1], generator=batch_generator) @ factor.T
-            uniform = normal.cdf(latent)
-        active = uniform < probabilities
-        coefficients = torch.rand(batch_size, config.n_features, generator=batch_generator) * active
-        return coefficients @ directions, coefficients
+            latent = torch.randn(batch_size, factor.shape[1], generator=batch_generator, device=device)
+            uniform = normal.cdf(latent @ factor.T.to(device))
+        active = uniform < probabilities.to(device)
+        coefficients = torch.rand(batch_size, config.n_features, generator=batch_generator, device=device) * active
+        return coefficients @ directions.to(device), coefficients
 
     return ActivationSource(
         name=f"sparse-features-{config.n_features}-{config.dim}",

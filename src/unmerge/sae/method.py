@@ -17,6 +17,7 @@ from unmerge.metrics import dictionary as scores
 from unmerge.sae.arch import build_dictionary
 from unmerge.sae.dictionary import LossInputs, squared_error
 from unmerge.sae.penalties import sparsity_penalty
+from unmerge.train import distributed
 from unmerge.train.loop import StepOutput
 from unmerge.train.rng import step_generator
 
@@ -102,6 +103,17 @@ class DictionaryMethod:
         if config.unit_norm_decoder:
             self.module.W_d.register_hook(self._tangent_gradient)
 
+    @property
+    def device(self) -> torch.device:
+        return self.module.W_d.device
+
+    def to(self, device: torch.device) -> None:
+        self.module.to(device)
+
+    def _generator(self, stream: str, step: int = 0) -> torch.Generator:
+        """A generator of this dictionary's seed on its device (the same on every rank)."""
+        return step_generator(self.seed, stream, step, device=self.device)
+
     def _tangent_gradient(self, grad: Tensor) -> Tensor:
         """Drop the part of each decoder row's gradient along the row: with rows renormalised after every step,
         that part would only change a norm that is then undone (and would skew Adam's moments)."""
@@ -113,7 +125,7 @@ class DictionaryMethod:
         optionally, the atoms from data samples; the encoder starts as the decoder's transpose (a transcoder's
         as the same samples' normalised inputs)."""
         config, module = self.config, self.module
-        sample = self.source.sample(INIT_SAMPLES, step_generator(self.seed, "dictionary-init"))
+        sample = self.source.sample(INIT_SAMPLES, self._generator("dictionary-init"))
         check_activations(sample, self.source.row_width)
         x, target = self.source.split(sample)
         with torch.no_grad():
@@ -133,8 +145,9 @@ class DictionaryMethod:
                         "every initialisation sample equals the decoder bias, so no atom can be taken "
                         "from data; use method.init=random"
                     )
-                order = torch.randperm(usable.numel(), generator=step_generator(self.seed, "atoms"))
-                rows = usable[order[torch.arange(config.width) % usable.numel()]]
+                generator = self._generator("atoms")
+                order = torch.randperm(usable.numel(), generator=generator, device=generator.device)
+                rows = usable[order[torch.arange(config.width, device=order.device) % usable.numel()]]
                 module.W_d.copy_(F.normalize(centred[rows], dim=1) * config.init_decoder_norm)
                 encoder = F.normalize(x[rows], dim=1) * config.init_decoder_norm if module.transcoder else module.W_d
                 module.W_e.copy_(encoder.T)
@@ -184,8 +197,9 @@ class DictionaryMethod:
 
     @torch.no_grad()
     def _track_firing(self, f: Tensor) -> None:
-        fired = f.detach().amax(0) > 0  # latents are never negative; faster than (f != 0).any(0)
-        self.module.samples_since_fired.add_(f.shape[0]).masked_fill_(fired, 0)
+        """Count samples since each latent last fired, over the global batch (all ranks)."""
+        fired = distributed.any_across_ranks(f.detach().amax(0) > 0)  # latents are never negative
+        self.module.samples_since_fired.add_(f.shape[0] * distributed.world_size()).masked_fill_(fired, 0)
 
     @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -215,7 +229,7 @@ class DictionaryMethod:
             dead = dead | scores.later_duplicates(module.W_d)
         if not bool(dead.any()) and not config.resample_misaligned:
             return 0
-        generator = step_generator(self.seed, "resample", int(module.step))
+        generator = self._generator("resample", int(module.step))
         inputs, targets = self.source.split(self.source.sample(config.resample_samples, generator))
         x = module.normalise(inputs)
         module.eval()
@@ -233,7 +247,7 @@ class DictionaryMethod:
         chosen = torch.multinomial(weights, rows.numel(), replacement=rows.numel() > x.shape[0], generator=generator)
         atoms = F.normalize(residual[chosen], dim=1)
         encoder = F.normalize(x[chosen], dim=1) if module.transcoder else atoms
-        live_norm = module.W_e[:, ~dead].norm(dim=0).mean() if bool((~dead).any()) else torch.tensor(1.0)
+        live_norm = module.W_e[:, ~dead].norm(dim=0).mean() if bool((~dead).any()) else module.W_e.new_tensor(1.0)
         module.W_d[rows] = atoms
         module.W_e[:, rows] = encoder.T * (config.resample_encoder_norm * live_norm)
         module.b_e[rows] = 0.0
@@ -250,14 +264,14 @@ class DictionaryMethod:
     def latent_density(self) -> Tensor:
         """(width,): the fraction of the fixed evaluation batch on which each latent fires."""
         self.module.eval()
-        x, _ = self.source.split(self.source.sample(self.eval_batch_size, step_generator(self.seed, "eval")))
+        x, _ = self.source.split(self.source.sample(self.eval_batch_size, self._generator("eval")))
         return (self.module(x)[1] > 0).float().mean(0)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Reconstruction, sparsity and (for sources with known features) recovery on a fixed evaluation batch."""
         self.module.eval()
-        generator = step_generator(self.seed, "eval")
+        generator = self._generator("eval")
         if self.source.sample_with_coefficients is not None:
             batch, coefficients = self.source.sample_with_coefficients(self.eval_batch_size, generator)
         else:
@@ -277,7 +291,7 @@ class DictionaryMethod:
             "duplicate_latents": float(scores.duplicate_latents(module.W_d)),
         }
         if self.source.true_features is not None:
-            cosines = scores.cosine_matrix(self.source.true_features, module.W_d)
+            cosines = scores.cosine_matrix(self.source.true_features.to(self.device), module.W_d)
             results |= {
                 "recall_mmcs": scores.recall_mmcs(cosines),
                 "precision_mmcs": scores.precision_mmcs(cosines),
@@ -295,17 +309,20 @@ class DictionaryMethod:
                     results["fvu_refit"] = scores.fvu(target, module.decode(refitted, x_normalised) / scale)
                     results["shrinkage_refit"] = scores.shrinkage(coefficients, refitted / scale, cosines, norms)
                 if self.source.parents is not None:
-                    results["parent_recall"] = scores.parent_recall(coefficients, f, cosines, self.source.parents)
-                    results["absorption"] = scores.absorption(coefficients, f, cosines, self.source.parents)
+                    parents = self.source.parents.to(self.device)
+                    results["parent_recall"] = scores.parent_recall(coefficients, f, cosines, parents)
+                    results["absorption"] = scores.absorption(coefficients, f, cosines, parents)
         if self.extra_evaluation is not None:
             results |= self.extra_evaluation(self.reconstruct)
         module.train()
         return results
 
     def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(x̂, latents) in the source's own units, for evaluations outside the training batch."""
-        reconstruction, normalised_latents, _ = self.module(x)
-        return reconstruction, normalised_latents / self.module.target_scale()
+        """(x̂, latents) in the source's own units and on x's device, for evaluations outside the training batch
+        (a language model's spliced-in evaluation runs where the model is)."""
+        reconstruction, normalised_latents, _ = self.module(x.to(self.device))
+        latents = normalised_latents / self.module.target_scale()
+        return reconstruction.to(x.device), latents.to(x.device)
 
 
 def check_activations(x: Tensor, dim: int) -> None:

@@ -108,7 +108,8 @@ class ScalarMLPCI(nn.Module):
 
 def causal_importances(functions: list[ScalarMLPCI], inner: list[Tensor], c_kernel: bool) -> Tensor:
     """Pre-sigmoid γ of every site's subcomponents from their inner activations `h = a Vᵀ`, concatenated along
-    the last axis in the given order, in one call (the C kernel's with `c_kernel`, else torch's)."""
-    h = torch.cat(inner, dim=-1)
+    the last axis in the given order, in one call (the C kernel's with `c_kernel`, else torch's). γ is computed in
+    fp32 from bf16 inner activations too: these are elementwise ops, where bf16 saves nothing but precision."""
+    h = torch.cat(inner, dim=-1).float()
     params = [torch.cat([getattr(f, name) for f in functions]) for name in ("w1", "b1", "w2", "b2")]
     return (scalar_mlp_ci if c_kernel else scalar_mlp_ci_reference)(h, *params)

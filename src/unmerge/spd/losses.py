@@ -59,8 +59,9 @@ def stochastic_masks(lower_importance: Tensor, generator: torch.Generator, c_ker
 
     r comes from a counter-based hash keyed by two words drawn from `generator`: with `c_kernel` the C kernel
     computes it in the same pass as the mask (and recomputes it for the gradient); torch draws the same r."""
-    k0, k1 = (int(k) for k in torch.randint(0, 2**32, (2,), generator=generator))
+    k0, k1 = (int(k) for k in torch.randint(0, 2**32, (2,), generator=generator, device=generator.device).tolist())
     if c_kernel and fused_kernel_serves(lower_importance):
         return fused_stochastic_masks(lower_importance, (k0, k1))
-    r = counter_uniform_reference(lower_importance.shape, (k0, k1)).to(lower_importance.dtype)
+    r = counter_uniform_reference(lower_importance.shape, (k0, k1), lower_importance.device)
+    r = r.to(lower_importance.dtype)
     return lower_importance + (1 - lower_importance) * r

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from unmerge import metrics
 from unmerge.config import SPDConfig
@@ -15,6 +15,7 @@ from unmerge.spd.components import leaky_hard_sigmoids, uses_c_kernel
 from unmerge.spd.model import CleanPass, ComponentModel
 from unmerge.targets.base import Target
 from unmerge.targets.language import CausalLM
+from unmerge.train.devices import device_of
 from unmerge.train.loop import StepOutput
 from unmerge.train.rng import step_generator
 
@@ -32,14 +33,6 @@ class Importances:
     def clipped(self) -> dict[str, Tensor]:
         """CI in [0, 1] per site, for metrics: the sigmoids' leaks exist for gradients, not for reading."""
         return {name: g.clamp(0.0, 1.0) for name, g in self.lower.items()}
-
-
-def device_of(model: nn.Module) -> torch.device:
-    """Where a model's weights live (the CPU for a model without any)."""
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 class SPD:
@@ -74,6 +67,15 @@ class SPD:
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """SPD's parameters are unconstrained."""
 
+    @property
+    def device(self) -> torch.device:
+        return device_of(self.model)
+
+    def to(self, device: torch.device) -> None:
+        """Move the target and the decomposition; the C kernel serves CPU runs only."""
+        self.model.to(device)
+        self.model.c_kernel = uses_c_kernel(self.config.ci_kernel, device)
+
     def importances(self, clean: CleanPass) -> Importances:
         inner = self.model.inner_acts(clean)
         gamma = self.model.causal_importance(inner)
@@ -102,7 +104,7 @@ class SPD:
         close to the worst partial ablation the CI permits. Gradients flow through g as for stochastic masks."""
         g = ci.lower_all.detach()
         fixed = replace(ci, inner={name: h.detach() for name, h in ci.inner.items()})
-        r = torch.rand(g.shape, generator=generator, dtype=g.dtype)
+        r = torch.rand(g.shape, generator=generator, dtype=g.dtype, device=g.device)
         for _ in range(self.config.adversarial_steps):
             r.requires_grad_(True)
             with torch.enable_grad():
@@ -157,10 +159,10 @@ class SPD:
     def one_hot_importance(self) -> dict[str, Tensor]:
         """CI in [0, 1] per site on one input per feature."""
         with torch.no_grad():
-            return self.importances(self.model.clean_pass(self.target.one_hot_inputs())).clipped()
+            return self.importances(self.model.clean_pass(self.target.one_hot_inputs(self.device))).clipped()
 
     def evaluation_batch(self) -> Tensor:
-        return self.target.sample_inputs(self.eval_batch_size, step_generator(self.seed, "eval"))
+        return self.target.sample_inputs(self.eval_batch_size, step_generator(self.seed, "eval", device=self.device))
 
     def evaluation_importance(self) -> dict[str, Tensor]:
         """CI in [0, 1] per site on the fixed evaluation batch."""
@@ -173,7 +175,7 @@ class SPD:
         x = self.evaluation_batch()
         clean = self.model.clean_pass(x)
         ci = self.importances(clean)
-        masks = self.stochastic_masks(ci, step_generator(self.seed, "eval-masks"))
+        masks = self.stochastic_masks(ci, step_generator(self.seed, "eval-masks", device=self.device))
         ones = {name: torch.ones_like(g) for name, g in ci.lower.items()}
         weights = [self.model.target_weight(name) for name in self.model.site_names]
         weight_mean_square = sum(float(w.square().sum()) for w in weights) / sum(w.numel() for w in weights)
@@ -187,7 +189,8 @@ class SPD:
         ci_masked = self.model.masked_pass(x, ci.lower, clean, ci.inner)
         results["ci_masked_recon"] = float(losses.output_divergence(ci_masked, clean.output, self.config.output_loss))
         if self.config.adversarial_steps:
-            adversarial = self.adversarial_masks(x, clean, ci, step_generator(self.seed, "eval-adversarial"))
+            generator = step_generator(self.seed, "eval-adversarial", device=self.device)
+            adversarial = self.adversarial_masks(x, clean, ci, generator)
             results["adversarial_recon"] = float(self._divergence(x, adversarial, clean, ci))
         if isinstance(self.target.model, CausalLM):
             results |= self.next_token_losses(x, clean.output, ci_masked)
@@ -221,7 +224,8 @@ class SPD:
             if name not in self.model.site_C:
                 continue
             components = self.model.site_components(name)
-            recovery = metrics.feature_recovery(self.model.target_weight(name), components.U, components.V, axis)
+            W, U, V = (t.detach().cpu() for t in (self.model.target_weight(name), components.U, components.V))
+            recovery = metrics.feature_recovery(W, U, V, axis)
             recoveries.append(recovery)
             results |= {
                 f"mmcs/{name}": recovery.mmcs,
@@ -236,12 +240,12 @@ class SPD:
         errors = 0
         for group, sites in truth.feature_sites.items():
             if all(site in one_hot for site in sites):
-                count = metrics.identity_pattern_errors(torch.cat([one_hot[s] for s in sites], dim=-1))
+                count = metrics.identity_pattern_errors(torch.cat([one_hot[s] for s in sites], dim=-1).cpu())
                 results[f"ci_pattern_errors/{group}"] = count
                 errors += count
         for group, (sites, rank) in truth.dense_sites.items():
             if all(site in one_hot for site in sites):
-                count = metrics.dense_pattern_errors(torch.cat([one_hot[s] for s in sites], dim=-1), rank)
+                count = metrics.dense_pattern_errors(torch.cat([one_hot[s] for s in sites], dim=-1).cpu(), rank)
                 results[f"ci_pattern_errors/{group}"] = count
                 errors += count
         results["ci_pattern_errors"] = errors

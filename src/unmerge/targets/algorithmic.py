@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unmerge.config import MaxOfKConfig, ModularAdditionConfig
-from unmerge.train.rng import step_generator
+from unmerge.train.rng import draw_rows, step_generator
 
 EVAL_CHUNK = 65_536
 
@@ -81,7 +81,7 @@ def max_of_k_model(config: MaxOfKConfig) -> OneLayerTransformer:
 
 def max_of_k_inputs(config: MaxOfKConfig, batch_size: int, generator: torch.Generator) -> Tensor:
     """Uniform random tokens."""
-    return torch.randint(config.d_vocab, (batch_size, config.n_ctx), generator=generator)
+    return torch.randint(config.d_vocab, (batch_size, config.n_ctx), generator=generator, device=generator.device)
 
 
 def max_of_k_loss(model: nn.Module, ids: Tensor) -> Tensor:
@@ -139,8 +139,8 @@ def modular_addition_inputs(config: ModularAdditionConfig, batch_size: int, gene
     """The whole training set when `batch_size` covers it (full-batch training), else a uniform draw from it."""
     train, _ = modular_addition_split(config)
     if batch_size >= train.shape[0]:
-        return train
-    return train[torch.randint(train.shape[0], (batch_size,), generator=generator)]
+        return train.to(generator.device)
+    return draw_rows(train, batch_size, generator)
 
 
 def modular_addition_labels(ids: Tensor, p: int) -> Tensor:

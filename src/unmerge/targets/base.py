@@ -43,18 +43,19 @@ class Target:
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
 
-    def one_hot_inputs(self) -> Tensor:
-        """One input per feature with only that feature active (value from the ground truth)."""
+    def one_hot_inputs(self, device: torch.device | str = "cpu") -> Tensor:
+        """One input per feature with only that feature active (value from the ground truth), on `device`."""
         if self.ground_truth is None:
             raise ValueError(f"target {self.name} has no ground truth, so no one-hot inputs")
         truth = self.ground_truth
-        return torch.eye(truth.n_features) * truth.one_hot_value
+        return torch.eye(truth.n_features, device=device) * truth.one_hot_value
 
 
 def sparse_uniform(
     batch_size: int, n_features: int, probability: float, low: float, high: float, generator: torch.Generator
 ) -> Tensor:
     """Each feature independently active with `probability`, its value drawn from U[low, high], else 0."""
-    active = torch.rand(batch_size, n_features, generator=generator) < probability
-    values = torch.rand(batch_size, n_features, generator=generator) * (high - low) + low
-    return torch.where(active, values, torch.zeros(()))
+    device = generator.device
+    active = torch.rand(batch_size, n_features, generator=generator, device=device) < probability
+    values = torch.rand(batch_size, n_features, generator=generator, device=device) * (high - low) + low
+    return torch.where(active, values, torch.zeros((), device=device))

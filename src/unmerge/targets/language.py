@@ -64,7 +64,7 @@ class LanguageModel(nn.Module):
         """True where the token is not special (BOS, EOS, padding), judged by id."""
         if not self.special_ids:
             return torch.ones_like(ids, dtype=torch.bool)
-        return ~torch.isin(ids, torch.tensor(self.special_ids, dtype=ids.dtype))
+        return ~torch.isin(ids, torch.tensor(self.special_ids, dtype=ids.dtype, device=ids.device))
 
 
 class CausalLM(LanguageModel):

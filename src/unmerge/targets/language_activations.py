@@ -16,12 +16,15 @@ from torch import Tensor, nn
 
 from unmerge.config import LanguageActivationsConfig
 from unmerge.data.activation_cache import ActivationCache, build_activation_cache
+from unmerge.data.cache_stream import StreamedCache
 from unmerge.data.source import ActivationSource, Sampler
 from unmerge.io import cache_root
 from unmerge.targets.activations import capture_module, find_module
 from unmerge.targets.language import LanguageModel
 from unmerge.targets.language_data import LanguageData, language_data
-from unmerge.train.rng import step_generator
+from unmerge.train import distributed
+from unmerge.train.devices import device_of
+from unmerge.train.rng import draw_rows, step_generator
 
 
 @dataclass(frozen=True)
@@ -56,28 +59,40 @@ def cache_settings_digest(config: LanguageActivationsConfig) -> str:
 
 
 def _recorder(lm: LanguageModel, module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """Windows → the module's output, computed where the model is and returned where the windows were."""
+
     def record(windows: Tensor) -> Tensor:
-        return capture_module(lm, module, windows, lm.name)[1]
+        return capture_module(lm, module, windows.to(device_of(lm)), lm.name)[1].to(windows.device)
 
     return record
 
 
 def activation_cache(config: LanguageActivationsConfig, data: LanguageData, module: nn.Module) -> ActivationCache:
     """The activation cache of `config`, built (or resumed, or opened) from a seeded choice of training
-    windows holding at least `cache_tokens` ordinary tokens."""
+    windows holding at least `cache_tokens` ordinary tokens. The model records on the device it is on. Under
+    torchrun rank 0 builds the cache while the other ranks wait, then they open it."""
     directory = activation_cache_dir(config)
     count = min(math.ceil(config.cache_tokens / data.tokens_per_window), data.train_windows.shape[0])
     chosen = torch.randperm(data.train_windows.shape[0], generator=step_generator(0, "cache-windows"))[:count]
-    return build_activation_cache(
-        directory,
-        data.train_windows[chosen.sort().values],
-        _recorder(data.lm, module),
-        data.lm.ordinary_positions,
-        shard_tokens=config.shard_tokens,
-        batch_sequences=config.record_batch,
-        dtype=getattr(torch, config.cache_dtype),
-        description=cache_settings(config),
-    )
+
+    def build() -> ActivationCache:
+        return build_activation_cache(
+            directory,
+            data.train_windows[chosen.sort().values],
+            _recorder(data.lm, module),
+            data.lm.ordinary_positions,
+            shard_tokens=config.shard_tokens,
+            batch_sequences=config.record_batch,
+            dtype=getattr(torch, config.cache_dtype),
+            description=cache_settings(config),
+        )
+
+    if distributed.is_main_process():
+        cache = build()
+        distributed.barrier()
+        return cache
+    distributed.barrier()
+    return build()
 
 
 def _live_sampler(data: LanguageData, module: nn.Module, record_batch: int) -> Sampler:
@@ -87,10 +102,8 @@ def _live_sampler(data: LanguageData, module: nn.Module, record_batch: int) -> S
     def sample(size: int, generator: torch.Generator) -> Tensor:
         rows, have = [], 0
         while have < size:
-            windows = data.train_windows[
-                torch.randint(data.train_windows.shape[0], (record_batch,), generator=generator)
-            ]
-            kept = record(windows)[data.lm.ordinary_positions(windows)]
+            windows = draw_rows(data.train_windows, record_batch, generator).to(device_of(data.lm))
+            kept = record(windows)[data.lm.ordinary_positions(windows)].to(generator.device)
             rows.append(kept)
             have += kept.shape[0]
         return torch.cat(rows)[:size]
@@ -104,16 +117,20 @@ def hook_point(config: LanguageActivationsConfig) -> tuple[LanguageData, nn.Modu
     return data, find_module(data.lm, config.hook, data.lm.name)
 
 
-def language_activations(config: LanguageActivationsConfig) -> LanguageActivations:
+def language_activations(config: LanguageActivationsConfig, seed: int = 0) -> LanguageActivations:
     """Activations of the configured model at `hook` on the training windows, cached (built or resumed on first
-    use) or recorded live."""
+    use; read into memory, or streamed from disk with `stream_shards`, its epochs shuffled by `seed`) or recorded
+    live."""
     data, module = hook_point(config)
     if config.cache_tokens is None:
         sample = _live_sampler(data, module, config.record_batch)
         dim = int(_recorder(data.lm, module)(data.train_windows[:1]).shape[-1])
     else:
         cache = activation_cache(config, data, module)
-        sample, dim = cache.source(config.hook).sample, cache.dim
+        if config.stream_shards is None:
+            sample, dim = cache.source(config.hook).sample, cache.dim
+        else:
+            sample, dim = StreamedCache(cache, seed, config.stream_shards), cache.dim
     return LanguageActivations(
         data, module, ActivationSource(name=f"{data.lm.name}/{config.hook}", dim=dim, sample=sample)
     )

@@ -26,7 +26,7 @@ from unmerge.targets.activations import capture_module, find_module
 from unmerge.targets.base import Target
 from unmerge.targets.language import LanguageModel, LoadedModel, from_module, load_language_model
 from unmerge.targets.small_lm import load_small_lm, save_small_lm, train_small_lm
-from unmerge.train.rng import step_generator
+from unmerge.train.rng import draw_rows, step_generator
 
 REPORT_TOKENS = 2_048  # held-out tokens behind a report's list of latents or subcomponents (snippets, effects)
 TRAINING_FILE = "training.json"  # a cached small LM's training summary, written last
@@ -55,7 +55,7 @@ class LanguageData:
         windows = self.train_windows
 
         def sample(batch_size: int, generator: torch.Generator) -> Tensor:
-            return windows[torch.randint(windows.shape[0], (batch_size,), generator=generator)]
+            return draw_rows(windows, batch_size, generator)
 
         return Target(name=self.lm.name, model=self.lm, sample_inputs=sample)
 
@@ -159,6 +159,6 @@ def language_target(config: LanguageTargetConfig, record_batch: int = 32) -> Tar
     inputs = _module_inputs(data, module, config.module_tokens, record_batch)
 
     def sample(batch_size: int, generator: torch.Generator) -> Tensor:
-        return inputs[torch.randint(inputs.shape[0], (batch_size,), generator=generator)]
+        return draw_rows(inputs, batch_size, generator)
 
     return Target(name=f"{data.lm.name}/{config.module}", model=module, sample_inputs=sample)

@@ -21,7 +21,7 @@ from unmerge.errors import CheckpointError
 from unmerge.io import save_tensors_atomic
 from unmerge.metrics import language
 from unmerge.train.loop import ModelTraining, train
-from unmerge.train.rng import derive_seed
+from unmerge.train.rng import derive_seed, draw_rows
 
 MODEL_FILE = "model.safetensors"
 INIT_STD = 0.02
@@ -140,9 +140,7 @@ def train_small_lm(
         model = SmallLM(config, vocab_size, train_windows.shape[1])
     result = train(
         ModelTraining(model, lambda m, batch: next_token_loss(m, batch, ignore_ids)),
-        lambda batch_size, generator: train_windows[
-            torch.randint(train_windows.shape[0], (batch_size,), generator=generator)
-        ],
+        lambda batch_size, generator: draw_rows(train_windows, batch_size, generator),
         config.train,
         description=f"train small LM ({config.n_layers} layers, d_model {config.d_model})",
     )

@@ -29,6 +29,7 @@ from unmerge.errors import CheckpointError
 from unmerge.io import cache_root, save_tensors_atomic, write_atomic, write_json_atomic
 from unmerge.targets import algorithmic, resid_mlp, tms
 from unmerge.targets.base import GroundTruth, Target
+from unmerge.train import distributed
 from unmerge.train.loop import ModelTraining, train
 from unmerge.train.rng import derive_seed
 
@@ -165,8 +166,9 @@ def train_and_save_target(config: TargetConfig, directory: Path) -> tuple[Target
     """Train the target into `directory` (resuming an interrupted training there), then save it and its task
     score; the checkpoints stay beside it with the training log."""
     target, loss = train_target(config, run_dir=directory)
-    save_target(target, config, directory)
-    save_task_metrics(config, target.model, directory)
+    if distributed.is_main_process():  # under torchrun every rank trains it (data-parallel), rank 0 saves it
+        save_target(target, config, directory)
+        save_task_metrics(config, target.model, directory)
     return target, loss
 
 

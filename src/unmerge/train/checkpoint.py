@@ -107,7 +107,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], state:
     staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
     try:
         weights = staging / WEIGHTS_FILE
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(weights))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(weights))
         with weights.open("rb") as handle:
             os.fsync(handle.fileno())
         full_state = {**state, "step": step, "format": FORMAT, "weights_sha256": sha256_file(weights)}

@@ -1,13 +1,22 @@
-"""Rank awareness: the loop asks these helpers, so torch data-parallel training needs no restructuring.
+"""Data-parallel training on torch.distributed: starting the process group under torchrun, and the few collectives
+the loop and the methods need. Without a process group every helper is the single-process identity.
 
-Without an initialised process group every helper is the single-process identity.
+A step's global batch (`train.batch_size`) is split over the ranks; each rank computes its part's loss, gradients
+are averaged (one flat all-reduce), so every rank applies the same update to the same weights. Statistics a method
+keeps between steps (dictionary firing counters, BatchTopK's threshold) are reduced too, so ranks never drift.
 """
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from unmerge.errors import ConfigError
+from unmerge.train.devices import resolve_device
 
 
 def is_distributed() -> bool:
@@ -25,6 +34,40 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """Only rank 0 writes files and shows progress."""
     return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start(device_name: str) -> torch.device:
+    """Resolve the run's device and, when torchrun started several processes, join their process group (NCCL on
+    CUDA, gloo on the CPU); idempotent. Returns the device this rank runs on."""
+    device = resolve_device(device_name)
+    if launched_by_torchrun() and not is_distributed():
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"data-parallel training runs on cpu or cuda, not {device.type}; set train.device")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    return device
+
+
+def stop() -> None:
+    """Leave the process group (if any) after the last collective."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    """Where small reductions run: NCCL reduces on the process's card, gloo on the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def average_gradients(parameters: list[nn.Parameter]) -> None:
@@ -45,6 +88,24 @@ def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     """Average scalar metrics across ranks (every rank must pass the same keys in the same order)."""
     if not is_distributed() or not values:
         return values
-    stacked: Tensor = torch.tensor(list(values.values()), dtype=torch.float64)
+    stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=_collective_device())
     dist.all_reduce(stacked)
     return dict(zip(values, (stacked / world_size()).tolist(), strict=True))
+
+
+def mean_tensor(tensor: Tensor) -> Tensor:
+    """The elementwise mean of `tensor` over ranks (a new tensor; the input itself when not distributed)."""
+    if not is_distributed():
+        return tensor
+    reduced = tensor.detach().to(_collective_device(), copy=True)
+    dist.all_reduce(reduced)
+    return (reduced / world_size()).to(tensor.device)
+
+
+def any_across_ranks(mask: Tensor) -> Tensor:
+    """Elementwise OR of a boolean tensor over ranks."""
+    if not is_distributed():
+        return mask
+    reduced = mask.to(_collective_device(), torch.uint8)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return reduced.to(mask.device, torch.bool)

@@ -3,8 +3,13 @@
 A method is anything with a `module` (the learned state to checkpoint), a `before_training()` hook for a fresh
 start, a `training_loss(batch, generator)`, an `after_step(optimizer)` hook and an `evaluate()`. Each step is named
 up front: draw the batch, compute the loss, check it is finite, step the optimiser; then log, evaluate and
-checkpoint when their cadence says so. Data and noise come from counter-based generators (`rng.step_generator`),
-so a resumed run is bitwise identical to an uninterrupted one.
+checkpoint when their cadence says so. Data and noise come from counter-based generators (`rng.step_generator`)
+on the run's device, so a resumed run is bitwise identical to an uninterrupted one.
+
+Under torchrun the global batch (`train.batch_size`) is split over the ranks: every rank draws the same global
+batch (the data stream does not depend on the rank) and keeps its own slice, or reads only its slice from a
+`PartSampler` (a streamed activation cache); mask noise is drawn per rank. With `train.precision: bf16` the loss is
+computed under bf16 autocast and returned in fp32; weights and optimiser state stay fp32.
 """
 
 from __future__ import annotations
@@ -13,16 +18,18 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from unmerge.config import OptimConfig, TrainConfig
-from unmerge.errors import NonFiniteLossError
+from unmerge.errors import CheckpointError, ConfigError, NonFiniteLossError
 from unmerge.runs import EVAL_LOG, TRAIN_LOG
 from unmerge.train import checkpoint, distributed
+from unmerge.train.devices import autocast
+from unmerge.train.loggers import ScalarLoggers
 from unmerge.train.memory import keep_freed_memory
 from unmerge.train.rng import step_generator
 from unmerge.train.schedule import learning_rate
@@ -39,6 +46,9 @@ class StepOutput:
 class Method(Protocol):
     module: nn.Module
 
+    def to(self, device: torch.device) -> None:
+        """Move everything the method computes with (its module, and a target it runs) to `device`."""
+
     def before_training(self) -> None:
         """Called once when a run starts from step 0 (not on resume), before the first optimiser step."""
 
@@ -52,6 +62,15 @@ class Method(Protocol):
 
 
 BatchSampler = Callable[[int, torch.Generator], Tensor]
+
+
+@runtime_checkable
+class PartSampler(Protocol):
+    """A sampler that can read one rank's slice of a step's global batch without the rest (a streamed cache)."""
+
+    def __call__(self, size: int, generator: torch.Generator) -> Tensor: ...
+
+    def part(self, step: int, global_size: int, rank: int, world: int) -> Tensor: ...
 
 
 @dataclass
@@ -77,6 +96,9 @@ class ModelTraining:
 
     def before_training(self) -> None:
         """Nothing to prepare: the model is initialised by its builder."""
+
+    def to(self, device: torch.device) -> None:
+        self.module.to(device)
 
     def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
         return StepOutput(loss=self.loss(self.module, batch))
@@ -110,11 +132,41 @@ def _truncate_log(path: Path, after_step: int) -> None:
 
 
 def _resume(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Load the newest checkpoint into module and optimiser; return its step (0 if none)."""
+    """Load the newest checkpoint into module and optimiser; return its step (0 if none). A run resumes on as
+    many processes as it was trained on: each rank's mask noise is its own stream, so another count would give a
+    different run."""
     saved = checkpoint.checkpoint_dirs(run_dir)
     if not saved:
         return 0
-    return int(checkpoint.restore(saved[-1], module, optimizer)["step"])
+    state = checkpoint.restore(saved[-1], module, optimizer)
+    trained_on, now = state.get("world_size", 1), distributed.world_size()
+    if trained_on != now:
+        raise CheckpointError(
+            f"{run_dir} was trained on {trained_on} process(es) and is resumed on {now}; resume it with "
+            f"torchrun --nproc-per-node {trained_on} (1: without torchrun), or start a new --out directory"
+        )
+    return int(state["step"])
+
+
+def _rank_batch(sample_batch: BatchSampler, step: int, global_size: int, generator: torch.Generator) -> Tensor:
+    """This rank's slice of step `step`'s global batch, on the generator's device."""
+    rank, world = distributed.rank(), distributed.world_size()
+    if isinstance(sample_batch, PartSampler):
+        return sample_batch.part(step, global_size, rank, world).to(generator.device)
+    batch = sample_batch(global_size, generator)
+    if world == 1:
+        return batch
+    size = global_size // world
+    return batch[rank * size : (rank + 1) * size]
+
+
+def _check_batch_split(batch_size: int) -> None:
+    world = distributed.world_size()
+    if batch_size % world:
+        raise ConfigError(
+            f"train.batch_size={batch_size} (the global batch) does not split evenly over {world} processes; "
+            f"choose a multiple of {world}"
+        )
 
 
 def _scalars(terms: dict[str, Tensor]) -> dict[str, float]:
@@ -130,12 +182,16 @@ def train(
 ) -> TrainResult:
     """Optimise `method.module` for `config.steps` steps, resuming from `run_dir`'s newest checkpoint if any."""
     keep_freed_memory()
+    device = distributed.start(config.device)
+    _check_batch_split(config.batch_size)
+    method.to(device)
     optimizer = make_optimizer(method.module, config.optim)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     rank, writes = distributed.rank(), run_dir is not None and distributed.is_main_process()
     start = _resume(run_dir, method.module, optimizer) if run_dir is not None else 0
     if start == 0:
         method.before_training()
+    loggers = ScalarLoggers(run_dir if writes else None, config.loggers, description)
     if writes:
         assert run_dir is not None
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -155,8 +211,10 @@ def train(
         lr = learning_rate(config.optim, step, config.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = sample_batch(config.batch_size, step_generator(config.seed, "data", step, rank))
-        output = method.training_loss(batch, step_generator(config.seed, "noise", step, rank))
+        batch = _rank_batch(sample_batch, step, config.batch_size, step_generator(config.seed, "data", step, 0, device))
+        with autocast(device, config.precision):
+            output = method.training_loss(batch, step_generator(config.seed, "noise", step, rank, device))
+        output = StepOutput(output.loss.float(), output.terms)
         if not torch.isfinite(output.loss):
             raise NonFiniteLossError(
                 f"the loss became {float(output.loss.detach())} at step {step} (terms: {_scalars(output.terms)}); "
@@ -175,12 +233,16 @@ def train(
             progress.set_postfix({k: f"{v:.3g}" for k, v in last_terms.items()}, refresh=False)
             if writes:
                 _append_jsonl(run_dir / TRAIN_LOG, {"step": done, "lr": lr, **last_terms})
+                loggers.log("train", done, {"lr": lr, **last_terms})
         if config.eval_every and done % config.eval_every == 0 and not is_last:
             metrics = distributed.mean_across_ranks(method.evaluate())
             if writes:
                 _append_jsonl(run_dir / EVAL_LOG, {"step": done, **metrics})
+                loggers.log("eval", done, metrics)
         if writes and (is_last or (config.checkpoint_every and done % config.checkpoint_every == 0)):
             tensors = checkpoint.checkpoint_tensors(method.module, optimizer)
-            checkpoint.save_checkpoint(run_dir, done, tensors, {"lr": lr}, keep=config.keep_checkpoints)
+            state = {"lr": lr, "world_size": distributed.world_size()}
+            checkpoint.save_checkpoint(run_dir, done, tensors, state, keep=config.keep_checkpoints)
     progress.close()
+    loggers.close()
     return TrainResult(steps=config.steps, resumed_from=start, last_terms=last_terms)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
+from torch import Tensor
 
 
 def derive_seed(seed: int, stream: str, step: int = 0, rank: int = 0) -> int:
@@ -17,6 +18,18 @@ def derive_seed(seed: int, stream: str, step: int = 0, rank: int = 0) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def step_generator(seed: int, stream: str, step: int = 0, rank: int = 0) -> torch.Generator:
-    """A CPU generator seeded for one stream ('data', 'noise', 'init', ...) at one step on one rank."""
-    return torch.Generator().manual_seed(derive_seed(seed, stream, step, rank))
+def step_generator(
+    seed: int, stream: str, step: int = 0, rank: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """A generator on `device` seeded for one stream ('data', 'noise', 'init', ...) at one step on one rank.
+
+    Code that draws from it creates its tensors on `generator.device`, so a step's random numbers are made where
+    the step runs. The same seed on the same device gives the same numbers; CPU and CUDA streams differ."""
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, stream, step, rank))
+
+
+def draw_rows(table: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """`size` rows of `table` drawn uniformly with replacement, on the generator's device (the table may stay on
+    the CPU: only the drawn rows move)."""
+    index = torch.randint(table.shape[0], (size,), generator=generator, device=generator.device)
+    return table[index.to(table.device)].to(generator.device)

@@ -314,10 +314,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def counter_uniform_reference(shape: torch.Size | tuple[int, ...], keys: tuple[int, int]) -> torch.Tensor:
+def counter_uniform_reference(
+    shape: torch.Size | tuple[int, ...], keys: tuple[int, int], device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """U[0, 1) float32 numbers of the counter-based hash, element i (row-major) = top 24 bits of
-    `mix(mix(i + k0) ^ k1)`: bit-identical to what the fused mask kernel draws."""
-    count = torch.arange(torch.Size(shape).numel(), dtype=torch.int64)
+    `mix(mix(i + k0) ^ k1)`: bit-identical to what the fused mask kernel draws, on any device."""
+    count = torch.arange(torch.Size(shape).numel(), dtype=torch.int64, device=device)
     words = _mix32(_mix32((count + keys[0]) & 0xFFFFFFFF) ^ keys[1])
     return ((words >> 8).to(torch.float32) * 2.0**-24).reshape(shape)
 

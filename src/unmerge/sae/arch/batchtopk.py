@@ -13,6 +13,7 @@ from unmerge.config import BatchTopKConfig
 from unmerge.sae import activations
 from unmerge.sae.arch.topk import TopKDictionary
 from unmerge.sae.dictionary import Dictionary
+from unmerge.train import distributed
 
 THRESHOLD_MOMENTUM = 0.99
 
@@ -47,6 +48,7 @@ class BatchTopKDictionary(TopKDictionary):
     def _update_threshold(self, smallest_kept: Tensor) -> None:
         """Running mean of the smallest kept activation: exponential with a bias correction, so early batches
         count fully and the result does not depend on the starting value."""
+        smallest_kept = distributed.mean_tensor(smallest_kept)  # every rank keeps the same threshold
         self.threshold_updates += 1
         weight = (1 - THRESHOLD_MOMENTUM) / (1 - THRESHOLD_MOMENTUM ** int(self.threshold_updates))
         self.inference_threshold.lerp_(smallest_kept, weight)

@@ -1,0 +1,122 @@
+"""Devices and precision without a GPU: every tensor a step creates is made on the batch's device (caught by making
+the meta device the default, so a tensor created without a device lands there and breaks the step), bf16 autocast
+keeps fp32 weights and losses, and `train.device` names a device that exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from unmerge import api
+from unmerge.config import TrainConfig
+from unmerge.errors import ConfigError
+from unmerge.sae.method import DictionaryMethod
+from unmerge.spd.method import SPD
+from unmerge.targets.resolve import run_target
+from unmerge.targets.sources import activation_source
+from unmerge.train.devices import autocast, resolve_device
+from unmerge.train.loop import Method, make_optimizer
+from unmerge.train.rng import step_generator
+
+from .conftest import TINY_TMS
+
+BATCH = 64
+
+
+def _steps_on_meta_default(method: Method, sample, steps: int = 2) -> None:
+    """Train `steps` steps and evaluate with the meta device as torch's default: anything a step creates without
+    naming a device is made on meta, which either fails or leaves a loss that is not a finite CPU number."""
+    optimizer = make_optimizer(method.module, api.load_run_config("tms-5-2").train.optim)
+    optimizer.step()  # the optimiser's own state is created here, outside the check
+    method.before_training()
+    with torch.device("meta"):
+        for step in range(steps):
+            batch = sample(BATCH, step_generator(0, "data", step))
+            assert batch.device.type == "cpu"
+            output = method.training_loss(batch, step_generator(0, "noise", step))
+            assert output.loss.device.type == "cpu" and bool(torch.isfinite(output.loss))
+            optimizer.zero_grad(set_to_none=True)
+            output.loss.backward()
+            optimizer.step()
+            method.after_step(optimizer)
+        metrics = method.evaluate()
+    assert metrics and all(isinstance(value, int | float) for value in metrics.values())
+    assert all(p.device.type == "cpu" for p in method.module.parameters())
+
+
+@pytest.mark.parametrize("ci_kernel", ["torch", "auto"])
+def test_an_spd_step_creates_nothing_off_the_batch_device(ci_kernel: str, tmp_path: Path) -> None:
+    config = api.load_run_config(
+        "tms-5-2",
+        [
+            *TINY_TMS,
+            f"method.ci_kernel={ci_kernel}",
+            "method.adversarial_steps=1",
+            "method.adversarial_recon_coeff=1",
+            "method.importance_frequency_coeff=0.1",
+            "train.eval_batch_size=128",
+        ],
+    )
+    target = run_target(config.target, tmp_path / "target")
+    spd = SPD(target, config.method, seed=0, eval_batch_size=128)
+    _steps_on_meta_default(spd, target.sample_inputs)
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [
+        ("sparse-512-relu-l1-resample", ["method.resample_every=1", "method.resample_duplicates=true"]),
+        ("sparse-512-topk", []),
+        ("sparse-512-topk", ["method.activation=batchtopk", "method.aux_k=null"]),
+        ("sparse-512-relu-l1", ["method.activation=jumprelu", "method.penalty.name=none"]),
+        ("sparse-512-relu-l1", ["method.activation=gated"]),
+        ("hierarchy-matryoshka", ["method.init=data"]),
+    ],
+)
+def test_a_dictionary_step_creates_nothing_off_the_batch_device(preset: str, overrides: list[str]) -> None:
+    config = api.load_dictionary_config(preset, ["method.width=64", *overrides])
+    source = activation_source(config.data)
+    method = DictionaryMethod(source, config.method, seed=0, total_steps=4, eval_batch_size=256)
+    _steps_on_meta_default(method, source.sample)
+
+
+def test_bf16_autocast_runs_matmuls_in_bf16_and_keeps_weights_and_loss_in_fp32(tmp_path: Path) -> None:
+    config = api.load_run_config("tms-5-2", TINY_TMS)
+    target = run_target(config.target, tmp_path / "target")
+    spd = SPD(target, config.method, seed=0)
+    batch = target.sample_inputs(BATCH, step_generator(0, "data"))
+    device = torch.device("cpu")
+    with autocast(device, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+        output = spd.training_loss(batch, step_generator(0, "noise"))
+    output.loss.float().backward()
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in spd.module.parameters())
+    fp32 = spd.training_loss(batch, step_generator(0, "noise")).loss
+    assert float(output.loss.detach()) == pytest.approx(float(fp32.detach()), rel=0.05)
+
+
+def test_a_device_that_is_not_here_is_a_config_error() -> None:
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="expected auto, cpu, cuda, cuda:N or mps"):
+        api.load_run_config("tms-5-2", ["train.device=gpu"])
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_where_a_run_executes_leaves_cached_target_keys_unchanged_unless_set() -> None:
+    plain = TrainConfig(steps=1, batch_size=2)
+    assert plain.digest() == "9c4b67f84449"  # the key this config had before device/precision/loggers existed
+    assert TrainConfig(steps=1, batch_size=2, device="auto", loggers=()).digest() == plain.digest()
+    assert TrainConfig(steps=1, batch_size=2, precision="bf16").digest() != plain.digest()
+
+
+def test_a_bf16_run_trains_and_resumes_like_fp32(tmp_path: Path) -> None:
+    config = api.load_run_config("tms-5-2", [*TINY_TMS, "train.precision=bf16"])
+    result = api.decompose(config, tmp_path / "bf16")
+    fp32 = api.decompose(api.load_run_config("tms-5-2", TINY_TMS), tmp_path / "fp32")
+    assert result.metrics["mmcs"] == pytest.approx(fp32.metrics["mmcs"], abs=0.02)
+    assert (tmp_path / "bf16" / "checkpoints").is_dir()
