@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import Tensor
 
+from unmerge.config import TrainConfig
 from unmerge.data.activation_cache import ActivationCache, build_activation_cache
 from unmerge.data.cache_stream import StreamedCache
-from unmerge.config import TrainConfig
 from unmerge.errors import UnmergeError
 from unmerge.train.loop import ModelTraining, train
 

@@ -4,17 +4,22 @@ keeps fp32 weights and losses, and `train.device` names a device that exists."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from unmerge import api
+from unmerge import api, cli
 from unmerge.config import TrainConfig
 from unmerge.errors import ConfigError
 from unmerge.sae.method import DictionaryMethod
 from unmerge.spd.method import SPD
-from unmerge.targets.resolve import run_target
+from unmerge.targets.resolve import run_target, untrained_target
 from unmerge.targets.sources import activation_source
 from unmerge.train.devices import autocast, resolve_device
 from unmerge.train.loop import Method, make_optimizer
@@ -120,3 +125,42 @@ def test_a_bf16_run_trains_and_resumes_like_fp32(tmp_path: Path) -> None:
     fp32 = api.decompose(api.load_run_config("tms-5-2", TINY_TMS), tmp_path / "fp32")
     assert result.metrics["mmcs"] == pytest.approx(fp32.metrics["mmcs"], abs=0.02)
     assert (tmp_path / "bf16" / "checkpoints").is_dir()
+
+
+def test_dry_run_prints_sites_parameters_and_memory_without_training(tmp_path: Path, capsys) -> None:
+    assert cli.main(["decompose", "resid-mlp-1", "--dry-run", "train.precision=bf16"]) == 0
+    printed = capsys.readouterr().out
+    config = api.load_run_config("resid-mlp-1")
+    spd = SPD(untrained_target(config.target), config.method, seed=0)
+    learned = sum(p.numel() for p in spd.module.parameters())
+    assert f"{learned:,}" in printed and "layers.0.mlp_in" in printed and "C=100, W 50×1000" in printed
+    assert "memory per device" in printed and "bf16" in printed
+    assert not list(Path(os.environ["UNMERGE_CACHE_DIR"]).glob("targets/resid-mlp-1*"))  # nothing trained
+    assert cli.main(["train-dictionary", "sparse-512-topk", "--dry-run", "method.width=1024"]) == 0
+    assert "256 → 1,024 latents" in capsys.readouterr().out
+    assert cli.main(["decompose", "tms-5-2"]) == 2
+    assert "--out is required" in capsys.readouterr().err
+
+
+def test_loggers_receive_the_training_log_scalars_from_rank_0(tmp_path: Path, monkeypatch) -> None:
+    """A stand-in wandb module records what the loop sends; TensorBoard is checked when it is installed."""
+    logged: list[tuple[int, dict]] = []
+
+    class Run:
+        def log(self, scalars: dict, step: int) -> None:
+            logged.append((step, scalars))
+
+        def finish(self) -> None:
+            logged.append((-1, {}))
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **settings: Run()))
+    config = api.load_run_config("tms-5-2", [*TINY_TMS, "train.loggers=[wandb]", "train.eval_every=20"])
+    api.decompose(config, tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    sent = {step: scalars for step, scalars in logged if "train/loss" in scalars}
+    assert [line["step"] for line in lines] == sorted(sent)
+    assert all(sent[line["step"]]["train/loss"] == line["loss"] for line in lines)
+    assert any("eval/faithfulness" in scalars for _, scalars in logged) and logged[-1] == (-1, {})
+    if importlib.util.find_spec("tensorboard") is None:  # not a test dependency: its absence is named
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
+            api.decompose(api.load_run_config("tms-5-2", [*TINY_TMS, "train.loggers=[tensorboard]"]), tmp_path / "t")

@@ -4,7 +4,6 @@ is refused."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from unmerge import api
+from unmerge.runs import read_metrics
 from unmerge.train.checkpoint import checkpoint_dirs, load_checkpoint
 
 from .conftest import TINY_TMS
@@ -33,12 +33,13 @@ def _command(ranks: int, *args: str) -> list[str]:
 
 def _run(ranks: int, *args: str) -> subprocess.CompletedProcess:
     result = subprocess.run(_command(ranks, *args), capture_output=True, text=True, timeout=300, env=os.environ)
-    assert result.returncode == 0, result.stderr[-3000:]
+    problems = [line for line in result.stderr.splitlines() if "rror" in line]
+    assert result.returncode == 0, "\n".join(problems[:20]) or result.stderr[-3000:]
     return result
 
 
-def _metrics(run_dir: Path) -> dict[str, float]:
-    return json.loads((run_dir / "metrics.json").read_text())["metrics"]
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
 
 
 def test_a_two_rank_dictionary_matches_one_rank_at_the_same_global_batch(tmp_path: Path) -> None:
@@ -49,55 +50,55 @@ def test_a_two_rank_dictionary_matches_one_rank_at_the_same_global_batch(tmp_pat
     weights_two = load_file(str(tmp_path / "two" / "dictionary.safetensors"))
     for name, value in weights_one.items():
         torch.testing.assert_close(weights_two[name], value, atol=1e-4, rtol=1e-4)
-    two = _metrics(tmp_path / "two")
+    two = read_metrics(tmp_path / "two")
     for name in ("fvu", "l0", "recall_mmcs"):
         assert two[name] == pytest.approx(one.metrics[name], rel=1e-3, abs=1e-4)
 
 
 def test_a_two_rank_spd_run_matches_one_rank_within_its_mask_noise(tmp_path: Path) -> None:
     """Each rank draws its own mask noise, so the runs differ by sampling noise only: the decomposition is the
-    same to within a few percent after 40 steps, and faithfulness and the ground-truth scores agree."""
+    same to within a few percent after 40 steps (U and V within 3 %, all parameters within 5 %), and faithfulness,
+    reconstruction and the ground-truth scores agree."""
     one = api.decompose(api.load_run_config("tms-5-2", SPD_RUN), tmp_path / "one")
     _run(2, "decompose", "tms-5-2", "--out", str(tmp_path / "two"), *SPD_RUN)
-    two = _metrics(tmp_path / "two")
+    two = read_metrics(tmp_path / "two")
     tensors_one, _ = load_checkpoint(checkpoint_dirs(tmp_path / "one")[-1])
     tensors_two, state = load_checkpoint(checkpoint_dirs(tmp_path / "two")[-1])
     assert state["world_size"] == 2
-    for name, value in tensors_one.items():
-        if not name.startswith("optimizer."):
-            assert float((tensors_two[name] - value).norm() / value.norm().clamp(min=1e-12)) < 0.05, name
+    names = [name for name in tensors_one if not name.startswith("optimizer.")]
+    for name in [name for name in names if ".components." in name]:  # measured: 0.9–1.4 %
+        assert _relative_difference(tensors_two[name], tensors_one[name]) < 0.03, name
+    everything = [torch.cat([tensors[name].flatten() for name in names]) for tensors in (tensors_two, tensors_one)]
+    assert _relative_difference(*everything) < 0.05  # measured: 1.7 % (CI biases start at 0 and move most)
     assert two["faithfulness"] == pytest.approx(one.metrics["faithfulness"], rel=0.2)
     assert two["mmcs"] == pytest.approx(one.metrics["mmcs"], abs=0.01)
     assert two["stochastic_recon"] == pytest.approx(one.metrics["stochastic_recon"], rel=0.2)
 
 
 def test_a_killed_two_rank_run_resumes_to_the_same_result(tmp_path: Path) -> None:
-    args = ["decompose", "tms-5-2", *SPD_RUN]
+    args = ["decompose", "tms-5-2", *TINY_TMS, "train.steps=1000", "train.log_every=100"]
     _run(2, *args, "--out", str(tmp_path / "whole"))
     killed = tmp_path / "killed"
     process = subprocess.Popen(
-        _command(2, *args, "--out", str(killed), "train.steps=400"),
+        _command(2, *args, "--out", str(killed)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     deadline = time.monotonic() + 120
     while not checkpoint_dirs(killed) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # torchrun and both ranks
     process.wait()
     assert checkpoint_dirs(killed), "no checkpoint was written before the kill"
-    assert not (killed / "metrics.json").exists()
-    saved = (killed / "config.yaml").read_text().replace("steps: 400", "steps: 40")
-    (killed / "config.yaml").write_text(saved)  # the same run, stopped early: resume it to 40 steps
-    for later in [d for d in checkpoint_dirs(killed) if int(d.name.split("-")[1]) > 20]:
-        shutil.rmtree(later)
+    assert not (killed / "metrics.json").exists(), "the run finished before it was killed"
     _run(2, *args, "--out", str(killed))
     whole, _ = load_checkpoint(checkpoint_dirs(tmp_path / "whole")[-1])
     resumed, _ = load_checkpoint(checkpoint_dirs(killed)[-1])
     assert whole.keys() == resumed.keys()
     for name, value in whole.items():
         assert torch.equal(resumed[name], value), name
+    assert read_metrics(killed) == read_metrics(tmp_path / "whole")
 
 
 def test_resuming_on_another_number_of_processes_is_refused(tmp_path: Path) -> None:

@@ -8,8 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 from unmerge import runs
 from unmerge.analysis.grouping import (
     DEFAULT_ALPHA,
@@ -44,14 +42,16 @@ from unmerge.report.run import publish, refresh
 from unmerge.report.splitting import write_splitting
 from unmerge.runs import GROUPING_FILE, RunResult, is_dictionary_run
 from unmerge.sae.method import DictionaryMethod
+from unmerge.sae.plan import dictionary_plan
 from unmerge.sae.saelens import save_saelens
 from unmerge.sae.storage import load_dictionary, load_dictionary_of_target, save_trained
 from unmerge.spd.method import SPD
+from unmerge.spd.plan import spd_plan
 from unmerge.sweep import SweepResult, SweepSpec, load_sweep_spec, run_sweep
 from unmerge.targets.language import CausalLM
-from unmerge.targets.language_activations import activation_cache, hook_point, language_activations
-from unmerge.targets.language_data import REPORT_TOKENS, language_data, report_windows
-from unmerge.targets.resolve import run_target, train_preset_target
+from unmerge.targets.language_activations import activation_cache, hook_point, hook_width, language_activations
+from unmerge.targets.language_data import REPORT_TOKENS, language_data, language_target, report_windows
+from unmerge.targets.resolve import run_target, train_preset_target, untrained_target
 from unmerge.targets.sources import activation_source
 from unmerge.targets.toys import TASK_METRICS_FILE, save_target
 from unmerge.train import checkpoint, distributed
@@ -71,6 +71,8 @@ __all__ = [
     "RunResult",
     "SplittingResult",
     "cache_activations",
+    "plan_decomposition",
+    "plan_dictionary",
     "component_units",
     "decompose",
     "dictionary_preset_names",
@@ -97,21 +99,31 @@ __all__ = [
 ]
 
 
-def _set_threads(threads: int) -> None:
-    if threads:
-        torch.set_num_threads(threads)
-
-
 def decompose(config: RunConfig, run_dir: Path) -> RunResult:
     """Train SPD on the config's target in `run_dir`, resuming from its newest checkpoint if there is one."""
-    _set_threads(config.train.threads)
     run_dir = Path(run_dir)
-    distributed.start(config.train.device)
+    distributed.start(config.train)
     runs.prepare(config, run_dir, write=distributed.is_main_process())
     target = run_target(config.target, run_dir / runs.TARGET_DIR)
     spd = SPD(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
     result = train(spd, target.sample_inputs, config.train, run_dir, description=f"SPD {config.name}")
     return _finish_spd(spd, config, run_dir, result.resumed_from)
+
+
+def plan_decomposition(config: RunConfig) -> str:
+    """`decompose --dry-run`: sites, subcomponents, parameters and memory per device (toy targets untrained)."""
+    target = language_target(config.target) if isinstance(config.target, LanguageTargetConfig) else None
+    return spd_plan(target or untrained_target(config.target), config.method).render(config.train)
+
+
+def plan_dictionary(config: DictionaryRunConfig) -> str:
+    """`train-dictionary --dry-run`: parameters and memory per device (a toy target read is trained on first use)."""
+    if isinstance(config.data, LanguageActivationsConfig):
+        name, dim, output_dim = *hook_width(config.data), None
+    else:
+        source = activation_source(config.data)
+        name, dim, output_dim = source.name, source.dim, source.output_dim
+    return dictionary_plan(name, dim, output_dim, config.method).render(config.train)
 
 
 def _finish_spd(spd: SPD, config: RunConfig, run_dir: Path, step: int) -> RunResult:
@@ -143,9 +155,8 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
     """Train a dictionary on the config's activations in `run_dir` (resuming from its newest checkpoint) and write
     its `metrics.json`, the trained `dictionary.safetensors` and, for sources with known features, the ground
     truth it was scored against (`ground_truth.safetensors`: `true_features`, and `parents` on the hierarchy toy)."""
-    _set_threads(config.train.threads)
     run_dir = Path(run_dir)
-    distributed.start(config.train.device)
+    distributed.start(config.train)
     runs.prepare(config, run_dir, write=distributed.is_main_process())
     language = isinstance(config.data, LanguageActivationsConfig)
     recorded = language_activations(config.data, config.train.seed) if language else None
@@ -266,8 +277,7 @@ def cache_activations(config: DictionaryRunConfig) -> CacheResult:
         raise ConfigError(
             "cache-activations needs a dictionary config with data.kind: lm_activations and data.cache_tokens set"
         )
-    _set_threads(config.train.threads)
-    device = distributed.start(config.train.device)
+    device = distributed.start(config.train)
     language, module = hook_point(data)
     start = time.perf_counter()
     language.lm.to(device)  # record on the run's device

@@ -61,7 +61,10 @@ def _overrides(args: argparse.Namespace) -> list[Override]:
 
 def cmd_decompose(args: argparse.Namespace) -> None:
     config = api.load_run_config(args.config, _overrides(args))
-    result = api.decompose(config, args.out)
+    if args.dry_run:
+        print(api.plan_decomposition(config))
+        return
+    result = api.decompose(config, _run_directory(args))
     if result.resumed_from:
         print(f"resumed from step {result.resumed_from}")
     _report(result)
@@ -77,7 +80,10 @@ DICTIONARY_KEYS = tuple(
 
 def cmd_train_dictionary(args: argparse.Namespace) -> None:
     config = api.load_dictionary_config(args.config, _overrides(args))
-    result = api.train_dictionary(config, args.out)
+    if args.dry_run:
+        print(api.plan_dictionary(config))
+        return
+    result = api.train_dictionary(config, _run_directory(args))
     if result.resumed_from:
         print(f"resumed from step {result.resumed_from}")
     print(_format_rows([(key, result.metrics[key]) for key in DICTIONARY_KEYS if key in result.metrics]))
@@ -188,9 +194,18 @@ def _add_run_arguments(command: argparse.ArgumentParser, override_example: str) 
     """The arguments every training command shares: config, overrides, run directory, seed and steps."""
     command.add_argument("config", metavar="PRESET_OR_YAML")
     command.add_argument("overrides", nargs="*", help=f"key.path=value, e.g. {override_example}")
-    command.add_argument("--out", type=Path, required=True, help="run directory")
+    command.add_argument("--out", type=Path, help="run directory (required unless --dry-run)")
     command.add_argument("--seed", type=int, help="training seed (train.seed)")
     command.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
+    command.add_argument(
+        "--dry-run", action="store_true", help="print the parameters and the memory a step needs; train nothing"
+    )
+
+
+def _run_directory(args: argparse.Namespace) -> Path:
+    if args.out is None:
+        raise UnmergeError("--out is required to train (it is the run directory); or pass --dry-run")
+    return args.out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -117,6 +117,12 @@ def hook_point(config: LanguageActivationsConfig) -> tuple[LanguageData, nn.Modu
     return data, find_module(data.lm, config.hook, data.lm.name)
 
 
+def hook_width(config: LanguageActivationsConfig) -> tuple[str, int]:
+    """The hook point's name and the width of its output (the model runs on one window)."""
+    data, module = hook_point(config)
+    return f"{data.lm.name}/{config.hook}", int(_recorder(data.lm, module)(data.train_windows[:1]).shape[-1])
+
+
 def language_activations(config: LanguageActivationsConfig, seed: int = 0) -> LanguageActivations:
     """Activations of the configured model at `hook` on the training windows, cached (built or resumed on first
     use; read into memory, or streamed from disk with `stream_shards`, its epochs shuffled by `seed`) or recorded

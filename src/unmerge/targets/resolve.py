@@ -12,6 +12,8 @@ from unmerge.targets.base import Target
 from unmerge.targets.language_data import TRAINING_FILE, language_data, language_target, small_lm_dir
 from unmerge.targets.toys import (
     CONFIG_FILE,
+    RECIPES,
+    build_target,
     cached_target,
     load_target,
     save_target,
@@ -32,6 +34,11 @@ def run_target(config: TargetConfig | LanguageTargetConfig, target_dir: Path) ->
     if distributed.is_main_process():
         save_target(target, config, target_dir)
     return target
+
+
+def untrained_target(config: TargetConfig) -> Target:
+    """A toy target built from its recipe but not trained: its shapes, for planning a run."""
+    return build_target(config, RECIPES[config.kind].build(config))
 
 
 def train_preset_target(

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from unmerge.config import TrainConfig
 from unmerge.errors import ConfigError
 from unmerge.train.devices import resolve_device
 
@@ -40,10 +41,12 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def start(device_name: str) -> torch.device:
-    """Resolve the run's device and, when torchrun started several processes, join their process group (NCCL on
-    CUDA, gloo on the CPU); idempotent. Returns the device this rank runs on."""
-    device = resolve_device(device_name)
+def start(train: TrainConfig) -> torch.device:
+    """Set the run's torch threads, resolve its device and, when torchrun started several processes, join their
+    process group (NCCL on CUDA, gloo on the CPU); idempotent. Returns the device this rank runs on."""
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    device = resolve_device(train.device)
     if launched_by_torchrun() and not is_distributed():
         if device.type not in ("cpu", "cuda"):
             raise ConfigError(f"data-parallel training runs on cpu or cuda, not {device.type}; set train.device")

@@ -118,6 +118,22 @@ def make_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay, foreach=True, **betas)
 
 
+def step_loss(method: Method, batch: Tensor, noise: torch.Generator, precision: str) -> StepOutput:
+    """The method's loss on its batch, under bf16 autocast for `precision: bf16`; the loss itself in fp32."""
+    with autocast(batch.device, precision):
+        output = method.training_loss(batch, noise)
+    return StepOutput(output.loss.float(), output.terms)
+
+
+def apply_gradients(method: Method, optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+    """Backward, average gradients over ranks, step the optimiser, then the method's constraints."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    distributed.average_gradients([p for group in optimizer.param_groups for p in group["params"]])
+    optimizer.step()
+    method.after_step(optimizer)
+
+
 def _append_jsonl(path: Path, record: dict[str, float]) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -182,11 +198,10 @@ def train(
 ) -> TrainResult:
     """Optimise `method.module` for `config.steps` steps, resuming from `run_dir`'s newest checkpoint if any."""
     keep_freed_memory()
-    device = distributed.start(config.device)
+    device = distributed.start(config)
     _check_batch_split(config.batch_size)
     method.to(device)
     optimizer = make_optimizer(method.module, config.optim)
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     rank, writes = distributed.rank(), run_dir is not None and distributed.is_main_process()
     start = _resume(run_dir, method.module, optimizer) if run_dir is not None else 0
     if start == 0:
@@ -212,20 +227,15 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = _rank_batch(sample_batch, step, config.batch_size, step_generator(config.seed, "data", step, 0, device))
-        with autocast(device, config.precision):
-            output = method.training_loss(batch, step_generator(config.seed, "noise", step, rank, device))
-        output = StepOutput(output.loss.float(), output.terms)
+        noise = step_generator(config.seed, "noise", step, rank, device)
+        output = step_loss(method, batch, noise, config.precision)
         if not torch.isfinite(output.loss):
             raise NonFiniteLossError(
                 f"the loss became {float(output.loss.detach())} at step {step} (terms: {_scalars(output.terms)}); "
                 f"the last good checkpoint is untouched. Lower the learning rate (train.optim.lr={lr:g} now) or "
                 "the loss coefficients, then rerun the same command to resume."
             )
-        optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        distributed.average_gradients(parameters)
-        optimizer.step()
-        method.after_step(optimizer)
+        apply_gradients(method, optimizer, output.loss)
         done = step + 1
         is_last = done == config.steps
         if done % config.log_every == 0 or is_last:

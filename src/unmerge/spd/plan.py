@@ -1,0 +1,41 @@
+"""SPD's `--dry-run`: its sites, subcomponents and parameters, and the activations a step keeps, from the target's
+shapes alone (nothing is decomposed or trained)."""
+
+from __future__ import annotations
+
+import torch
+
+from unmerge.config import SPDConfig
+from unmerge.spd.sites import find_sites
+from unmerge.targets.base import Target
+from unmerge.train.plan import StepPlan
+from unmerge.train.rng import step_generator
+
+MASK_VALUES = 8  # per subcomponent and row: inner activation, γ, lower/upper sigmoids, noise, mask, their grads
+
+
+def gradient_passes(config: SPDConfig, n_sites: int) -> int:
+    """Forward passes through the target whose activations a step keeps for backward."""
+    passes = int(bool(config.stochastic_recon_coeff)) + int(bool(config.adversarial_recon_coeff))
+    return passes + (n_sites if config.layerwise_recon_coeff else 0)
+
+
+def spd_plan(target: Target, config: SPDConfig) -> StepPlan:
+    """Sites (C, weight shape, parameters: U, V and the CI MLPs) and per-row activation counts."""
+    with torch.no_grad():
+        output = target.model(target.sample_inputs(1, step_generator(0, "plan")))
+    output_width = output.shape[-1]
+    found = find_sites(target.model, config.sites)
+    plan = StepPlan(
+        title=f"SPD of {target.name}: {len(found)} sites, {sum(s.C for s in found):,} subcomponents",
+        rows_per_example=output.numel() // output_width,
+        frozen_parameters=sum(p.numel() for p in target.model.parameters()),
+    )
+    passes = gradient_passes(config, len(found))
+    for site in found:
+        d_out, d_in = site.site.weight.shape
+        ci_mlp = site.C * (3 * config.ci_hidden + 1)
+        plan.parts.append((site.name, site.C * (d_in + d_out) + ci_mlp, f"C={site.C}, W {d_out}×{d_in}"))
+        plan.activations_per_row += site.C * (3 * config.ci_hidden + MASK_VALUES) + (d_in + d_out) * (passes + 1)
+    plan.activations_per_row += output_width * 3 * (passes + 1)  # outputs and the divergence's softmaxes
+    return plan

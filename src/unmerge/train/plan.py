@@ -1,0 +1,68 @@
+"""What a run will cost before it starts (`--dry-run`): the learned parameters, and an estimate of the memory one
+training step needs on each device, itemised so a user can see what to shrink.
+
+The estimate counts fp32 weights, gradients and Adam's two moments for every learned parameter, the frozen
+target's weights, and the activations a step keeps for its backward pass (the method gives their count per batch
+row); bf16 halves the activations that autocast computes in bf16. It is an estimate, not a measurement: allocator
+slack and temporary buffers come on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from unmerge.config import TrainConfig
+from unmerge.train import distributed
+
+FP32 = 4
+TRAINING_COPIES = 4  # weights, gradients, Adam's first and second moments
+
+
+@dataclass
+class StepPlan:
+    """A run's parts (name → learned parameters, shape), its frozen parameters, and the activation values one
+    batch row keeps for the backward pass."""
+
+    title: str
+    rows_per_example: int
+    parts: list[tuple[str, int, str]] = field(default_factory=list)
+    frozen_parameters: int = 0
+    activations_per_row: int = 0
+
+    @property
+    def learned_parameters(self) -> int:
+        return sum(count for _, count, _ in self.parts)
+
+    def memory(self, train: TrainConfig, world: int | None = None) -> dict[str, int]:
+        """Bytes per device: learned state, frozen weights, activations of one step's share of the batch."""
+        world = world or distributed.world_size()
+        rows = train.batch_size // world * self.rows_per_example
+        activation_bytes = FP32 // 2 if train.precision == "bf16" else FP32
+        return {
+            "learned (weights, grads, Adam)": self.learned_parameters * FP32 * TRAINING_COPIES,
+            "frozen target weights": self.frozen_parameters * FP32,
+            f"activations ({rows:,} rows)": rows * self.activations_per_row * activation_bytes,
+        }
+
+    def render(self, train: TrainConfig, world: int | None = None) -> str:
+        lines = [self.title, ""]
+        width = max((len(name) for name, _, _ in self.parts), default=0)
+        lines += [f"  {name:<{width}}  {count:>12,}  {shape}" for name, count, shape in self.parts]
+        lines += [f"  {'total learned':<{width}}  {self.learned_parameters:>12,}", ""]
+        memory = self.memory(train, world)
+        world = world or distributed.world_size()
+        lines.append(
+            f"memory per device, estimated ({world} process(es), global batch {train.batch_size}, "
+            f"{train.precision}, device {train.device}):"
+        )
+        lines += [f"  {name:<34} {_size(size):>10}" for name, size in memory.items()]
+        lines.append(f"  {'total':<34} {_size(sum(memory.values())):>10}")
+        return "\n".join(lines)
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"

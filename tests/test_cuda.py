@@ -1,0 +1,50 @@
+"""On a CUDA device (skipped without one; `benchmarks/gpu_check.sh` runs them): runs train there end to end at
+fp32 and bf16, a step agrees with the CPU's, and the run resumes from its checkpoint on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from unmerge import api
+from unmerge.config import OptimConfig
+from unmerge.spd.method import SPD
+from unmerge.targets.resolve import run_target
+from unmerge.train.loop import apply_gradients, make_optimizer, step_loss
+from unmerge.train.rng import step_generator
+
+from .conftest import TINY_TMS
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_spd_decomposes_tms_on_cuda(precision: str, tmp_path: Path) -> None:
+    config = api.load_run_config("tms-5-2", [*TINY_TMS, "train.device=cuda", f"train.precision={precision}"])
+    result = api.decompose(config, tmp_path)
+    assert result.metrics["mmcs"] > 0.9
+    resumed = api.load_run_config("tms-5-2", [*TINY_TMS, "train.device=cpu", f"train.precision={precision}"])
+    assert api.decompose(resumed, tmp_path).resumed_from == 60  # a CUDA run's checkpoint reads back on the CPU
+
+
+def test_a_dictionary_trains_on_cuda(tmp_path: Path) -> None:
+    overrides = ["method.width=256", "train.steps=100", "train.device=cuda", "method.resample_every=50"]
+    result = api.train_dictionary(api.load_dictionary_config("sparse-512-relu-l1-resample", overrides), tmp_path)
+    assert result.metrics["fvu"] < 0.9
+
+
+def test_an_spd_step_on_cuda_matches_the_cpu(tmp_path: Path) -> None:
+    config = api.load_run_config("tms-5-2", TINY_TMS)
+    target = run_target(config.target, tmp_path / "target")
+    parameters = {}
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        spd = SPD(target, config.method, seed=0)
+        spd.to(device)
+        optimizer = make_optimizer(spd.module, OptimConfig())
+        batch = target.sample_inputs(256, step_generator(0, "data")).to(device)
+        output = step_loss(spd, batch, step_generator(0, "noise"), "fp32")  # the same mask keys on both
+        apply_gradients(spd, optimizer, output.loss)
+        parameters[device.type] = torch.cat([p.detach().cpu().flatten() for p in spd.module.parameters()])
+    torch.testing.assert_close(parameters["cuda"], parameters["cpu"], atol=1e-5, rtol=1e-4)
