@@ -22,7 +22,7 @@ from unmerge.spd.method import SPD
 from unmerge.targets.resolve import run_target, untrained_target
 from unmerge.targets.sources import activation_source
 from unmerge.train.devices import autocast, resolve_device
-from unmerge.train.loop import Method, make_optimizer
+from unmerge.train.loop import Method, apply_gradients, make_optimizer, step_loss
 from unmerge.train.rng import step_generator
 
 from .conftest import TINY_TMS
@@ -164,3 +164,35 @@ def test_loggers_receive_the_training_log_scalars_from_rank_0(tmp_path: Path, mo
     if importlib.util.find_spec("tensorboard") is None:  # not a test dependency: its absence is named
         with pytest.raises(ConfigError, match="pip install tensorboard"):
             api.decompose(api.load_run_config("tms-5-2", [*TINY_TMS, "train.loggers=[tensorboard]"]), tmp_path / "t")
+
+
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [
+        ("sparse-512-relu-l1", []),
+        ("sparse-512-topk", []),  # the sparse encode/decode path, with AuxK
+        ("sparse-512-topk", ["method.activation=batchtopk", "method.aux_k=null"]),
+        ("sparse-512-relu-l1", ["method.activation=jumprelu", "method.penalty.name=none"]),
+        ("sparse-512-relu-l1", ["method.activation=gated"]),
+        ("hierarchy-matryoshka", []),
+        ("resid-mlp-1-transcoder", ["method.skip=true"]),
+    ],
+)
+def test_every_dictionary_steps_in_bf16_with_fp32_weights_and_gradients(preset: str, overrides: list[str]) -> None:
+    """Hand-written backward functions run their products in the forward's precision (autograd runs a backward
+    without autocast), and the loss agrees with fp32 to bf16's precision."""
+    config = api.load_dictionary_config(preset, ["method.width=256", *overrides])
+    source = activation_source(config.data)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        method = DictionaryMethod(source, config.method, seed=0, total_steps=10, eval_batch_size=256)
+        method.before_training()
+        optimizer = make_optimizer(method.module, api.load_run_config("tms-5-2").train.optim)
+        for step in range(2):
+            batch = source.sample(256, step_generator(0, "data", step))
+            output = step_loss(method, batch, step_generator(0, "noise", step), precision)
+            apply_gradients(method, optimizer, output.loss)
+        assert all(p.dtype == torch.float32 for p in method.module.parameters())
+        assert all(p.grad is None or p.grad.dtype == torch.float32 for p in method.module.parameters())
+        losses[precision] = float(output.loss.detach())
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)

@@ -96,8 +96,9 @@ class _SparseDecode(torch.autograd.Function):
 
 def sparse_decode(values: Tensor, indices: Tensor, W_d: Tensor, b_d: Tensor) -> Tensor:
     """`x̂[b] = Σ_j values[b, j] W_d[indices[b, j]] + b_d`, equal to `f @ W_d + b_d` for the dense latents f
-    with `values` at `indices`, without forming f; differentiable in values, W_d and b_d."""
-    return _SparseDecode.apply(values, indices, W_d, b_d)
+    with `values` at `indices`, without forming f; differentiable in values, W_d and b_d. The sparse products run
+    in W_d's dtype (bf16 values from an autocast encoder are cast up: these products are small)."""
+    return _SparseDecode.apply(values.to(W_d.dtype), indices, W_d, b_d)
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -128,6 +129,8 @@ class _TopKEncode(torch.autograd.Function):
         grad_z: Tensor | None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, None]:
         centred, W_e, values, indices = ctx.saved_tensors
+        # autograd runs this without autocast: work in the weights' dtype whatever the forward's products ran in
+        grad_values, grad_z, values = (None if t is None else t.to(W_e.dtype) for t in (grad_values, grad_z, values))
         width = W_e.shape[1]
         grad_x = grad_W_e = grad_b_e = None
         if grad_values is not None:  # through the kept, ReLU'd pre-activations: G[b, indices[b, j]]

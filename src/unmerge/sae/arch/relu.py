@@ -10,6 +10,12 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from unmerge.sae.dictionary import Dictionary
 
 
+def _autocast_state(device_type: str) -> dict:
+    """Whether autocast is on for `device_type` and at which dtype: autograd runs a Function's backward without it."""
+    dtype = torch.get_autocast_dtype(device_type)
+    return {"device_type": device_type, "dtype": dtype, "enabled": torch.is_autocast_enabled(device_type)}
+
+
 class _ReLUDictionary(torch.autograd.Function):
     """The whole ReLU dictionary, `z = (x − b_d) W_e + b_e`, `f = relu(z)`, `x̂ = f W_d + b_d`, as one function so
     that its backward does the five products a dense step needs and no more: autograd would also form the B × d
@@ -27,11 +33,19 @@ class _ReLUDictionary(torch.autograd.Function):
         f = F.relu(z)
         ctx.save_for_backward(centred, W_e, W_d, f)
         ctx.set_materialize_grads(False)
+        ctx.autocast = _autocast_state(x.device.type)
         return torch.addmm(b_d, f, W_d), f, z
 
     @staticmethod
     @once_differentiable
     def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad_out: Tensor | None, grad_f: Tensor | None, grad_z: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        with torch.autocast(**ctx.autocast):  # the products in the precision the forward ran in
+            return _ReLUDictionary._backward(ctx, grad_out, grad_f, grad_z)
+
+    @staticmethod
+    def _backward(
         ctx: FunctionCtx, grad_out: Tensor | None, grad_f: Tensor | None, grad_z: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         centred, W_e, W_d, f = ctx.saved_tensors
