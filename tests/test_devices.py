@@ -196,3 +196,15 @@ def test_every_dictionary_steps_in_bf16_with_fp32_weights_and_gradients(preset: 
         assert all(p.grad is None or p.grad.dtype == torch.float32 for p in method.module.parameters())
         losses[precision] = float(output.loss.detach())
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def test_tensorboard_receives_the_training_log_scalars(tmp_path: Path) -> None:
+    """Where TensorBoard is installed (not a test dependency), its event file holds train_log.jsonl's losses."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    config = api.load_run_config("tms-5-2", [*TINY_TMS, "train.loggers=[tensorboard]"])
+    api.decompose(config, tmp_path)
+    events = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    lines = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    logged = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    assert logged == [(line["step"], pytest.approx(line["loss"], rel=1e-6)) for line in lines]
