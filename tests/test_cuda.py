@@ -3,6 +3,7 @@ fp32 and bf16, a step agrees with the CPU's, and the run resumes from its checkp
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from unmerge.train.loop import apply_gradients, make_optimizer, step_loss
 from unmerge.train.rng import step_generator
 
 from .conftest import TINY_TMS
+from .test_language import tiny_dictionary_config
 
 pytestmark = pytest.mark.cuda
 
@@ -48,3 +50,11 @@ def test_an_spd_step_on_cuda_matches_the_cpu(tmp_path: Path) -> None:
         apply_gradients(spd, optimizer, output.loss)
         parameters[device.type] = torch.cat([p.detach().cpu().flatten() for p in spd.module.parameters()])
     torch.testing.assert_close(parameters["cuda"], parameters["cpu"], atol=1e-5, rtol=1e-4)
+
+
+def test_a_language_model_dictionary_records_trains_and_evaluates_on_cuda(tmp_path: Path, isolated_cache: Path) -> None:
+    """The model records the cache, the dictionary trains, and the spliced evaluation runs, all on the card."""
+    config = tiny_dictionary_config(tmp_path, isolated_cache)
+    config = config.model_copy(update={"train": config.train.model_copy(update={"device": "cuda"})})
+    metrics = api.train_dictionary(config, tmp_path / "run").metrics
+    assert all(math.isfinite(metrics[key]) for key in ("heldout/fvu", "ce_spliced", "kl_spliced"))

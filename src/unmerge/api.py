@@ -156,10 +156,10 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
     its `metrics.json`, the trained `dictionary.safetensors` and, for sources with known features, the ground
     truth it was scored against (`ground_truth.safetensors`: `true_features`, and `parents` on the hierarchy toy)."""
     run_dir = Path(run_dir)
-    distributed.start(config.train)
+    device = distributed.start(config.train)
     runs.prepare(config, run_dir, write=distributed.is_main_process())
     language = isinstance(config.data, LanguageActivationsConfig)
-    recorded = language_activations(config.data, config.train.seed) if language else None
+    recorded = language_activations(config.data, config.train.seed, device) if language else None
     source = recorded.source if recorded else activation_source(config.data)
     evaluation = spliced_evaluator(recorded, config.data.eval_tokens) if recorded else None
     method = DictionaryMethod(

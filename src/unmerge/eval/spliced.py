@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from unmerge.errors import UnmergeError
 from unmerge.metrics.language import ce_and_kl, counted_predictions, next_token_nll
+from unmerge.train.devices import device_of
 
 Replacement = Callable[[Tensor], Tensor]  # activations (n, d) at ordinary positions → replacements (n, d)
 
@@ -43,6 +44,14 @@ class SplicedLosses:
 
 def _output_tensor(output: Tensor | tuple) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
+
+
+def _batch_on_model(
+    model: nn.Module, windows: Tensor, ordinary: Tensor, start: int, size: int
+) -> tuple[Tensor, Tensor]:
+    """Windows `start : start + size` and their ordinary-position mask, on the device the model runs on."""
+    device = device_of(model)
+    return windows[start : start + size].to(device), ordinary[start : start + size].to(device)
 
 
 @contextmanager
@@ -65,7 +74,7 @@ def spliced(
         if replace is None:
             return output
         new = hidden.clone()
-        new[ordinary] = replace(original).to(hidden.dtype)
+        new[ordinary] = replace(original).to(hidden.device, hidden.dtype)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     handle = module.register_forward_hook(hook)
@@ -89,7 +98,7 @@ def spliced_losses(
     sums = {name: [0.0, 0.0] for name in variants}
     ce_original, recorded, predictions = 0.0, [], 0
     for start in range(0, windows.shape[0], batch_windows):
-        ids, keep = windows[start : start + batch_windows], ordinary[start : start + batch_windows]
+        ids, keep = _batch_on_model(lm, windows, ordinary, start, batch_windows)
         counted = counted_predictions(keep)
         with spliced(module, keep, None, recorded):
             clean_logits = lm(ids)
@@ -137,7 +146,7 @@ def spliced_embeddings(
     sums = dict.fromkeys(variants, 0.0)
     recorded: list[Tensor] = []
     for start in range(0, windows.shape[0], batch_windows):
-        ids, keep = windows[start : start + batch_windows], ordinary[start : start + batch_windows]
+        ids, keep = _batch_on_model(encoder, windows, ordinary, start, batch_windows)
         with spliced(module, keep, None, recorded):
             original = encoder(ids)
         for name, replace in variants.items():
@@ -192,7 +201,7 @@ def ablation_effects(
         disable=None,
         leave=False,
     ):
-        ids, keep = windows[start : start + batch_windows], ordinary[start : start + batch_windows]
+        ids, keep = _batch_on_model(model, windows, ordinary, start, batch_windows)
         captured: dict[str, Tensor] = {}
 
         def replace(activations: Tensor, captured: dict[str, Tensor] = captured) -> Tensor:
@@ -213,6 +222,6 @@ def ablation_effects(
                     loss, predictions = next_token_nll(model(ids), ids, counted_predictions(keep))
                 count += int(predictions)
             (gradient,) = torch.autograd.grad(loss, captured["leaf"])
-        effects -= (captured["latents"] * (gradient @ atoms.T)).sum(0).double()
-        latents.append(captured["latents"])
+        effects -= (captured["latents"] * (gradient @ atoms.T.to(gradient.device))).sum(0).double().cpu()
+        latents.append(captured["latents"].cpu())
     return LatentAttribution(torch.cat(latents), (effects / max(count, 1)).float())

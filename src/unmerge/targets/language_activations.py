@@ -123,11 +123,14 @@ def hook_width(config: LanguageActivationsConfig) -> tuple[str, int]:
     return f"{data.lm.name}/{config.hook}", int(_recorder(data.lm, module)(data.train_windows[:1]).shape[-1])
 
 
-def language_activations(config: LanguageActivationsConfig, seed: int = 0) -> LanguageActivations:
-    """Activations of the configured model at `hook` on the training windows, cached (built or resumed on first
-    use; read into memory, or streamed from disk with `stream_shards`, its epochs shuffled by `seed`) or recorded
-    live."""
+def language_activations(
+    config: LanguageActivationsConfig, seed: int = 0, device: torch.device | str = "cpu"
+) -> LanguageActivations:
+    """Activations of the configured model, moved to `device`, at `hook` on the training windows: cached (built or
+    resumed on first use; read into memory, or streamed from disk with `stream_shards`, its epochs shuffled by
+    `seed`) or recorded live."""
     data, module = hook_point(config)
+    data.lm.to(device)
     if config.cache_tokens is None:
         sample = _live_sampler(data, module, config.record_batch)
         dim = int(_recorder(data.lm, module)(data.train_windows[:1]).shape[-1])
