@@ -110,3 +110,22 @@ def test_resuming_on_another_number_of_processes_is_refused(tmp_path: Path) -> N
     assert result.returncode != 0
     assert "was trained on 1 process(es) and is resumed on 2" in result.stderr
     assert "torchrun --nproc-per-node 1" in result.stderr
+
+
+def test_fsdp_sharded_sites_train_like_replicated_ones_and_resume(tmp_path: Path) -> None:
+    """`train.fsdp=true` shards each site's U, V and CI weights (and their Adam state) over the ranks: the run
+    matches the replicated 2-rank run, and its checkpoints hold full tensors, so it resumes, sharded or not."""
+    args = ["decompose", "tms-5-2", *SPD_RUN]
+    _run(2, *args, "--out", str(tmp_path / "replicated"))
+    _run(2, *args, "--out", str(tmp_path / "sharded"), "train.fsdp=true")
+    replicated, _ = load_checkpoint(checkpoint_dirs(tmp_path / "replicated")[-1])
+    sharded, _ = load_checkpoint(checkpoint_dirs(tmp_path / "sharded")[-1])
+    assert replicated.keys() == sharded.keys()
+    for name, value in replicated.items():
+        torch.testing.assert_close(sharded[name], value, atol=1e-6, rtol=1e-5)
+    assert read_metrics(tmp_path / "sharded")["mmcs"] == pytest.approx(read_metrics(tmp_path / "replicated")["mmcs"])
+    shutil.rmtree(checkpoint_dirs(tmp_path / "sharded")[-1])  # resume the sharded run from step 20
+    _run(2, *args, "--out", str(tmp_path / "sharded"), "train.fsdp=true")
+    resumed, _ = load_checkpoint(checkpoint_dirs(tmp_path / "sharded")[-1])
+    for name, value in sharded.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=1e-5)

@@ -41,7 +41,7 @@ class RunResult:
     report: Path | None = None
 
 
-RESUMABLE_ELSEWHERE = ("train.device:", "train.loggers:")  # a run may resume on another device, watched otherwise
+RESUMABLE_ELSEWHERE = ("train.device:", "train.fsdp:", "train.loggers:")  # checkpoints hold full tensors
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

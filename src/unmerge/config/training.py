@@ -41,6 +41,11 @@ class TrainConfig(StrictModel):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16: matmuls under bf16 autocast; weights, optimiser state and losses stay fp32"
     )
+    fsdp: bool = Field(
+        False,
+        description="under torchrun, shard the learned parameters, gradients and Adam state over the ranks with "
+        "FSDP2 (SPD: one unit per site, gathered for each step) instead of keeping a full copy on every rank",
+    )
     loggers: tuple[Literal["tensorboard", "wandb"], ...] = Field(
         (), description="also send train_log.jsonl's scalars to these (rank 0; wandb offline unless WANDB_MODE)"
     )
@@ -54,8 +59,8 @@ class TrainConfig(StrictModel):
 
     @model_serializer(mode="wrap")
     def _serialize(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
-        """Where a run executes (device, precision at fp32, loggers) is left out of `digest()` unless set, so the
-        keys of cached targets made before these options existed stay valid."""
+        """How a run executes (device, precision at fp32, sharding, loggers) is left out of `digest()` unless set,
+        so the keys of cached targets made before these options existed stay valid."""
         data = handler(self)
         if info.context == DIGEST_CONTEXT:
             for name, default in _PLACEMENT_DEFAULTS.items():
@@ -65,4 +70,4 @@ class TrainConfig(StrictModel):
 
 
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
-_PLACEMENT_DEFAULTS: dict[str, Any] = {"device": "auto", "precision": "fp32", "loggers": []}
+_PLACEMENT_DEFAULTS: dict[str, Any] = {"device": "auto", "precision": "fp32", "fsdp": False, "loggers": []}

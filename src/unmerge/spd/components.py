@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any, Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -75,7 +78,7 @@ class LinearComponents(nn.Module):
 class TransposedComponents:
     """The subcomponents of a site whose weight is the transpose of another site's (tied weights)."""
 
-    def __init__(self, source: LinearComponents) -> None:
+    def __init__(self, source: Any) -> None:  # anything with U, V and weight(): LinearComponents, SiteTensors
         self.source = source
 
     @property
@@ -106,7 +109,16 @@ class ScalarMLPCI(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(C))
 
 
-def causal_importances(functions: list[ScalarMLPCI], inner: list[Tensor], c_kernel: bool) -> Tensor:
+class CIWeights(Protocol):
+    """A CI function's weights: a `ScalarMLPCI`, or the `SiteTensors` its site's forward returned."""
+
+    w1: Tensor
+    b1: Tensor
+    w2: Tensor
+    b2: Tensor
+
+
+def causal_importances(functions: Sequence[CIWeights], inner: list[Tensor], c_kernel: bool) -> Tensor:
     """Pre-sigmoid γ of every site's subcomponents from their inner activations `h = a Vᵀ`, concatenated along
     the last axis in the given order, in one call (the C kernel's with `c_kernel`, else torch's). γ is computed in
     fp32 from bf16 inner activations too: these are elementwise ops, where bf16 saves nothing but precision."""

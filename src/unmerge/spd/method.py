@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from unmerge import metrics
 from unmerge.config import SPDConfig
@@ -61,7 +61,8 @@ class SPD:
         optimizer = torch.optim.Adam(self.model.component_parameters(), lr=self.config.faithfulness_warmup_lr)
         for _ in range(self.config.faithfulness_warmup_steps):
             optimizer.zero_grad(set_to_none=True)
-            self.faithfulness().backward()
+            with self.model.attached():
+                self.faithfulness().backward()
             optimizer.step()
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -169,9 +170,17 @@ class SPD:
         with torch.no_grad():
             return self.importances(self.model.clean_pass(self.evaluation_batch())).clipped()
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """What FSDP2 shards (`train.fsdp`): each site, so a step gathers one site's subcomponents at a time."""
+        return list(self.module.values())
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Metrics on a fixed evaluation batch, plus ground-truth scores when the target has them."""
+        with self.model.attached():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         x = self.evaluation_batch()
         clean = self.model.clean_pass(x)
         ci = self.importances(clean)

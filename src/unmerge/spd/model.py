@@ -50,6 +50,24 @@ Behaviour = Callable[["DecomposedSite", Tensor], Tensor | None]  # the site's ou
 Observer = Callable[["DecomposedSite", Tensor], None]  # sees the site's output, whichever computed it
 
 
+@dataclass(frozen=True)
+class SiteTensors:
+    """A site's learned tensors as its module's forward returns them for one step: its own `U`, `V` (None when
+    tied) and its CI function's `w1, b1, w2, b2`. Reading them through a forward is what lets FSDP2 gather a sharded
+    site for the step and reduce-scatter its gradients after it; unsharded, they are the parameters themselves."""
+
+    U: Tensor | None
+    V: Tensor | None
+    w1: Tensor
+    b1: Tensor
+    w2: Tensor
+    b2: Tensor
+
+    def weight(self) -> Tensor:
+        assert self.U is not None and self.V is not None
+        return self.U @ self.V
+
+
 class DecomposedSite(nn.Module):
     """One decomposed weight: its module name, the pattern that chose it, its C subcomponents (`components`, or
     none of its own when its weight is tied to the site named `tied_to`) and its causal-importance function `ci`."""
@@ -62,6 +80,11 @@ class DecomposedSite(nn.Module):
         self.components = components
         self.tied_to = tied_to
         self.ci = ci
+
+    def forward(self) -> SiteTensors:
+        own = self.components
+        ci = self.ci
+        return SiteTensors(own and own.U, own and own.V, ci.w1, ci.b1, ci.w2, ci.b2)
 
 
 class Decomposition(nn.ModuleDict):
@@ -145,6 +168,7 @@ class ComponentModel(nn.Module):
         }
         self._hooks = [_SiteHooks(record) for record in self.sites.values()]
         self._attached = False
+        self._live: dict[str, SiteTensors] | None = None
 
     def train(self, mode: bool = True) -> ComponentModel:
         """Train or evaluate the decomposition; the target stays in evaluation mode (it is frozen)."""
@@ -171,11 +195,15 @@ class ComponentModel(nn.Module):
             raise SiteError(f"no such site: {name}; the sites are {', '.join(self.site_names)}")
         return self.sites[key]
 
-    def site_components(self, name: str) -> Components:
-        """The site's subcomponents (a tied site's are its source's, transposed)."""
+    def site_components(self, name: str) -> Components | SiteTensors | TransposedComponents:
+        """The site's subcomponents (a tied site's are its source's, transposed): within `attached()` the tensors
+        the sites' forwards returned for this step, else the parameters."""
         if name not in self._components:
             self.site(name)  # names the sites in its error
-        return self._components[name]
+        if self._live is None:
+            return self._components[name]
+        tied_to = self.site(name).tied_to
+        return self._live[name] if tied_to is None else TransposedComponents(self._live[tied_to])
 
     def component_parameters(self) -> list[nn.Parameter]:
         """Every site's own U and V (tied sites have none of their own)."""
@@ -190,20 +218,22 @@ class ComponentModel(nn.Module):
     @contextmanager
     def attached(self) -> Iterator[None]:
         """Keep the passes' hooks attached to the site modules while active (a method's step runs several passes;
-        attaching once is cheaper), and always detach them; without it each pass attaches its own."""
+        attaching once is cheaper), and always detach them; without it each pass attaches its own. On entry every
+        site's forward runs once, and the step reads the tensors it returned (`SiteTensors`)."""
         if self._attached:
             yield
             return
         handles = []
         try:
             self._attached = True
+            self._live = {record.name: record() for record in self.sites.values()}
             for hooks in self._hooks:
                 module = hooks.record.site.module
                 handles.append(module.register_forward_pre_hook(hooks.before))
                 handles.append(module.register_forward_hook(hooks.after, prepend=True))
             yield
         finally:
-            self._attached = False
+            self._attached, self._live = False, None
             for handle in handles:
                 handle.remove()
 
@@ -285,9 +315,8 @@ class ComponentModel(nn.Module):
     def causal_importance(self, inner: dict[str, Tensor]) -> Tensor:
         """Pre-sigmoid γ of all sites, concatenated in `site_names` order (see `split_sites`)."""
         records = list(self.sites.values())
-        return causal_importances(
-            [record.ci for record in records], [inner[record.name] for record in records], self.c_kernel
-        )
+        functions = [record.ci if self._live is None else self._live[record.name] for record in records]
+        return causal_importances(functions, [inner[record.name] for record in records], self.c_kernel)
 
     def split_sites(self, concatenated: Tensor) -> dict[str, Tensor]:
         """Per-site views of a (..., ΣC) tensor laid out like `causal_importance`'s output."""

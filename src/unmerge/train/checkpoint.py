@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from unmerge.errors import CheckpointError
 from unmerge.io import fsync_dir, sha256_file
+from unmerge.train import distributed
 
 CHECKPOINT_DIR = "checkpoints"
 WEIGHTS_FILE = "weights.safetensors"
@@ -35,12 +36,13 @@ def _trained_names(module: nn.Module) -> list[str]:
 
 
 def checkpoint_tensors(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
-    """The module's state and the optimiser's per-parameter state, as `optimizer.{parameter name}.{state}`."""
+    """The module's state and the optimiser's per-parameter state, as `optimizer.{parameter name}.{state}`; FSDP2
+    shards are gathered to their full values (a collective: every rank calls this), so any run can resume it."""
     names = _trained_names(module)
-    tensors = dict(module.state_dict())
+    tensors = {name: distributed.full(value) for name, value in module.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         for key, value in state.items():
-            tensors[f"{_OPTIMIZER_PREFIX}{names[index]}.{key}"] = torch.as_tensor(value).clone()
+            tensors[f"{_OPTIMIZER_PREFIX}{names[index]}.{key}"] = distributed.full(torch.as_tensor(value)).clone()
     return tensors
 
 
@@ -72,6 +74,10 @@ def restore(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | No
     model, optim = split_optimizer(tensors)
     if state.get("format", 1) < FORMAT:
         model, optim = _upgrade_format_1(module, model, optim)
+    current = module.state_dict()
+    model = {
+        name: distributed.like(value, current[name]) if name in current else value for name, value in model.items()
+    }
     try:
         module.load_state_dict(model, strict=True)
     except RuntimeError as error:
@@ -86,6 +92,8 @@ def restore(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | No
                     f"checkpoint {path} holds optimiser state for {name!r}, which this run's "
                     "model does not train; it belongs to another model"
                 )
+            if state_key != "step":  # moments are laid out like their parameter (sharded under FSDP2)
+                value = distributed.like(value, current[name])
             per_parameter.setdefault(index[name], {})[state_key] = value
         optimizer.load_state_dict({"state": per_parameter, "param_groups": optimizer.state_dict()["param_groups"]})
     return state

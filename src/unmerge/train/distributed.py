@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from unmerge.config import TrainConfig
 from unmerge.errors import ConfigError
@@ -73,11 +75,42 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def shard(units: list[nn.Module]) -> None:
+    """FSDP2: shard each unit's parameters over the ranks (dim 0); a unit's forward gathers them, and they stay
+    gathered until its backward has reduce-scattered their gradients (so tensors a forward returned stay valid)."""
+    for unit in units:
+        fully_shard(unit, reshard_after_forward=False)
+
+
+def gather(units: list[nn.Module]) -> None:
+    """Gather sharded units for good (a collective): their parameters read as plain tensors afterwards."""
+    for unit in units:
+        unit.unshard()  # type: ignore[operator]
+
+
+def full(tensor: Tensor) -> Tensor:
+    """A sharded tensor's full value (a collective: every rank calls it), or the tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def like(value: Tensor, reference: Tensor) -> Tensor:
+    """A full value laid out like `reference`: this rank's shard when `reference` is sharded (no communication,
+    every rank holds the value), else the value on reference's device."""
+    if isinstance(reference, DTensor):
+        return distribute_tensor(
+            value.to(reference.device), reference.device_mesh, reference.placements, src_data_rank=None
+        )
+    return value.to(reference.device)
+
+
 def average_gradients(parameters: list[nn.Parameter]) -> None:
-    """All-reduce gradients to their mean across ranks (one flat buffer, one collective)."""
+    """All-reduce gradients to their mean across ranks (one flat buffer, one collective); gradients FSDP2 has
+    already reduce-scattered are left alone."""
     if not is_distributed():
         return
-    grads = [p.grad for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters if p.grad is not None and not isinstance(p.grad, DTensor)]
+    if not grads:
+        return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= world_size()

@@ -176,6 +176,20 @@ def _rank_batch(sample_batch: BatchSampler, step: int, global_size: int, generat
     return batch[rank * size : (rank + 1) * size]
 
 
+def _shard(method: Method, config: TrainConfig) -> list[nn.Module]:
+    """With `train.fsdp` under torchrun, shard the method's FSDP units (`fsdp_units()`); the units (none else)."""
+    if not (config.fsdp and distributed.is_distributed()):
+        return []
+    units = getattr(method, "fsdp_units", None)
+    if units is None:
+        raise ConfigError(
+            f"train.fsdp shards SPD's sites; {type(method).__name__} keeps a full copy on every rank: unset train.fsdp"
+        )
+    sharded = units()
+    distributed.shard(sharded)
+    return sharded
+
+
 def _check_batch_split(batch_size: int) -> None:
     world = distributed.world_size()
     if batch_size % world:
@@ -201,6 +215,7 @@ def train(
     device = distributed.start(config)
     _check_batch_split(config.batch_size)
     method.to(device)
+    units = _shard(method, config)
     optimizer = make_optimizer(method.module, config.optim)
     rank, writes = distributed.rank(), run_dir is not None and distributed.is_main_process()
     start = _resume(run_dir, method.module, optimizer) if run_dir is not None else 0
@@ -249,10 +264,13 @@ def train(
             if writes:
                 _append_jsonl(run_dir / EVAL_LOG, {"step": done, **metrics})
                 loggers.log("eval", done, metrics)
-        if writes and (is_last or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+        due = run_dir is not None and (is_last or (config.checkpoint_every and done % config.checkpoint_every == 0))
+        if due and (writes or units):  # sharded state is gathered by every rank, written by rank 0
             tensors = checkpoint.checkpoint_tensors(method.module, optimizer)
-            state = {"lr": lr, "world_size": distributed.world_size()}
-            checkpoint.save_checkpoint(run_dir, done, tensors, state, keep=config.keep_checkpoints)
+            if writes:
+                state = {"lr": lr, "world_size": distributed.world_size()}
+                checkpoint.save_checkpoint(run_dir, done, tensors, state, keep=config.keep_checkpoints)
+    distributed.gather(units)
     progress.close()
     loggers.close()
     return TrainResult(steps=config.steps, resumed_from=start, last_terms=last_terms)
