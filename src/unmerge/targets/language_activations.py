@@ -117,10 +117,15 @@ def hook_point(config: LanguageActivationsConfig) -> tuple[LanguageData, nn.Modu
     return data, find_module(data.lm, config.hook, data.lm.name)
 
 
+def _output_width(data: LanguageData, module: nn.Module) -> int:
+    """The width of the module's output (the model runs on one window)."""
+    return int(_recorder(data.lm, module)(data.train_windows[:1]).shape[-1])
+
+
 def hook_width(config: LanguageActivationsConfig) -> tuple[str, int]:
-    """The hook point's name and the width of its output (the model runs on one window)."""
+    """The hook point's name and the width of its output."""
     data, module = hook_point(config)
-    return f"{data.lm.name}/{config.hook}", int(_recorder(data.lm, module)(data.train_windows[:1]).shape[-1])
+    return f"{data.lm.name}/{config.hook}", _output_width(data, module)
 
 
 def language_activations(
@@ -133,7 +138,7 @@ def language_activations(
     data.lm.to(device)
     if config.cache_tokens is None:
         sample = _live_sampler(data, module, config.record_batch)
-        dim = int(_recorder(data.lm, module)(data.train_windows[:1]).shape[-1])
+        dim = _output_width(data, module)
     else:
         cache = activation_cache(config, data, module)
         if config.stream_shards is None:

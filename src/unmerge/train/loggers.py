@@ -17,16 +17,14 @@ from unmerge.errors import ConfigError
 
 TENSORBOARD_DIR = "tensorboard"
 
-_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
 
 def _require(name: str) -> Any:
-    """Import an optional logger's package, or say how to install it."""
+    """Import an optional logger's package (named as the logger), or say how to install it."""
     try:
-        return importlib.import_module(_PACKAGES[name])
+        return importlib.import_module(name)
     except ImportError:
         raise ConfigError(
-            f"train.loggers asks for {name}, which is not installed; `pip install {_PACKAGES[name]}` "
+            f"train.loggers asks for {name}, which is not installed; `pip install {name}` "
             f"(or drop {name} from train.loggers)"
         ) from None
 
