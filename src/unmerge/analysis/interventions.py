@@ -33,7 +33,7 @@ from unmerge.eval.spliced import frozen
 from unmerge.metrics.language import counted_predictions, next_token_nll
 from unmerge.sae.dictionary import Dictionary
 from unmerge.spd.method import SPD
-from unmerge.spd.sites import as_site
+from unmerge.spd.sites import find_site
 from unmerge.train.rng import step_generator
 
 Ablation = Literal["zero", "mean"]
@@ -126,11 +126,8 @@ def unlearned_model(spd: SPD, units: Iterable[str]) -> nn.Module:
         if tied in masks:
             masks[source] = masks.get(source, torch.zeros_like(masks[tied])) | masks.pop(tied)
     model = copy.deepcopy(spd.target.model)
-    modules = dict(model.named_modules())
     for site, mask in masks.items():
-        copied = as_site(modules[site])
-        assert copied is not None
-        copied.weight.sub_(removed_weight(spd, site, mask))
+        find_site(model, site).subtract_(removed_weight(spd, site, mask))
     return model
 
 

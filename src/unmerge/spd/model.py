@@ -5,15 +5,16 @@ where the weight is, its subcomponents `U V` and its causal-importance function,
 Sites are the modules `unmerge.spd.sites` finds; a site whose weight is the transpose of another site's (tied
 weights) shares that site's subcomponents, transposed.
 
-A pass over the target (clean, masked, edited) attaches a forward pre-hook and a forward hook to each site's
-module, inside a context manager that always removes them; the target and its modules are never changed. Given
-the module's input `a`, the pass computes what it asks of the site, e.g. `((a Vᵀ) ⊙ m) Uᵀ + bias` (for an
-embedding `a Vᵀ` is the lookup `Vᵀ[ids]`), never a per-example matrix, and that becomes the module's output;
-the module's own forward then runs on an empty batch (`a[:0]`), so the replaced computation costs nothing. Hooks
-a user registered on the module still run: their pre-hooks before the pass's, their forward hooks after it, on
-the output the pass gave. Two exact shortcuts make the passes cheap: until the first masked site of a pass has
-run, every activation equals the clean pass's, so an unmasked site returns its cached clean output and a masked
-site reuses the inner activations `a Vᵀ` already computed for the causal importances.
+A pass over the target (clean, masked, edited) attaches hooks to each site (`Site.attach`: a forward pre-hook and
+a forward hook on a site's module; hook points for a TransformerLens parameter), inside a context manager that
+always removes them; the target and its modules are never changed. Given the site's input `a`, the pass computes
+what it asks of the site, e.g. `((a Vᵀ) ⊙ m) Uᵀ + bias` (for an embedding `a Vᵀ` is the lookup `Vᵀ[ids]`), never
+a per-example matrix, and that becomes the site's output; a module's own forward then runs on an empty batch
+(`a[:0]`), so the replaced computation costs nothing. Hooks a user registered on the module still run: their
+pre-hooks before the pass's, their forward hooks after it, on the output the pass gave. Two exact shortcuts make
+the passes cheap: until the first masked site of a pass has run, every activation equals the clean pass's, so an
+unmasked site returns its cached clean output and a masked site reuses the inner activations `a Vᵀ` already
+computed for the causal importances.
 """
 
 from __future__ import annotations
@@ -104,10 +105,9 @@ class Decomposition(nn.ModuleDict):
 
 
 class _SiteHooks:
-    """The two hooks attached to one site's module. With a pass's `behaviour` set, the pre-hook computes the pass's
-    output for the input and, when there is one, hands the module an empty batch; the forward hook returns that
-    output instead, and shows the output to the pass's `observer` if it has one. Without a pass both leave the
-    module alone."""
+    """What a pass does at one site. With a pass's `behaviour` set, the site's input gives the pass's output for
+    it (or None: the site's own); the site's output, whichever computed it, is shown to the pass's `observer` if
+    it has one. Without a pass both leave the site alone. The site attaches these (`Site.attach`)."""
 
     def __init__(self, record: DecomposedSite) -> None:
         self.record = record
@@ -115,16 +115,14 @@ class _SiteHooks:
         self.observer: Observer | None = None
         self.replacement: Tensor | None = None
 
-    def before(self, _: nn.Module, args: tuple) -> tuple | None:
-        if self.behaviour is None:
-            return None
-        self.replacement = self.behaviour(self.record, args[0])
-        return None if self.replacement is None else (args[0][:0], *args[1:])
+    def on_input(self, a: Tensor) -> Tensor | None:
+        self.replacement = None if self.behaviour is None else self.behaviour(self.record, a)
+        return self.replacement
 
-    def after(self, _: nn.Module, __: tuple, output: Tensor) -> Tensor | None:
+    def on_output(self, own_output: Callable[[], Tensor]) -> Tensor | None:
         replacement, self.replacement = self.replacement, None
         if self.observer is not None:
-            self.observer(self.record, output if replacement is None else replacement)
+            self.observer(self.record, own_output() if replacement is None else replacement)
         return replacement
 
 
@@ -228,9 +226,7 @@ class ComponentModel(nn.Module):
             self._attached = True
             self._live = {record.name: record() for record in self.sites.values()}
             for hooks in self._hooks:
-                module = hooks.record.site.module
-                handles.append(module.register_forward_pre_hook(hooks.before))
-                handles.append(module.register_forward_hook(hooks.after, prepend=True))
+                handles += hooks.record.site.attach(hooks.on_input, hooks.on_output)
             yield
         finally:
             self._attached, self._live = False, None
