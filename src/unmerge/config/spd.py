@@ -24,7 +24,15 @@ class SPDConfig(StrictModel):
 
     kind: Literal["spd"] = "spd"
     sites: list[SiteConfig] = Field(min_length=1, description="which weights to decompose")
+    ci_function: Literal["scalar_mlp", "global_mlp"] = Field(
+        "scalar_mlp",
+        description="causal-importance function: one tiny MLP per subcomponent on its own inner activation (the "
+        "paper's), or one global MLP reading every site's inner activations (later work's)",
+    )
     ci_hidden: PositiveInt = Field(16, description="hidden width d_gate of each subcomponent's CI MLP")
+    global_ci_hidden: list[PositiveInt] = Field(
+        default_factory=lambda: [512], min_length=1, description="hidden widths of the global CI MLP (global_mlp)"
+    )
     faithfulness_coeff: NonNegativeFloat = Field(1.0, description="weight of ‖W − UV‖²")
     stochastic_recon_coeff: NonNegativeFloat = Field(1.0, description="β1: all sites masked")
     layerwise_recon_coeff: NonNegativeFloat = Field(1.0, description="β2: one site masked at a time")

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from unmerge.errors import ConfigError
 from unmerge.kernels.cpu.ci import (
@@ -109,6 +110,28 @@ class ScalarMLPCI(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(C))
 
 
+class GlobalMLPCI(nn.Module):
+    """A global CI function (later SPD work): one MLP reads the inner activations of every site, concatenated
+    (ΣC), and gives every subcomponent's γ, so a subcomponent's importance may depend on what all sites see.
+    GELU between layers; He-initialised weights, zero biases."""
+
+    def __init__(self, total_C: int, hidden: list[int], generator: torch.Generator) -> None:
+        super().__init__()
+        widths = [total_C, *hidden, total_C]
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.randn(out, into, generator=generator) * (2 / into) ** 0.5)
+            for into, out in zip(widths, widths[1:], strict=False)
+        )
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(out)) for out in widths[1:])
+
+    def forward(self, h: Tensor) -> Tensor:
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = F.linear(h, weight, bias)
+            if layer < len(self.weights) - 1:
+                h = F.gelu(h)
+        return h
+
+
 class CIWeights(Protocol):
     """A CI function's weights: a `ScalarMLPCI`, or the `SiteTensors` its site's forward returned."""
 
@@ -124,4 +147,9 @@ def causal_importances(functions: Sequence[CIWeights], inner: list[Tensor], c_ke
     fp32 from bf16 inner activations too: these are elementwise ops, where bf16 saves nothing but precision."""
     h = torch.cat(inner, dim=-1).float()
     params = [torch.cat([getattr(f, name) for f in functions]) for name in ("w1", "b1", "w2", "b2")]
-    return (scalar_mlp_ci if c_kernel else scalar_mlp_ci_reference)(h, *params)
+    if c_kernel:
+        return scalar_mlp_ci(h, *params)
+    if not torch.is_grad_enabled():
+        return scalar_mlp_ci_reference(h, *params)
+    # the reference materialises (rows, ΣC, hidden) several times over; recomputing it in backward keeps only h
+    return checkpoint(scalar_mlp_ci_reference, h, *params, use_reentrant=False)

@@ -50,8 +50,14 @@ class SPD:
             config.ci_hidden,
             step_generator(seed, "init"),
             c_kernel=uses_c_kernel(config.ci_kernel, device_of(target.model)),
+            global_ci_hidden=config.global_ci_hidden if config.ci_function == "global_mlp" else None,
         )
-        self.module = self.model.sites  # what training learns and checkpoints: the decomposition, not the target
+        # what training learns and checkpoints: the decomposition (and a global CI function), not the target
+        self.module: nn.Module = (
+            self.model.sites
+            if self.model.global_ci is None
+            else nn.ModuleDict({"sites": self.model.sites, "global_ci": self.model.global_ci})
+        )
 
     def before_training(self) -> None:
         """Faithfulness warm-up: fit U V to W alone for a few data-free steps, so training starts near W = U V.
@@ -128,9 +134,9 @@ class SPD:
             return self._training_loss(batch, generator)
 
     def _training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
-        clean = self.model.clean_pass(batch)
-        ci = self.importances(clean)
         config = self.config
+        clean = self.model.clean_pass(batch, outputs=bool(config.layerwise_recon_coeff))
+        ci = self.importances(clean)
         powers = [losses.importance_powers(ci.upper_all, config.pnorm)]
         terms = {
             "faithfulness": self.faithfulness(),
@@ -171,8 +177,9 @@ class SPD:
             return self.importances(self.model.clean_pass(self.evaluation_batch())).clipped()
 
     def fsdp_units(self) -> list[nn.Module]:
-        """What FSDP2 shards (`train.fsdp`): each site, so a step gathers one site's subcomponents at a time."""
-        return list(self.module.values())
+        """What FSDP2 shards (`train.fsdp`): each site, so a step gathers one site's subcomponents at a time, and
+        the global CI function."""
+        return list(self.model.sites.values()) + ([self.model.global_ci] if self.model.global_ci is not None else [])
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -182,7 +189,7 @@ class SPD:
 
     def _evaluate(self) -> dict[str, float]:
         x = self.evaluation_batch()
-        clean = self.model.clean_pass(x)
+        clean = self.model.clean_pass(x, outputs=bool(self.config.layerwise_recon_coeff))
         ci = self.importances(clean)
         masks = self.stochastic_masks(ci, step_generator(self.seed, "eval-masks", device=self.device))
         ones = {name: torch.ones_like(g) for name, g in ci.lower.items()}
@@ -192,9 +199,10 @@ class SPD:
             "faithfulness": float(self.faithfulness()),
             "faithfulness_relative": float(self.faithfulness()) / weight_mean_square,
             "stochastic_recon": float(self.stochastic_recon(x, clean, ci, masks)),
-            "layerwise_recon": float(self.layerwise_recon(x, clean, ci, masks)),
             "unmasked_recon": float(self._divergence(x, ones, clean, ci)),
         }
+        if self.config.layerwise_recon_coeff:  # one pass per site: on a whole model, only when it is trained on
+            results["layerwise_recon"] = float(self.layerwise_recon(x, clean, ci, masks))
         ci_masked = self.model.masked_pass(x, ci.lower, clean, ci.inner)
         results["ci_masked_recon"] = float(losses.output_divergence(ci_masked, clean.output, self.config.output_loss))
         if self.config.adversarial_steps:
@@ -209,6 +217,10 @@ class SPD:
             results[f"alive/{name}"] = metrics.alive_count(g)
             for threshold in metrics.L0_THRESHOLDS:
                 results[f"ci_l0/{name}/{threshold}"] = metrics.ci_l0(g, threshold)
+        all_sites = ci.lower_all.clamp(0.0, 1.0)  # totals over every site: subcomponents alive, and active per input
+        results["alive"] = metrics.alive_count(all_sites)
+        for threshold in metrics.L0_THRESHOLDS:
+            results[f"ci_l0/{threshold}"] = metrics.ci_l0(all_sites, threshold)
         if self.target.ground_truth is not None:
             results.update(self.ground_truth_metrics())
         return results

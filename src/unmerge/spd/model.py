@@ -29,7 +29,14 @@ from torch import Tensor, nn
 
 from unmerge.config import SiteConfig
 from unmerge.errors import SiteError
-from unmerge.spd.components import Components, LinearComponents, ScalarMLPCI, TransposedComponents, causal_importances
+from unmerge.spd.components import (
+    Components,
+    GlobalMLPCI,
+    LinearComponents,
+    ScalarMLPCI,
+    TransposedComponents,
+    causal_importances,
+)
 from unmerge.spd.sites import FoundSite, find_sites, find_tied_sites
 
 
@@ -40,7 +47,7 @@ def site_key(name: str) -> str:
 
 @dataclass
 class CleanPass:
-    """The target's own forward: its output and each site's input and output (no gradients)."""
+    """The target's own forward: its output, each site's input and, where asked for, its output (no gradients)."""
 
     output: Tensor
     site_inputs: dict[str, Tensor]
@@ -54,15 +61,16 @@ Observer = Callable[["DecomposedSite", Tensor], None]  # sees the site's output,
 @dataclass(frozen=True)
 class SiteTensors:
     """A site's learned tensors as its module's forward returns them for one step: its own `U`, `V` (None when
-    tied) and its CI function's `w1, b1, w2, b2`. Reading them through a forward is what lets FSDP2 gather a sharded
-    site for the step and reduce-scatter its gradients after it; unsharded, they are the parameters themselves."""
+    tied) and its CI function's `w1, b1, w2, b2` (None under a global CI function). Reading them through a forward
+    is what lets FSDP2 gather a sharded site for the step and reduce-scatter its gradients after it; unsharded,
+    they are the parameters themselves."""
 
     U: Tensor | None
     V: Tensor | None
-    w1: Tensor
-    b1: Tensor
-    w2: Tensor
-    b2: Tensor
+    w1: Tensor | None
+    b1: Tensor | None
+    w2: Tensor | None
+    b2: Tensor | None
 
     def weight(self) -> Tensor:
         assert self.U is not None and self.V is not None
@@ -71,10 +79,11 @@ class SiteTensors:
 
 class DecomposedSite(nn.Module):
     """One decomposed weight: its module name, the pattern that chose it, its C subcomponents (`components`, or
-    none of its own when its weight is tied to the site named `tied_to`) and its causal-importance function `ci`."""
+    none of its own when its weight is tied to the site named `tied_to`) and its causal-importance function `ci`
+    (None when one global function serves every site)."""
 
     def __init__(
-        self, found: FoundSite, components: LinearComponents | None, tied_to: str | None, ci: ScalarMLPCI
+        self, found: FoundSite, components: LinearComponents | None, tied_to: str | None, ci: ScalarMLPCI | None
     ) -> None:
         super().__init__()
         self.name, self.pattern, self.C, self.site = found.name, found.pattern, found.C, found.site
@@ -83,9 +92,8 @@ class DecomposedSite(nn.Module):
         self.ci = ci
 
     def forward(self) -> SiteTensors:
-        own = self.components
-        ci = self.ci
-        return SiteTensors(own and own.U, own and own.V, ci.w1, ci.b1, ci.w2, ci.b2)
+        own, ci = self.components, self.ci
+        return SiteTensors(own and own.U, own and own.V, *((ci.w1, ci.b1, ci.w2, ci.b2) if ci else (None,) * 4))
 
 
 class Decomposition(nn.ModuleDict):
@@ -127,7 +135,9 @@ class _SiteHooks:
 
 
 class ComponentModel(nn.Module):
-    """A frozen target and its decomposition: one `DecomposedSite` per chosen weight (`sites`)."""
+    """A frozen target and its decomposition: one `DecomposedSite` per chosen weight (`sites`), and the global CI
+    function (`global_ci`) when `global_ci_hidden` gives its hidden widths instead of one scalar MLP per
+    subcomponent."""
 
     def __init__(
         self,
@@ -136,6 +146,7 @@ class ComponentModel(nn.Module):
         ci_hidden: int,
         generator: torch.Generator,
         c_kernel: bool = False,
+        global_ci_hidden: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.target = target
@@ -151,13 +162,15 @@ class ComponentModel(nn.Module):
                 )
         # every site's U and V first, then every CI function: the order the generator has always been drawn in
         components = {f.name: LinearComponents(f.site.weight, f.C, generator) for f in found if f.name not in tied}
-        functions = {f.name: ScalarMLPCI(f.C, ci_hidden, generator) for f in found}
+        functions = {} if global_ci_hidden else {f.name: ScalarMLPCI(f.C, ci_hidden, generator) for f in found}
         self.sites = Decomposition(
             {
-                site_key(f.name): DecomposedSite(f, components.get(f.name), tied.get(f.name), functions[f.name])
+                site_key(f.name): DecomposedSite(f, components.get(f.name), tied.get(f.name), functions.get(f.name))
                 for f in found
             }
         )
+        total_C = sum(f.C for f in found)
+        self.global_ci = GlobalMLPCI(total_C, global_ci_hidden, generator) if global_ci_hidden else None
         self._components: dict[str, Components] = {
             record.name: record.components
             if record.tied_to is None
@@ -281,10 +294,11 @@ class ComponentModel(nn.Module):
         with self._pass(behaviour):
             yield
 
-    def clean_pass(self, x: Tensor) -> CleanPass:
-        """Run the target unchanged, recording every site's input and output."""
+    def clean_pass(self, x: Tensor, outputs: bool = True) -> CleanPass:
+        """Run the target unchanged, recording every site's input and, with `outputs`, its output (what only the
+        passes that mask some sites but not all reuse: each is a copy of an activation the size of the batch)."""
         inputs: dict[str, Tensor] = {}
-        outputs: dict[str, Tensor] = {}
+        site_outputs: dict[str, Tensor] = {}
 
         def record_input(record: DecomposedSite, a: Tensor) -> None:
             if record.name in inputs:
@@ -295,11 +309,11 @@ class ComponentModel(nn.Module):
             inputs[record.name] = a
 
         def record_output(record: DecomposedSite, output: Tensor) -> None:
-            outputs[record.name] = output
+            site_outputs[record.name] = output
 
-        with torch.no_grad(), self._pass(record_input, record_output):
+        with torch.no_grad(), self._pass(record_input, record_output if outputs else None):
             output = self.target(x)
-        return CleanPass(output=output, site_inputs=inputs, site_outputs=outputs)
+        return CleanPass(output=output, site_inputs=inputs, site_outputs=site_outputs)
 
     def inner_acts(self, clean: CleanPass) -> dict[str, Tensor]:
         """`h = a Vᵀ` for every site on its clean input (gradient flows to V)."""
@@ -311,6 +325,8 @@ class ComponentModel(nn.Module):
     def causal_importance(self, inner: dict[str, Tensor]) -> Tensor:
         """Pre-sigmoid γ of all sites, concatenated in `site_names` order (see `split_sites`)."""
         records = list(self.sites.values())
+        if self.global_ci is not None:
+            return self.global_ci(torch.cat([inner[record.name] for record in records], dim=-1).float())
         functions = [record.ci if self._live is None else self._live[record.name] for record in records]
         return causal_importances(functions, [inner[record.name] for record in records], self.c_kernel)
 
@@ -322,13 +338,13 @@ class ComponentModel(nn.Module):
 
     def masked_pass(self, x: Tensor, masks: dict[str, Tensor], clean: CleanPass, inner: dict[str, Tensor]) -> Tensor:
         """Forward with the sites in `masks` replaced by their masked subcomponents, the rest by the target weight,
-        using the clean pass's shortcuts (module docstring)."""
+        using the clean pass's shortcuts (module docstring) where it recorded the outputs."""
         state = {"masked_ran": False}
 
         def behaviour(record: DecomposedSite, a: Tensor) -> Tensor | None:
             name, site = record.name, record.site
             if name not in masks:
-                return None if state["masked_ran"] else clean.site_outputs[name]
+                return None if state["masked_ran"] else clean.site_outputs.get(name)
             components = self.site_components(name)
             h = inner[name] if not state["masked_ran"] else site.apply(a, components.V, None)
             state["masked_ran"] = True

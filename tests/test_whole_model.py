@@ -1,0 +1,131 @@
+"""Whole-model SPD of a causal LM (issue 24): every MLP and attention matrix of every layer by pattern, the global
+CI function, and the memory a step keeps (no per-site copies of activations the losses do not read)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.conftest import set_exact_factorisation
+from unmerge.config import SiteConfig, SPDConfig
+from unmerge.spd.components import causal_importances
+from unmerge.spd.method import SPD
+from unmerge.spd.model import ComponentModel
+from unmerge.targets.base import Target
+from unmerge.targets.language import from_hf
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+EVERY_MATRIX = [
+    SiteConfig(pattern="model.layers.*.mlp.*_proj", C=16),  # the weights' full rank, so U V can equal W
+    SiteConfig(pattern="model.layers.*.self_attn.[qkvo]_proj", C=16),
+]
+
+
+def _tiny_llama(layers: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _ids(batch: int = 4, seq: int = 12) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def _spd(lm: nn.Module, **method: object) -> SPD:
+    target = Target(name="llama", model=lm, sample_inputs=lambda n, g: _ids(n))
+    config = SPDConfig(sites=EVERY_MATRIX, output_loss="kl", importance_minimality_coeff=1e-3, **method)
+    return SPD(target, config, seed=0, eval_batch_size=4)
+
+
+def test_every_mlp_and_attention_matrix_of_every_layer_is_a_site() -> None:
+    lm = from_hf(_tiny_llama())
+    model = ComponentModel(lm, EVERY_MATRIX, ci_hidden=2, generator=torch.Generator().manual_seed(0))
+    assert len(model.site_names) == 3 * (3 + 4)
+    assert model.target_weight("model.layers.2.self_attn.k_proj").shape == (8, 16)  # one key-value head
+    set_exact_factorisation(model)
+    ids = _ids()
+    clean = model.clean_pass(ids)
+    ones = {name: torch.ones(*ids.shape, C) for name, C in model.site_C.items()}
+    torch.testing.assert_close(model.masked_pass(ids, ones, clean, model.inner_acts(clean)), lm(ids), atol=1e-4, rtol=0)
+
+
+def test_global_ci_function_is_one_mlp_over_every_sites_inner_activations() -> None:
+    lm = from_hf(_tiny_llama(layers=1))
+    spd = _spd(lm, ci_function="global_mlp", global_ci_hidden=[5, 3])
+    model = spd.model
+    assert all(record.ci is None for record in model.sites.values())
+    assert sorted(spd.module.state_dict()) == sorted(
+        [f"sites.{key}.components.{p}" for key in model.sites for p in ("U", "V")]
+        + [f"global_ci.{kind}.{i}" for kind in ("weights", "biases") for i in range(3)]
+    )
+    inner = model.inner_acts(model.clean_pass(_ids()))
+    h = torch.cat([inner[name] for name in model.site_names], dim=-1)
+    (w1, w2, w3), (b1, b2, b3) = model.global_ci.weights, model.global_ci.biases
+    expected = F.gelu(F.gelu(h @ w1.T + b1) @ w2.T + b2) @ w3.T + b3
+    torch.testing.assert_close(model.causal_importance(inner), expected)
+    assert expected.shape[-1] == 7 * 16
+    output = spd.training_loss(_ids(), torch.Generator().manual_seed(1))
+    output.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.global_ci.parameters())
+
+
+def test_a_step_without_layerwise_terms_records_no_site_outputs() -> None:
+    """The site outputs a clean pass records serve only passes that mask some sites but not all; without them the
+    all-sites pass computes the same loss."""
+    spd = _spd(from_hf(_tiny_llama()), layerwise_recon_coeff=0.0)
+    seen: list[int] = []
+    original = spd.model.clean_pass
+
+    def counting(x: torch.Tensor, outputs: bool = True):
+        clean = original(x, outputs)
+        seen.append(len(clean.site_outputs))
+        return clean
+
+    spd.model.clean_pass = counting
+    loss = spd.training_loss(_ids(), torch.Generator().manual_seed(1)).terms["stochastic_recon"]
+    assert seen == [0]
+    spd.model.clean_pass = original
+    with_outputs = spd.model.clean_pass(_ids())
+    ci = spd.importances(with_outputs)
+    masks = spd.stochastic_masks(ci, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loss, spd.stochastic_recon(_ids(), with_outputs, ci, masks), atol=1e-6, rtol=0)
+
+
+def test_ci_backward_keeps_inner_activations_not_the_hidden_layer() -> None:
+    """On the torch path, the per-subcomponent CI MLPs keep (rows, ΣC) for backward, not (rows, ΣC, hidden): the
+    hidden layer is recomputed, with the same gradients."""
+    rows, C, hidden = 256, 64, 16
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(rows, C, generator=generator, requires_grad=True)
+    weights = [torch.randn(C, hidden, generator=generator, requires_grad=True) for _ in range(3)]
+    b2 = torch.zeros(C, requires_grad=True)
+    function = SimpleNamespace(w1=weights[0], b1=weights[1], w2=weights[2], b2=b2)
+    saved: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        gamma = causal_importances([function], [h], c_kernel=False)
+    assert max(saved) < rows * C * hidden
+    gamma.square().sum().backward()
+    recomputed = h.grad.clone()
+    h.grad = None
+    z = h.unsqueeze(-1) * weights[0] + weights[1]
+    ((F.gelu(z) * weights[2]).sum(-1) + b2).square().sum().backward()
+    torch.testing.assert_close(recomputed, h.grad)
