@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import set_exact_factorisation
-from unmerge.config import SiteConfig, SPDConfig
+from unmerge.config import SiteConfig, SPDConfig, load_run_config
+from unmerge.errors import ConfigError
 from unmerge.spd.components import causal_importances
 from unmerge.spd.method import SPD
 from unmerge.spd.model import ComponentModel
@@ -129,3 +130,26 @@ def test_ci_backward_keeps_inner_activations_not_the_hidden_layer() -> None:
     z = h.unsqueeze(-1) * weights[0] + weights[1]
     ((F.gelu(z) * weights[2]).sum(-1) + b2).square().sum().backward()
     torch.testing.assert_close(recomputed, h.grad)
+
+
+def test_a_target_stored_in_bf16_runs_every_pass_in_bf16_against_fp32_subcomponents() -> None:
+    """`target.dtype: bf16`: the frozen weights are bf16, U, V and the CI functions fp32; passes outside a training
+    step's autocast (evaluation, analysis) still run, close to the fp32 model's."""
+    fp32 = _spd(from_hf(_tiny_llama()))
+    bf16 = _spd(from_hf(_tiny_llama()).to(torch.bfloat16))
+    assert bf16.model.site_components("model.layers.0.mlp.up_proj").U.dtype == torch.float32
+    ids = _ids()
+    reference, clean = fp32.model.clean_pass(ids), bf16.model.clean_pass(ids)
+    assert clean.output.dtype == torch.float32
+    torch.testing.assert_close(clean.output, reference.output, atol=0.05, rtol=0.05)
+    metrics = bf16.evaluate()
+    assert abs(metrics["ce_ci_masked"] - fp32.evaluate()["ce_ci_masked"]) < 0.05
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = bf16.training_loss(ids, torch.Generator().manual_seed(1)).loss
+    loss.backward()
+    assert loss.dtype == torch.float32 and bf16.model.site_components("model.layers.0.mlp.up_proj").U.grad is not None
+
+
+def test_bf16_weights_need_bf16_precision() -> None:
+    with pytest.raises(ConfigError, match="target.dtype=bf16 needs train.precision=bf16"):
+        load_run_config("smollm2-all", ["train.precision=fp32"])

@@ -85,6 +85,13 @@ class RunConfig(StrictModel):
     train: TrainConfig
 
     @model_validator(mode="after")
+    def _bf16_weights_run_in_bf16(self) -> RunConfig:
+        bf16_weights = isinstance(self.target, LanguageTargetConfig) and self.target.dtype == "bf16"
+        if bf16_weights and self.train.precision != "bf16":
+            raise ValueError("target.dtype=bf16 needs train.precision=bf16 (autocast), or set target.dtype=fp32")
+        return self
+
+    @model_validator(mode="after")
     def _output_loss_fits_the_target(self) -> RunConfig:
         whole_language_model = (
             isinstance(self.target, LanguageTargetConfig)

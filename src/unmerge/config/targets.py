@@ -153,4 +153,9 @@ class LanguageTargetConfig(StrictModel):
     model: LanguageModelConfig = LanguageModelConfig()
     text: TextConfig = TextConfig()
     module: str | None = Field(None, description="decompose this module alone, on its recorded inputs")
+    dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="the frozen model's weights: bf16 halves their memory and spares autocast a cast of every "
+        "weight in every forward (needs train.precision=bf16; U, V and the CI functions stay fp32)",
+    )
     module_tokens: PositiveInt = Field(65_536, description="recorded input positions of `module`")

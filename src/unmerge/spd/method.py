@@ -194,7 +194,7 @@ class SPD:
         masks = self.stochastic_masks(ci, step_generator(self.seed, "eval-masks", device=self.device))
         ones = {name: torch.ones_like(g) for name, g in ci.lower.items()}
         weights = [self.model.target_weight(name) for name in self.model.site_names]
-        weight_mean_square = sum(float(w.square().sum()) for w in weights) / sum(w.numel() for w in weights)
+        weight_mean_square = sum(float(w.float().square().sum()) for w in weights) / sum(w.numel() for w in weights)
         results: dict[str, float] = {
             "faithfulness": float(self.faithfulness()),
             "faithfulness_relative": float(self.faithfulness()) / weight_mean_square,

@@ -20,7 +20,7 @@ computed for the causal importances.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +38,7 @@ from unmerge.spd.components import (
     causal_importances,
 )
 from unmerge.spd.sites import FoundSite, find_sites, find_tied_sites
+from unmerge.train.devices import autocast, device_of
 
 
 def site_key(name: str) -> str:
@@ -110,6 +111,11 @@ class Decomposition(nn.ModuleDict):
         for key in self:
             pairs += [(f"ci.functions.{key}.{p}", f"{key}.ci.{p}") for p in ("w1", "b1", "w2", "b2")]
         return pairs
+
+
+def _widened(output: Tensor) -> Tensor:
+    """A pass's output in fp32 when the target computed it in bf16 (losses and metrics are read in fp32)."""
+    return output.float() if output.dtype == torch.bfloat16 else output
 
 
 class _SiteHooks:
@@ -246,12 +252,19 @@ class ComponentModel(nn.Module):
             for handle in handles:
                 handle.remove()
 
+    def _target_precision(self) -> AbstractContextManager:
+        """bf16 autocast when the target's weights are stored in bf16 (they cannot meet fp32 U and V otherwise);
+        nothing for an fp32 target, so a training step's own autocast stays as it is."""
+        weight = next(iter(self.target.parameters()), None)
+        bf16 = weight is not None and weight.dtype == torch.bfloat16
+        return autocast(device_of(self.target), "bf16") if bf16 else nullcontext()
+
     @contextmanager
     def _pass(self, behaviour: Behaviour, observer: Observer | None = None) -> Iterator[None]:
         """Compute every site's output by `behaviour` for one pass (module docstring), showing each to `observer`;
         a pass inside another replaces it for its own duration."""
         previous = [(hooks.behaviour, hooks.observer) for hooks in self._hooks]
-        with self.attached():
+        with self.attached(), self._target_precision():
             try:
                 for hooks in self._hooks:
                     hooks.behaviour, hooks.observer = behaviour, observer
@@ -272,7 +285,7 @@ class ComponentModel(nn.Module):
             return F.linear(site.apply(a, components.V, None) * masks[record.name], components.U, site.bias)
 
         with self._pass(behaviour):
-            return self.target(x)
+            return _widened(self.target(x))
 
     @contextmanager
     def edited_weights(self, removed: dict[str, Tensor], shift: dict[str, Tensor]) -> Iterator[None]:
@@ -312,15 +325,16 @@ class ComponentModel(nn.Module):
             site_outputs[record.name] = output
 
         with torch.no_grad(), self._pass(record_input, record_output if outputs else None):
-            output = self.target(x)
+            output = _widened(self.target(x))
         return CleanPass(output=output, site_inputs=inputs, site_outputs=site_outputs)
 
     def inner_acts(self, clean: CleanPass) -> dict[str, Tensor]:
         """`h = a Vᵀ` for every site on its clean input (gradient flows to V)."""
-        return {
-            name: self.site(name).site.apply(clean.site_inputs[name], self.site_components(name).V, None)
-            for name in self.site_names
-        }
+        with self._target_precision():
+            return {
+                name: self.site(name).site.apply(clean.site_inputs[name], self.site_components(name).V, None)
+                for name in self.site_names
+            }
 
     def causal_importance(self, inner: dict[str, Tensor]) -> Tensor:
         """Pre-sigmoid γ of all sites, concatenated in `site_names` order (see `split_sites`)."""
@@ -351,4 +365,4 @@ class ComponentModel(nn.Module):
             return F.linear(h * masks[name], components.U, site.bias)
 
         with self._pass(behaviour):
-            return self.target(x)
+            return _widened(self.target(x))

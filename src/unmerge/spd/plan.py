@@ -12,6 +12,7 @@ from unmerge.train.plan import StepPlan
 from unmerge.train.rng import step_generator
 
 MASK_VALUES = 8  # per subcomponent and row: inner activation, γ, lower/upper sigmoids, noise, mask, their grads
+# (the per-subcomponent CI MLPs' hidden layer is recomputed in backward, not kept)
 
 
 def gradient_passes(config: SPDConfig, n_sites: int) -> int:
@@ -32,10 +33,17 @@ def spd_plan(target: Target, config: SPDConfig) -> StepPlan:
         frozen_parameters=sum(p.numel() for p in target.model.parameters()),
     )
     passes = gradient_passes(config, len(found))
+    total_C = sum(site.C for site in found)
     for site in found:
         d_out, d_in = site.site.weight.shape
-        ci_mlp = site.C * (3 * config.ci_hidden + 1)
+        ci_mlp = 0 if config.ci_function == "global_mlp" else site.C * (3 * config.ci_hidden + 1)
         plan.parts.append((site.name, site.C * (d_in + d_out) + ci_mlp, f"C={site.C}, W {d_out}×{d_in}"))
-        plan.activations_per_row += site.C * (3 * config.ci_hidden + MASK_VALUES) + (d_in + d_out) * (passes + 1)
+        clean = d_in + (d_out if config.layerwise_recon_coeff else 0)  # outputs are kept for layerwise passes only
+        plan.activations_per_row += site.C * MASK_VALUES + clean + (d_in + d_out + site.C) * passes
+    if config.ci_function == "global_mlp":
+        widths = [total_C, *config.global_ci_hidden, total_C]
+        weights = sum(into * out + out for into, out in zip(widths, widths[1:], strict=False))
+        plan.parts.append(("global CI function", weights, f"MLP {' → '.join(map(str, widths))}"))
+        plan.activations_per_row += 2 * sum(config.global_ci_hidden)
     plan.activations_per_row += output_width * 3 * (passes + 1)  # outputs and the divergence's softmaxes
     return plan

@@ -153,6 +153,8 @@ def language_target(config: LanguageTargetConfig, record_batch: int = 32) -> Tar
     """The SPD target a `LanguageTargetConfig` describes: the whole model on training windows, or one module on
     its recorded inputs (rows drawn uniformly)."""
     data = language_data(config.model, config.text)
+    if config.dtype == "bf16":
+        data.lm.to(torch.bfloat16)
     if config.module is None:
         return data.target()
     module = find_module(data.lm, config.module, data.lm.name)
