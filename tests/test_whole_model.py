@@ -153,3 +153,16 @@ def test_a_target_stored_in_bf16_runs_every_pass_in_bf16_against_fp32_subcompone
 def test_bf16_weights_need_bf16_precision() -> None:
     with pytest.raises(ConfigError, match="target.dtype=bf16 needs train.precision=bf16"):
         load_run_config("smollm2-all", ["train.precision=fp32"])
+
+
+def test_faithfulness_is_fp32_inside_a_bf16_step() -> None:
+    """bf16 would round W − U V (small beside W) away: the term is the same inside autocast as outside."""
+    spd = _spd(from_hf(_tiny_llama(layers=1)).to(torch.bfloat16))
+    with torch.no_grad():
+        for name in spd.model.site_names:
+            spd.model.site_components(name).U.mul_(1.001)
+    outside = spd.faithfulness()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = spd.faithfulness()
+    assert inside.dtype == torch.float32 and float(outside) > 0
+    torch.testing.assert_close(inside, outside, rtol=1e-6, atol=0)

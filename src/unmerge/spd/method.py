@@ -90,10 +90,14 @@ class SPD:
         return Importances(inner, lower_all, upper_all, self.model.split_sites(lower_all))
 
     def faithfulness(self) -> Tensor:
+        """`‖W − UV‖²` in fp32 even within a bf16 step: the difference is small beside W, and bf16 would round it
+        away (a target stored in bf16 is compared as stored)."""
         names = self.model.site_names
-        return losses.faithfulness_loss(
-            [self.model.target_weight(n) for n in names], [self.model.site_components(n).weight() for n in names]
-        )
+        with torch.autocast(self.device.type, enabled=False):
+            return losses.faithfulness_loss(
+                [self.model.target_weight(n).float() for n in names],
+                [self.model.site_components(n).weight() for n in names],
+            )
 
     def _divergence(self, x: Tensor, masks: dict[str, Tensor], clean: CleanPass, ci: Importances) -> Tensor:
         output = self.model.masked_pass(x, masks, clean, ci.inner)
