@@ -38,6 +38,7 @@ from unmerge.io import save_tensors_atomic, write_json_atomic
 from unmerge.report.figures import density_histogram_figure, merge_history_figure, spd_figures
 from unmerge.report.html import write_index
 from unmerge.report.latents import latents_section
+from unmerge.report.mechanisms import mechanisms_section
 from unmerge.report.run import publish, refresh
 from unmerge.report.splitting import write_splitting
 from unmerge.runs import GROUPING_FILE, RunResult, is_dictionary_run
@@ -132,13 +133,14 @@ def _finish_spd(spd: SPD, config: RunConfig, run_dir: Path, step: int) -> RunRes
     if not distributed.is_main_process():
         return RunResult(run_dir, metrics, [], step)
     figures = spd_figures(spd, run_dir / runs.FIGURES_DIR)
-    figures, report = publish(run_dir, f"SPD: {config.name}", metrics, figures, _subcomponents_section(spd, config))
+    sections = _subcomponents_section(spd, config, run_dir)
+    figures, report = publish(run_dir, f"SPD: {config.name}", metrics, figures, sections)
     return RunResult(run_dir, metrics, figures, step, report)
 
 
-def _subcomponents_section(spd: SPD, config: RunConfig) -> str:
-    """For SPD of a whole causal LM, the report's list of subcomponents with their top-activating held-out
-    snippets (by causal importance) and ablation effects; nothing for other targets."""
+def _subcomponents_section(spd: SPD, config: RunConfig, run_dir: Path) -> str:
+    """For SPD of a whole causal LM, the report's subcomponents (top held-out snippets by causal importance,
+    ablation effects) and its mechanisms (`mechanisms.json`); nothing for other targets."""
     target = config.target
     if (
         not isinstance(target, LanguageTargetConfig)
@@ -148,7 +150,8 @@ def _subcomponents_section(spd: SPD, config: RunConfig) -> str:
         return ""
     windows, tokens = report_windows(language_data(target.model, target.text), REPORT_TOKENS)
     examples = subcomponent_examples(spd, windows, tokens, LATENT_SNIPPETS)
-    return latents_section(examples, title="Subcomponents", unit="subcomponent", measure="causal importance")
+    section = latents_section(examples, title="Subcomponents", unit="subcomponent", measure="causal importance")
+    return section + mechanisms_section(spd, windows, examples, run_dir)
 
 
 def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:

@@ -24,7 +24,9 @@ def _token(text: str, activation: float, peak: float, strongest: bool) -> dict[s
     }
 
 
-def _snippet(examples: LatentExamples, latent: int, flat: int, peak: float) -> list[dict[str, object]]:
+def snippet(examples: LatentExamples, latent: int, flat: int, peak: float) -> list[dict[str, object]]:
+    """The tokens around flat position `flat` (windows × seq) for unit `latent`, shaded by its activation relative to
+    `peak`, that position marked strongest."""
     seq = examples.activations.shape[1]
     window, position = divmod(flat, seq)
     start, stop = max(0, position - BEFORE), min(seq, position + AFTER + 1)
@@ -55,7 +57,7 @@ def latents_section(
     for latent in order:
         peak = float(peaks[latent])
         snippets = [
-            _snippet(examples, latent, int(flat_index), peak)
+            snippet(examples, latent, int(flat_index), peak)
             for flat_index in examples.top[:, latent]
             if windows_by_seq[flat_index, latent] > examples.threshold
         ]
