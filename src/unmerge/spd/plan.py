@@ -31,6 +31,7 @@ def spd_plan(target: Target, config: SPDConfig) -> StepPlan:
         title=f"SPD of {target.name}: {len(found)} sites, {sum(s.C for s in found):,} subcomponents",
         rows_per_example=output.numel() // output_width,
         frozen_parameters=sum(p.numel() for p in target.model.parameters()),
+        frozen_bytes_each=next(target.model.parameters()).element_size(),
     )
     passes = gradient_passes(config, len(found))
     total_C = sum(site.C for site in found)

@@ -27,6 +27,7 @@ class StepPlan:
     rows_per_example: int
     parts: list[tuple[str, int, str]] = field(default_factory=list)
     frozen_parameters: int = 0
+    frozen_bytes_each: int = FP32  # 2 for a target stored in bf16
     activations_per_row: int = 0
 
     @property
@@ -40,7 +41,7 @@ class StepPlan:
         activation_bytes = FP32 // 2 if train.precision == "bf16" else FP32
         return {
             "learned (weights, grads, Adam)": self.learned_parameters * FP32 * TRAINING_COPIES,
-            "frozen target weights": self.frozen_parameters * FP32,
+            "frozen target weights": self.frozen_parameters * self.frozen_bytes_each,
             f"activations ({rows:,} rows)": rows * self.activations_per_row * activation_bytes,
         }
 
