@@ -164,5 +164,5 @@ def test_faithfulness_is_fp32_inside_a_bf16_step() -> None:
     outside = spd.faithfulness()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = spd.faithfulness()
-    assert inside.dtype == torch.float32 and float(outside) > 0
+    assert inside.dtype == torch.float32 and float(outside.detach()) > 0
     torch.testing.assert_close(inside, outside, rtol=1e-6, atol=0)
