@@ -47,6 +47,7 @@ from unmerge.config.presets import (
 )
 from unmerge.config.spd import RunConfig, SiteConfig, SPDConfig
 from unmerge.config.targets import (
+    InductionConfig,
     LanguageModelConfig,
     LanguageTargetConfig,
     MaxOfKConfig,
@@ -70,6 +71,7 @@ __all__ = [
     "DictionaryRunConfig",
     "GatedConfig",
     "HierarchyConfig",
+    "InductionConfig",
     "JumpReLUConfig",
     "LanguageActivationsConfig",
     "LanguageModelConfig",

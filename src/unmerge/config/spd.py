@@ -8,7 +8,14 @@ from typing import Annotated, Literal
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from unmerge.config.base import NonNegativeFloat, StrictModel
-from unmerge.config.targets import LanguageTargetConfig, MaxOfKConfig, ModularAdditionConfig, ResidMLPConfig, TMSConfig
+from unmerge.config.targets import (
+    InductionConfig,
+    LanguageTargetConfig,
+    MaxOfKConfig,
+    ModularAdditionConfig,
+    ResidMLPConfig,
+    TMSConfig,
+)
 from unmerge.config.training import TrainConfig
 
 
@@ -78,9 +85,9 @@ class RunConfig(StrictModel):
     """One decomposition run: which target, which method, how to train."""
 
     name: str = Field("run", description="human-readable name (the preset's name)")
-    target: TMSConfig | ResidMLPConfig | MaxOfKConfig | ModularAdditionConfig | LanguageTargetConfig = Field(
-        discriminator="kind"
-    )
+    target: (
+        TMSConfig | ResidMLPConfig | MaxOfKConfig | ModularAdditionConfig | InductionConfig | LanguageTargetConfig
+    ) = Field(discriminator="kind")
     method: SPDConfig
     train: TrainConfig
 
@@ -98,7 +105,7 @@ class RunConfig(StrictModel):
             and self.target.module is None
             and self.target.model.kind != "minilm"
         )
-        classifier = isinstance(self.target, (MaxOfKConfig, ModularAdditionConfig))
+        classifier = isinstance(self.target, (MaxOfKConfig, ModularAdditionConfig, InductionConfig))
         wanted = "kl" if whole_language_model or classifier else "mse"
         if self.method.output_loss != wanted:
             kind = (

@@ -58,6 +58,40 @@ class MaxOfKConfig(StrictModel):
     )
 
 
+class InductionConfig(StrictModel):
+    """Induction heads: a two-layer attention-only transformer (no LayerNorm, no biases) reads `[BOS]`, distinct
+    random filler tokens, a segment of `min_repeat` … `max_repeat` distinct tokens and the segment again (the repeat
+    ends the sequence, so its offset varies), and predicts each next token of the repeat from its first occurrence."""
+
+    kind: Literal["induction"] = "induction"
+    d_vocab: Annotated[int, Field(ge=4)] = Field(64, description="token values 0 … d_vocab − 1 (BOS is id d_vocab)")
+    min_repeat: Annotated[int, Field(ge=2)] = Field(4, description="shortest repeated segment")
+    max_repeat: Annotated[int, Field(ge=2)] = Field(12, description="longest repeated segment; n_ctx = 1 + 2·max")
+    d_model: PositiveInt = Field(32, description="residual stream width")
+    n_heads: PositiveInt = Field(1, description="attention heads per layer")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=3000, batch_size=128, optim=OptimConfig(lr=3e-3, schedule="cosine")),
+        description="training recipe of the target (Adam on fresh batches, cosine lr)",
+    )
+
+    @property
+    def n_ctx(self) -> int:
+        return 1 + 2 * self.max_repeat
+
+    @model_validator(mode="after")
+    def _segments_fit(self) -> InductionConfig:
+        if self.min_repeat > self.max_repeat:
+            raise ValueError(f"min_repeat {self.min_repeat} exceeds max_repeat {self.max_repeat}")
+        if self.d_vocab < 2 * self.max_repeat - self.min_repeat:
+            raise ValueError(
+                f"d_vocab {self.d_vocab} is too small for distinct tokens: a sequence holds up to "
+                f"2·max_repeat − min_repeat = {2 * self.max_repeat - self.min_repeat} of them"
+            )
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        return self
+
+
 class ModularAdditionConfig(StrictModel):
     """Modular addition (Nanda et al. 2023): a one-layer transformer (no LayerNorm) reads `a b =` and predicts
     (a + b) mod p at `=`, trained full-batch on a fixed fraction of all pairs; it groks."""
@@ -81,7 +115,9 @@ class ModularAdditionConfig(StrictModel):
     )
 
 
-TargetConfig = Annotated[TMSConfig | ResidMLPConfig | MaxOfKConfig | ModularAdditionConfig, Field(discriminator="kind")]
+TargetConfig = Annotated[
+    TMSConfig | ResidMLPConfig | MaxOfKConfig | ModularAdditionConfig | InductionConfig, Field(discriminator="kind")
+]
 
 
 class SmallLMConfig(StrictModel):

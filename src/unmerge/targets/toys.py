@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from unmerge.config import (
+    InductionConfig,
     MaxOfKConfig,
     ModularAdditionConfig,
     ResidMLPConfig,
@@ -27,7 +28,7 @@ from unmerge.config import (
 )
 from unmerge.errors import CheckpointError
 from unmerge.io import cache_root, save_tensors_atomic, write_atomic, write_json_atomic
-from unmerge.targets import algorithmic, resid_mlp, tms
+from unmerge.targets import algorithmic, induction, resid_mlp, tms
 from unmerge.targets.base import GroundTruth, Target
 from unmerge.train import distributed
 from unmerge.train.loop import ModelTraining, train
@@ -70,6 +71,12 @@ RECIPES: dict[str, ToyRecipe] = {
         algorithmic.modular_addition_loss,
         task_metrics=algorithmic.modular_addition_accuracy,
     ),
+    "induction": ToyRecipe(
+        induction.induction_model,
+        induction.induction_inputs,
+        induction.induction_loss,
+        task_metrics=induction.induction_metrics,
+    ),
 }
 
 
@@ -86,6 +93,8 @@ def target_name(config: TargetConfig) -> str:
         return f"max-of-{config.n_ctx}-vocab-{config.d_vocab}"
     if isinstance(config, ModularAdditionConfig):
         return f"modular-addition-{config.p}"
+    if isinstance(config, InductionConfig):
+        return f"induction-vocab-{config.d_vocab}-repeat-{config.max_repeat}"
     assert isinstance(config, ResidMLPConfig)
     return f"resid-mlp-{config.n_layers}"
 

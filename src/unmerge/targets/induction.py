@@ -1,0 +1,163 @@
+"""Induction heads (DESIGN.md §6, issue 24): a two-layer attention-only transformer that completes a repeated
+segment, with the ground truth to check a decomposition against.
+
+A sequence is `[BOS]`, distinct random filler tokens, a segment A of n distinct tokens (n uniform in `min_repeat`
+… `max_repeat`) and A again, ending the sequence; no token but A's occurs twice, and the repeat's offset n varies,
+so no positional rule predicts it. Within the repeat every next token is determined by the context: it is the
+token that followed the current one at its first occurrence. The known solution has two mechanisms: a
+previous-token head in layer 0 (position t attends to t − 1, writing the previous token into t) and an
+induction head in layer 1 (the current token's query matches the key "my previous token is the current one",
+at the position after its first occurrence, whose token the value copies). The model is trained on those
+predictions only; its logits elsewhere are set to 0 (uniform), so an output divergence compares only them.
+
+Every weight is its own module (`embed`, `blocks.{0,1}.attn.{q,k,v,o}_proj`, `unembed`), so SPD decomposes the
+attention of both layers by the pattern `blocks.*.attn.*`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unmerge.config import InductionConfig
+from unmerge.train.rng import step_generator
+
+EVAL_SEQUENCES = 4096
+
+
+class InductionTransformer(nn.Module):
+    """Token ids (batch, n_ctx) → logits (batch, n_ctx, d_vocab) at the repeat's determined predictions, 0 elsewhere."""
+
+    def __init__(self, d_vocab: int, n_ctx: int, d_model: int, n_heads: int, n_layers: int = 2) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.embed = nn.Embedding(d_vocab + 1, d_model)  # id d_vocab is BOS
+        nn.init.normal_(self.embed.weight, std=d_model**-0.5)
+        self.pos_embed = nn.Parameter(torch.randn(n_ctx, d_model) / math.sqrt(d_model))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "attn": nn.ModuleDict(
+                        {
+                            name: nn.Linear(d_model, d_model, bias=False)
+                            for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+                        }
+                    )
+                }
+            )
+            for _ in range(n_layers)
+        )
+        self.unembed = nn.Linear(d_model, d_vocab, bias=False)
+        self.logits = nn.Identity()  # a hook point for the output
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.run(ids)[0]
+
+    def run(self, ids: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The logits and each layer's attention pattern (batch, heads, query, key)."""
+        batch, seq = ids.shape
+        x = self.embed(ids) + self.pos_embed[:seq]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=ids.device).tril()
+        patterns = []
+        for block in self.blocks:
+            attn = block["attn"]
+            q, k, v = (
+                attn[name](x).view(batch, seq, self.n_heads, -1).transpose(1, 2)
+                for name in ("q_proj", "k_proj", "v_proj")
+            )
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            pattern = scores.masked_fill(~causal, -math.inf).softmax(-1)
+            patterns.append(pattern)
+            x = x + attn["o_proj"]((pattern @ v).transpose(1, 2).reshape(batch, seq, -1))
+        predicted = repeat_positions(ids)[0]
+        return self.logits(self.unembed(x) * predicted[..., None]), patterns
+
+
+def induction_model(config: InductionConfig) -> InductionTransformer:
+    return InductionTransformer(config.d_vocab, config.n_ctx, config.d_model, config.n_heads)
+
+
+def induction_inputs(config: InductionConfig, batch_size: int, generator: torch.Generator) -> Tensor:
+    """`[BOS] filler A A` (module docstring): the distinct tokens are the first ones of a random permutation of the
+    vocabulary per sequence; content index k < 2·max_repeat reads token k of it, or k − n within the repeat."""
+    device = generator.device
+    content = 2 * config.max_repeat
+    n = torch.randint(config.min_repeat, config.max_repeat + 1, (batch_size, 1), generator=generator, device=device)
+    tokens = torch.rand(batch_size, config.d_vocab, generator=generator, device=device).argsort(1)
+    k = torch.arange(content, device=device)
+    source = torch.where(k >= content - n, k - n, k)
+    bos = torch.full((batch_size, 1), config.d_vocab, device=device)
+    return torch.cat([bos, tokens.gather(1, source)], dim=1)
+
+
+def repeat_positions(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(predicted, earlier), both (batch, seq): `predicted` marks the positions whose next token the context
+    determines (the token occurred before and is not the last), `earlier` the position of that earlier occurrence
+    (0 where there is none); the answer at t is the token at `earlier[t] + 1`."""
+    seq = ids.shape[1]
+    before = torch.ones(seq, seq, dtype=torch.bool, device=ids.device).tril(-1)
+    match = (ids[:, :, None] == ids[:, None, :]) & before
+    occurred = match.any(-1)
+    occurred[:, -1] = False
+    return occurred, match.int().argmax(-1)
+
+
+def induction_loss(model: nn.Module, ids: Tensor) -> Tensor:
+    """Cross-entropy of the determined next-token predictions."""
+    predicted = repeat_positions(ids)[0]
+    return F.cross_entropy(model(ids)[predicted], ids.roll(-1, 1)[predicted])
+
+
+def in_context_accuracy(logits: Tensor, ids: Tensor) -> float:
+    """Share of the determined next-token predictions that are right (chance: 1 / d_vocab)."""
+    predicted = repeat_positions(ids)[0]
+    return float((logits[predicted].argmax(-1) == ids.roll(-1, 1)[predicted]).float().mean())
+
+
+def copy_chance(ids: Tensor) -> float:
+    """The in-context accuracy of guessing uniformly among the distinct tokens seen so far (BOS excluded): what a
+    model gets that copies some earlier token without knowing which; above 1 / d_vocab."""
+    predicted = repeat_positions(ids)[0]
+    new = ~predicted & (torch.arange(ids.shape[1], device=ids.device) > 0)  # first occurrences (up to the last)
+    return float((1 / new.cumsum(1).clamp(min=1))[predicted].mean())
+
+
+def previous_token_scores(pattern: Tensor, ids: Tensor) -> Tensor:
+    """Per head, the mean attention from position j to j − 1 over the positions an induction head reads (j the
+    position after the earlier occurrence of each determined prediction's token): (heads,), 1 for a perfect
+    previous-token head. Elsewhere the head need not attend back (the trained one does not near the end)."""
+    predicted, earlier = repeat_positions(ids)
+    back = pattern.diagonal(offset=-1, dim1=-2, dim2=-1)  # (batch, heads, seq − 1): j → j − 1 at index j − 1
+    index = earlier.clamp(max=ids.shape[1] - 2)[:, None, :].expand(-1, pattern.shape[1], -1)
+    return back.gather(-1, index).transpose(0, 1)[:, predicted].mean(-1)
+
+
+def induction_scores(pattern: Tensor, ids: Tensor) -> Tensor:
+    """Per head, the mean attention from each determined prediction's position t to the position after the earlier
+    occurrence of its token (whose token is the answer): (heads,), 1 for a perfect induction head."""
+    predicted, earlier = repeat_positions(ids)
+    index = (earlier + 1).clamp(max=ids.shape[1] - 1)[:, None, :, None].expand(-1, pattern.shape[1], -1, 1)
+    attended = pattern.gather(-1, index)[..., 0]  # (batch, heads, seq)
+    return attended.transpose(0, 1)[:, predicted].mean(-1)
+
+
+@torch.no_grad()
+def induction_metrics(model: InductionTransformer, config: InductionConfig) -> dict[str, float]:
+    """In-context accuracy, loss, and the layers' previous-token and induction scores per head on a fixed sample."""
+    ids = induction_inputs(config, EVAL_SEQUENCES, step_generator(config.train.seed, "induction-eval"))
+    logits, patterns = model.run(ids)
+    predicted = repeat_positions(ids)[0]
+    results = {
+        "in_context_accuracy": in_context_accuracy(logits, ids),
+        "in_context_loss": float(F.cross_entropy(logits[predicted], ids.roll(-1, 1)[predicted])),
+        "chance_accuracy": 1 / config.d_vocab,
+    }
+    for layer, pattern in enumerate(patterns):
+        for head, score in enumerate(previous_token_scores(pattern, ids).tolist()):
+            results[f"previous_token_score/{layer}.{head}"] = score
+        for head, score in enumerate(induction_scores(pattern, ids).tolist()):
+            results[f"induction_score/{layer}.{head}"] = score
+    return results
