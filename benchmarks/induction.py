@@ -1,18 +1,19 @@
 """Induction heads (issue 24, point 3): does SPD find the previous-token and the induction mechanism of a two-layer
 attention-only transformer, checked by ablation and by attention patterns?
 
-    .venv/bin/python benchmarks/induction.py --out runs/bench/induction
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/induction.py --out runs/bench/induction
 
 trains the `induction` preset's target (cached), decomposes its attention weights with the preset (or reuses a
 finished run in `--out`), groups the subcomponents (`unmerge group`) and prints JSON lines: the target's
-in-context accuracy and head scores; SPD's metrics; then, on 2,048 fresh sequences, the in-context accuracy and
-the previous-token score of layer 0 and induction score of layer 1 (`unmerge.targets.induction`), of the model
-with every subcomponent masked by its causal importance and with nothing
-ablated and with each of these zero-ablated: the mechanisms SPD found, the previous-token mechanism (every
-active subcomponent of the layer-0 sites) and the induction mechanism (those of the layer-1 sites), both, and
-the rest (every subcomponent outside them: all it leaves are the two mechanisms and the residual W − U V);
-then each component of the grouping alone. Chance is 1 / d_vocab; `copy_chance` is the accuracy of guessing
-uniformly among the tokens seen so far, what a model that copies some earlier token gets.
+in-context accuracy and head scores; SPD's metrics and the in-context accuracy with every subcomponent masked by
+its causal importance; then, on 2,048 fresh sequences, the in-context accuracy, the previous-token score of
+layer 0 and the induction score of layer 1 (`unmerge.targets.induction`) with nothing zero-ablated, with the
+previous-token mechanism ablated (the target has one head per layer, so: every active subcomponent of the
+layer-0 sites, active meaning CI > 0.1 on 10 or more of the 16,384 positions grouping samples), the induction
+mechanism (those of the layer-1 sites), both, and the rest (every inactive subcomponent; what stays is the two
+mechanisms and the residual W − U V); then with each component of the grouping ablated alone. Chance is
+1 / d_vocab; `copy_chance` is the accuracy of guessing uniformly among the tokens seen so far, what a model that
+copies some earlier token gets.
 """
 
 from __future__ import annotations
