@@ -73,18 +73,15 @@ class HookedSite:
     module: nn.Module
     parameter: str
     head: int | None
+    slot: _Slot
     kind: str = "hooked"
-
-    @property
-    def _slot(self) -> _Slot:
-        return block_slots(self.module)[self.parameter]
 
     @property
     def weight(self) -> Tensor:
         raw = getattr(self.module, self.parameter)
         if self.head is not None:
             return raw[self.head].T
-        if not self._slot.heads:
+        if not self.slot.heads:
             return raw.T
         heads, first, second = raw.shape
         if self.parameter == "W_O":  # (heads, d_head, d_model): input is z with heads and d_head flattened
@@ -93,7 +90,7 @@ class HookedSite:
 
     @property
     def bias(self) -> Tensor | None:
-        slot = self._slot
+        slot = self.slot
         bias = getattr(self.module, slot.bias) if slot.bias else None
         if bias is None or (self.parameter == "W_O" and self.head is not None):
             return None  # a head's output projection is one term of a sum that adds b_O once
@@ -107,7 +104,7 @@ class HookedSite:
         raw = getattr(self.module, self.parameter).data
         if self.head is not None:
             raw[self.head] -= delta.T
-        elif not self._slot.heads:
+        elif not self.slot.heads:
             raw -= delta.T
         elif self.parameter == "W_O":
             raw -= delta.T.reshape(raw.shape)
@@ -123,7 +120,7 @@ class HookedSite:
     def _own_output(self, output: Tensor, a: Tensor) -> Tensor:
         """The site's own output `(..., d_out)` from what its output point computed."""
         if self.head is None:
-            return output.flatten(-2) if self._slot.heads and self.parameter != "W_O" else output
+            return output.flatten(-2) if self.slot.heads and self.parameter != "W_O" else output
         if self.parameter == "W_O":
             return F.linear(a, self.weight)
         return output[..., self.head, :]
@@ -139,7 +136,7 @@ class HookedSite:
 
     def attach(self, on_input: OnInput, on_output: OnOutput) -> list[RemovableHandle]:
         """Take the site's input at its input point and replace its part of the output point."""
-        slot, module = self._slot, self.module
+        slot, module = self.slot, self.module
         held: dict[str, Tensor] = {}
 
         def take(full: Tensor) -> None:
@@ -192,4 +189,4 @@ def hooked_site(modules: dict[str, nn.Module], module_name: str, parameter: str,
             f"{module_name}.{parameter}: the block reads a separate input per head (use_split_qkv_input or "
             "use_attn_in), which these sites do not follow; turn those options off to decompose it"
         )
-    return HookedSite(module, parameter, head)
+    return HookedSite(module, parameter, head, block_slots(module)[parameter])
