@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from unmerge import api
+from unmerge.analysis.interventions import subcomponent_examples, unlearned_model
+from unmerge.analysis.mechanisms import read_mechanisms
 from unmerge.config import OptimConfig
+from unmerge.report.figures import spd_figures
 from unmerge.spd.method import SPD
 from unmerge.targets.resolve import run_target
 from unmerge.train.loop import apply_gradients, make_optimizer, step_loss
@@ -18,6 +21,8 @@ from unmerge.train.rng import step_generator
 
 from .conftest import TINY_TMS
 from .test_language import tiny_dictionary_config
+from .test_mechanisms import TOKENS, WINDOWS
+from .test_mechanisms import _spd as tiny_lm_spd
 
 pytestmark = pytest.mark.cuda
 
@@ -58,3 +63,22 @@ def test_a_language_model_dictionary_records_trains_and_evaluates_on_cuda(tmp_pa
     config = config.model_copy(update={"train": config.train.model_copy(update={"device": "cuda"})})
     metrics = api.train_dictionary(config, tmp_path / "run").metrics
     assert all(math.isfinite(metrics[key]) for key in ("heldout/fvu", "ce_spliced", "kl_spliced"))
+
+
+def test_a_language_model_spds_analysis_and_figures_run_on_cuda_as_on_the_cpu(tmp_path: Path) -> None:
+    """What a run does after training, while the model is still on the card: subcomponent snippets and ablation
+    effects, the mechanisms table, ablation and unlearning, the figures; the numbers are the CPU's."""
+    results = {}
+    for device in ("cpu", "cuda"):
+        spd = tiny_lm_spd()
+        spd.to(torch.device(device))
+        examples = subcomponent_examples(spd, WINDOWS, TOKENS, 3)
+        mechanisms = read_mechanisms(spd, WINDOWS, examples)
+        edited = unlearned_model(spd, ["1/0", "3/2"])
+        spd_figures(spd, tmp_path / device)
+        results[device] = (examples.activations, examples.ablation_effect, mechanisms.examples.ablation_effect, edited)
+    for on_cpu, on_cuda in zip(results["cpu"][:3], results["cuda"][:3], strict=True):
+        assert on_cuda.device.type == "cpu"
+        torch.testing.assert_close(on_cuda, on_cpu, atol=1e-5, rtol=1e-4, equal_nan=True)
+    with torch.no_grad():
+        torch.testing.assert_close(results["cuda"][3](WINDOWS.cuda()).cpu(), results["cpu"][3](WINDOWS))

@@ -34,7 +34,9 @@ def _spd() -> SPD:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(VOCAB, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, VOCAB))
     lm = from_module(model, VOCAB, bos_id=BOS)
-    target = Target(name="tiny", model=lm, sample_inputs=lambda n, g: torch.randint(1, VOCAB, (n, 5), generator=g))
+    target = Target(
+        name="tiny", model=lm, sample_inputs=lambda n, g: torch.randint(1, VOCAB, (n, 5), generator=g, device=g.device)
+    )
     sites = [SiteConfig(pattern="1", C=C), SiteConfig(pattern="3", C=C)]
     spd = SPD(target, SPDConfig(sites=sites, output_loss="kl", importance_minimality_coeff=1e-3), seed=0)
     set_exact_factorisation(spd.model)

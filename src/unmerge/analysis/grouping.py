@@ -115,8 +115,8 @@ def unit_activity(
     active = torch.zeros(n_inputs, len(names), dtype=torch.bool)
     filled, batch = 0, 0
     while filled < n_inputs:
-        x = spd.target.sample_inputs(batch_size, step_generator(seed, "grouping", batch))
-        rows = active_subcomponents(spd.importances(spd.model.clean_pass(x)), threshold)[: n_inputs - filled]
+        x = spd.target.sample_inputs(batch_size, step_generator(seed, "grouping", batch)).to(spd.device)
+        rows = active_subcomponents(spd.importances(spd.model.clean_pass(x)), threshold)[: n_inputs - filled].cpu()
         active[filled : filled + rows.shape[0]] = rows
         filled, batch = filled + rows.shape[0], batch + 1
     fired = active.sum(dim=0) >= min_active

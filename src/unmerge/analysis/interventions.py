@@ -54,7 +54,7 @@ def unit_index(spd: SPD, units: Iterable[str]) -> list[int]:
 
 def subcomponent_masks(spd: SPD, units: Iterable[str]) -> dict[str, Tensor]:
     """Per site, a bool mask (C,) of the named subcomponents `site/c`."""
-    chosen = torch.zeros(len(subcomponent_names(spd)), dtype=torch.bool)
+    chosen = torch.zeros(len(subcomponent_names(spd)), dtype=torch.bool, device=spd.device)
     chosen[unit_index(spd, units)] = True
     return {
         site: mask
@@ -75,11 +75,12 @@ def removed_weight(spd: SPD, site: str, mask: Tensor) -> Tensor:
 def mean_inner_activations(
     spd: SPD, n_inputs: int = 16_384, batch_size: int = 1024, seed: int = 0
 ) -> dict[str, Tensor]:
-    """Per site, the mean inner activation `E[V a]` (C,) over rows of sampled inputs (for mean ablations)."""
-    totals = {name: torch.zeros(C) for name, C in spd.model.site_C.items()}
+    """Per site, the mean inner activation `E[V a]` (C,) over rows of sampled inputs (for mean ablations), on the
+    decomposition's device; the inputs are drawn on the CPU, so they are the same on every device."""
+    totals = {name: torch.zeros(C, device=spd.device) for name, C in spd.model.site_C.items()}
     rows, batch = 0, 0
     while rows < n_inputs:
-        x = spd.target.sample_inputs(batch_size, step_generator(seed, "mean-ablation", batch))
+        x = spd.target.sample_inputs(batch_size, step_generator(seed, "mean-ablation", batch)).to(spd.device)
         inner = spd.model.inner_acts(spd.model.clean_pass(x))
         for name, h in inner.items():
             flat = h.reshape(-1, h.shape[-1])
@@ -109,8 +110,8 @@ def ablated(
 @torch.no_grad()
 def component_activity(spd: SPD, x: Tensor, components: list[list[str]], threshold: float = 0.1) -> Tensor:
     """Monitoring: (rows, components) bool, True where any subcomponent of the component has CI > threshold (rows
-    are inputs, or token positions of a language model)."""
-    active = active_subcomponents(spd.importances(spd.model.clean_pass(x)), threshold)
+    are inputs, or token positions of a language model), on the CPU."""
+    active = active_subcomponents(spd.importances(spd.model.clean_pass(x.to(spd.device))), threshold).cpu()
     membership = torch.zeros(active.shape[1], len(components))
     for j, members in enumerate(components):
         membership[unit_index(spd, members), j] = 1.0
@@ -164,8 +165,9 @@ def dictionary_spliced(
 def _importance_and_mask_gradients(spd: SPD, ids: Tensor) -> tuple[Tensor, Tensor, int]:
     """One batch of token windows of a causal LM, one clean pass: the causal importances clipped to [0, 1]
     (batch, seq, ΣC), `Σ_t ∂CE/∂m_c(t)` of the decomposed model with every mask 1 (ΣC,), summed CE rather than
-    its mean, and the number of counted predictions."""
+    its mean, and the number of counted predictions; on the CPU, wherever the model runs."""
     names = spd.model.site_names
+    ids = ids.to(spd.device)
     with torch.no_grad():
         clean = spd.model.clean_pass(ids)
         importances = spd.importances(clean)
@@ -177,8 +179,8 @@ def _importance_and_mask_gradients(spd: SPD, ids: Tensor) -> tuple[Tensor, Tenso
             counted_predictions(spd.target.model.ordinary_positions(ids)),
         )
         gradients = torch.autograd.grad(loss, [masks[name] for name in names])
-    summed = torch.cat([g.flatten(0, -2).sum(0) for g in gradients]).double()
-    return importances.lower_all.clamp(0.0, 1.0), summed, int(predictions)
+    summed = torch.cat([g.flatten(0, -2).sum(0) for g in gradients]).double().cpu()
+    return importances.lower_all.clamp(0.0, 1.0).cpu(), summed, int(predictions)
 
 
 def _importances_and_effects(spd: SPD, windows: Tensor, batch_windows: int) -> tuple[Tensor, Tensor]:
@@ -234,6 +236,6 @@ def subcomponent_examples(
 def output_change(spd: SPD, edited: nn.Module, n_inputs: int = 4096) -> float:
     """The mean squared change of the target's output when `edited` replaces it, on `n_inputs` sampled inputs,
     relative to the output's mean square."""
-    x = spd.target.sample_inputs(n_inputs, step_generator(0, "unlearn-check"))
+    x = spd.target.sample_inputs(n_inputs, step_generator(0, "unlearn-check")).to(spd.device)
     original = spd.target.model(x)
     return float((edited(x) - original).square().mean() / original.square().mean())

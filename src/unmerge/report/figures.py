@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -25,6 +26,11 @@ def save_figure(figure: plt.Figure, path: Path) -> Path:
     figure.savefig(path, bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+def as_array(tensor: Tensor) -> np.ndarray:
+    """A tensor from any device and dtype (bf16 too) as a float32 NumPy array for plotting."""
+    return tensor.detach().to("cpu", torch.float32).numpy()
 
 
 def permuted_importance(importance: Tensor) -> Tensor:
@@ -43,7 +49,7 @@ def importance_figure(one_hot: dict[str, Tensor], path: Path) -> Path:
         figure, axes = plt.subplots(1, len(one_hot), figsize=(4.2 * len(one_hot), 3.2), squeeze=False)
         for axis, (name, importance) in zip(axes[0], one_hot.items(), strict=True):
             image = axis.imshow(
-                permuted_importance(importance).numpy(),
+                as_array(permuted_importance(importance)),
                 vmin=0,
                 vmax=1,
                 cmap="Blues",
@@ -76,7 +82,7 @@ def weights_figure(spd: SPD, site: str, axis: str, path: Path) -> Path:
             subcomponent = (components.U[:, c : c + 1] @ components.V[c : c + 1, :]).detach()
             scale = float(piece.abs().max()) or 1.0
             for row, (matrix, title) in enumerate(((piece, f"feature {i}"), (subcomponent, f"subcomp. {c}"))):
-                axes[row, i].imshow(matrix.numpy(), vmin=-scale, vmax=scale, interpolation="nearest")
+                axes[row, i].imshow(as_array(matrix), vmin=-scale, vmax=scale, interpolation="nearest")
                 axes[row, i].set_title(title)
                 axes[row, i].set_xticks([])
                 axes[row, i].set_yticks([])
@@ -95,7 +101,7 @@ def ci_histogram_figure(importances: dict[str, Tensor], path: Path) -> Path:
     with plt.rc_context(STYLE):
         figure, axes = plt.subplots(1, len(importances), figsize=(3.4 * len(importances), 2.6), squeeze=False)
         for axis, (name, values) in zip(axes[0], importances.items(), strict=True):
-            axis.hist(values.flatten().numpy(), bins=40, range=(0.0, 1.0), color="#1f77b4")
+            axis.hist(as_array(values.flatten()), bins=40, range=(0.0, 1.0), color="#1f77b4")
             axis.set_yscale("log")
             axis.set_title(f"{name}: CI-L0 {metrics.ci_l0(values, 0.1):.3g}")
             axis.set_xlabel("causal importance")
@@ -177,7 +183,7 @@ def density_histogram_figure(density: Tensor, samples: int, path: Path) -> Path:
     with plt.rc_context(STYLE):
         figure, axis = plt.subplots(figsize=(5.0, 3.0))
         if fired.numel():
-            axis.hist(torch.log10(fired).numpy(), bins=50, color="#1f77b4")
+            axis.hist(as_array(torch.log10(fired)), bins=50, color="#1f77b4")
         axis.set_xlabel("log10 firing density")
         axis.set_ylabel("latents")
         axis.set_title(

@@ -13,7 +13,7 @@ import torch
 
 from unmerge.analysis.splitting import SplitPair, Splits
 from unmerge.io import write_json_atomic, write_text_atomic
-from unmerge.report.figures import STYLE, save_figure
+from unmerge.report.figures import STYLE, as_array, save_figure
 
 R2_FLOOR = -1.0  # the children figure draws lower R² here
 
@@ -25,7 +25,7 @@ def cosine_figure(splits: Splits, title: str, path: Path) -> Path:
         figure, axis = plt.subplots(
             figsize=(min(12.0, 2 + 0.08 * splits.cosine.shape[1]), min(8.0, 1.5 + 0.08 * splits.cosine.shape[0]))
         )
-        image = axis.imshow(splits.cosine[:, order].numpy(), vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
+        image = axis.imshow(as_array(splits.cosine[:, order]), vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
         axis.set_xlabel("child latent (grouped by most similar parent)")
         axis.set_ylabel("parent latent")
         axis.set_title(title)
@@ -44,7 +44,7 @@ def children_figure(splits: Splits, title: str, path: Path) -> Path:
         axis.set_ylabel("children")
         r2 = axis.twinx()
         clipped = splits.reconstruction_r2.clamp(min=R2_FLOOR)
-        r2.plot(range(len(counts)), clipped.numpy(), "o", color="#d62728", markersize=3, label="R² from children")
+        r2.plot(range(len(counts)), as_array(clipped), "o", color="#d62728", markersize=3, label="R² from children")
         r2.set_ylim(min(0.0, float(torch.nan_to_num(clipped, nan=1.0).min())) - 0.05, 1.05)
         below = bool((splits.reconstruction_r2 < R2_FLOOR).any())
         r2.set_ylabel("R² of the parent from its children" + (" (below −1 drawn at −1)" if below else ""))

@@ -61,13 +61,14 @@ def uses_c_kernel(choice: str, device: torch.device) -> bool:
 
 
 class LinearComponents(nn.Module):
-    """`W ≈ U V` with U: (d_out, C), V: (C, d_in); subcomponent c is the rank-1 matrix `U[:, c] V[c, :]`."""
+    """`W ≈ U V` with U: (d_out, C), V: (C, d_in); subcomponent c is the rank-1 matrix `U[:, c] V[c, :]`. Drawn
+    from the (CPU) generator, so the same on every device, then placed where the weight lives."""
 
     def __init__(self, weight: Tensor, C: int, generator: torch.Generator) -> None:
         super().__init__()
         d_out, d_in = weight.shape
-        U = F.normalize(torch.randn(d_out, C, generator=generator), dim=0)
-        V = F.normalize(torch.randn(C, d_in, generator=generator), dim=1)
+        U = F.normalize(torch.randn(d_out, C, generator=generator), dim=0).to(weight.device)
+        V = F.normalize(torch.randn(C, d_in, generator=generator), dim=1).to(weight.device)
         alignment = torch.einsum("oc,oi,ci->c", U, weight.detach().float(), V)
         self.U = nn.Parameter(U * alignment)
         self.V = nn.Parameter(V)

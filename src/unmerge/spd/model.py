@@ -177,6 +177,7 @@ class ComponentModel(nn.Module):
         )
         total_C = sum(f.C for f in found)
         self.global_ci = GlobalMLPCI(total_C, global_ci_hidden, generator) if global_ci_hidden else None
+        self._place_on(device_of(target))  # drawn on the CPU, trained where the target is
         self._components: dict[str, Components] = {
             record.name: record.components
             if record.tied_to is None
@@ -186,6 +187,12 @@ class ComponentModel(nn.Module):
         self._hooks = [_SiteHooks(record) for record in self.sites.values()]
         self._attached = False
         self._live: dict[str, SiteTensors] | None = None
+
+    def _place_on(self, device: torch.device) -> None:
+        """Move the decomposition (not the target) to `device`."""
+        self.sites.to(device)
+        if self.global_ci is not None:
+            self.global_ci.to(device)
 
     def train(self, mode: bool = True) -> ComponentModel:
         """Train or evaluate the decomposition; the target stays in evaluation mode (it is frozen)."""

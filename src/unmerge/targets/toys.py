@@ -173,8 +173,10 @@ def target_cache_dir(config: TargetConfig) -> Path:
 
 def train_and_save_target(config: TargetConfig, directory: Path) -> tuple[Target, float]:
     """Train the target into `directory` (resuming an interrupted training there), then save it and its task
-    score; the checkpoints stay beside it with the training log."""
+    score; the checkpoints stay beside it with the training log. The target comes back on the CPU, as a loaded
+    one does, wherever it trained."""
     target, loss = train_target(config, run_dir=directory)
+    target.model.to("cpu")
     if distributed.is_main_process():  # under torchrun every rank trains it (data-parallel), rank 0 saves it
         save_target(target, config, directory)
         save_task_metrics(config, target.model, directory)
