@@ -11,11 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import set_exact_factorisation
-from unmerge.config import SiteConfig, SPDConfig, load_run_config
+from unmerge.config import SiteConfig, SPDConfig, TrainConfig, load_run_config
 from unmerge.errors import ConfigError
+from unmerge.spd import components
+from unmerge.spd import plan as spd_plan_module
 from unmerge.spd.components import causal_importances
 from unmerge.spd.method import SPD
 from unmerge.spd.model import ComponentModel
+from unmerge.spd.plan import spd_plan
 from unmerge.targets.base import Target
 from unmerge.targets.language import from_hf
 
@@ -130,6 +133,47 @@ def test_ci_backward_keeps_inner_activations_not_the_hidden_layer() -> None:
     z = h.unsqueeze(-1) * weights[0] + weights[1]
     ((F.gelu(z) * weights[2]).sum(-1) + b2).square().sum().backward()
     torch.testing.assert_close(recomputed, h.grad)
+
+
+def test_ci_over_blocks_of_rows_equals_one_call_and_bounds_the_hidden_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch's CI runs over blocks of rows of at most CI_BLOCK_ELEMENTS (rows × ΣC × hidden), so evaluating a
+    whole language model's 97,920 subcomponents on 4,096 tokens does not materialise 26 GB: the values and
+    gradients are those of one call, and no (rows, ΣC, hidden) tensor exceeds the block."""
+    rows, C, hidden = 100, 8, 4
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(rows, C, generator=generator, requires_grad=True)
+    params = [torch.randn(C, hidden, generator=generator, requires_grad=True) for _ in range(3)]
+    function = SimpleNamespace(w1=params[0], b1=params[1], w2=params[2], b2=torch.randn(C, generator=generator))
+    whole = causal_importances([function], [h], c_kernel=False)
+    (whole_grad,) = torch.autograd.grad(whole.square().sum(), h)
+    monkeypatch.setattr(components, "CI_BLOCK_ELEMENTS", 7 * C * hidden)  # 15 blocks, the last of 2 rows
+    largest: list[int] = []
+    reference = components.scalar_mlp_ci_reference
+
+    def recorded(block: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        largest.append(block.numel() * hidden)
+        return reference(block, *weights)
+
+    monkeypatch.setattr(components, "scalar_mlp_ci_reference", recorded)
+    blocked = causal_importances([function], [h.view(10, 10, C)], c_kernel=False)
+    (blocked_grad,) = torch.autograd.grad(blocked.square().sum(), h)
+    assert blocked.shape == (10, 10, C) and max(largest) <= 7 * C * hidden and len(largest) >= 15
+    assert torch.equal(blocked.reshape(rows, C), whole) and torch.equal(blocked_grad, whole_grad)
+    with torch.no_grad():
+        assert torch.equal(causal_importances([function], [h], c_kernel=False), whole)
+
+
+def test_the_dry_run_counts_the_ci_hidden_layer_one_block_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan's transient CI term is 3 × rows × ΣC × hidden fp32 values, at most 3 blocks' worth."""
+    target = Target(name="llama", model=from_hf(_tiny_llama(layers=1)), sample_inputs=lambda n, g: _ids(n))
+    config = SPDConfig(sites=EVERY_MATRIX, output_loss="kl", importance_minimality_coeff=1e-3, ci_hidden=4)
+    train = TrainConfig(steps=1, batch_size=2)
+    rows, total_C = 2 * 12, 7 * 16  # two windows of 12 tokens; seven matrices of C = 16
+    assert spd_plan(target, config).memory(train)["CI blocks (transient)"] == 3 * rows * total_C * 4 * 4
+    monkeypatch.setattr(spd_plan_module, "CI_BLOCK_ELEMENTS", 100)
+    assert spd_plan(target, config).memory(train)["CI blocks (transient)"] == 3 * 100 * 4
+    global_ci = config.model_copy(update={"ci_function": "global_mlp"})
+    assert "CI blocks (transient)" not in spd_plan(target, global_ci).memory(train)
 
 
 def test_a_target_stored_in_bf16_runs_every_pass_in_bf16_against_fp32_subcomponents() -> None:

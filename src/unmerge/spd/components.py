@@ -142,15 +142,26 @@ class CIWeights(Protocol):
     b2: Tensor
 
 
+CI_BLOCK_ELEMENTS = 2**27  # the largest (rows, ΣC, hidden) block torch's CI materialises at once: 512 MiB in fp32
+
+
 def causal_importances(functions: Sequence[CIWeights], inner: list[Tensor], c_kernel: bool) -> Tensor:
     """Pre-sigmoid γ of every site's subcomponents from their inner activations `h = a Vᵀ`, concatenated along
     the last axis in the given order, in one call (the C kernel's with `c_kernel`, else torch's). γ is computed in
-    fp32 from bf16 inner activations too: these are elementwise ops, where bf16 saves nothing but precision."""
+    fp32 from bf16 inner activations too: these are elementwise ops, where bf16 saves nothing but precision.
+
+    Torch's path materialises (rows, ΣC, hidden) several times over (on a whole language model, 97,920
+    subcomponents × 16 × 4,096 tokens is 26 GB each), so it runs over blocks of rows of at most
+    `CI_BLOCK_ELEMENTS`, and with gradients each block is recomputed in backward, keeping only h: memory is
+    bounded whatever the batch, and every element is computed as in one call."""
     h = torch.cat(inner, dim=-1).float()
     params = [torch.cat([getattr(f, name) for f in functions]) for name in ("w1", "b1", "w2", "b2")]
     if c_kernel:
         return scalar_mlp_ci(h, *params)
-    if not torch.is_grad_enabled():
-        return scalar_mlp_ci_reference(h, *params)
-    # the reference materialises (rows, ΣC, hidden) several times over; recomputing it in backward keeps only h
-    return checkpoint(scalar_mlp_ci_reference, h, *params, use_reentrant=False)
+    rows = h.reshape(-1, h.shape[-1])
+    blocks = rows.split(max(1, CI_BLOCK_ELEMENTS // params[0].numel()))
+    if torch.is_grad_enabled():
+        gamma = [checkpoint(scalar_mlp_ci_reference, block, *params, use_reentrant=False) for block in blocks]
+    else:
+        gamma = [scalar_mlp_ci_reference(block, *params) for block in blocks]
+    return (gamma[0] if len(gamma) == 1 else torch.cat(gamma)).reshape(h.shape)

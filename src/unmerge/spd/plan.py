@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 
 from unmerge.config import SPDConfig
+from unmerge.spd.components import CI_BLOCK_ELEMENTS
 from unmerge.spd.sites import find_sites
 from unmerge.targets.base import Target
 from unmerge.train.plan import StepPlan
 from unmerge.train.rng import step_generator
 
 MASK_VALUES = 8  # per subcomponent and row: inner activation, γ, lower/upper sigmoids, noise, mask, their grads
-# (the per-subcomponent CI MLPs' hidden layer is recomputed in backward, not kept)
+CI_BLOCK_COPIES = 3  # torch's per-subcomponent CI holds its pre-activation, GELU and product of one block at once
 
 
 def gradient_passes(config: SPDConfig, n_sites: int) -> int:
@@ -46,5 +47,9 @@ def spd_plan(target: Target, config: SPDConfig) -> StepPlan:
         weights = sum(into * out + out for into, out in zip(widths, widths[1:], strict=False))
         plan.parts.append(("global CI function", weights, f"MLP {' → '.join(map(str, widths))}"))
         plan.activations_per_row += 2 * sum(config.global_ci_hidden)
+    else:  # the hidden layer is recomputed in backward, never kept: a block of rows at a time
+        plan.working_name = "CI blocks (transient)"
+        plan.working_per_row = CI_BLOCK_COPIES * total_C * config.ci_hidden
+        plan.working_cap = CI_BLOCK_COPIES * CI_BLOCK_ELEMENTS
     plan.activations_per_row += output_width * 3 * (passes + 1)  # outputs and the divergence's softmaxes
     return plan

@@ -2,9 +2,9 @@
 training step needs on each device, itemised so a user can see what to shrink.
 
 The estimate counts fp32 weights, gradients and Adam's two moments for every learned parameter, the frozen
-target's weights, and the activations a step keeps for its backward pass (the method gives their count per batch
-row); bf16 halves the activations that autocast computes in bf16. It is an estimate, not a measurement: allocator
-slack and temporary buffers come on top.
+target's weights, the activations a step keeps for its backward pass (the method gives their count per batch
+row; bf16 halves those autocast computes in bf16), and the largest working buffer a step builds and frees, such
+as SPD's per-subcomponent CI blocks. It is an estimate, not a measurement: allocator slack comes on top.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ class StepPlan:
     frozen_parameters: int = 0
     frozen_bytes_each: int = FP32  # 2 for a target stored in bf16
     activations_per_row: int = 0
+    working_name: str = ""  # a buffer a step builds and frees (fp32): values per row, at most `working_cap` values
+    working_per_row: int = 0
+    working_cap: int = 0
 
     @property
     def learned_parameters(self) -> int:
@@ -39,11 +42,14 @@ class StepPlan:
         world = world or distributed.world_size()
         rows = train.batch_size // world * self.rows_per_example
         activation_bytes = FP32 // 2 if train.precision == "bf16" else FP32
-        return {
+        memory = {
             "learned (weights, grads, Adam)": self.learned_parameters * FP32 * TRAINING_COPIES,
             "frozen target weights": self.frozen_parameters * self.frozen_bytes_each,
             f"activations ({rows:,} rows)": rows * self.activations_per_row * activation_bytes,
         }
+        if self.working_name:
+            memory[self.working_name] = min(rows * self.working_per_row, self.working_cap) * FP32
+        return memory
 
     def render(self, train: TrainConfig, world: int | None = None) -> str:
         lines = [self.title, ""]
