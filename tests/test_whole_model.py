@@ -137,15 +137,15 @@ def test_ci_backward_keeps_inner_activations_not_the_hidden_layer() -> None:
 
 def test_ci_over_blocks_of_rows_equals_one_call_and_bounds_the_hidden_layer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Torch's CI runs over blocks of rows of at most CI_BLOCK_ELEMENTS (rows × ΣC × hidden), so evaluating a
-    whole language model's 97,920 subcomponents on 4,096 tokens does not materialise 26 GB: the values and
-    gradients are those of one call, and no (rows, ΣC, hidden) tensor exceeds the block."""
+    whole language model's 97,920 subcomponents on 4,096 tokens does not materialise 26 GB: the values and the
+    inputs' gradients are those of one call, the weights' up to rounding, and no block exceeds the bound."""
     rows, C, hidden = 100, 8, 4
     generator = torch.Generator().manual_seed(0)
     h = torch.randn(rows, C, generator=generator, requires_grad=True)
     params = [torch.randn(C, hidden, generator=generator, requires_grad=True) for _ in range(3)]
     function = SimpleNamespace(w1=params[0], b1=params[1], w2=params[2], b2=torch.randn(C, generator=generator))
     whole = causal_importances([function], [h], c_kernel=False)
-    (whole_grad,) = torch.autograd.grad(whole.square().sum(), h)
+    whole_grad, *whole_weight_grads = torch.autograd.grad(whole.square().sum(), [h, *params])
     monkeypatch.setattr(components, "CI_BLOCK_ELEMENTS", 7 * C * hidden)  # 15 blocks, the last of 2 rows
     largest: list[int] = []
     reference = components.scalar_mlp_ci_reference
@@ -156,9 +156,11 @@ def test_ci_over_blocks_of_rows_equals_one_call_and_bounds_the_hidden_layer(monk
 
     monkeypatch.setattr(components, "scalar_mlp_ci_reference", recorded)
     blocked = causal_importances([function], [h.view(10, 10, C)], c_kernel=False)
-    (blocked_grad,) = torch.autograd.grad(blocked.square().sum(), h)
+    blocked_grad, *blocked_weight_grads = torch.autograd.grad(blocked.square().sum(), [h, *params])
     assert blocked.shape == (10, 10, C) and max(largest) <= 7 * C * hidden and len(largest) >= 15
     assert torch.equal(blocked.reshape(rows, C), whole) and torch.equal(blocked_grad, whole_grad)
+    for blocked_weight_grad, whole_weight_grad in zip(blocked_weight_grads, whole_weight_grads, strict=True):
+        torch.testing.assert_close(blocked_weight_grad, whole_weight_grad)  # summed block by block
     with torch.no_grad():
         assert torch.equal(causal_importances([function], [h], c_kernel=False), whole)
 

@@ -153,7 +153,8 @@ def causal_importances(functions: Sequence[CIWeights], inner: list[Tensor], c_ke
     Torch's path materialises (rows, ΣC, hidden) several times over (on a whole language model, 97,920
     subcomponents × 16 × 4,096 tokens is 26 GB each), so it runs over blocks of rows of at most
     `CI_BLOCK_ELEMENTS`, and with gradients each block is recomputed in backward, keeping only h: memory is
-    bounded whatever the batch, and every element is computed as in one call."""
+    bounded whatever the batch; every value is computed as in one call (the CI weights' gradients are summed
+    block by block, so equal up to rounding)."""
     h = torch.cat(inner, dim=-1).float()
     params = [torch.cat([getattr(f, name) for f in functions]) for name in ("w1", "b1", "w2", "b2")]
     if c_kernel:
