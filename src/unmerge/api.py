@@ -14,6 +14,7 @@ from unmerge.analysis.grouping import (
     DEFAULT_MIN_ACTIVE,
     DEFAULT_THRESHOLD,
     Grouping,
+    check_grouping_settings,
     group_subcomponents,
     load_grouping,
 )
@@ -326,6 +327,7 @@ def group_components(
 ) -> Grouping:
     """Group a run's subcomponents into components by description length (`unmerge.analysis.grouping`) and save
     the grouping, its merge history and, on toys, its agreement with the truth as `grouping.json` in the run."""
+    check_grouping_settings(n_inputs, batch_size, threshold, alpha, min_active)  # before the run is loaded
     config, spd, _ = load_run(run_dir)
     run_dir = Path(run_dir)
     grouping = group_subcomponents(spd, n_inputs, batch_size, threshold, alpha, min_active, seed=0)

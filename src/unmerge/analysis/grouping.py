@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from unmerge import runs
-from unmerge.errors import CheckpointError, UnmergeError
+from unmerge.errors import CheckpointError, ConfigError, UnmergeError
 from unmerge.metrics.clustering import adjusted_rand_index
 from unmerge.metrics.description import description_length
 from unmerge.spd.method import SPD, Importances
@@ -252,6 +252,23 @@ class Grouping:
         }
 
 
+def check_grouping_settings(n_inputs: int, batch_size: int, threshold: float, alpha: float, min_active: int) -> None:
+    """Grouping's settings in range, or a `ConfigError` naming the one that is not."""
+    problems = [
+        f"{name} {value!r} {rule}"
+        for name, value, fits, rule in [
+            ("inputs", n_inputs, n_inputs >= 1, "must be at least 1"),
+            ("batch size", batch_size, batch_size >= 1, "must be at least 1"),
+            ("threshold", threshold, 0.0 <= threshold < 1.0, "must lie in [0, 1) (CI above it is active)"),
+            ("alpha", alpha, 0.0 <= alpha < math.inf, "must be a finite number ≥ 0 (bits per active subcomponent)"),
+            ("min-active", min_active, min_active >= 0, "must be ≥ 0"),
+        ]
+        if not fits
+    ]
+    if problems:
+        raise ConfigError(f"grouping: {'; '.join(problems)}")
+
+
 def group_subcomponents(
     spd: SPD,
     n_inputs: int = 16_384,
@@ -262,6 +279,7 @@ def group_subcomponents(
     seed: int = 0,
 ) -> Grouping:
     """Sample the units' activity, merge greedily, choose the cheapest grouping (module docstring)."""
+    check_grouping_settings(n_inputs, batch_size, threshold, alpha, min_active)
     activity = unit_activity(spd, n_inputs, batch_size, threshold, min_active, seed)
     if not activity.units:
         raise UnmergeError(

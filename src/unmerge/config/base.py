@@ -8,22 +8,39 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from unmerge.errors import ConfigError
 
 Probability = Annotated[float, Field(gt=0.0, le=1.0)]
 NonNegativeFloat = Annotated[float, Field(ge=0.0)]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]  # what torch's generators take
 DIGEST_CONTEXT = "digest"  # serialisation context of `StrictModel.digest`
 
 
-class StrictModel(BaseModel):
-    """Base of every config: unknown keys are errors and instances are immutable."""
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field's type takes a boolean (bool itself, Any, or a union or alias holding one)."""
+    return annotation is bool or annotation is Any or any(_admits_bool(arg) for arg in get_args(annotation))
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class StrictModel(BaseModel):
+    """Base of every config: unknown keys are errors, instances are immutable, numbers are finite, and a boolean
+    is not a number (pydantic would read `train.steps=true` as 1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                if isinstance(value, bool) and field is not None and not _admits_bool(field.annotation):
+                    raise ValueError(f"{key}: a boolean ({value}) is not valid here; give a value of the field's type")
+        return data
 
     def digest(self) -> str:
         """Short stable hash of the config's content (used to key caches of trained targets)."""
@@ -56,7 +73,9 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
         elif item["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown key (check the spelling; `unmerge decompose --help` lists presets)")
         else:
-            lines.append(f"  {where}: {item['msg']} (got {item.get('input')!r})")
+            given = item.get("input")
+            shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"  # a section: the message names it
+            lines.append(f"  {where}: {item['msg'].removeprefix('Value error, ')}{shown}")
     return "\n".join(lines)
 
 
@@ -68,12 +87,38 @@ def validate(model_cls: type[StrictModel], data: Any, source: str) -> Any:
         raise ConfigError(_format_validation_error(error, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML text as plain data, refusing duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping, with errors that name the file."""
+    """Read a YAML mapping, with errors that name the file and say what to fix."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory; give a YAML config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file; a config is YAML text") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
@@ -106,7 +151,7 @@ def parse_override(text: str) -> Override:
     if not sep or not key:
         raise ConfigError(f"override {text!r} must look like key.path=value, e.g. train.steps=2000")
     try:
-        return Override(key, yaml.safe_load(raw), text)
+        return Override(key, read_yaml(raw), text)
     except yaml.YAMLError as error:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from None
 

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from unmerge.config.base import StrictModel
+from unmerge.config.base import Seed, StrictModel
 from unmerge.config.targets import LanguageModelConfig, TargetConfig, TextConfig
 
 
@@ -21,7 +21,7 @@ class SparseFeaturesConfig(StrictModel):
     decay: Annotated[float, Field(gt=0.0, le=1.0)] = Field(0.99, description="p_i ∝ decay^i")
     correlated: bool = Field(False, description="correlate firing through a Gaussian copula")
     correlation_rank: PositiveInt = Field(16, description="rank of the copula's random correlation factor")
-    seed: NonNegativeInt = Field(0, description="fixes the directions and correlations")
+    seed: Seed = Field(0, description="fixes the directions and correlations")
 
     @model_validator(mode="after")
     def _expected_count_fits(self) -> SparseFeaturesConfig:
@@ -46,7 +46,7 @@ class HierarchyConfig(StrictModel):
     magnitude_spread: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
         0.0, description="a firing feature's coefficient is U[1 − spread, 1 + spread] (0: always 1)"
     )
-    seed: NonNegativeInt = Field(0, description="fixes the random orthonormal directions")
+    seed: Seed = Field(0, description="fixes the random orthonormal directions")
 
     @property
     def n_features(self) -> int:

@@ -29,6 +29,8 @@ def config_source(preset_or_path: str, directory: Path = PRESET_DIR) -> Path:
     """The YAML file for a preset name (in `directory`) or a path; an unknown name lists the presets."""
     path = Path(preset_or_path)
     if path.suffix in {".yaml", ".yml"} or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory; give a preset name or a YAML config file")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         return path

@@ -73,6 +73,16 @@ class SPDConfig(StrictModel):
     )
 
     @model_validator(mode="after")
+    def _each_pattern_once(self) -> SPDConfig:
+        patterns = [site.pattern for site in self.sites]
+        repeated = sorted({pattern for pattern in patterns if patterns.count(pattern) > 1})
+        if repeated:
+            raise ValueError(
+                f"the site pattern(s) {', '.join(map(repr, repeated))} are listed more than once; list each once"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _adversarial_loss_has_steps(self) -> SPDConfig:
         if self.adversarial_recon_coeff and not self.adversarial_steps:
             raise ValueError(

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_serializer
 from pydantic_core.core_schema import SerializationInfo, SerializerFunctionWrapHandler
 
-from unmerge.config.base import DIGEST_CONTEXT, NonNegativeFloat, StrictModel
+from unmerge.config.base import DIGEST_CONTEXT, NonNegativeFloat, Seed, StrictModel
 
 
 class OptimConfig(StrictModel):
@@ -29,7 +29,7 @@ class TrainConfig(StrictModel):
 
     steps: PositiveInt = Field(description="optimiser steps")
     batch_size: PositiveInt = Field(description="examples per step (per rank)")
-    seed: NonNegativeInt = Field(0, description="fixes data, initialisation and masks")
+    seed: Seed = Field(0, description="fixes data, initialisation and masks")
     optim: OptimConfig = OptimConfig()
     eval_every: NonNegativeInt = Field(0, description="evaluate every N steps (0: only at the end)")
     eval_batch_size: PositiveInt = Field(4096, description="examples per evaluation batch")
