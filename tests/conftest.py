@@ -56,3 +56,19 @@ def set_exact_factorisation(model: ComponentModel) -> None:
             components.V.zero_()
             components.U[:, :rank] = u[:, :rank] * s
             components.V[:rank] = vh[:rank]
+
+
+def poison_loss_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    """From step `steps` on, SPD's training loss is NaN (as a diverging run's would be)."""
+    from unmerge.spd.method import SPD
+
+    original, calls = SPD.training_loss, []
+
+    def poisoned(self: SPD, batch: torch.Tensor, generator: torch.Generator) -> object:
+        output = original(self, batch, generator)
+        calls.append(1)
+        if len(calls) > steps:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(SPD, "training_loss", poisoned)

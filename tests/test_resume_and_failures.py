@@ -16,10 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import TINY_TMS
+from tests.conftest import TINY_TMS, poison_loss_after
 from unmerge import api
 from unmerge.errors import CheckpointError, NonFiniteLossError
-from unmerge.spd.method import SPD
 from unmerge.train import checkpoint
 
 
@@ -78,16 +77,7 @@ def _sha(path: Path) -> str:
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path: Path, monkeypatch) -> None:
-    original, calls = SPD.training_loss, []
-
-    def poisoned_after_30_steps(self: SPD, batch: torch.Tensor, generator: torch.Generator):
-        output = original(self, batch, generator)
-        calls.append(1)
-        if len(calls) > 30:
-            output.loss = output.loss * float("nan")
-        return output
-
-    monkeypatch.setattr(SPD, "training_loss", poisoned_after_30_steps)
+    poison_loss_after(monkeypatch, 30)
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 30 .*checkpoint is untouched"):
         api.decompose(api.load_run_config("tms-5-2", TINY_TMS), tmp_path)
     saved = checkpoint.checkpoint_dirs(tmp_path)
@@ -99,11 +89,19 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path: Path, 
     assert {p.name: _sha(p) for p in saved[-1].iterdir()} == before
 
 
-def test_corrupt_checkpoint_is_detected(tmp_path: Path) -> None:
+def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning_and_never_loaded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     api.decompose(api.load_run_config("tms-5-2", TINY_TMS), tmp_path)
-    newest = checkpoint.checkpoint_dirs(tmp_path)[-1] / checkpoint.WEIGHTS_FILE
-    newest.write_bytes(newest.read_bytes()[:-10])
-    with pytest.raises(CheckpointError, match=r"corrupt .*delete"):
+    *older, newest = checkpoint.checkpoint_dirs(tmp_path)
+    weights = newest / checkpoint.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-10])
+    capsys.readouterr()
+    assert api.evaluate(tmp_path).resumed_from == int(older[-1].name.removeprefix("step-"))
+    assert f"skipping a damaged checkpoint: checkpoint {newest} is corrupt" in capsys.readouterr().err
+    for path in older:
+        (path / checkpoint.STATE_FILE).write_text("[]")
+    with pytest.raises(CheckpointError, match=r"every checkpoint of .* is damaged .*delete .*checkpoints"):
         api.evaluate(tmp_path)
 
 

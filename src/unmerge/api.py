@@ -15,6 +15,7 @@ from unmerge.analysis.grouping import (
     DEFAULT_THRESHOLD,
     Grouping,
     check_grouping_settings,
+    component_units,
     group_subcomponents,
     load_grouping,
 )
@@ -37,10 +38,9 @@ from unmerge.errors import CheckpointError, ConfigError
 from unmerge.eval.language import latent_examples, spliced_evaluator
 from unmerge.io import save_tensors_atomic, write_json_atomic
 from unmerge.report.figures import density_histogram_figure, merge_history_figure, spd_figures
-from unmerge.report.html import write_index
 from unmerge.report.latents import latents_section
 from unmerge.report.mechanisms import mechanisms_section
-from unmerge.report.run import publish, refresh
+from unmerge.report.run import publish, refresh, runs_index
 from unmerge.report.splitting import write_splitting
 from unmerge.runs import GROUPING_FILE, RunResult, is_dictionary_run
 from unmerge.sae.method import DictionaryMethod
@@ -104,12 +104,13 @@ __all__ = [
 def decompose(config: RunConfig, run_dir: Path) -> RunResult:
     """Train SPD on the config's target in `run_dir`, resuming from its newest checkpoint if there is one."""
     run_dir = Path(run_dir)
-    distributed.start(config.train)
-    runs.prepare(config, run_dir, write=distributed.is_main_process())
-    target = run_target(config.target, run_dir / runs.TARGET_DIR)
-    spd = SPD(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
-    result = train(spd, target.sample_inputs, config.train, run_dir, description=f"SPD {config.name}")
-    return _finish_spd(spd, config, run_dir, result.resumed_from)
+    device = distributed.start(config.train)
+    with runs.opened(config, run_dir, write=distributed.is_main_process()):
+        target = run_target(config.target, run_dir / runs.TARGET_DIR)
+        spd_plan(target, config.method).check_fits(config.train, device)
+        spd = SPD(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
+        result = train(spd, target.sample_inputs, config.train, run_dir, description=f"SPD {config.name}")
+        return _finish_spd(spd, config, run_dir, result.resumed_from)
 
 
 def plan_decomposition(config: RunConfig) -> str:
@@ -161,42 +162,43 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
     truth it was scored against (`ground_truth.safetensors`: `true_features`, and `parents` on the hierarchy toy)."""
     run_dir = Path(run_dir)
     device = distributed.start(config.train)
-    runs.prepare(config, run_dir, write=distributed.is_main_process())
-    language = isinstance(config.data, LanguageActivationsConfig)
-    recorded = language_activations(config.data, config.train.seed, device) if language else None
-    source = recorded.source if recorded else activation_source(config.data)
-    evaluation = spliced_evaluator(recorded, config.data.eval_tokens) if recorded else None
-    method = DictionaryMethod(
-        source,
-        config.method,
-        seed=config.train.seed,
-        total_steps=config.train.steps,
-        eval_batch_size=config.train.eval_batch_size,
-        extra_evaluation=evaluation,
-    )
-    result = train(method, source.sample, config.train, run_dir, description=f"dictionary {config.name}")
-    method.module.fold_input_scale()
-    metrics = method.evaluate()
-    if not distributed.is_main_process():
-        return RunResult(run_dir, metrics, [], result.resumed_from)
-    save_trained(run_dir, method)
-    sections = ""
-    if recorded:
-        sections = latents_section(
-            latent_examples(
-                recorded.data,
-                recorded.module,
-                config.data.eval_tokens,
-                method.reconstruct,
-                method.module.W_d,
-                LATENT_SNIPPETS,
-            )
+    with runs.opened(config, run_dir, write=distributed.is_main_process()):
+        language = isinstance(config.data, LanguageActivationsConfig)
+        recorded = language_activations(config.data, config.train.seed, device) if language else None
+        source = recorded.source if recorded else activation_source(config.data)
+        dictionary_plan(source.name, source.dim, source.output_dim, config.method).check_fits(config.train, device)
+        evaluation = spliced_evaluator(recorded, config.data.eval_tokens) if recorded else None
+        method = DictionaryMethod(
+            source,
+            config.method,
+            seed=config.train.seed,
+            total_steps=config.train.steps,
+            eval_batch_size=config.train.eval_batch_size,
+            extra_evaluation=evaluation,
         )
-    density = density_histogram_figure(
-        method.latent_density(), config.train.eval_batch_size, run_dir / runs.FIGURES_DIR / "latent_density.png"
-    )
-    figures, report = publish(run_dir, f"Dictionary: {config.name}", metrics, [density], sections)
-    return RunResult(run_dir, metrics, figures, result.resumed_from, report)
+        result = train(method, source.sample, config.train, run_dir, description=f"dictionary {config.name}")
+        method.module.fold_input_scale()
+        metrics = method.evaluate()
+        if not distributed.is_main_process():
+            return RunResult(run_dir, metrics, [], result.resumed_from)
+        save_trained(run_dir, method)
+        sections = ""
+        if recorded:
+            sections = latents_section(
+                latent_examples(
+                    recorded.data,
+                    recorded.module,
+                    config.data.eval_tokens,
+                    method.reconstruct,
+                    method.module.W_d,
+                    LATENT_SNIPPETS,
+                )
+            )
+        density = density_histogram_figure(
+            method.latent_density(), config.train.eval_batch_size, run_dir / runs.FIGURES_DIR / "latent_density.png"
+        )
+        figures, report = publish(run_dir, f"Dictionary: {config.name}", metrics, [density], sections)
+        return RunResult(run_dir, metrics, figures, result.resumed_from, report)
 
 
 def dictionary_report(run_dir: Path) -> Path:
@@ -211,7 +213,8 @@ def dictionary_report(run_dir: Path) -> Path:
                 data, module, config.data.eval_tokens, lambda a: dictionary(a)[:2], dictionary.W_d, LATENT_SNIPPETS
             )
         )
-    return refresh(Path(run_dir), f"Dictionary: {config.name}", sections)
+    with runs.locked(Path(run_dir)):
+        return refresh(Path(run_dir), f"Dictionary: {config.name}", sections)
 
 
 @dataclass(frozen=True)
@@ -304,17 +307,17 @@ def load_run(run_dir: Path) -> tuple[RunConfig, SPD, int]:
     config = runs.saved_config(run_dir, RunConfig)
     target = run_target(config.target, run_dir / runs.TARGET_DIR)
     spd = SPD(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
-    saved = checkpoint.checkpoint_dirs(run_dir)
-    if not saved:
+    state = checkpoint.restore_newest(run_dir, spd.module)
+    if not state:
         raise CheckpointError(f"{run_dir} has no checkpoint yet; run `unmerge decompose` to train it")
-    state = checkpoint.restore(saved[-1], spd.module)
     return config, spd, int(state["step"])
 
 
 def evaluate(run_dir: Path) -> RunResult:
     """Recompute `metrics.json` and figures of a run from its newest checkpoint."""
-    config, spd, step = load_run(run_dir)
-    return _finish_spd(spd, config, Path(run_dir), step)
+    with runs.locked(Path(run_dir)):
+        config, spd, step = load_run(run_dir)
+        return _finish_spd(spd, config, Path(run_dir), step)
 
 
 def group_components(
@@ -328,41 +331,17 @@ def group_components(
     """Group a run's subcomponents into components by description length (`unmerge.analysis.grouping`) and save
     the grouping, its merge history and, on toys, its agreement with the truth as `grouping.json` in the run."""
     check_grouping_settings(n_inputs, batch_size, threshold, alpha, min_active)  # before the run is loaded
-    config, spd, _ = load_run(run_dir)
     run_dir = Path(run_dir)
-    grouping = group_subcomponents(spd, n_inputs, batch_size, threshold, alpha, min_active, seed=0)
-    write_json_atomic(run_dir / GROUPING_FILE, grouping.summary(), indent=1)
-    merge_history_figure(
-        grouping.history.costs, grouping.history.best_step, run_dir / runs.FIGURES_DIR / "grouping.png"
-    )
-    if runs.is_finished(run_dir):  # refresh the report with the grouping's figure
-        refresh(run_dir, f"SPD: {config.name}")
-    return grouping
-
-
-def runs_index(run_dirs: list[Path], out_dir: Path, columns: list[str] | None = None) -> Path:
-    """`out_dir/index.html` comparing finished runs (SPD or dictionary): their metrics side by side, sortable,
-    each run linked to its `report.html`. Columns: `columns`, else the metrics every run has (at most 40)."""
-    listed = [
-        (Path(run_dir), f"{runs.run_name(run_dir)} · {Path(run_dir).name}", runs.read_metrics(run_dir))
-        for run_dir in run_dirs
-    ]
-    if columns is None:
-        common = set.intersection(*(set(metrics) for _, _, metrics in listed)) if listed else set()
-        columns = [key for key in listed[0][2] if key in common][:40] if listed else []
-    return write_index(Path(out_dir), listed, columns)
-
-
-def component_units(run_dir: Path, components: list[int]) -> list[str]:
-    """The subcomponents of the numbered components (0 = the largest) of a run's saved grouping."""
-    saved = load_grouping(run_dir)["components"]
-    bad = [c for c in components if not 0 <= c < len(saved)]
-    if bad:
-        raise ConfigError(
-            f"component {bad[0]} does not exist: the grouping of {run_dir} has {len(saved)} "
-            f"components, numbered 0–{len(saved) - 1}"
+    with runs.locked(run_dir):
+        config, spd, _ = load_run(run_dir)
+        grouping = group_subcomponents(spd, n_inputs, batch_size, threshold, alpha, min_active, seed=0)
+        write_json_atomic(run_dir / GROUPING_FILE, grouping.summary(), indent=1)
+        merge_history_figure(
+            grouping.history.costs, grouping.history.best_step, run_dir / runs.FIGURES_DIR / "grouping.png"
         )
-    return [unit for c in components for unit in saved[c]]
+        if runs.is_finished(run_dir):  # refresh the report with the grouping's figure
+            refresh(run_dir, f"SPD: {config.name}")
+    return grouping
 
 
 def unlearn(run_dir: Path, units: list[str], out_dir: Path) -> float:

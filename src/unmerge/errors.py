@@ -1,4 +1,12 @@
-"""Errors a user can act on. The CLI prints their message (no traceback) and exits with status 2."""
+"""Errors a user can act on. The CLI prints their message (no traceback) and exits with status 2. Warnings: a
+line on stderr, for what a run did on the user's behalf (took over a stale lock, skipped a corrupt checkpoint)."""
+
+import sys
+
+
+def warn(message: str) -> None:
+    """Tell the user, on stderr, something done on their behalf that they should know about."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class UnmergeError(Exception):

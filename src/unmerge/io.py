@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 CACHE_ENV = "UNMERGE_CACHE_DIR"
+PARTIAL_MARK = ".partial-"  # in the name of a file being written atomically (left behind only by a killed process)
 
 
 def cache_root() -> Path:
@@ -51,7 +52,7 @@ def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """Call `write(tmp_path)`, fsync, and rename onto `path`; readers see the old or the new file, never half.
     The file gets the permissions an ordinary new file would (the umask applied), not mkstemp's private 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{PARTIAL_MARK}")
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_process_umask())

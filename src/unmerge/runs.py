@@ -1,5 +1,7 @@
-"""The run directory's lifecycle: create it with its resolved config, recognise it again (same config: resume;
-another config: refuse, naming the differences), and finish it with `metrics.json`.
+"""The run directory's lifecycle: claim it (a lock file: one writer at a time), create it with its resolved config,
+recognise it again (same config: resume; another config: refuse, naming the differences, unless nothing was
+trained yet, or only the learning rate changed), clean up after an interrupted write, and finish it with
+`metrics.json`.
 
 A run directory holds `config.yaml` (the resolved config), `target/` (a toy target's trained weights, so the
 directory is self-contained), `checkpoints/`, `train_log.jsonl`, `eval_log.jsonl`, `metrics.json`, `figures/`,
@@ -9,13 +11,18 @@ directory is self-contained), `checkpoints/`, `train_log.jsonl`, `eval_log.jsonl
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from unmerge.config import StrictModel, load_yaml, save_yaml, validate
-from unmerge.errors import CheckpointError
-from unmerge.io import write_atomic, write_json_atomic
+from unmerge.errors import CheckpointError, warn
+from unmerge.io import PARTIAL_MARK, write_atomic, write_json_atomic
 
 RUN_CONFIG = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -26,6 +33,9 @@ EVAL_LOG = "eval_log.jsonl"
 DICTIONARY_FILE = "dictionary.safetensors"  # the trained dictionary with its normalisation folded in
 GROUND_TRUTH_FILE = "ground_truth.safetensors"  # a toy source's true features (and hierarchy parents)
 GROUPING_FILE = "grouping.json"  # the chosen grouping of a run's subcomponents, with its merge history
+CHECKPOINT_DIR = "checkpoints"  # step-NNNNNNN/ folders (`unmerge.train.checkpoint`)
+STAGING_PREFIX = ".staging-"  # a checkpoint folder being written (left behind only by a killed process)
+LOCK_FILE = ".lock"  # "PID HOST" of the process writing the directory
 
 ConfigT = TypeVar("ConfigT", bound=StrictModel)
 
@@ -42,6 +52,7 @@ class RunResult:
 
 
 RESUMABLE_ELSEWHERE = ("train.device:", "train.fsdp:", "train.loggers:")  # checkpoints hold full tensors
+CHANGEABLE_ON_RESUME = ("train.optim.lr:",)  # the fix a non-finite loss asks for; recorded in the training log
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -61,7 +72,15 @@ def saved_config(run_dir: Path, config_cls: type[ConfigT]) -> ConfigT:
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a run directory ({RUN_CONFIG} missing)")
-    return validate(config_cls, config_cls.upgrade_saved(load_yaml(path)), str(path))
+    saved = load_yaml(path)
+    kind, wanted = (_kind("data" in fields) for fields in (saved, config_cls.model_fields))
+    if kind != wanted:
+        raise CheckpointError(f"{run_dir} holds {kind}, but this needs {wanted}; give another directory")
+    return validate(config_cls, config_cls.upgrade_saved(saved), str(path))
+
+
+def _kind(dictionary: bool) -> str:
+    return "a dictionary run (`train-dictionary`)" if dictionary else "an SPD run (`decompose`)"
 
 
 def differences_from_saved(run_dir: Path, config: StrictModel) -> list[str] | None:
@@ -73,22 +92,164 @@ def differences_from_saved(run_dir: Path, config: StrictModel) -> list[str] | No
     return [line for line in differences if not line.startswith(RESUMABLE_ELSEWHERE)]
 
 
+def saved_steps(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders `step-NNNNNNN`, oldest first."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")) if root.is_dir() else []
+
+
+def has_progress(run_dir: Path) -> bool:
+    """Whether a run directory holds anything trained: a checkpoint, or a finished run's metrics."""
+    return bool(saved_steps(run_dir)) or (Path(run_dir) / METRICS_FILE).is_file()
+
+
+def check_out_dir(run_dir: Path) -> None:
+    """`--out` must be a directory we can create or write: not a file, not under a file, not read-only."""
+    for path in [run_dir, *run_dir.parents]:
+        if not path.exists():
+            continue
+        if not path.is_dir():
+            where = "is a file" if path == run_dir else f"lies under {path}, which is a file"
+            raise CheckpointError(f"{run_dir} {where}; a run needs a directory path (--out)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise CheckpointError(f"{run_dir}: {path} is not writable; choose a directory you can write to")
+        return
+
+
+def clean_interrupted_writes(run_dir: Path) -> None:
+    """Remove what a killed process left half-written: checkpoint staging folders and atomic writes' temp files."""
+    for staging in (Path(run_dir) / CHECKPOINT_DIR).glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(staging, ignore_errors=True)
+    for partial in Path(run_dir).rglob(f".*{PARTIAL_MARK}*"):
+        if partial.is_file():
+            partial.unlink()
+
+
+def _lock_holder(lock: Path) -> tuple[int, str] | None:
+    """(pid, host) written in a lock file, or None if it is unreadable."""
+    try:
+        pid, host = lock.read_text().split()
+        return int(pid), host
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:  # Linux: the state letter follows the parenthesised command name
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _take_lock(run_dir: Path) -> bool:
+    """Write our lock file into `run_dir`; False if this process holds it already. A live holder is an error
+    naming it; a dead one's (or an unreadable) lock is taken over with a warning."""
+    lock, me = run_dir / LOCK_FILE, (os.getpid(), socket.gethostname())
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        holder = _lock_holder(lock)
+        if holder == me:
+            return False
+        if holder is not None and (holder[1] != me[1] or _alive(holder[0])):
+            raise CheckpointError(
+                f"{run_dir} is being written by process {holder[0]} on {holder[1]}; wait for it to finish or stop "
+                f"it, or choose another --out directory (if no such process runs, delete {lock})"
+            ) from None
+        warn(f"{run_dir}: took over the lock of process {holder[0] if holder else '?'}, which no longer runs")
+        write_atomic(lock, lambda tmp: tmp.write_text(f"{me[0]} {me[1]}"))
+        if _lock_holder(lock) != me:
+            raise CheckpointError(f"{run_dir} was claimed by another process at the same moment; try again") from None
+        return True
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"{me[0]} {me[1]}")
+    return True
+
+
+@contextmanager
+def locked(run_dir: Path, write: bool = True) -> Iterator[None]:
+    """While active, this process is the one writing `run_dir` (a lock file; a second writer is refused at once,
+    a stale lock taken over), and what an interrupted writer left half-written is cleaned. Re-entrant; with
+    `write` False (the other ranks of a torchrun job) it does nothing."""
+    run_dir = Path(run_dir)
+    if not write:
+        yield
+        return
+    check_out_dir(run_dir)
+    existed = run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    taken = _take_lock(run_dir)
+    try:
+        if taken:
+            clean_interrupted_writes(run_dir)
+        yield
+    finally:
+        if taken:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            if not existed and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # a command that failed before writing anything leaves no trace
+
+
+@contextmanager
+def opened(config: StrictModel, run_dir: Path, write: bool = True) -> Iterator[None]:
+    """`locked`, with `run_dir` prepared for `config` (`prepare`): the run trains and finishes inside."""
+    with locked(run_dir, write):
+        prepare(config, run_dir, write)
+        yield
+
+
 def prepare(config: StrictModel, run_dir: Path, write: bool = True) -> None:
     """Create a run directory with its config, or check that an existing one holds the same config (to resume).
-    With `write` False (the other ranks of a torchrun job) only the check is made: rank 0 creates the directory."""
+    A directory with nothing trained yet (a run that failed before its first checkpoint) takes a corrected config
+    and starts afresh; a trained one takes a changed learning rate (recorded in its training log) and refuses any
+    other change. With `write` False (the other ranks of a torchrun job) only the check is made."""
     run_dir = Path(run_dir)
     differences = differences_from_saved(run_dir, config)
-    if differences:
+    if differences and not has_progress(run_dir):
+        if write:
+            _start_afresh(run_dir)
+        differences = None
+    blocking = [line for line in differences or [] if not line.startswith(CHANGEABLE_ON_RESUME)]
+    if blocking:
         raise CheckpointError(
-            f"{run_dir} already holds a run with a different config ({'; '.join(differences)}); "
+            f"{run_dir} already holds a run with a different config ({'; '.join(blocking)}); "
             "choose another --out directory, or rerun with the original settings to resume"
         )
-    if differences is not None or not write:
+    if not write:
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if differences:
+        _record_change(run_dir, differences)
+    elif differences is not None:
+        return
+    if differences is None and run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise CheckpointError(f"{run_dir} exists and is not a run directory; choose an empty or new --out directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / RUN_CONFIG, lambda tmp: save_yaml(config, tmp))
+
+
+def _start_afresh(run_dir: Path) -> None:
+    """Empty a run directory that holds nothing trained (its config, copied target, logs) for a new config."""
+    for path in run_dir.iterdir():
+        if path.name != LOCK_FILE:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _record_change(run_dir: Path, differences: list[str]) -> None:
+    """A resume with a changed learning rate: one line in the training log at the step it resumes from."""
+    steps = saved_steps(run_dir)
+    step = int(steps[-1].name.removeprefix("step-")) if steps else 0
+    log = run_dir / TRAIN_LOG
+    torn = log.is_file() and not log.read_bytes().endswith(b"\n") and log.stat().st_size > 0
+    with log.open("a") as handle:
+        handle.write(("\n" if torn else "") + json.dumps({"step": step, "config_changed": differences}) + "\n")
+    warn(f"{run_dir}: resuming from step {step} with {'; '.join(differences)} (recorded in {TRAIN_LOG})")
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, float]) -> None:
@@ -101,7 +262,24 @@ def read_metrics(run_dir: Path) -> dict[str, float]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise CheckpointError(f"{run_dir} has no {METRICS_FILE}: not a finished run (train or evaluate it first)")
-    return json.loads(path.read_text())
+    fix = f"rerun `unmerge evaluate {run_dir}` to rewrite it"
+    metrics = read_json_object(path, fix)
+    wrong = [key for key, value in metrics.items() if not isinstance(value, (int, float, type(None)))]
+    if wrong:
+        raise CheckpointError(f"{path}: {wrong[0]!r} is not a number; {fix}")
+    return metrics
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in one of a run's files; a file that is not UTF-8 JSON holding an object is an error
+    naming it and ending with `fix`."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); {fix}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
 
 
 def is_finished(run_dir: Path) -> bool:

@@ -24,7 +24,6 @@ entry) and the groups' pairwise co-activation (units² floats), so union frequen
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,4 +302,20 @@ def load_grouping(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / runs.GROUPING_FILE
     if not path.is_file():
         raise CheckpointError(f"{run_dir} has no {runs.GROUPING_FILE}; run `unmerge group {run_dir}` first")
-    return json.loads(path.read_text())
+    fix = f"rerun `unmerge group {run_dir}` to rewrite it"
+    grouping = runs.read_json_object(path, fix)
+    if not isinstance(grouping.get("components"), list):
+        raise CheckpointError(f"{path} lists no components; {fix}")
+    return grouping
+
+
+def component_units(run_dir: Path, components: list[int]) -> list[str]:
+    """The subcomponents of the numbered components (0 = the largest) of a run's saved grouping."""
+    saved = load_grouping(run_dir)["components"]
+    bad = [c for c in components if not 0 <= c < len(saved)]
+    if bad:
+        raise ConfigError(
+            f"component {bad[0]} does not exist: the grouping of {run_dir} has {len(saved)} "
+            f"components, numbered 0–{len(saved) - 1}"
+        )
+    return [unit for c in components for unit in saved[c]]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from unmerge.errors import ConfigError
 from unmerge.sae.dictionary import Dictionary
 
 SHARED_COSINE = 0.5
@@ -172,6 +173,14 @@ def splitting_pairs(
     dictionaries: list[tuple[str, Dictionary]], activations: Tensor, threshold: float = 0.5
 ) -> list[SplitPair]:
     """Each dictionary (named, smallest first) against the next larger one on the same `activations`."""
+    if activations.shape[0] == 0:
+        raise ConfigError("feature splitting needs sampled inputs; give --inputs 1 or more")
+    widths = [dictionary.W_d.shape[0] for _, dictionary in dictionaries]
+    if any(small >= large for small, large in zip(widths, widths[1:], strict=False)):
+        raise ConfigError(
+            f"feature splitting compares dictionaries of growing width; these have widths {widths}: give runs of "
+            "different widths, each once"
+        )
     pairs = []
     for (small_name, small), (large_name, large) in zip(dictionaries, dictionaries[1:], strict=False):
         splits = feature_splits(small, large, activations, threshold)

@@ -35,11 +35,18 @@ Rerunning the same command reuses finished runs and resumes interrupted ones; ex
 new points."""
 
 
+def out_path(text: str) -> Path:
+    """An `--out` directory: an empty one would silently mean the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("--out needs a directory path, not an empty string")
+    return Path(text)
+
+
 def _add_run_arguments(command: argparse.ArgumentParser, override_example: str) -> None:
     """The arguments every training command shares: config, overrides, run directory, seed and steps."""
     command.add_argument("config", metavar="PRESET_OR_YAML")
     command.add_argument("overrides", nargs="*", help=f"key.path=value, e.g. {override_example}")
-    command.add_argument("--out", type=Path, help="run directory (required unless --dry-run)")
+    command.add_argument("--out", type=out_path, help="run directory (required unless --dry-run)")
     command.add_argument("--seed", type=int, help="training seed (train.seed)")
     command.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
     command.add_argument(
@@ -61,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_target.add_argument("preset", help="preset name or YAML path")
     train_target.add_argument("overrides", nargs="*", help="key.path=value, e.g. target.train.seed=1")
-    train_target.add_argument("--out", type=Path, help="save here instead of the cache (~/.cache/unmerge)")
+    train_target.add_argument("--out", type=out_path, help="save here instead of the cache (~/.cache/unmerge)")
     train_target.set_defaults(handler=cmd_train_target)
 
     decompose = commands.add_parser(
@@ -98,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="base dictionary preset or config, or a sweep YAML file (one with a `grid:` mapping)",
     )
     sweep.add_argument("overrides", nargs="*", help="key.path=value for every run, e.g. train.threads=1")
-    sweep.add_argument("--out", type=Path, required=True, help="sweep directory (tables, figures, runs/)")
+    sweep.add_argument("--out", type=out_path, required=True, help="sweep directory (tables, figures, runs/)")
     sweep.add_argument(
         "--grid",
         action="append",
@@ -133,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "loadable with sae_lens.SAE.load_from_disk.",
     )
     export.add_argument("run_dir", type=Path)
-    export.add_argument("--out", type=Path, required=True, help="directory to write")
+    export.add_argument("--out", type=out_path, required=True, help="directory to write")
     export.set_defaults(handler=cmd_export_saelens)
 
     evaluate = commands.add_parser(
@@ -179,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("run_dir", type=Path)
     unlearn.add_argument("--component", type=int, nargs="*", default=[], help="component numbers (0 = largest)")
     unlearn.add_argument("--units", nargs="*", default=[], metavar="SITE/INDEX", help="subcomponents by name")
-    unlearn.add_argument("--out", type=Path, required=True, help="directory for the edited model")
+    unlearn.add_argument("--out", type=out_path, required=True, help="directory for the edited model")
     unlearn.set_defaults(handler=cmd_unlearn)
 
     splits = commands.add_parser(
@@ -190,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and fit the split directions to see whether different parents split the same way.",
     )
     splits.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    splits.add_argument("--out", type=Path, required=True, help="directory for splitting.md, .json and figures")
+    splits.add_argument("--out", type=out_path, required=True, help="directory for splitting.md, .json and figures")
     splits.add_argument("--threshold", type=float, default=0.5, help="decoder cosine that makes a child")
     splits.add_argument("--inputs", type=int, default=16_384, help="sampled activations")
     splits.set_defaults(handler=cmd_splits)
@@ -202,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "linked to its report.html.",
     )
     report.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
-    report.add_argument("--out", type=Path, required=True, help="directory for index.html")
+    report.add_argument("--out", type=out_path, required=True, help="directory for index.html")
     report.add_argument("--columns", nargs="*", default=[], help="metrics to show (default: those all runs have)")
     report.set_defaults(handler=cmd_report)
 
@@ -211,6 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="train TMS 5-2, decompose it, print the results",
         description="Train the 5-2 toy model of superposition, decompose it with SPD, print MMCS, ML2R and CI-L0.",
     )
-    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default runs/demo)")
+    demo.add_argument("--out", type=out_path, default=Path("runs/demo"), help="run directory (default runs/demo)")
     demo.set_defaults(handler=cmd_demo)
     return parser

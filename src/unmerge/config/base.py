@@ -21,9 +21,14 @@ Seed = Annotated[int, Field(ge=0, lt=2**63)]  # what torch's generators take
 DIGEST_CONTEXT = "digest"  # serialisation context of `StrictModel.digest`
 
 
+def _takes(annotation: Any, kinds: tuple[Any, ...]) -> bool:
+    """Whether a field's type is one of `kinds`, or a union or alias holding one."""
+    return annotation in kinds or any(_takes(arg, kinds) for arg in get_args(annotation))
+
+
 def _admits_bool(annotation: Any) -> bool:
     """Whether a field's type takes a boolean (bool itself, Any, or a union or alias holding one)."""
-    return annotation is bool or annotation is Any or any(_admits_bool(arg) for arg in get_args(annotation))
+    return _takes(annotation, (bool, Any))
 
 
 class StrictModel(BaseModel):
@@ -39,7 +44,8 @@ class StrictModel(BaseModel):
             for key, value in data.items():
                 field = cls.model_fields.get(key) if isinstance(key, str) else None
                 if isinstance(value, bool) and field is not None and not _admits_bool(field.annotation):
-                    raise ValueError(f"{key}: a boolean ({value}) is not valid here; give a value of the field's type")
+                    wanted = "a number" if _takes(field.annotation, (int, float)) else "a value of its type"
+                    raise FieldValueError(key, f"a boolean ({value}) is not valid here; give {wanted}")
         return data
 
     def digest(self) -> str:
@@ -55,19 +61,49 @@ class StrictModel(BaseModel):
         return data
 
 
-def _path(loc: tuple) -> tuple[str, str]:
-    """A validation error's location as a dotted key, and the tag of the union member it lies in (e.g.
-    `activation=topk`; empty if none): tags are left out of the key."""
-    parts = [str(part) for part in loc if not (isinstance(part, str) and "=" in part)]
-    tags = [part for part in loc if isinstance(part, str) and "=" in part]
+class FieldValueError(ValueError):
+    """A model validator's complaint about one of the model's own keys (reported at `section.key`)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def other_commands_config(data: Any, present: str, absent: str, message: str) -> Any:
+    """Before validation: a mapping with section `present` and without `absent` is another command's config; say
+    so (`message`) instead of listing every key that does not fit."""
+    if isinstance(data, dict) and present in data and absent not in data:
+        raise ValueError(message)
+    return data
+
+
+def _path(loc: tuple, data: Any) -> tuple[str, str]:
+    """A validation error's location as the dotted key the user wrote, and the tag of the union member it lies in
+    (e.g. `activation=topk`, or a target's `kind`; empty if none): tags are left out of the key."""
+    parts: list[str] = []
+    tags: list[str] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part not in node and (part == node.get("kind") or "=" in str(part)):
+            tags.append(str(part) if "=" in str(part) else f"kind={part}")
+            continue
+        parts.append(str(part))
+        node = node[part] if isinstance(node, (dict, list)) and _holds(node, part) else None
     return ".".join(parts) or "<root>", tags[-1] if tags else ""
 
 
-def _format_validation_error(error: ValidationError, source: str) -> str:
+def _holds(node: dict | list, part: Any) -> bool:
+    return part in node if isinstance(node, dict) else isinstance(part, int) and 0 <= part < len(node)
+
+
+def _format_validation_error(error: ValidationError, source: str, data: Any) -> str:
     lines = [f"invalid config ({source}):"]
     for item in error.errors():
-        where, member = _path(item["loc"])
-        if item["type"] == "extra_forbidden" and member:
+        where, member = _path(item["loc"], data)
+        complaint = item.get("ctx", {}).get("error")
+        if isinstance(complaint, FieldValueError):
+            lines.append(f"  {where.removeprefix('<root>')}{'.' if item['loc'] else ''}{complaint.key}: {complaint}")
+        elif item["type"] == "extra_forbidden" and member:
             choice = member.split("=")[0]
             lines.append(f"  {where}: unknown key for {member} (set the {choice} that has it, or check the spelling)")
         elif item["type"] == "extra_forbidden":
@@ -84,7 +120,7 @@ def validate(model_cls: type[StrictModel], data: Any, source: str) -> Any:
     try:
         return model_cls.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, source)) from None
+        raise ConfigError(_format_validation_error(error, source, data)) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, NonNegativeInt, PositiveFloat, PositiveInt, Tag, TypeAdapter, model_validator
 
-from unmerge.config.base import NonNegativeFloat, StrictModel
+from unmerge.config.base import NonNegativeFloat, StrictModel, other_commands_config
 from unmerge.config.data import DictionaryDataConfig
 from unmerge.config.training import TrainConfig
 
@@ -167,6 +167,12 @@ class DictionaryRunConfig(StrictModel):
     data: DictionaryDataConfig = Field(discriminator="kind")
     method: DictionaryConfig
     train: TrainConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_an_spd_config(cls, data: Any) -> Any:
+        message = "an SPD config (it has a target section): decompose it with `unmerge decompose`"
+        return other_commands_config(data, "target", "data", message)
 
     @model_validator(mode="after")
     def _skip_needs_a_transcoder(self) -> DictionaryRunConfig:

@@ -3,11 +3,11 @@ SPD run (target + method + training)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from unmerge.config.base import NonNegativeFloat, StrictModel
+from unmerge.config.base import NonNegativeFloat, StrictModel, other_commands_config
 from unmerge.config.targets import (
     InductionConfig,
     LanguageTargetConfig,
@@ -100,6 +100,12 @@ class RunConfig(StrictModel):
     ) = Field(discriminator="kind")
     method: SPDConfig
     train: TrainConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_a_dictionary_config(cls, data: Any) -> Any:
+        message = "a dictionary config (it has a data section): train it with `unmerge train-dictionary`"
+        return other_commands_config(data, "data", "target", message)
 
     @model_validator(mode="after")
     def _bf16_weights_run_in_bf16(self) -> RunConfig:

@@ -3,6 +3,8 @@ keeps."""
 
 from __future__ import annotations
 
+import torch
+
 from unmerge.config import DictionaryConfig
 from unmerge.sae.arch import build_dictionary
 from unmerge.train.plan import StepPlan
@@ -12,7 +14,9 @@ LATENT_VALUES = 4  # per latent and row: pre-activation, activation, their gradi
 
 
 def dictionary_plan(name: str, dim: int, output_dim: int | None, config: DictionaryConfig) -> StepPlan:
-    dictionary = build_dictionary(dim, config, step_generator(0, "plan"), output_dim)
+    """Counted on the meta device: nothing is allocated, so a plan can say a dictionary will not fit."""
+    with torch.device("meta"):
+        dictionary = build_dictionary(dim, config, step_generator(0, "plan"), output_dim)
     out = output_dim or dim
     plan = StepPlan(
         title=f"{config.activation} dictionary on {name}: {dim} → {config.width:,} latents → {out}",

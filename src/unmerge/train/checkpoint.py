@@ -19,11 +19,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from unmerge.errors import CheckpointError
+from unmerge.errors import CheckpointError, warn
 from unmerge.io import fsync_dir, sha256_file
+from unmerge.runs import CHECKPOINT_DIR, STAGING_PREFIX, saved_steps
 from unmerge.train import distributed
 
-CHECKPOINT_DIR = "checkpoints"
 WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "state.json"
 _OPTIMIZER_PREFIX = "optimizer."
@@ -101,10 +101,7 @@ def restore(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | No
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    root = run_dir / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    return saved_steps(run_dir)
 
 
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], state: dict[str, Any], keep: int) -> Path:
@@ -112,7 +109,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], state:
     root = run_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=STAGING_PREFIX))
     try:
         weights = staging / WEIGHTS_FILE
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(weights))
@@ -133,28 +130,55 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], state:
     return final
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a checkpoint, verifying its checksum; a damaged one raises `CheckpointError` naming the file."""
-    weights, state_file = path / WEIGHTS_FILE, path / STATE_FILE
+def _read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's `state.json`: a JSON object whose step is the one its folder is named after, with the
+    weights' checksum; anything else is a `CheckpointError` naming the file."""
+    state_file = path / STATE_FILE
     try:
-        state = json.loads(state_file.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(
-            f"checkpoint {path} has an unreadable {STATE_FILE} ({error}); delete {path} to "
-            "resume from the previous checkpoint"
-        ) from None
-    if not weights.is_file() or sha256_file(weights) != state.get("weights_sha256"):
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt ({WEIGHTS_FILE} is missing or fails its checksum); "
-            f"delete {path} to resume from the previous checkpoint"
-        )
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {STATE_FILE} ({error})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} holds {type(state).__name__}, not an object")
+    missing = [key for key, kind in (("step", int), ("weights_sha256", str)) if not isinstance(state.get(key), kind)]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} lacks a valid {' and '.join(missing)}")
+    if path.name != f"step-{state['step']:07d}":
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} says step {state['step']}, its folder another")
+    return state
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a checkpoint, verifying its state and checksum; a damaged one raises `CheckpointError` naming it."""
+    state = _read_state(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file() or sha256_file(weights) != state["weights_sha256"]:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({WEIGHTS_FILE} is missing or fails its checksum)")
     try:
         tensors = load_file(str(weights))
     except SafetensorError as error:
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({error}); delete it to resume from the previous one"
-        ) from None
+        raise CheckpointError(f"checkpoint {path} cannot be read ({error})") from None
     return tensors, state
+
+
+def restore_newest(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Restore the newest checkpoint that loads (`restore`); a corrupt newer one is skipped with a warning naming
+    it (it is never loaded, and the next save at its step replaces it). The training state, or {} with none
+    saved; every checkpoint corrupt is an error saying how to start over."""
+    saved = checkpoint_dirs(run_dir)
+    for path in reversed(saved):
+        try:
+            state = restore(path, module, optimizer)
+        except CheckpointError as error:
+            warn(f"skipping a damaged checkpoint: {error}")
+            continue
+        return state
+    if saved:
+        raise CheckpointError(
+            f"every checkpoint of {run_dir} is damaged (see the warnings); delete {run_dir / CHECKPOINT_DIR} "
+            "to train from the start, or choose another --out directory"
+        )
+    return {}
 
 
 def split_optimizer(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from unmerge.config import OptimConfig, TrainConfig
-from unmerge.errors import CheckpointError, ConfigError, NonFiniteLossError
+from unmerge.errors import CheckpointError, ConfigError, NonFiniteLossError, warn
 from unmerge.runs import EVAL_LOG, TRAIN_LOG
 from unmerge.train import checkpoint, distributed
 from unmerge.train.devices import autocast
@@ -143,18 +143,29 @@ def _truncate_log(path: Path, after_step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (they will be written again)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    unreadable = sum(_logged_step(line) is None for line in lines)
+    if unreadable:
+        warn(f"{path}: dropped {unreadable} unreadable line(s) (a killed process can leave one half-written)")
+    kept = [line for line in lines if (step := _logged_step(line)) is not None and step <= after_step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float | None:
+    """A log line's step; None for a line that does not read as a record."""
+    try:
+        return float(json.loads(line)["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _resume(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Load the newest checkpoint into module and optimiser; return its step (0 if none). A run resumes on as
     many processes as it was trained on: each rank's mask noise is its own stream, so another count would give a
     different run."""
-    saved = checkpoint.checkpoint_dirs(run_dir)
-    if not saved:
+    state = checkpoint.restore_newest(run_dir, module, optimizer)
+    if not state:
         return 0
-    state = checkpoint.restore(saved[-1], module, optimizer)
     trained_on, now = state.get("world_size", 1), distributed.world_size()
     if trained_on != now:
         raise CheckpointError(
@@ -247,8 +258,9 @@ def train(
         if not torch.isfinite(output.loss):
             raise NonFiniteLossError(
                 f"the loss became {float(output.loss.detach())} at step {step} (terms: {_scalars(output.terms)}); "
-                f"the last good checkpoint is untouched. Lower the learning rate (train.optim.lr={lr:g} now) or "
-                "the loss coefficients, then rerun the same command to resume."
+                f"the last good checkpoint is untouched. Rerun the same command with train.optim.lr="
+                f"{config.optim.lr / 10:g} (a tenth) added: the run resumes from that checkpoint and records the "
+                "change in train_log.jsonl. Other changes (the loss coefficients) need a new --out directory."
             )
         apply_gradients(method, optimizer, output.loss)
         done = step + 1

@@ -9,9 +9,14 @@ as SPD's per-subcomponent CI blocks. It is an estimate, not a measurement: alloc
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from unmerge.config import TrainConfig
+from unmerge.errors import ConfigError
 from unmerge.train import distributed
 
 FP32 = 4
@@ -66,10 +71,36 @@ class StepPlan:
         lines.append(f"  {'total':<34} {_size(sum(memory.values())):>10}")
         return "\n".join(lines)
 
+    def check_fits(self, train: TrainConfig, device: torch.device) -> None:
+        """Refuse, before anything is allocated, a run whose estimate (at the larger of the training and the
+        evaluation batch) exceeds the device's whole memory, naming what to shrink."""
+        largest = train.model_copy(update={"batch_size": max(train.batch_size, train.eval_batch_size)})
+        memory = self.memory(largest)
+        need, have = sum(memory.values()), device_memory(device)
+        if have is not None and need > have:
+            biggest = max(memory, key=memory.__getitem__)
+            raise ConfigError(
+                f"out of memory: this run needs about {_size(need)} of memory on {device} (mostly {biggest}: "
+                f"{_size(memory[biggest])}), "
+                f"which has {_size(have)}; lower train.batch_size / train.eval_batch_size, the sites' C or the "
+                "dictionary's width (`--dry-run` itemises the estimate)"
+            )
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes a device can hold: a card's memory, or the CPU's RAM and swap (Linux); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        sizes = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return sum(int(sizes[key].split()[0]) * 1024 for key in ("MemTotal", "SwapTotal"))
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+
 
 def _size(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     return f"{count} B"
