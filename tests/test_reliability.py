@@ -318,3 +318,14 @@ def test_an_out_directory_that_is_not_writable_is_one_error(
 ) -> None:
     monkeypatch.setattr(runs.os, "access", lambda path, mode: False)  # root may write anywhere: ask as a user
     assert f"{tmp_path} is not writable" in _error(capsys, ["decompose", "tms-5-2", "--out", str(tmp_path / "run")])
+
+
+def test_a_full_disk_while_logging_is_one_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def full(path: Path, record: dict) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("unmerge.train.loop._append_jsonl", full)
+    message = _error(capsys, ["decompose", "tms-5-2", "--out", str(tmp_path), *TINY_TMS])
+    assert re.search(r"no space left for \S+/train_log.jsonl", message) and "rerun the same command" in message
