@@ -24,6 +24,7 @@ from unmerge.config import RunConfig
 from unmerge.errors import ConfigError
 from unmerge.io import PARTIAL_MARK
 from unmerge.spd.method import SPD
+from unmerge.targets.toys import cached_target
 from unmerge.train import checkpoint
 
 
@@ -247,6 +248,7 @@ def test_a_full_disk_while_checkpointing_is_one_error_and_the_run_resumes(
             raise OSError(errno.ENOSPC, "No space left on device", path)
         save_file(tensors, path, *args, **kwargs)
 
+    cached_target(api.load_run_config("tms-5-2", TINY_TMS).target)  # trained (and checkpointed) beforehand
     monkeypatch.setattr(checkpoint, "save_file", full_after_one)
     argv = ["decompose", "tms-5-2", "--out", str(tmp_path), *TINY_TMS]
     assert "no space left for" in _error(capsys, argv)
