@@ -7,8 +7,12 @@ import math
 import pytest
 import torch
 
+from tests.conftest import TINY_TMS
+from unmerge import api
 from unmerge.spd import losses
 from unmerge.spd.components import lower_leaky_hard_sigmoid, upper_leaky_hard_sigmoid
+from unmerge.spd.method import SPD
+from unmerge.targets.toys import cached_target
 
 
 def test_faithfulness_by_hand() -> None:
@@ -76,3 +80,32 @@ def test_masks_lie_between_importance_and_one_and_carry_its_gradient(c_kernel: b
     assert bool((grad >= 0).all()) and bool((grad <= 1).all())  # ∂m/∂g = 1 − r ∈ [0, 1]
     ones = losses.stochastic_masks(torch.ones(3, 2), torch.Generator().manual_seed(2), c_kernel)
     assert bool((ones == 1).all())
+
+
+def test_annealed_pnorm_by_hand() -> None:
+    """p = 2 until 20 % of training, then linearly to 0.4 at 60 %, then 0.4; fixed without a final p."""
+    at = [losses.annealed_pnorm(2.0, 0.4, 0.2, 0.6, progress) for progress in (0.0, 0.2, 0.3, 0.4, 0.6, 0.9, 1.0)]
+    assert at == pytest.approx([2.0, 2.0, 1.6, 1.2, 0.4, 0.4, 0.4])
+    assert losses.annealed_pnorm(1.0, None, 0.0, 1.0, 0.7) == 1.0
+
+
+def test_the_importance_penalty_uses_this_steps_p() -> None:
+    """Half-way through a 2 → 0.4 anneal over the whole run, the penalty is Σ g⁺^1.2 of that step."""
+    config = api.load_run_config("tms-5-2", [*TINY_TMS, "method.pnorm=2", "method.pnorm_final=0.4"])
+    spd = SPD(cached_target(config.target), config.method, seed=0)
+    spd.begin_step(30, 60)
+    assert spd.pnorm == pytest.approx(1.2)
+    batch = spd.target.sample_inputs(64, torch.Generator().manual_seed(0))
+    terms = spd.training_loss(batch, torch.Generator().manual_seed(1)).terms
+    with torch.no_grad():
+        upper = spd.importances(spd.model.clean_pass(batch)).upper_all
+    expected = upper.pow(1.2).sum() / 64
+    torch.testing.assert_close(terms["importance_minimality"].detach(), expected)
+
+
+def test_a_p_below_one_keeps_gradients_finite_where_importance_is_zero() -> None:
+    x = torch.tensor([-0.5, 0.0, 0.3, 2.0], requires_grad=True)
+    upper = upper_leaky_hard_sigmoid(x, 0.01)
+    losses.importance_minimality_loss([losses.importance_powers(upper, 0.4)]).backward()
+    assert torch.isfinite(x.grad).all() and x.grad[0] == 0.0
+    assert losses.importance_powers(upper, 0.4)[2].item() == pytest.approx(0.3**0.4)

@@ -162,3 +162,15 @@ def test_a_checkpoint_written_before_the_site_records_resumes_to_the_same_result
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
     assert (tmp_path / "whole" / "metrics.json").read_text() == (tmp_path / "legacy" / "metrics.json").read_text()
+
+
+def test_an_annealed_p_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    """p follows the step the loop is at, so a run resumed mid-anneal ends as the uninterrupted one."""
+    config = api.load_run_config("tms-5-2", [*TINY_TMS, "method.pnorm=2", "method.pnorm_final=0.4"])
+    api.decompose(config, tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(checkpoint.checkpoint_dirs(tmp_path / "resumed")[-1])
+    (tmp_path / "resumed" / "metrics.json").unlink()
+    assert api.decompose(config, tmp_path / "resumed").resumed_from == 40
+    whole, resumed = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "resumed")
+    assert all(torch.equal(resumed[name], value) for name, value in whole.items())

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
-from unmerge.config.base import NonNegativeFloat, StrictModel, other_commands_config
+from unmerge.config.base import FieldValueError, NonNegativeFloat, StrictModel, other_commands_config
 from unmerge.config.targets import (
     InductionConfig,
     LanguageTargetConfig,
@@ -44,7 +44,16 @@ class SPDConfig(StrictModel):
     stochastic_recon_coeff: NonNegativeFloat = Field(1.0, description="β1: all sites masked")
     layerwise_recon_coeff: NonNegativeFloat = Field(1.0, description="β2: one site masked at a time")
     importance_minimality_coeff: NonNegativeFloat = Field(description="β3: penalty on Σ|g⁺|^p")
-    pnorm: PositiveFloat = Field(1.0, description="p of the importance-minimality penalty")
+    pnorm: PositiveFloat = Field(1.0, description="p of the importance-minimality penalty (its start if annealed)")
+    pnorm_final: PositiveFloat | None = Field(
+        None, description="anneal p linearly from pnorm to this (later SPD work: 2 → 0.4); None keeps p fixed"
+    )
+    pnorm_anneal_start: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0, description="fraction of training at which p starts to move towards pnorm_final"
+    )
+    pnorm_anneal_end: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        1.0, description="fraction of training by which p reaches pnorm_final (and stays)"
+    )
     importance_frequency_coeff: NonNegativeFloat = Field(
         0.0, description="weight of Σ_c m_c log2(1 + S_c), m_c and S_c the batch mean and sum of g⁺_c^p (VPD)"
     )
@@ -80,6 +89,12 @@ class SPDConfig(StrictModel):
             raise ValueError(
                 f"the site pattern(s) {', '.join(map(repr, repeated))} are listed more than once; list each once"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _anneal_forwards(self) -> SPDConfig:
+        if self.pnorm_anneal_start >= self.pnorm_anneal_end:
+            raise FieldValueError("pnorm_anneal_start", "must be below pnorm_anneal_end (fractions of training)")
         return self
 
     @model_validator(mode="after")

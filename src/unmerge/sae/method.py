@@ -202,6 +202,9 @@ class DictionaryMethod:
         self.module.samples_since_fired.add_(f.shape[0] * distributed.world_size()).masked_fill_(fired, 0)
 
     @torch.no_grad()
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Nothing to schedule here: the dictionary's own schedules count steps in its module (`step`)."""
+
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Unit-norm decoder rows (in place, so the optimiser keeps its state for the same tensor); the
         architecture's own constraints (`Dictionary.constrain`); dead latents resampled on the configured cadence."""

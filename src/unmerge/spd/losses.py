@@ -16,9 +16,24 @@ def faithfulness_loss(target_weights: list[Tensor], reconstructions: list[Tensor
     return squared / n_entries
 
 
+SUB_UNIT_P_OFFSET = 1e-12
+
+
+def annealed_pnorm(start: float, final: float | None, begin: float, end: float, progress: float) -> float:
+    """p of the importance penalty at `progress` (the fraction of training done): `start` until `begin`, then
+    linearly to `final` at `end`, and `final` after it; `start` throughout when `final` is None."""
+    if final is None:
+        return start
+    moved = min(max((progress - begin) / (end - begin), 0.0), 1.0)
+    return start + (final - start) * moved
+
+
 def importance_powers(upper_importance: Tensor, pnorm: float) -> Tensor:
-    """`g⁺^p`, which both importance penalties sum (p = 1 skips the power)."""
-    return upper_importance if pnorm == 1 else upper_importance.pow(pnorm)
+    """`g⁺^p`, elementwise. Below p = 1 the slope `p g^(p−1)` is infinite at g = 0, where σ_upper's is 0 (0 · ∞ is
+    NaN), so g is offset by `SUB_UNIT_P_OFFSET` there: finite everywhere, the values unchanged to 1e-12^p."""
+    if pnorm == 1:
+        return upper_importance
+    return upper_importance.pow(pnorm) if pnorm > 1 else (upper_importance + SUB_UNIT_P_OFFSET).pow(pnorm)
 
 
 def importance_minimality_loss(powers: list[Tensor]) -> Tensor:

@@ -44,6 +44,7 @@ class SPD:
         self.config = config
         self.seed = seed
         self.eval_batch_size = eval_batch_size
+        self.pnorm = config.pnorm  # this step's p (`begin_step`); the configured start until training moves it
         self.model = ComponentModel(
             target.model,
             config.sites,
@@ -70,6 +71,13 @@ class SPD:
             with self.model.attached():
                 self.faithfulness().backward()
             optimizer.step()
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Set p of the importance penalty for this step (`losses.annealed_pnorm`)."""
+        c = self.config
+        self.pnorm = losses.annealed_pnorm(
+            c.pnorm, c.pnorm_final, c.pnorm_anneal_start, c.pnorm_anneal_end, step / max(total_steps, 1)
+        )
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """SPD's parameters are unconstrained."""
@@ -141,7 +149,7 @@ class SPD:
         config = self.config
         clean = self.model.clean_pass(batch, outputs=bool(config.layerwise_recon_coeff))
         ci = self.importances(clean)
-        powers = [losses.importance_powers(ci.upper_all, config.pnorm)]
+        powers = [losses.importance_powers(ci.upper_all, self.pnorm)]
         terms = {
             "faithfulness": self.faithfulness(),
             "importance_minimality": losses.importance_minimality_loss(powers),

@@ -52,6 +52,10 @@ class Method(Protocol):
     def before_training(self) -> None:
         """Called once when a run starts from step 0 (not on resume), before the first optimiser step."""
 
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Called before every step's loss, with its index (also after a resume): for schedules that follow the
+        progress of training (SPD's annealed p)."""
+
     def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput: ...
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -99,6 +103,9 @@ class ModelTraining:
 
     def to(self, device: torch.device) -> None:
         self.module.to(device)
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """No schedule."""
 
     def training_loss(self, batch: Tensor, generator: torch.Generator) -> StepOutput:
         return StepOutput(loss=self.loss(self.module, batch))
@@ -254,6 +261,7 @@ def train(
             group["lr"] = lr
         batch = _rank_batch(sample_batch, step, config.batch_size, step_generator(config.seed, "data", step, 0, device))
         noise = step_generator(config.seed, "noise", step, rank, device)
+        method.begin_step(step, config.steps)
         output = step_loss(method, batch, noise, config.precision)
         if not torch.isfinite(output.loss):
             raise NonFiniteLossError(
