@@ -140,6 +140,26 @@ def test_spd_losses_by_hand_on_a_one_weight_target() -> None:
     assert losses.stochastic_masks(torch.full((2, 1), 0.25), _generator(7), spd.model.c_kernel).allclose(mask_all)
 
 
+def test_the_delta_component_by_hand_on_a_one_weight_target() -> None:
+    """f(x) = 2x with U V = 1, so the residual W − U V is 1: a site's output is m x + m_δ x, m = g + (1 − g) r from
+    the CI masks' draw and m_δ ~ U[0, 1) drawn after it; with every mask 1 the target comes back exactly."""
+    spd = _one_weight_spd(delta_component=True)
+    x = torch.tensor([[1.0], [3.0]])
+    output = spd.training_loss(x, _generator(7))
+    draws = _generator(7)
+    keys = tuple(int(k) for k in torch.randint(0, 2**32, (2,), generator=draws))
+    mask = 0.25 + 0.75 * counter_uniform_reference((2, 1), keys)
+    delta_mask = torch.rand((2, 1), generator=draws)
+    expected = ((mask * x + delta_mask * x - 2 * x) ** 2).mean().item()
+    assert output.terms["stochastic_recon"].item() == pytest.approx(expected, rel=1e-6)
+    assert output.terms["layerwise_recon"].item() == pytest.approx(expected, rel=1e-6)
+    clean = spd.model.clean_pass(x)
+    ones = {"linear": torch.ones(2, 2)}
+    torch.testing.assert_close(spd.model.masked_pass(x, ones, clean, spd.model.inner_acts(clean)), 2 * x)
+    without = {"linear": torch.ones(2, 1)}
+    torch.testing.assert_close(spd.model.masked_pass(x, without, clean, spd.model.inner_acts(clean)), x)
+
+
 def test_importance_frequency_term_joins_the_loss_with_its_coefficient() -> None:
     """g = 0.25 on both inputs, p = 2: S = 2 · 0.0625 and m = 0.0625, so the term is 0.0625 log2(1.125)."""
     x = torch.tensor([[1.0], [3.0]])

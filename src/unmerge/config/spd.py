@@ -45,6 +45,11 @@ class SPDConfig(StrictModel):
     layerwise_recon_coeff: NonNegativeFloat = Field(1.0, description="β2: one site masked at a time")
     importance_minimality_coeff: NonNegativeFloat = Field(description="β3: penalty on Σ|g⁺|^p")
     pnorm: PositiveFloat = Field(1.0, description="p of the importance-minimality penalty (its start if annealed)")
+    delta_component: bool = Field(
+        False,
+        description="the residual W − UV as one more component of every site, masked by its own U[0, 1) draw in "
+        "the stochastic passes (later SPD work): all masks 1 then give the target exactly, whatever UV",
+    )
     pnorm_final: PositiveFloat | None = Field(
         None, description="anneal p linearly from pnorm to this (later SPD work: 2 → 0.4); None keeps p fixed"
     )

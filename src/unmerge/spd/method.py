@@ -112,8 +112,14 @@ class SPD:
         return losses.output_divergence(output, clean.output, self.config.output_loss)
 
     def stochastic_masks(self, ci: Importances, generator: torch.Generator) -> dict[str, Tensor]:
-        """One mask sample for every site (S = 1), shared by the all-sites and the layerwise passes."""
-        return self.model.split_sites(losses.stochastic_masks(ci.lower_all, generator, self.model.c_kernel))
+        """One mask sample for every site (S = 1), shared by the all-sites and the layerwise passes; with
+        `delta_component`, each site's mask has one more column, its delta component's, drawn from U[0, 1)."""
+        masks = self.model.split_sites(losses.stochastic_masks(ci.lower_all, generator, self.model.c_kernel))
+        if not self.config.delta_component:
+            return masks
+        g = ci.lower_all
+        delta = torch.rand((*g.shape[:-1], len(masks)), generator=generator, device=g.device, dtype=g.dtype)
+        return {name: torch.cat([mask, delta[..., i : i + 1]], -1) for i, (name, mask) in enumerate(masks.items())}
 
     def adversarial_masks(
         self, x: Tensor, clean: CleanPass, ci: Importances, generator: torch.Generator

@@ -359,17 +359,22 @@ class ComponentModel(nn.Module):
 
     def masked_pass(self, x: Tensor, masks: dict[str, Tensor], clean: CleanPass, inner: dict[str, Tensor]) -> Tensor:
         """Forward with the sites in `masks` replaced by their masked subcomponents, the rest by the target weight,
-        using the clean pass's shortcuts (module docstring) where it recorded the outputs."""
+        using the clean pass's shortcuts (module docstring) where it recorded the outputs. A mask with one column
+        more than the site's C also masks its delta component, the residual `W − UV` (`delta_component`)."""
         state = {"masked_ran": False}
 
         def behaviour(record: DecomposedSite, a: Tensor) -> Tensor | None:
             name, site = record.name, record.site
             if name not in masks:
                 return None if state["masked_ran"] else clean.site_outputs.get(name)
-            components = self.site_components(name)
+            components, mask = self.site_components(name), masks[name]
             h = inner[name] if not state["masked_ran"] else site.apply(a, components.V, None)
             state["masked_ran"] = True
-            return F.linear(h * masks[name], components.U, site.bias)
+            output = F.linear(h * mask[..., : record.C], components.U, site.bias)
+            if mask.shape[-1] == record.C:
+                return output
+            residual = self.target_weight(name).float() - components.weight()
+            return output + mask[..., record.C :] * site.apply(a, residual, None)
 
         with self._pass(behaviour):
             return _widened(self.target(x))
