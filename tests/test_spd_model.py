@@ -160,6 +160,50 @@ def test_the_delta_component_by_hand_on_a_one_weight_target() -> None:
     torch.testing.assert_close(spd.model.masked_pass(x, without, clean, spd.model.inner_acts(clean)), x)
 
 
+class _TwoScales(nn.Module):
+    """f(x) = 3 · (2x), two one-weight sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            self.first.weight.fill_(2.0)
+            self.second.weight.fill_(3.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+def test_subset_routing_by_hand_on_two_one_weight_sites() -> None:
+    """U V = 1 at both sites, g = 0.25. Per input, k ~ U{1, 2} sites are chosen by the lowest of two uniform
+    scores; a chosen site computes m x, the other its own weight: out = m₂ m₁ x, 3 m₁ x or m₂ · 2x."""
+    x = torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0]])
+    target = Target(name="scales", model=_TwoScales(), sample_inputs=lambda n, g: x)
+    sites = [SiteConfig(pattern="first", C=1), SiteConfig(pattern="second", C=1)]
+    config = SPDConfig(sites=sites, importance_minimality_coeff=0.5, routing="subset", layerwise_recon_coeff=0.0)
+    spd = SPD(target, config, seed=0, eval_batch_size=6)
+    with torch.no_grad():
+        for name in ("first", "second"):
+            spd.model.site(name).components.U.fill_(1.0)
+            spd.model.site(name).components.V.fill_(1.0)
+            spd.model.site(name).ci.w2.zero_()
+            spd.model.site(name).ci.b2.fill_(0.25)
+    output = spd.training_loss(x, _generator(5))
+    draws = _generator(5)
+    keys = tuple(int(k) for k in torch.randint(0, 2**32, (2,), generator=draws))
+    m1, m2 = (0.25 + 0.75 * counter_uniform_reference((6, 2), keys)).unbind(-1)
+    k = torch.randint(1, 3, (6,), generator=draws)
+    scores = torch.rand((6, 2), generator=draws)
+    expected = []
+    for i in range(6):
+        chosen = set(scores[i].argsort()[: int(k[i])].tolist())
+        first = m1[i] * x[i, 0] if 0 in chosen else 2 * x[i, 0]
+        second = m2[i] * first if 1 in chosen else 3 * first
+        expected.append((second - 6 * x[i, 0]) ** 2)
+    assert output.terms["stochastic_recon"].item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-6)
+    assert {int(v) for v in k} == {1, 2}  # this draw has inputs with one site masked and inputs with both
+
+
 def test_importance_frequency_term_joins_the_loss_with_its_coefficient() -> None:
     """g = 0.25 on both inputs, p = 2: S = 2 · 0.0625 and m = 0.0625, so the term is 0.0625 log2(1.125)."""
     x = torch.tensor([[1.0], [3.0]])

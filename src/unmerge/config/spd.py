@@ -50,6 +50,11 @@ class SPDConfig(StrictModel):
         description="the residual W − UV as one more component of every site, masked by its own U[0, 1) draw in "
         "the stochastic passes (later SPD work): all masks 1 then give the target exactly, whatever UV",
     )
+    routing: Literal["all", "subset"] = Field(
+        "all",
+        description="which sites the all-sites stochastic pass masks, per input: all, or a uniformly random "
+        "non-empty subset (later SPD work), the others running the target's own weights",
+    )
     pnorm_final: PositiveFloat | None = Field(
         None, description="anneal p linearly from pnorm to this (later SPD work: 2 → 0.4); None keeps p fixed"
     )

@@ -19,6 +19,8 @@ from unmerge.train.devices import device_of
 from unmerge.train.loop import StepOutput
 from unmerge.train.rng import step_generator
 
+Routes = dict[str, Tensor] | None  # per site, where (bool per input position) the stochastic pass masks it
+
 
 @dataclass
 class Importances:
@@ -107,8 +109,10 @@ class SPD:
                 [self.model.site_components(n).weight() for n in names],
             )
 
-    def _divergence(self, x: Tensor, masks: dict[str, Tensor], clean: CleanPass, ci: Importances) -> Tensor:
-        output = self.model.masked_pass(x, masks, clean, ci.inner)
+    def _divergence(
+        self, x: Tensor, masks: dict[str, Tensor], clean: CleanPass, ci: Importances, routes: Routes = None
+    ) -> Tensor:
+        output = self.model.masked_pass(x, masks, clean, ci.inner, routes)
         return losses.output_divergence(output, clean.output, self.config.output_loss)
 
     def stochastic_masks(self, ci: Importances, generator: torch.Generator) -> dict[str, Tensor]:
@@ -138,9 +142,21 @@ class SPD:
             r = (r.detach() + self.config.adversarial_step_size * gradient.sign()).clamp(0.0, 1.0)
         return self.model.split_sites(ci.lower_all + (1 - ci.lower_all) * r)
 
-    def stochastic_recon(self, x: Tensor, clean: CleanPass, ci: Importances, masks: dict[str, Tensor]) -> Tensor:
-        """All sites masked."""
-        return self._divergence(x, masks, clean, ci)
+    def stochastic_recon(
+        self, x: Tensor, clean: CleanPass, ci: Importances, masks: dict[str, Tensor], routes: Routes = None
+    ) -> Tensor:
+        """All sites masked (or, per input, those `routes` choose)."""
+        return self._divergence(x, masks, clean, ci, routes)
+
+    def subset_routes(self, ci: Importances, generator: torch.Generator) -> dict[str, Tensor]:
+        """Per input position, a uniformly random non-empty subset of the sites (`routing: subset`): a size k
+        uniform in 1 … n, then the k sites whose uniform scores rank lowest; (…,) bool per site."""
+        lead, n = ci.lower_all.shape[:-1], len(self.model.site_names)
+        device = ci.lower_all.device
+        k = torch.randint(1, n + 1, lead, generator=generator, device=device)
+        ranks = torch.rand((*lead, n), generator=generator, device=device).argsort(-1).argsort(-1)
+        chosen = ranks < k.unsqueeze(-1)
+        return {name: chosen[..., i] for i, name in enumerate(self.model.site_names)}
 
     def layerwise_recon(self, x: Tensor, clean: CleanPass, ci: Importances, masks: dict[str, Tensor]) -> Tensor:
         """Mean over sites of the divergence with only that site masked."""
@@ -164,7 +180,8 @@ class SPD:
             terms["importance_frequency"] = losses.importance_frequency_loss(powers)
         masks = self.stochastic_masks(ci, generator)
         if config.stochastic_recon_coeff:
-            terms["stochastic_recon"] = self.stochastic_recon(batch, clean, ci, masks)
+            routes = self.subset_routes(ci, generator) if config.routing == "subset" else None
+            terms["stochastic_recon"] = self.stochastic_recon(batch, clean, ci, masks, routes)
         if config.layerwise_recon_coeff:
             terms["layerwise_recon"] = self.layerwise_recon(batch, clean, ci, masks)
         if config.adversarial_recon_coeff:

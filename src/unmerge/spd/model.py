@@ -357,10 +357,19 @@ class ComponentModel(nn.Module):
         views = concatenated.split([record.C for record in records], dim=-1)
         return {record.name: view for record, view in zip(records, views, strict=True)}
 
-    def masked_pass(self, x: Tensor, masks: dict[str, Tensor], clean: CleanPass, inner: dict[str, Tensor]) -> Tensor:
+    def masked_pass(
+        self,
+        x: Tensor,
+        masks: dict[str, Tensor],
+        clean: CleanPass,
+        inner: dict[str, Tensor],
+        routes: dict[str, Tensor] | None = None,
+    ) -> Tensor:
         """Forward with the sites in `masks` replaced by their masked subcomponents, the rest by the target weight,
         using the clean pass's shortcuts (module docstring) where it recorded the outputs. A mask with one column
-        more than the site's C also masks its delta component, the residual `W − UV` (`delta_component`)."""
+        more than the site's C also masks its delta component, the residual `W − UV` (`delta_component`). With
+        `routes` (bool, one per input position and site), a site runs masked only where its route is True and
+        its own weight elsewhere (`routing: subset`)."""
         state = {"masked_ran": False}
 
         def behaviour(record: DecomposedSite, a: Tensor) -> Tensor | None:
@@ -371,10 +380,13 @@ class ComponentModel(nn.Module):
             h = inner[name] if not state["masked_ran"] else site.apply(a, components.V, None)
             state["masked_ran"] = True
             output = F.linear(h * mask[..., : record.C], components.U, site.bias)
-            if mask.shape[-1] == record.C:
+            if mask.shape[-1] > record.C:
+                residual = self.target_weight(name).float() - components.weight()
+                output = output + mask[..., record.C :] * site.apply(a, residual, None)
+            if routes is None:
                 return output
-            residual = self.target_weight(name).float() - components.weight()
-            return output + mask[..., record.C :] * site.apply(a, residual, None)
+            own = site.apply(a, self.target_weight(name), site.bias)
+            return torch.where(routes[name].unsqueeze(-1), output, own)
 
         with self._pass(behaviour):
             return _widened(self.target(x))
