@@ -164,9 +164,18 @@ def test_a_checkpoint_written_before_the_site_records_resumes_to_the_same_result
     assert (tmp_path / "whole" / "metrics.json").read_text() == (tmp_path / "legacy" / "metrics.json").read_text()
 
 
-def test_an_annealed_p_resumes_to_the_same_bytes(tmp_path: Path) -> None:
-    """p follows the step the loop is at, so a run resumed mid-anneal ends as the uninterrupted one."""
-    config = api.load_run_config("tms-5-2", [*TINY_TMS, "method.pnorm=2", "method.pnorm_final=0.4"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["method.pnorm=2", "method.pnorm_final=0.4"],
+        ["method.adversarial_persistent=true", "method.adversarial_steps=1", "method.adversarial_recon_coeff=1"],
+    ],
+    ids=["annealed p", "persistent adversarial masks"],
+)
+def test_a_variant_with_state_across_steps_resumes_to_the_same_bytes(tmp_path: Path, variant: list[str]) -> None:
+    """p follows the step the loop is at and the kept worst-case r is checkpointed, so a run resumed mid-way ends
+    as the uninterrupted one."""
+    config = api.load_run_config("tms-5-2", [*TINY_TMS, *variant])
     api.decompose(config, tmp_path / "whole")
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
     shutil.rmtree(checkpoint.checkpoint_dirs(tmp_path / "resumed")[-1])

@@ -20,6 +20,7 @@ from unmerge.spd.model import ComponentModel
 from unmerge.targets.base import Target
 from unmerge.targets.resid_mlp import ResidMLP
 from unmerge.targets.tms import TMSModel
+from unmerge.train.rng import step_generator
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -202,6 +203,22 @@ def test_subset_routing_by_hand_on_two_one_weight_sites() -> None:
         expected.append((second - 6 * x[i, 0]) ** 2)
     assert output.terms["stochastic_recon"].item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-6)
     assert {int(v) for v in k} == {1, 2}  # this draw has inputs with one site masked and inputs with both
+
+
+def test_persistent_adversarial_masks_by_hand_on_a_one_weight_target() -> None:
+    """f(x) = 2x, U V = 1, g = 0.25: D = mean((m x − 2x)²) with m = g + (1 − g) r falls as r grows, so each ascent
+    step lowers the kept r by the step size (to 0 at most); the adversarial term uses the refined r, which the
+    next step starts from, and r is a checkpointed buffer of the site."""
+    spd = _one_weight_spd(adversarial_persistent=True, adversarial_steps=1, adversarial_recon_coeff=1.0)
+    x = torch.tensor([[1.0], [3.0]])
+    r = torch.rand(1, generator=step_generator(0, "adversarial-init"))
+    for _ in range(3):
+        r = (r - 0.25).clamp(0.0, 1.0)
+        output = spd.training_loss(x, _generator(7))
+        m = 0.25 + 0.75 * r
+        assert output.terms["adversarial_recon"].item() == pytest.approx(((m * x - 2 * x) ** 2).mean().item())
+        torch.testing.assert_close(spd.model.site("linear").worst_r, r)
+    assert "linear.worst_r" in spd.module.state_dict()
 
 
 def test_importance_frequency_term_joins_the_loss_with_its_coefficient() -> None:

@@ -81,6 +81,11 @@ class SPDConfig(StrictModel):
     adversarial_step_size: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
         0.25, description="how far one ascent step moves each r"
     )
+    adversarial_persistent: bool = Field(
+        False,
+        description="keep the worst-case r, one per subcomponent pooled over the batch, from step to step and "
+        "refine it by adversarial_steps ascent steps each step, instead of a fresh uniform draw per position",
+    )
     adversarial_recon_coeff: NonNegativeFloat = Field(
         0.0, description="weight of D with all sites at the worst masks found (VPD's adversarial reconstruction)"
     )

@@ -15,6 +15,7 @@ from unmerge.spd.components import leaky_hard_sigmoids, uses_c_kernel
 from unmerge.spd.model import CleanPass, ComponentModel
 from unmerge.targets.base import Target
 from unmerge.targets.language import CausalLM
+from unmerge.train import distributed
 from unmerge.train.devices import device_of
 from unmerge.train.loop import StepOutput
 from unmerge.train.rng import step_generator
@@ -55,6 +56,10 @@ class SPD:
             c_kernel=uses_c_kernel(config.ci_kernel, device_of(target.model)),
             global_ci_hidden=config.global_ci_hidden if config.ci_function == "global_mlp" else None,
         )
+        if config.adversarial_persistent:  # the worst-case r, a checkpointed buffer of each site
+            draws = step_generator(seed, "adversarial-init")
+            for record in self.model.sites.values():
+                record.register_buffer("worst_r", torch.rand(record.C, generator=draws).to(self.device))
         # what training learns and checkpoints: the decomposition (and a global CI function), not the target
         self.module: nn.Module = (
             self.model.sites
@@ -126,20 +131,30 @@ class SPD:
         return {name: torch.cat([mask, delta[..., i : i + 1]], -1) for i, (name, mask) in enumerate(masks.items())}
 
     def adversarial_masks(
-        self, x: Tensor, clean: CleanPass, ci: Importances, generator: torch.Generator
+        self, x: Tensor, clean: CleanPass, ci: Importances, generator: torch.Generator, keep: bool = False
     ) -> dict[str, Tensor]:
         """Masks `g + (1 − g) r` for every site, with r moved from a uniform draw by `adversarial_steps` projected
         sign-gradient ascent steps on the all-sites divergence (g and the weights held fixed during the search):
-        close to the worst partial ablation the CI permits. Gradients flow through g as for stochastic masks."""
+        close to the worst partial ablation the CI permits. Gradients flow through g as for stochastic masks.
+        With `adversarial_persistent`, r is one value per subcomponent (its gradient pooled over the batch and
+        averaged over ranks), starting from the one kept in the sites (`worst_r`), where `keep` stores it back."""
         g = ci.lower_all.detach()
         fixed = replace(ci, inner={name: h.detach() for name, h in ci.inner.items()})
-        r = torch.rand(g.shape, generator=generator, dtype=g.dtype, device=g.device)
+        persistent = self.config.adversarial_persistent
+        if persistent:
+            r = torch.cat([record.worst_r for record in self.model.sites.values()]).to(g.dtype)
+        else:
+            r = torch.rand(g.shape, generator=generator, dtype=g.dtype, device=g.device)
         for _ in range(self.config.adversarial_steps):
             r.requires_grad_(True)
             with torch.enable_grad():
                 divergence = self._divergence(x, self.model.split_sites(g + (1 - g) * r), clean, fixed)
                 (gradient,) = torch.autograd.grad(divergence, r)
+            gradient = distributed.mean_tensor(gradient) if persistent else gradient
             r = (r.detach() + self.config.adversarial_step_size * gradient.sign()).clamp(0.0, 1.0)
+        if persistent and keep:
+            for record, kept in zip(self.model.sites.values(), self.model.split_sites(r).values(), strict=True):
+                record.worst_r.copy_(kept)
         return self.model.split_sites(ci.lower_all + (1 - ci.lower_all) * r)
 
     def stochastic_recon(
@@ -185,7 +200,7 @@ class SPD:
         if config.layerwise_recon_coeff:
             terms["layerwise_recon"] = self.layerwise_recon(batch, clean, ci, masks)
         if config.adversarial_recon_coeff:
-            adversarial = self.adversarial_masks(batch, clean, ci, generator)
+            adversarial = self.adversarial_masks(batch, clean, ci, generator, keep=True)
             terms["adversarial_recon"] = self._divergence(batch, adversarial, clean, ci)
         coefficients = {
             "faithfulness": config.faithfulness_coeff,
