@@ -1,0 +1,83 @@
+"""Robustness over seeds: a grid of (row × seed) SPD runs in parallel processes, each checked against the ground
+truth as `benchmarks/quality.py` checks it, and the pass rate per row with the failures' metrics.
+
+    .venv/bin/python benchmarks/seeds.py tms-5-2 --seeds 0-49 --workers 2
+    .venv/bin/python benchmarks/seeds.py tms-5-2 --seeds 0-9 --target-seeds 0-9     # the target's own seed too
+    .venv/bin/python benchmarks/seeds.py tms-5-2 --seeds 0-9 --row target.n_features=20,target.n_hidden=5 \\
+        --row method.delta_component=true                                        # one row per --row (and the preset)
+
+A row is the preset with a set of overrides (`--row a=1,b=2`; `--set` applies to every row). Runs go to
+`OUT/<row>/t<target seed>-s<seed>` (rerunning reuses finished runs). Prints one JSON line per run and one summary
+line per row: runs, passes, pass rate and each failure's seed and metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from quality import check
+
+from unmerge import api
+
+
+def seed_range(text: str) -> list[int]:
+    """`0-49` → 0 … 49; `3` → [3]; `1,4,7` → those."""
+    if "-" in text:
+        first, last = (int(part) for part in text.split("-"))
+        return list(range(first, last + 1))
+    return [int(part) for part in text.split(",")]
+
+
+def run_one(preset: str, overrides: list[str], out: Path) -> dict:
+    """One decomposition, checked: the quality criteria and the headline metrics."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    config = api.load_run_config(preset, [*overrides, "train.threads=1"])
+    metrics = api.decompose(config, out).metrics
+    headline = {k: round(metrics[k], 5) for k in ("mmcs", "ml2r", "ci_pattern_errors") if k in metrics}
+    return {**headline, **check(config, metrics)}
+
+
+def row_name(overrides: list[str]) -> str:
+    return ",".join(item.split(".")[-1] for item in overrides) or "preset"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset")
+    parser.add_argument("--seeds", type=seed_range, default=seed_range("0-9"), help="decomposition seeds (train.seed)")
+    parser.add_argument("--target-seeds", type=seed_range, help="the target's own seeds (target.train.seed)")
+    parser.add_argument("--row", action="append", default=[], help="overrides of one row, comma-separated")
+    parser.add_argument("--set", action="append", default=[], help="an override for every row")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/seeds"))
+    args = parser.parse_args()
+    rows = [[]] + [item.split(",") for item in args.row]
+    target_seeds = args.target_seeds or [None]
+    jobs = {}
+    with ProcessPoolExecutor(args.workers) as pool:
+        for row in rows:
+            for target_seed in target_seeds:
+                for seed in args.seeds:
+                    overrides = [*args.set, *row, f"train.seed={seed}"]
+                    overrides += [] if target_seed is None else [f"target.train.seed={target_seed}"]
+                    out = args.out / row_name(row) / f"t{target_seed if target_seed is not None else 'preset'}-s{seed}"
+                    job = pool.submit(run_one, args.preset, overrides, out)
+                    jobs[job] = (row_name(row), target_seed, seed)
+        results: dict[str, list[dict]] = {row_name(row): [] for row in rows}
+        for job, (name, target_seed, seed) in jobs.items():
+            result = {"row": name, "target_seed": target_seed, "seed": seed, **job.result()}
+            print(json.dumps(result), flush=True)
+            results[name].append(result)
+    for name, runs in results.items():
+        passes = sum(run["pass"] for run in runs)
+        failures = [{k: v for k, v in run.items() if k not in ("row", "pass")} for run in runs if not run["pass"]]
+        summary = {"row": name, "runs": len(runs), "passes": passes, "pass_rate": round(passes / len(runs), 3)}
+        print(json.dumps({**summary, "failures": failures}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
