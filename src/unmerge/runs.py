@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ GROUPING_FILE = "grouping.json"  # the chosen grouping of a run's subcomponents,
 CHECKPOINT_DIR = "checkpoints"  # step-NNNNNNN/ folders (`unmerge.train.checkpoint`)
 STAGING_PREFIX = ".staging-"  # a checkpoint folder being written (left behind only by a killed process)
 LOCK_FILE = ".lock"  # "PID HOST" of the process writing the directory
+LOCK_WRITE_SECONDS = 5.0  # a lock file younger than this and still empty is being written, not stale
 
 ConfigT = TypeVar("ConfigT", bound=StrictModel)
 
@@ -134,6 +136,13 @@ def _lock_holder(lock: Path) -> tuple[int, str] | None:
         return None
 
 
+def _age_seconds(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def _alive(pid: int) -> bool:
     """Whether process `pid` runs (a zombie, killed but not yet reaped, does not)."""
     try:
@@ -158,6 +167,8 @@ def _take_lock(run_dir: Path) -> bool:
         holder = _lock_holder(lock)
         if holder == me:
             return False
+        if holder is None and _age_seconds(lock) < LOCK_WRITE_SECONDS:  # being written by its creator right now
+            raise CheckpointError(f"{run_dir} is being claimed by another process; try again") from None
         if holder is not None and (holder[1] != me[1] or _alive(holder[0])):
             raise CheckpointError(
                 f"{run_dir} is being written by process {holder[0]} on {holder[1]}; wait for it to finish or stop "
