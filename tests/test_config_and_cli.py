@@ -142,3 +142,12 @@ def test_evaluate_of_an_unfinished_dictionary_run_says_so(tmp_path, capsys) -> N
     (tmp_path / "run" / runs.DICTIONARY_FILE).unlink()  # as if interrupted before the end
     assert main(["evaluate", str(tmp_path / "run")]) == 2
     assert "has not finished" in capsys.readouterr().err
+
+
+def test_the_targets_own_seed_is_set_from_the_command_line() -> None:
+    from unmerge.cli.commands import _overrides
+    from unmerge.cli.parser import build_parser
+
+    args = build_parser().parse_args(["decompose", "tms-5-2", "--target-seed", "3", "--seed", "5"])
+    config = api.load_run_config(args.config, _overrides(args))
+    assert (config.target.train.seed, config.train.seed) == (3, 5)

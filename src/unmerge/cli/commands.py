@@ -52,9 +52,11 @@ def cmd_train_target(args: argparse.Namespace) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> list[Override]:
-    """The command line's `key=value` overrides, parsed once, then `--seed` and `--steps` (typed already)."""
+    """The command line's `key=value` overrides, parsed once, then `--seed`, `--steps` and `--target-seed`."""
     extra = [Override.of("train.seed", args.seed)] if args.seed is not None else []
     extra += [Override.of("train.steps", args.steps)] if args.steps is not None else []
+    target_seed = getattr(args, "target_seed", None)
+    extra += [Override.of("target.train.seed", target_seed)] if target_seed is not None else []
     return parse_overrides(args.overrides) + extra
 
 

@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "same --out resumes from the newest checkpoint.",
     )
     _add_run_arguments(decompose, "method.importance_minimality_coeff=1e-3")
+    decompose.add_argument("--target-seed", type=int, help="the toy target's own training seed (target.train.seed)")
     decompose.set_defaults(handler=cmd_decompose)
 
     dictionary_presets = ", ".join(api.dictionary_preset_names())
