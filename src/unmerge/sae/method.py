@@ -201,10 +201,10 @@ class DictionaryMethod:
         fired = distributed.any_across_ranks(f.detach().amax(0) > 0)  # latents are never negative
         self.module.samples_since_fired.add_(f.shape[0] * distributed.world_size()).masked_fill_(fired, 0)
 
-    @torch.no_grad()
     def begin_step(self, step: int, total_steps: int) -> None:
         """Nothing to schedule here: the dictionary's own schedules count steps in its module (`step`)."""
 
+    @torch.no_grad()
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Unit-norm decoder rows (in place, so the optimiser keeps its state for the same tensor); the
         architecture's own constraints (`Dictionary.constrain`); dead latents resampled on the configured cadence."""
