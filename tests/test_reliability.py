@@ -140,7 +140,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_takes_the_corrected_comma
 
 
 def _newest_and_older(run_dir: Path) -> tuple[Path, Path]:
-    *_, older, newest = checkpoint.checkpoint_dirs(run_dir)
+    *_, older, newest = runs.saved_steps(run_dir)
     return newest, older
 
 
@@ -256,7 +256,7 @@ def test_a_full_disk_while_checkpointing_is_one_error_and_the_run_resumes(
     monkeypatch.setattr(checkpoint, "save_file", full_after_one)
     argv = ["decompose", "tms-5-2", "--out", str(tmp_path), *TINY_TMS]
     assert "no space left for" in _error(capsys, argv)
-    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-0000020"]
+    assert [p.name for p in runs.saved_steps(tmp_path)] == ["step-0000020"]
     assert not list((tmp_path / runs.CHECKPOINT_DIR).glob(f"{runs.STAGING_PREFIX}*"))
     monkeypatch.setattr(checkpoint, "save_file", save_file)
     assert main(argv) == 0 and "resumed from step 20" in capsys.readouterr().out
@@ -335,3 +335,11 @@ def test_a_full_disk_while_logging_is_one_error(
     monkeypatch.setattr("unmerge.train.loop._append_jsonl", full)
     message = _error(capsys, ["decompose", "tms-5-2", "--out", str(tmp_path), *TINY_TMS])
     assert re.search(r"no space left for \S+/train_log.jsonl", message) and "rerun the same command" in message
+
+
+def test_starting_afresh_removes_only_what_a_run_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["decompose", "tms-5-2", "--out", str(tmp_path), *TINY_TMS]
+    assert "matches no" in _error(capsys, [*argv, "method.sites.0.pattern=linear9"])
+    (tmp_path / "notes.txt").write_text("mine")
+    assert "is not a run directory" in _error(capsys, argv)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -233,23 +233,23 @@ def prepare(config: StrictModel, run_dir: Path, write: bool = True) -> None:
             f"{run_dir} already holds a run with a different config ({'; '.join(blocking)}); "
             "choose another --out directory, or rerun with the original settings to resume"
         )
-    if not write:
+    if not write or differences == []:  # the same run: it resumes as it is
         return
     if differences:
         _record_change(run_dir, differences)
-    elif differences is not None:
-        return
-    if differences is None and run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+    elif run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise CheckpointError(f"{run_dir} exists and is not a run directory; choose an empty or new --out directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / RUN_CONFIG, lambda tmp: save_yaml(config, tmp))
 
 
 def _start_afresh(run_dir: Path) -> None:
-    """Empty a run directory that holds nothing trained (its config, copied target, logs) for a new config."""
-    for path in run_dir.iterdir():
-        if path.name != LOCK_FILE:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    """Clear a run directory that holds nothing trained for a new config: its config, copied target, logs and
+    figures (anything else in it is left, and then makes it not a run directory)."""
+    for name in (RUN_CONFIG, TRAIN_LOG, EVAL_LOG):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in (TARGET_DIR, FIGURES_DIR, CHECKPOINT_DIR):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
 def _record_change(run_dir: Path, differences: list[str]) -> None:
