@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from unmerge import api
-from unmerge.runs import read_metrics
-from unmerge.train.checkpoint import checkpoint_dirs, load_checkpoint
+from unmerge.runs import read_metrics, saved_steps
+from unmerge.train.checkpoint import load_checkpoint
 
 from .conftest import TINY_TMS
 
@@ -63,8 +63,8 @@ def test_a_two_rank_spd_run_matches_one_rank_within_its_mask_noise(tmp_path: Pat
     one = api.decompose(api.load_run_config("tms-5-2", SPD_RUN), tmp_path / "one")
     _run(2, "decompose", "tms-5-2", "--out", str(tmp_path / "two"), *SPD_RUN)
     two = read_metrics(tmp_path / "two")
-    tensors_one, _ = load_checkpoint(checkpoint_dirs(tmp_path / "one")[-1])
-    tensors_two, state = load_checkpoint(checkpoint_dirs(tmp_path / "two")[-1])
+    tensors_one, _ = load_checkpoint(saved_steps(tmp_path / "one")[-1])
+    tensors_two, state = load_checkpoint(saved_steps(tmp_path / "two")[-1])
     assert state["world_size"] == 2
     names = [name for name in tensors_one if not name.startswith("optimizer.")]
     for name in [name for name in names if ".components." in name]:  # measured: 0.9–1.4 %
@@ -108,16 +108,16 @@ def test_a_killed_two_rank_run_resumes_to_the_same_result(tmp_path: Path) -> Non
         start_new_session=True,
     )
     deadline = time.monotonic() + 120
-    while not checkpoint_dirs(killed) and time.monotonic() < deadline:
+    while not saved_steps(killed) and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)  # torchrun; its ranks run in sessions of their own:
     process.wait()
     _kill_every_process_writing(killed)
-    assert checkpoint_dirs(killed), "no checkpoint was written before the kill"
+    assert saved_steps(killed), "no checkpoint was written before the kill"
     assert not (killed / "metrics.json").exists(), "the run finished before it was killed"
     _run(2, *args, "--out", str(killed))
-    whole, _ = load_checkpoint(checkpoint_dirs(tmp_path / "whole")[-1])
-    resumed, _ = load_checkpoint(checkpoint_dirs(killed)[-1])
+    whole, _ = load_checkpoint(saved_steps(tmp_path / "whole")[-1])
+    resumed, _ = load_checkpoint(saved_steps(killed)[-1])
     assert whole.keys() == resumed.keys()
     for name, value in whole.items():
         assert torch.equal(resumed[name], value), name
@@ -126,7 +126,7 @@ def test_a_killed_two_rank_run_resumes_to_the_same_result(tmp_path: Path) -> Non
 
 def test_resuming_on_another_number_of_processes_is_refused(tmp_path: Path) -> None:
     api.decompose(api.load_run_config("tms-5-2", SPD_RUN), tmp_path)
-    shutil.rmtree(checkpoint_dirs(tmp_path)[-1])
+    shutil.rmtree(saved_steps(tmp_path)[-1])
     result = subprocess.run(
         _command(2, "decompose", "tms-5-2", "--out", str(tmp_path), *SPD_RUN), capture_output=True, text=True
     )
@@ -141,14 +141,14 @@ def test_fsdp_sharded_sites_train_like_replicated_ones_and_resume(tmp_path: Path
     args = ["decompose", "tms-5-2", *SPD_RUN]
     _run(2, *args, "--out", str(tmp_path / "replicated"))
     _run(2, *args, "--out", str(tmp_path / "sharded"), "train.fsdp=true")
-    replicated, _ = load_checkpoint(checkpoint_dirs(tmp_path / "replicated")[-1])
-    sharded, _ = load_checkpoint(checkpoint_dirs(tmp_path / "sharded")[-1])
+    replicated, _ = load_checkpoint(saved_steps(tmp_path / "replicated")[-1])
+    sharded, _ = load_checkpoint(saved_steps(tmp_path / "sharded")[-1])
     assert replicated.keys() == sharded.keys()
     for name, value in replicated.items():
         torch.testing.assert_close(sharded[name], value, atol=1e-6, rtol=1e-5)
     assert read_metrics(tmp_path / "sharded")["mmcs"] == pytest.approx(read_metrics(tmp_path / "replicated")["mmcs"])
-    shutil.rmtree(checkpoint_dirs(tmp_path / "sharded")[-1])  # resume the sharded run from step 20
+    shutil.rmtree(saved_steps(tmp_path / "sharded")[-1])  # resume the sharded run from step 20
     _run(2, *args, "--out", str(tmp_path / "sharded"), "train.fsdp=true")
-    resumed, _ = load_checkpoint(checkpoint_dirs(tmp_path / "sharded")[-1])
+    resumed, _ = load_checkpoint(saved_steps(tmp_path / "sharded")[-1])
     for name, value in sharded.items():
         torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=1e-5)

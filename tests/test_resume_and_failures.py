@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import TINY_TMS, poison_loss_after
-from unmerge import api
+from unmerge import api, runs
 from unmerge.errors import CheckpointError, NonFiniteLossError
 from unmerge.train import checkpoint
 
@@ -40,7 +40,7 @@ def _decompose_command(out: Path, steps: int) -> list[str]:
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(checkpoint.checkpoint_dirs(run_dir)[-1] / checkpoint.WEIGHTS_FILE))
+    return load_file(str(runs.saved_steps(run_dir)[-1] / checkpoint.WEIGHTS_FILE))
 
 
 def test_sigkill_midway_then_rerun_is_bitwise_identical(tmp_path: Path) -> None:
@@ -55,12 +55,12 @@ def test_sigkill_midway_then_rerun_is_bitwise_identical(tmp_path: Path) -> None:
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(
-        int(d.name.split("-")[1]) >= 100 for d in checkpoint.checkpoint_dirs(interrupted)
+        int(d.name.split("-")[1]) >= 100 for d in runs.saved_steps(interrupted)
     ):
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = int(checkpoint.checkpoint_dirs(interrupted)[-1].name.split("-")[1])
+    killed_at = int(runs.saved_steps(interrupted)[-1].name.split("-")[1])
     assert 100 <= killed_at < steps, "the run was not interrupted midway"
     rerun = subprocess.run(_decompose_command(interrupted, steps), check=True, capture_output=True, text=True)
     assert f"resumed from step {killed_at}" in rerun.stdout
@@ -80,7 +80,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path: Path, 
     poison_loss_after(monkeypatch, 30)
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 30 .*checkpoint is untouched"):
         api.decompose(api.load_run_config("tms-5-2", TINY_TMS), tmp_path)
-    saved = checkpoint.checkpoint_dirs(tmp_path)
+    saved = runs.saved_steps(tmp_path)
     assert [d.name for d in saved] == ["step-0000020"]
     checkpoint.load_checkpoint(saved[-1])  # intact: its checksum verifies
     before = {p.name: _sha(p) for p in saved[-1].iterdir()}
@@ -93,7 +93,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning_and_never_loaded(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     api.decompose(api.load_run_config("tms-5-2", TINY_TMS), tmp_path)
-    *older, newest = checkpoint.checkpoint_dirs(tmp_path)
+    *older, newest = runs.saved_steps(tmp_path)
     weights = newest / checkpoint.WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:-10])
     capsys.readouterr()
@@ -148,13 +148,13 @@ def test_a_checkpoint_written_before_the_site_records_resumes_to_the_same_result
     config = api.load_run_config("tms-5-2-id", TINY_TMS)
     api.decompose(config, tmp_path / "whole")
     api.decompose(config, tmp_path / "legacy")
-    for late in checkpoint.checkpoint_dirs(tmp_path / "legacy")[1:]:
+    for late in runs.saved_steps(tmp_path / "legacy")[1:]:
         shutil.rmtree(late)
     (tmp_path / "legacy" / "metrics.json").unlink()
     sites = ["linear1", "hidden"]  # linear2 is tied to linear1: no components of its own
     order = [f"components.{s}.{p}" for s in sites for p in ("U", "V")]
     order += [f"ci.functions.{s}.{p}" for s in ("linear1", "hidden", "linear2") for p in ("w1", "b1", "w2", "b2")]
-    _as_format_1(checkpoint.checkpoint_dirs(tmp_path / "legacy")[-1], order)
+    _as_format_1(runs.saved_steps(tmp_path / "legacy")[-1], order)
     result = api.decompose(config, tmp_path / "legacy")
     assert result.resumed_from == 40
     whole, resumed = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "legacy")
@@ -178,7 +178,7 @@ def test_a_variant_with_state_across_steps_resumes_to_the_same_bytes(tmp_path: P
     config = api.load_run_config("tms-5-2", [*TINY_TMS, *variant])
     api.decompose(config, tmp_path / "whole")
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
-    shutil.rmtree(checkpoint.checkpoint_dirs(tmp_path / "resumed")[-1])
+    shutil.rmtree(runs.saved_steps(tmp_path / "resumed")[-1])
     (tmp_path / "resumed" / "metrics.json").unlink()
     assert api.decompose(config, tmp_path / "resumed").resumed_from == 40
     whole, resumed = _final_weights(tmp_path / "whole"), _final_weights(tmp_path / "resumed")

@@ -99,11 +99,6 @@ def restore(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer | No
     return state
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    return saved_steps(run_dir)
-
-
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], state: dict[str, Any], keep: int) -> Path:
     """Write a checkpoint atomically and prune all but the newest `keep`."""
     root = run_dir / CHECKPOINT_DIR
@@ -125,7 +120,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, Tensor], state:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    for old in checkpoint_dirs(run_dir)[:-keep]:
+    for old in saved_steps(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
 
@@ -165,7 +160,7 @@ def restore_newest(run_dir: Path, module: nn.Module, optimizer: torch.optim.Opti
     """Restore the newest checkpoint that loads (`restore`); a corrupt newer one is skipped with a warning naming
     it (it is never loaded, and the next save at its step replaces it). The training state, or {} with none
     saved; every checkpoint corrupt is an error saying how to start over."""
-    saved = checkpoint_dirs(run_dir)
+    saved = saved_steps(run_dir)
     for path in reversed(saved):
         try:
             state = restore(path, module, optimizer)

@@ -150,12 +150,11 @@ def _truncate_log(path: Path, after_step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (they will be written again)."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    unreadable = sum(_logged_step(line) is None for line in lines)
+    lines = [(line, _logged_step(line)) for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    unreadable = sum(step is None for _, step in lines)
     if unreadable:
         warn(f"{path}: dropped {unreadable} unreadable line(s) (a killed process can leave one half-written)")
-    kept = [line for line in lines if (step := _logged_step(line)) is not None and step <= after_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    path.write_text("".join(line + "\n" for line, step in lines if step is not None and step <= after_step))
 
 
 def _logged_step(line: str) -> float | None:
