@@ -20,7 +20,6 @@ from unmerge.analysis.grouping import (
     load_grouping,
 )
 from unmerge.analysis.interventions import output_change, subcomponent_examples, unlearned_model
-from unmerge.analysis.splitting import SplitPair, best_matches, splitting_pairs, truth_names
 from unmerge.config import (
     DictionaryRunConfig,
     LanguageActivationsConfig,
@@ -33,6 +32,7 @@ from unmerge.config import (
     preset_names,
 )
 from unmerge.data.activation_cache import ActivationCache
+from unmerge.data.source import ActivationSource
 from unmerge.data.text import fetch_shakespeare
 from unmerge.errors import CheckpointError, ConfigError
 from unmerge.eval.language import latent_examples, spliced_evaluator
@@ -41,7 +41,7 @@ from unmerge.report.figures import density_histogram_figure, merge_history_figur
 from unmerge.report.latents import latents_section
 from unmerge.report.mechanisms import mechanisms_section
 from unmerge.report.run import publish, refresh, runs_index
-from unmerge.report.splitting import write_splitting
+from unmerge.report.splitting import SplittingResult, feature_splitting
 from unmerge.runs import GROUPING_FILE, RunResult, is_dictionary_run
 from unmerge.sae.method import DictionaryMethod
 from unmerge.sae.plan import dictionary_plan
@@ -50,15 +50,21 @@ from unmerge.sae.storage import load_dictionary, load_dictionary_of_target, save
 from unmerge.spd.method import SPD
 from unmerge.spd.plan import spd_plan
 from unmerge.sweep import SweepResult, SweepSpec, load_sweep_spec, run_sweep
+from unmerge.targets.base import Target
 from unmerge.targets.language import CausalLM
-from unmerge.targets.language_activations import activation_cache, hook_point, hook_width, language_activations
+from unmerge.targets.language_activations import (
+    LanguageActivations,
+    activation_cache,
+    hook_point,
+    hook_width,
+    language_activations,
+)
 from unmerge.targets.language_data import REPORT_TOKENS, language_data, language_target, report_windows
 from unmerge.targets.resolve import run_target, train_preset_target, untrained_target
 from unmerge.targets.sources import activation_source
 from unmerge.targets.toys import TASK_METRICS_FILE, save_target
 from unmerge.train import checkpoint, distributed
 from unmerge.train.loop import train
-from unmerge.train.rng import step_generator
 
 LATENT_SNIPPETS = 5  # top-activating held-out snippets per latent in a language dictionary's report
 TARGET_WEIGHTS_FILE = "model.safetensors"  # an edited (unlearned) language model's state dict
@@ -82,6 +88,7 @@ __all__ = [
     "evaluate",
     "export_saelens",
     "feature_splitting",
+    "finish_spd",
     "fetch_corpus",
     "group_components",
     "is_dictionary_run",
@@ -96,6 +103,8 @@ __all__ = [
     "runs_index",
     "sweep",
     "train_dictionary",
+    "train_on_source",
+    "train_spd",
     "train_target_preset",
     "unlearn",
 ]
@@ -104,13 +113,20 @@ __all__ = [
 def decompose(config: RunConfig, run_dir: Path) -> RunResult:
     """Train SPD on the config's target in `run_dir`, resuming from its newest checkpoint if there is one."""
     run_dir = Path(run_dir)
-    device = distributed.start(config.train)
+    distributed.start(config.train)
     with runs.opened(config, run_dir, write=distributed.is_main_process()):
         target = run_target(config.target, run_dir / runs.TARGET_DIR)
-        spd_plan(target, config.method).check_fits(config.train, device)
-        spd = SPD(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
-        result = train(spd, target.sample_inputs, config.train, run_dir, description=f"SPD {config.name}")
-        return _finish_spd(spd, config, run_dir, result.resumed_from)
+        return train_spd(target, config, run_dir)[1]
+
+
+def train_spd(target: Target, config: RunConfig, run_dir: Path | None) -> tuple[SPD, RunResult | None]:
+    """SPD of a built target: trained in `run_dir` (opened by the caller; resumed from its newest checkpoint) and
+    finished there (metrics, figures, report), or in memory without one (no result then)."""
+    device = distributed.start(config.train)
+    spd_plan(target, config.method).check_fits(config.train, device)
+    spd = SPD(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
+    result = train(spd, target.sample_inputs, config.train, run_dir, description=f"SPD {config.name}")
+    return spd, None if run_dir is None else finish_spd(spd, config, run_dir, result.resumed_from)
 
 
 def plan_decomposition(config: RunConfig) -> str:
@@ -129,7 +145,7 @@ def plan_dictionary(config: DictionaryRunConfig) -> str:
     return dictionary_plan(name, dim, output_dim, config.method).render(config.train)
 
 
-def _finish_spd(spd: SPD, config: RunConfig, run_dir: Path, step: int) -> RunResult:
+def finish_spd(spd: SPD, config: RunConfig, run_dir: Path, step: int) -> RunResult:
     """Evaluate, and on rank 0 write the metrics, figures and report."""
     metrics = spd.evaluate()
     if not distributed.is_main_process():
@@ -166,39 +182,52 @@ def train_dictionary(config: DictionaryRunConfig, run_dir: Path) -> RunResult:
         language = isinstance(config.data, LanguageActivationsConfig)
         recorded = language_activations(config.data, config.train.seed, device) if language else None
         source = recorded.source if recorded else activation_source(config.data)
-        dictionary_plan(source.name, source.dim, source.output_dim, config.method).check_fits(config.train, device)
-        evaluation = spliced_evaluator(recorded, config.data.eval_tokens) if recorded else None
-        method = DictionaryMethod(
-            source,
-            config.method,
-            seed=config.train.seed,
-            total_steps=config.train.steps,
-            eval_batch_size=config.train.eval_batch_size,
-            extra_evaluation=evaluation,
+        return train_on_source(source, config, run_dir, recorded)[1]
+
+
+def train_on_source(
+    source: ActivationSource,
+    config: DictionaryRunConfig,
+    run_dir: Path | None,
+    recorded: LanguageActivations | None = None,
+) -> tuple[DictionaryMethod, RunResult | None]:
+    """A dictionary on a built activation source: trained in `run_dir` (opened by the caller; resumed) and finished
+    there (metrics, weights, figures, report), or in memory without one (no result then)."""
+    device = distributed.start(config.train)
+    dictionary_plan(source.name, source.dim, source.output_dim, config.method).check_fits(config.train, device)
+    evaluation = spliced_evaluator(recorded, config.data.eval_tokens) if recorded else None
+    method = DictionaryMethod(
+        source,
+        config.method,
+        seed=config.train.seed,
+        total_steps=config.train.steps,
+        eval_batch_size=config.train.eval_batch_size,
+        extra_evaluation=evaluation,
+    )
+    result = train(method, source.sample, config.train, run_dir, description=f"dictionary {config.name}")
+    method.module.fold_input_scale()
+    if run_dir is None:
+        return method, None
+    metrics = method.evaluate()
+    if not distributed.is_main_process():
+        return method, RunResult(run_dir, metrics, [], result.resumed_from)
+    save_trained(run_dir, method)
+    sections = ""
+    if recorded:
+        examples = latent_examples(
+            recorded.data,
+            recorded.module,
+            config.data.eval_tokens,
+            method.reconstruct,
+            method.module.W_d,
+            LATENT_SNIPPETS,
         )
-        result = train(method, source.sample, config.train, run_dir, description=f"dictionary {config.name}")
-        method.module.fold_input_scale()
-        metrics = method.evaluate()
-        if not distributed.is_main_process():
-            return RunResult(run_dir, metrics, [], result.resumed_from)
-        save_trained(run_dir, method)
-        sections = ""
-        if recorded:
-            sections = latents_section(
-                latent_examples(
-                    recorded.data,
-                    recorded.module,
-                    config.data.eval_tokens,
-                    method.reconstruct,
-                    method.module.W_d,
-                    LATENT_SNIPPETS,
-                )
-            )
-        density = density_histogram_figure(
-            method.latent_density(), config.train.eval_batch_size, run_dir / runs.FIGURES_DIR / "latent_density.png"
-        )
-        figures, report = publish(run_dir, f"Dictionary: {config.name}", metrics, [density], sections)
-        return RunResult(run_dir, metrics, figures, result.resumed_from, report)
+        sections = latents_section(examples)
+    density = density_histogram_figure(
+        method.latent_density(), config.train.eval_batch_size, run_dir / runs.FIGURES_DIR / "latent_density.png"
+    )
+    figures, report = publish(run_dir, f"Dictionary: {config.name}", metrics, [density], sections)
+    return method, RunResult(run_dir, metrics, figures, result.resumed_from, report)
 
 
 def dictionary_report(run_dir: Path) -> Path:
@@ -215,52 +244,6 @@ def dictionary_report(run_dir: Path) -> Path:
         )
     with runs.locked(Path(run_dir)):
         return refresh(Path(run_dir), f"Dictionary: {config.name}", sections)
-
-
-@dataclass(frozen=True)
-class SplittingResult:
-    """Feature splitting across dictionary runs (by width): per consecutive pair, the runs' names, the splits and
-    the shared-direction fit; the figures and the markdown section written to `out_dir`."""
-
-    out_dir: Path
-    pairs: list[SplitPair]
-    figures: list[Path]
-    markdown: Path
-
-
-def feature_splitting(
-    run_dirs: list[Path], out_dir: Path, threshold: float = 0.5, n_inputs: int = 16_384
-) -> SplittingResult:
-    """Compare finished dictionary runs of growing width on the same data (`unmerge.analysis.splitting`): each
-    smaller dictionary's latents against the next larger one's, on `n_inputs` sampled activations. Writes
-    `splitting.json`, `splitting.md` (a report section) and figures to `out_dir`."""
-    if len(run_dirs) < 2:
-        raise ConfigError("feature splitting compares at least two dictionary runs of different widths")
-    loaded = sorted(((Path(r), *load_dictionary(r)) for r in run_dirs), key=lambda run: run[2].W_d.shape[0])
-    data = loaded[0][1].data
-    for run_dir, config, _ in loaded[1:]:
-        if config.data != data:
-            raise ConfigError(
-                f"{run_dir} was trained on other data than {loaded[0][0]}; feature splitting compares "
-                "dictionaries of the same activations"
-            )
-    source = activation_source(data)
-    activations = source.sample(n_inputs, step_generator(0, "splitting"))[:, : source.dim]
-    widths = [dictionary.W_d.shape[0] for _, _, dictionary in loaded]
-    named = [
-        (f"{run_dir.name} ({width})", dictionary)
-        for (run_dir, _, dictionary), width in zip(loaded, widths, strict=True)
-    ]
-    pairs = splitting_pairs(named, activations, threshold)
-    matches = None
-    if source.true_features is not None:
-        names = truth_names(source.true_features, source.parents)
-        matches = [best_matches(dictionary, source.true_features, names) for _, _, dictionary in loaded]
-    out_dir = Path(out_dir)
-    figures, markdown = write_splitting(
-        out_dir, pairs, widths, [str(run_dir) for run_dir, _, _ in loaded], threshold, matches
-    )
-    return SplittingResult(out_dir, pairs, figures, markdown)
 
 
 def fetch_corpus() -> Path:
@@ -302,7 +285,17 @@ def export_saelens(run_dir: Path, out_dir: Path) -> Path:
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, SPD, int]:
-    """Rebuild a run's SPD from its newest checkpoint; returns (config, spd, step)."""
+    """Rebuild a run's SPD from its newest checkpoint (`Decomposition.load` wraps it for exploring).
+
+    Args:
+        run_dir: an SPD run directory of a configured target (preset or config file).
+
+    Returns:
+        (the run's config, its `unmerge.spd.method.SPD`, the checkpoint's step).
+
+    Example:
+        >>> config, spd, step = unmerge.load_run("runs/tms52")
+    """
     run_dir = Path(run_dir)
     config = runs.saved_config(run_dir, RunConfig)
     target = run_target(config.target, run_dir / runs.TARGET_DIR)
@@ -314,10 +307,17 @@ def load_run(run_dir: Path) -> tuple[RunConfig, SPD, int]:
 
 
 def evaluate(run_dir: Path) -> RunResult:
-    """Recompute `metrics.json` and figures of a run from its newest checkpoint."""
+    """Recompute `metrics.json`, figures and `report.html` of an SPD run from its newest checkpoint.
+
+    Args:
+        run_dir: an SPD run directory of a configured target.
+
+    Example:
+        >>> unmerge.evaluate("runs/tms52").metrics["mmcs"]
+    """
     with runs.locked(Path(run_dir)):
         config, spd, step = load_run(run_dir)
-        return _finish_spd(spd, config, Path(run_dir), step)
+        return finish_spd(spd, config, Path(run_dir), step)
 
 
 def group_components(
@@ -365,8 +365,20 @@ def unlearn(run_dir: Path, units: list[str], out_dir: Path) -> float:
 def train_target_preset(
     preset_or_path: str, overrides: list[str | Override] = (), out: Path | None = None
 ) -> tuple[Path, float | None]:
-    """Train a preset's target into the cache (or `out`); the final loss, or None if it was already trained. An
-    algorithmic toy's task score goes to `task_metrics.json` beside it."""
+    """Train a preset's target into the cache (or `out`). An algorithmic toy's task score goes to
+    `task_metrics.json` beside it.
+
+    Args:
+        preset_or_path: a preset name or a config file's path (its `target` section is trained).
+        overrides: `key.path=value` strings applied to the config first.
+        out: a directory for a toy target instead of the cache.
+
+    Returns:
+        (the target's directory, its final training loss, or None if it was trained before).
+
+    Example:
+        >>> directory, loss = unmerge.train_target_preset("tms-5-2")
+    """
     return train_preset_target(load_run_config(preset_or_path, overrides).target, out, preset_or_path)
 
 

@@ -10,7 +10,15 @@ def warn(message: str) -> None:
 
 
 class UnmergeError(Exception):
-    """A problem with the user's input or files, with a message that says what is wrong and how to fix it."""
+    """A problem with the user's input or files, with a message that says what is wrong and how to fix it. Every
+    error unmerge raises on purpose is one (configs, sites, data, checkpoints, run directories).
+
+    Example:
+        >>> try:
+        ...     unmerge.decompose(model, data, sites={"nope.*": 10})
+        ... except unmerge.UnmergeError as error:
+        ...     print(error)   # site pattern 'nope.*' matches no module of the target; decomposable modules are: ...
+    """
 
 
 class ConfigError(UnmergeError):

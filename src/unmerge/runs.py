@@ -216,6 +216,18 @@ def opened(config: StrictModel, run_dir: Path, write: bool = True) -> Iterator[N
         yield
 
 
+@contextmanager
+def saving(config: StrictModel, run_dir: Path) -> Iterator[None]:
+    """`locked`, with `config` written into `run_dir` for a finished run to be saved there (from Python: a
+    decomposition or dictionary trained in memory); refused unless the directory is empty or holds this run."""
+    with locked(run_dir):
+        differences = differences_from_saved(run_dir, config)
+        if differences or (differences is None and any(p.name != LOCK_FILE for p in run_dir.iterdir())):
+            raise CheckpointError(f"{run_dir} holds other files or another run; save into an empty directory")
+        write_atomic(run_dir / RUN_CONFIG, lambda tmp: save_yaml(config, tmp))
+        yield
+
+
 def prepare(config: StrictModel, run_dir: Path, write: bool = True) -> None:
     """Create a run directory with its config, or check that an existing one holds the same config (to resume).
     A directory with nothing trained yet (a run that failed before its first checkpoint) takes a corrected config

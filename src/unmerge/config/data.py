@@ -93,4 +93,18 @@ class LanguageActivationsConfig(StrictModel):
     eval_tokens: PositiveInt = Field(8_192, description="held-out tokens for the spliced-in evaluation")
 
 
-DictionaryDataConfig = SparseFeaturesConfig | HierarchyConfig | TargetActivationsConfig | LanguageActivationsConfig
+class OwnActivationsConfig(StrictModel):
+    """Activations passed from Python (`unmerge.train_dictionary`): recorded at `hook` of a model passed with its
+    data, or given directly. Like an own model's SPD run, the run is reloaded in Python, not by the command line."""
+
+    kind: Literal["own_activations"] = "own_activations"
+    hook: str | None = Field(None, description="the module whose output was recorded (None: activations given)")
+    model: str | None = Field(None, description="the model's class and parameter count (None: activations given)")
+    weights: str | None = Field(None, description="sha256 of the model's parameters and buffers, by name")
+    data: str = Field(description="what was recorded or given: a tensor's shape, dtype and sha256, or an iterable")
+    transcoder: bool = Field(False, description="the hooked module's input and output were recorded (a transcoder)")
+
+
+DictionaryDataConfig = (
+    SparseFeaturesConfig | HierarchyConfig | TargetActivationsConfig | LanguageActivationsConfig | OwnActivationsConfig
+)

@@ -179,7 +179,8 @@ class DictionaryRunConfig(StrictModel):
         if self.method.skip and not getattr(self.data, "transcoder", False):
             raise ValueError(
                 "method.skip adds a linear path from a block's input to its output, so it needs "
-                "transcoder data (data.kind: target_activations with data.transcoder: true)"
+                "transcoder data (data.kind: target_activations with data.transcoder: true; in Python, "
+                "unmerge.train_dictionary(model, hook=..., data=..., transcoder=True))"
             )
         return self
 

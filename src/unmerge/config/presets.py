@@ -16,12 +16,22 @@ DICTIONARY_PRESET_DIR = PRESET_DIR / "dictionaries"
 
 
 def preset_names() -> list[str]:
-    """Names of the shipped presets (`configs/<name>.yaml`, also inside the installed package)."""
+    """Names of the shipped SPD presets (`configs/<name>.yaml`, also inside the installed package).
+
+    Example:
+        >>> "tms-5-2" in unmerge.preset_names()
+        True
+    """
     return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
 
 
 def dictionary_preset_names() -> list[str]:
-    """Names of the shipped dictionary presets (`configs/dictionaries/<name>.yaml`)."""
+    """Names of the shipped dictionary presets (`configs/dictionaries/<name>.yaml`).
+
+    Example:
+        >>> "sparse-512-topk" in unmerge.dictionary_preset_names()
+        True
+    """
     return sorted(path.stem for path in DICTIONARY_PRESET_DIR.glob("*.yaml"))
 
 
@@ -51,10 +61,29 @@ def _load_config(model_cls: type[StrictModel], source: Path, overrides: Iterable
 
 
 def load_run_config(preset_or_path: str, overrides: Iterable[str | Override] = ()) -> RunConfig:
-    """Load an SPD preset or YAML file and apply `key.path=value` overrides; strict validation."""
+    """Load an SPD preset or YAML file and apply `key.path=value` overrides; strict validation.
+
+    Args:
+        preset_or_path: a preset name (`preset_names()`) or the path of a YAML config file.
+        overrides: `key.path=value` strings (a number indexes a list: `method.sites.0.C=150`).
+
+    Example:
+        >>> config = unmerge.load_run_config("tms-5-2", ["train.steps=3000"])
+        >>> config.method.sites[0].C
+        20
+    """
     return _load_config(RunConfig, config_source(preset_or_path), overrides)
 
 
 def load_dictionary_config(preset_or_path: str, overrides: Iterable[str | Override] = ()) -> DictionaryRunConfig:
-    """Load a dictionary preset or YAML file and apply overrides; strict validation."""
+    """Load a dictionary preset or YAML file and apply `key.path=value` overrides; strict validation.
+
+    Args:
+        preset_or_path: a dictionary preset name (`dictionary_preset_names()`) or a YAML config file's path.
+        overrides: `key.path=value` strings, e.g. `method.width=1024`.
+
+    Example:
+        >>> unmerge.load_dictionary_config("sparse-512-topk", ["method.width=1024"]).method.width
+        1024
+    """
     return _load_config(DictionaryRunConfig, config_source(preset_or_path, DICTIONARY_PRESET_DIR), overrides)

@@ -13,6 +13,7 @@ from unmerge.config.targets import (
     LanguageTargetConfig,
     MaxOfKConfig,
     ModularAdditionConfig,
+    OwnModelConfig,
     ResidMLPConfig,
     TMSConfig,
 )
@@ -27,7 +28,12 @@ class SiteConfig(StrictModel):
 
 
 class SPDConfig(StrictModel):
-    """Stochastic Parameter Decomposition (DESIGN.md §4)."""
+    """Stochastic Parameter Decomposition (DESIGN.md §4): the `method` section of an SPD run. Each field is also a
+    keyword option of `unmerge.decompose`.
+
+    Example:
+        >>> SPDConfig(sites=[SiteConfig(pattern="layers.*.mlp_in", C=100)], importance_minimality_coeff=1e-5, pnorm=2)
+    """
 
     kind: Literal["spd"] = "spd"
     sites: list[SiteConfig] = Field(min_length=1, description="which weights to decompose")
@@ -68,7 +74,11 @@ class SPDConfig(StrictModel):
         0.0, description="weight of Σ_c m_c log2(1 + S_c), m_c and S_c the batch mean and sum of g⁺_c^p (VPD)"
     )
     leak: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.01, description="slope of the hard sigmoids' leaks")
-    output_loss: Literal["mse", "kl"] = Field("mse", description="divergence D between masked and target outputs")
+    output_loss: Literal["mse", "kl", "function"] = Field(
+        "mse",
+        description="divergence D between masked and target outputs: MSE, KL of logits, or (for a model passed "
+        "from Python) the function given with it (`unmerge.decompose(..., output_loss=fn)`)",
+    )
     faithfulness_warmup_steps: NonNegativeInt = Field(
         0, description="Adam steps on ‖W − UV‖² alone before training (removes the init's overshoot)"
     )
@@ -122,11 +132,22 @@ class SPDConfig(StrictModel):
 
 
 class RunConfig(StrictModel):
-    """One decomposition run: which target, which method, how to train."""
+    """One decomposition run: which target, which method, how to train (what a preset or YAML file holds).
+
+    Example:
+        >>> config = unmerge.load_run_config("tms-5-2", ["train.steps=3000"])
+        >>> unmerge.api.decompose(config, "runs/tms52")
+    """
 
     name: str = Field("run", description="human-readable name (the preset's name)")
     target: (
-        TMSConfig | ResidMLPConfig | MaxOfKConfig | ModularAdditionConfig | InductionConfig | LanguageTargetConfig
+        TMSConfig
+        | ResidMLPConfig
+        | MaxOfKConfig
+        | ModularAdditionConfig
+        | InductionConfig
+        | LanguageTargetConfig
+        | OwnModelConfig
     ) = Field(discriminator="kind")
     method: SPDConfig
     train: TrainConfig
@@ -146,6 +167,8 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _output_loss_fits_the_target(self) -> RunConfig:
+        if isinstance(self.target, OwnModelConfig):  # the caller chose it for their model
+            return self
         whole_language_model = (
             isinstance(self.target, LanguageTargetConfig)
             and self.target.module is None

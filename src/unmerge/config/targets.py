@@ -195,3 +195,14 @@ class LanguageTargetConfig(StrictModel):
         "weight in every forward (needs train.precision=bf16; U, V and the CI functions stay fp32)",
     )
     module_tokens: PositiveInt = Field(65_536, description="recorded input positions of `module`")
+
+
+class OwnModelConfig(StrictModel):
+    """A model passed from Python (`unmerge.decompose(model, data, ...)`), recorded by what identifies it. The model
+    and its data live in the caller's session, so the command line cannot rebuild them: such a run is loaded back
+    in Python with its model (`unmerge.Decomposition.load(path, model=...)`), which is checked against `weights`."""
+
+    kind: Literal["own_model"] = "own_model"
+    model: str = Field(description="the model's class and parameter count")
+    weights: str = Field(description="sha256 of its parameters and buffers, by name")
+    data: str = Field(description="what it was decomposed on: a tensor's shape, dtype and sha256, or an iterable")

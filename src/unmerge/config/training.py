@@ -25,7 +25,12 @@ class OptimConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    """The one training loop's settings, shared by every method."""
+    """The one training loop's settings, shared by every method: the `train` section of a run. Each field is also a
+    keyword option of `unmerge.decompose` and `unmerge.train_dictionary`.
+
+    Example:
+        >>> TrainConfig(steps=2000, batch_size=256, optim=OptimConfig(lr=1e-3, schedule="cosine"), device="cuda")
+    """
 
     steps: PositiveInt = Field(description="optimiser steps")
     batch_size: PositiveInt = Field(description="examples per step (per rank)")

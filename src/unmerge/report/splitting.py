@@ -1,8 +1,10 @@
-"""Figures and a markdown section for feature splitting across dictionaries of growing width."""
+"""Feature splitting across dictionaries of growing width: the comparison of finished runs, its figures and a
+markdown section."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -11,9 +13,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from unmerge.analysis.splitting import SplitPair, Splits
+from unmerge.analysis.splitting import SplitPair, Splits, best_matches, splitting_pairs, truth_names
+from unmerge.errors import ConfigError
 from unmerge.io import write_json_atomic, write_text_atomic
 from unmerge.report.figures import STYLE, as_array, save_figure
+from unmerge.sae.storage import load_dictionary
+from unmerge.targets.sources import activation_source
+from unmerge.train.rng import step_generator
 
 R2_FLOOR = -1.0  # the children figure draws lower R² here
 
@@ -129,3 +135,49 @@ def write_splitting(
     write_json_atomic(out_dir / "splitting.json", table, indent=1)
     write_text_atomic(out_dir / "splitting.md", markdown_section(pairs, figures, threshold, matches))
     return figures, out_dir / "splitting.md"
+
+
+@dataclass(frozen=True)
+class SplittingResult:
+    """Feature splitting across dictionary runs (by width): per consecutive pair, the runs' names, the splits and
+    the shared-direction fit; the figures and the markdown section written to `out_dir`."""
+
+    out_dir: Path
+    pairs: list[SplitPair]
+    figures: list[Path]
+    markdown: Path
+
+
+def feature_splitting(
+    run_dirs: list[Path], out_dir: Path, threshold: float = 0.5, n_inputs: int = 16_384
+) -> SplittingResult:
+    """Compare finished dictionary runs of growing width on the same data (`unmerge.analysis.splitting`): each
+    smaller dictionary's latents against the next larger one's, on `n_inputs` sampled activations. Writes
+    `splitting.json`, `splitting.md` (a report section) and figures to `out_dir`."""
+    if len(run_dirs) < 2:
+        raise ConfigError("feature splitting compares at least two dictionary runs of different widths")
+    loaded = sorted(((Path(r), *load_dictionary(r)) for r in run_dirs), key=lambda run: run[2].W_d.shape[0])
+    data = loaded[0][1].data
+    for run_dir, config, _ in loaded[1:]:
+        if config.data != data:
+            raise ConfigError(
+                f"{run_dir} was trained on other data than {loaded[0][0]}; feature splitting compares "
+                "dictionaries of the same activations"
+            )
+    source = activation_source(data)
+    activations = source.sample(n_inputs, step_generator(0, "splitting"))[:, : source.dim]
+    widths = [dictionary.W_d.shape[0] for _, _, dictionary in loaded]
+    named = [
+        (f"{run_dir.name} ({width})", dictionary)
+        for (run_dir, _, dictionary), width in zip(loaded, widths, strict=True)
+    ]
+    pairs = splitting_pairs(named, activations, threshold)
+    matches = None
+    if source.true_features is not None:
+        names = truth_names(source.true_features, source.parents)
+        matches = [best_matches(dictionary, source.true_features, names) for _, _, dictionary in loaded]
+    out_dir = Path(out_dir)
+    figures, markdown = write_splitting(
+        out_dir, pairs, widths, [str(run_dir) for run_dir, _, _ in loaded], threshold, matches
+    )
+    return SplittingResult(out_dir, pairs, figures, markdown)

@@ -117,8 +117,13 @@ class SPD:
     def _divergence(
         self, x: Tensor, masks: dict[str, Tensor], clean: CleanPass, ci: Importances, routes: Routes = None
     ) -> Tensor:
-        output = self.model.masked_pass(x, masks, clean, ci.inner, routes)
-        return losses.output_divergence(output, clean.output, self.config.output_loss)
+        return self.output_divergence(self.model.masked_pass(x, masks, clean, ci.inner, routes), clean.output)
+
+    def output_divergence(self, output: Tensor, original: Tensor) -> Tensor:
+        """D(original ‖ output): the target's own divergence if it has one, else the config's."""
+        if self.target.divergence is not None:
+            return self.target.divergence(output, original)
+        return losses.output_divergence(output, original, self.config.output_loss)
 
     def stochastic_masks(self, ci: Importances, generator: torch.Generator) -> dict[str, Tensor]:
         """One mask sample for every site (S = 1), shared by the all-sites and the layerwise passes; with
@@ -232,13 +237,12 @@ class SPD:
         return list(self.model.sites.values()) + ([self.model.global_ci] if self.model.global_ci is not None else [])
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Metrics on a fixed evaluation batch, plus ground-truth scores when the target has them."""
+    def evaluate(self, x: Tensor | None = None) -> dict[str, float]:
+        """Metrics on `x` (default: the fixed evaluation batch), plus ground-truth scores when the target has them."""
         with self.model.attached():
-            return self._evaluate()
+            return self._evaluate(self.evaluation_batch() if x is None else x.to(self.device))
 
-    def _evaluate(self) -> dict[str, float]:
-        x = self.evaluation_batch()
+    def _evaluate(self, x: Tensor) -> dict[str, float]:
         clean = self.model.clean_pass(x, outputs=bool(self.config.layerwise_recon_coeff))
         ci = self.importances(clean)
         masks = self.stochastic_masks(ci, step_generator(self.seed, "eval-masks", device=self.device))
@@ -254,7 +258,7 @@ class SPD:
         if self.config.layerwise_recon_coeff:  # one pass per site: on a whole model, only when it is trained on
             results["layerwise_recon"] = float(self.layerwise_recon(x, clean, ci, masks))
         ci_masked = self.model.masked_pass(x, ci.lower, clean, ci.inner)
-        results["ci_masked_recon"] = float(losses.output_divergence(ci_masked, clean.output, self.config.output_loss))
+        results["ci_masked_recon"] = float(self.output_divergence(ci_masked, clean.output))
         if self.config.adversarial_steps:
             generator = step_generator(self.seed, "eval-adversarial", device=self.device)
             adversarial = self.adversarial_masks(x, clean, ci, generator)

@@ -4,9 +4,16 @@ Where the target has ground truth, feature i's true direction at the module is h
 feature i alone is on (TMS: column i of W, so a dictionary on the hidden activations is scored by the same MMCS as
 SPD on the weights). A transcoder source records the module's input beside its output (a residual MLP's block: the
 residual stream in, what the MLP writes out).
+
+A batch is counted in activation rows: where one input gives several rows (a sequence model: one per position),
+just enough inputs are run and the rows cut to the batch size. A target whose inputs are a stream (a
+`PartSampler`: an iterable of batches a user passed, read in order) gives a source whose training batches are
+recorded from the stream's own batches in order, and whose plain draws come from its pool.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +22,8 @@ from torch import Tensor, nn
 from unmerge.data.source import ActivationSource
 from unmerge.errors import UnmergeError
 from unmerge.targets.base import Target
+from unmerge.train.devices import device_of
+from unmerge.train.loop import PartSampler
 
 
 class _Captured(Exception):
@@ -45,9 +54,10 @@ def capture_module(model: nn.Module, module: nn.Module, inputs: Tensor, model_na
 
 
 def _module_activations(target: Target, module: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
-    """(first input, output) of `module` when `target.model` runs on `inputs`, each flattened to (examples,
-    width)."""
-    module_input, output = capture_module(target.model, module, inputs, target.name)
+    """(first input, output) of `module` when `target.model` runs on `inputs` (moved to the model's device), each
+    flattened to (examples, width) on the inputs' device."""
+    module_input, output = capture_module(target.model, module, inputs.to(device_of(target.model)), target.name)
+    module_input, output = module_input.to(inputs.device), output.to(inputs.device)
     return module_input.reshape(-1, module_input.shape[-1]), output.reshape(-1, output.shape[-1])
 
 
@@ -78,20 +88,47 @@ def find_module(model: nn.Module, hook: str, model_name: str) -> nn.Module:
     return modules[hook]
 
 
+class _Recorder:
+    """`size` rows of activations of `module`, recorded on the fewest inputs of `target` that give them (each
+    input gives `rows_per_input` rows)."""
+
+    def __init__(self, target: Target, module: nn.Module, with_input: bool, rows_per_input: int) -> None:
+        self.target, self.module, self.with_input, self.rows_per_input = target, module, with_input, rows_per_input
+
+    def inputs_for(self, size: int) -> int:
+        return math.ceil(size / self.rows_per_input)
+
+    def record(self, inputs: Tensor, size: int) -> Tensor:
+        rows = record_activations(self.target, self.module, inputs, self.with_input).float()  # bf16 models: fp32
+        return rows if len(rows) == size else rows[:size]
+
+    def __call__(self, size: int, generator: torch.Generator) -> Tensor:
+        return self.record(self.target.sample_inputs(self.inputs_for(size), generator), size)
+
+
+class _StreamRecorder(_Recorder):
+    """A `_Recorder` over a stream of inputs (a `PartSampler`): `part` records this rank's slice of step `step`'s
+    inputs, read in order from the stream, so the training loop sees the stream's batches and not only its pool."""
+
+    def part(self, step: int, global_size: int, rank: int, world: int) -> Tensor:
+        size = global_size // world
+        sample_inputs = self.target.sample_inputs
+        assert isinstance(sample_inputs, PartSampler)
+        return self.record(sample_inputs.part(step, self.inputs_for(size) * world, rank, world), size)
+
+
 def target_activation_source(target: Target, hook: str, transcoder: bool = False) -> ActivationSource:
     """Activations of `target` at the module named `hook` (a transcoder's: its input and output), with true
-    features where the ground truth has them."""
+    features where the ground truth has them; batches are counted in rows (module docstring)."""
     module = find_module(target.model, hook, target.name)
-    input_dim, dim = (
-        part.shape[1]
-        for part in _module_activations(target, module, target.sample_inputs(1, torch.Generator().manual_seed(0)))
+    module_input, output = _module_activations(
+        target, module, target.sample_inputs(1, torch.Generator().manual_seed(0))
     )
+    recorder = _StreamRecorder if isinstance(target.sample_inputs, PartSampler) else _Recorder
     return ActivationSource(
         name=f"{target.name}/{hook}" + ("/transcoder" if transcoder else ""),
-        dim=input_dim if transcoder else dim,
-        sample=lambda size, generator: record_activations(
-            target, module, target.sample_inputs(size, generator), with_input=transcoder
-        ),
+        dim=module_input.shape[1] if transcoder else output.shape[1],
+        sample=recorder(target, module, transcoder, len(output)),
         true_features=_feature_directions(target, module),
-        output_dim=dim if transcoder else None,
+        output_dim=output.shape[1] if transcoder else None,
     )

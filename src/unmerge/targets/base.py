@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 BatchSampler = Callable[[int, torch.Generator], Tensor]
+Divergence = Callable[[Tensor, Tensor], Tensor]  # (masked output, target output) → a scalar to minimise
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,14 @@ class GroundTruth:
 
 @dataclass
 class Target:
-    """A trained model to decompose, with its data distribution and output divergence."""
+    """A trained model to decompose, with its data distribution and, when it has its own, its output divergence
+    (otherwise the method's config names one)."""
 
     name: str
     model: nn.Module
     sample_inputs: BatchSampler
     ground_truth: GroundTruth | None = None
+    divergence: Divergence | None = None
 
     def __post_init__(self) -> None:
         self.model.eval()

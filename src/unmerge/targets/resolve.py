@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from unmerge.config import LanguageTargetConfig, TargetConfig
+from unmerge.config import LanguageTargetConfig, OwnModelConfig, TargetConfig
 from unmerge.errors import ConfigError
 from unmerge.targets.base import Target
 from unmerge.targets.language_data import TRAINING_FILE, language_data, language_target, small_lm_dir
@@ -22,10 +22,17 @@ from unmerge.targets.toys import (
 )
 from unmerge.train import distributed
 
+OWN_MODEL_RUN = (
+    "this run decomposes a model passed from Python (target.kind: own_model), which only Python holds: load it "
+    "with unmerge.Decomposition.load(RUN_DIR, model=...) and train it with unmerge.decompose(model, data, ...)"
+)
+
 
 def run_target(config: TargetConfig | LanguageTargetConfig, target_dir: Path) -> Target:
     """The target a run decomposes: its own copy of a toy target in `target_dir` (copied from the cache on first
-    use, by rank 0), or the language model (not copied)."""
+    use, by rank 0), or the language model (not copied). A model passed from Python cannot be rebuilt here."""
+    if isinstance(config, OwnModelConfig):
+        raise ConfigError(OWN_MODEL_RUN)
     if isinstance(config, LanguageTargetConfig):
         return language_target(config)
     if (target_dir / CONFIG_FILE).is_file():
@@ -38,6 +45,8 @@ def run_target(config: TargetConfig | LanguageTargetConfig, target_dir: Path) ->
 
 def untrained_target(config: TargetConfig) -> Target:
     """A toy target built from its recipe but not trained: its shapes, for planning a run."""
+    if isinstance(config, OwnModelConfig):
+        raise ConfigError(OWN_MODEL_RUN)
     return build_target(config, RECIPES[config.kind].build(config))
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from unmerge.config import HierarchyConfig, LanguageActivationsConfig, TargetActivationsConfig
+from unmerge.config import HierarchyConfig, LanguageActivationsConfig, OwnActivationsConfig, TargetActivationsConfig
 from unmerge.config.data import DictionaryDataConfig
 from unmerge.data import hierarchy_source, sparse_feature_source
 from unmerge.data.source import ActivationSource
+from unmerge.errors import ConfigError
 from unmerge.targets.activations import target_activation_source
 from unmerge.targets.language_activations import language_activations
 from unmerge.targets.toys import cached_target
@@ -13,7 +14,14 @@ from unmerge.targets.toys import cached_target
 
 def activation_source(config: DictionaryDataConfig) -> ActivationSource:
     """The activation source a dictionary run's `data` section describes (toy targets are trained on first use;
-    a language model's activation cache is built, or resumed, on first use)."""
+    a language model's activation cache is built, or resumed, on first use). Activations passed from Python
+    cannot be rebuilt here."""
+    if isinstance(config, OwnActivationsConfig):
+        raise ConfigError(
+            "this dictionary was trained on activations passed from Python (data.kind: own_activations), which "
+            "only Python holds: load it with unmerge.Dictionary.load(RUN_DIR) and train it with "
+            "unmerge.train_dictionary(...)"
+        )
     if isinstance(config, LanguageActivationsConfig):
         return language_activations(config).source
     if isinstance(config, HierarchyConfig):
