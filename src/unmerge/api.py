@@ -3,9 +3,8 @@ method → the one training loop → metrics and analysis → report; `ARCHITECT
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from unmerge import runs
@@ -20,18 +19,19 @@ from unmerge.analysis.grouping import (
     load_grouping,
 )
 from unmerge.analysis.interventions import output_change, subcomponent_examples, unlearned_model
+from unmerge.apd.method import APD
 from unmerge.config import (
     DictionaryRunConfig,
     LanguageActivationsConfig,
     LanguageTargetConfig,
     Override,
     RunConfig,
+    SPDConfig,
     dictionary_preset_names,
     load_dictionary_config,
     load_run_config,
     preset_names,
 )
-from unmerge.data.activation_cache import ActivationCache
 from unmerge.data.source import ActivationSource
 from unmerge.data.text import fetch_shakespeare
 from unmerge.errors import CheckpointError, ConfigError
@@ -53,8 +53,9 @@ from unmerge.sweep import SweepResult, SweepSpec, load_sweep_spec, run_sweep
 from unmerge.targets.base import Target
 from unmerge.targets.language import CausalLM
 from unmerge.targets.language_activations import (
+    CacheResult,
     LanguageActivations,
-    activation_cache,
+    cache_activations,
     hook_point,
     hook_width,
     language_activations,
@@ -84,6 +85,7 @@ __all__ = [
     "component_units",
     "decompose",
     "dictionary_preset_names",
+    "decomposition_method",
     "dictionary_report",
     "evaluate",
     "export_saelens",
@@ -111,7 +113,7 @@ __all__ = [
 
 
 def decompose(config: RunConfig, run_dir: Path) -> RunResult:
-    """Train SPD on the config's target in `run_dir`, resuming from its newest checkpoint if there is one."""
+    """Train SPD (or APD) on the config's target in `run_dir`, resuming from its newest checkpoint if there is one."""
     run_dir = Path(run_dir)
     distributed.start(config.train)
     with runs.opened(config, run_dir, write=distributed.is_main_process()):
@@ -119,18 +121,29 @@ def decompose(config: RunConfig, run_dir: Path) -> RunResult:
         return train_spd(target, config, run_dir)[1]
 
 
-def train_spd(target: Target, config: RunConfig, run_dir: Path | None) -> tuple[SPD, RunResult | None]:
-    """SPD of a built target: trained in `run_dir` (opened by the caller; resumed from its newest checkpoint) and
-    finished there (metrics, figures, report), or in memory without one (no result then)."""
+def decomposition_method(target: Target, config: RunConfig) -> SPD | APD:
+    """The parameter decomposition the config's `method.kind` names, on a built target (untrained)."""
+    kind = SPD if isinstance(config.method, SPDConfig) else APD
+    return kind(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
+
+
+def train_spd(target: Target, config: RunConfig, run_dir: Path | None) -> tuple[SPD | APD, RunResult | None]:
+    """SPD (or APD) of a built target: trained in `run_dir` (opened by the caller; resumed from its newest
+    checkpoint) and finished there (metrics, figures, report), or in memory without one (no result then)."""
     device = distributed.start(config.train)
-    spd_plan(target, config.method).check_fits(config.train, device)
-    spd = SPD(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
-    result = train(spd, target.sample_inputs, config.train, run_dir, description=f"SPD {config.name}")
-    return spd, None if run_dir is None else finish_spd(spd, config, run_dir, result.resumed_from)
+    if isinstance(config.method, SPDConfig):
+        spd_plan(target, config.method).check_fits(config.train, device)
+    method = decomposition_method(target, config)
+    result = train(
+        method, target.sample_inputs, config.train, run_dir, description=f"{config.method.kind} {config.name}"
+    )
+    return method, None if run_dir is None else finish_spd(method, config, run_dir, result.resumed_from)
 
 
 def plan_decomposition(config: RunConfig) -> str:
     """`decompose --dry-run`: sites, subcomponents, parameters and memory per device (toy targets untrained)."""
+    if not isinstance(config.method, SPDConfig):
+        raise ConfigError("--dry-run plans SPD runs; an APD run (method.kind: apd) decomposes toys: run it")
     target = language_target(config.target) if isinstance(config.target, LanguageTargetConfig) else None
     return spd_plan(target or untrained_target(config.target), config.method).render(config.train)
 
@@ -145,11 +158,14 @@ def plan_dictionary(config: DictionaryRunConfig) -> str:
     return dictionary_plan(name, dim, output_dim, config.method).render(config.train)
 
 
-def finish_spd(spd: SPD, config: RunConfig, run_dir: Path, step: int) -> RunResult:
-    """Evaluate, and on rank 0 write the metrics, figures and report."""
+def finish_spd(spd: SPD | APD, config: RunConfig, run_dir: Path, step: int) -> RunResult:
+    """Evaluate, and on rank 0 write the metrics, figures (SPD's causal importances) and report."""
     metrics = spd.evaluate()
     if not distributed.is_main_process():
         return RunResult(run_dir, metrics, [], step)
+    if isinstance(spd, APD):
+        figures, report = publish(run_dir, f"APD: {config.name}", metrics, [])
+        return RunResult(run_dir, metrics, figures, step, report)
     figures = spd_figures(spd, run_dir / runs.FIGURES_DIR)
     sections = _subcomponents_section(spd, config, run_dir)
     figures, report = publish(run_dir, f"SPD: {config.name}", metrics, figures, sections)
@@ -251,47 +267,20 @@ def fetch_corpus() -> Path:
     return fetch_shakespeare()
 
 
-@dataclass(frozen=True)
-class CacheResult:
-    """An activation cache and the seconds spent building it (a finished cache is only opened and verified)."""
-
-    cache: ActivationCache
-    seconds: float
-    model_load_seconds: float
-
-
-def cache_activations(config: DictionaryRunConfig) -> CacheResult:
-    """Build (or resume, or reuse) the activation cache a language-model dictionary config trains from."""
-    data = config.data
-    if not isinstance(data, LanguageActivationsConfig) or data.cache_tokens is None:
-        raise ConfigError(
-            "cache-activations needs a dictionary config with data.kind: lm_activations and data.cache_tokens set"
-        )
-    device = distributed.start(config.train)
-    language, module = hook_point(data)
-    start = time.perf_counter()
-    language.lm.to(device)  # record on the run's device
-    try:
-        cache = activation_cache(data, language, module)
-    finally:
-        language.lm.to("cpu")
-    return CacheResult(cache, time.perf_counter() - start, language.loaded.seconds)
-
-
 def export_saelens(run_dir: Path, out_dir: Path) -> Path:
     """Write a finished dictionary run in SAELens's on-disk format (`unmerge.sae.saelens`); returns `out_dir`."""
     config, module = load_dictionary(run_dir)
     return save_saelens(module, out_dir, hook_name=getattr(config.data, "hook", None), model_name=config.name)
 
 
-def load_run(run_dir: Path) -> tuple[RunConfig, SPD, int]:
+def load_run(run_dir: Path) -> tuple[RunConfig, SPD | APD, int]:
     """Rebuild a run's SPD from its newest checkpoint (`Decomposition.load` wraps it for exploring).
 
     Args:
         run_dir: an SPD run directory of a configured target (preset or config file).
 
     Returns:
-        (the run's config, its `unmerge.spd.method.SPD`, the checkpoint's step).
+        (the run's config, its `unmerge.spd.method.SPD` or `unmerge.apd.method.APD`, the checkpoint's step).
 
     Example:
         >>> config, spd, step = unmerge.load_run("runs/tms52")
@@ -299,11 +288,19 @@ def load_run(run_dir: Path) -> tuple[RunConfig, SPD, int]:
     run_dir = Path(run_dir)
     config = runs.saved_config(run_dir, RunConfig)
     target = run_target(config.target, run_dir / runs.TARGET_DIR)
-    spd = SPD(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
+    spd = decomposition_method(target, config)
     state = checkpoint.restore_newest(run_dir, spd.module)
     if not state:
         raise CheckpointError(f"{run_dir} has no checkpoint yet; run `unmerge decompose` to train it")
     return config, spd, int(state["step"])
+
+
+def load_spd_run(run_dir: Path) -> tuple[RunConfig, SPD, int]:
+    """`load_run` for what only SPD has (subcomponents with causal importances): an APD run is an error."""
+    config, spd, step = load_run(run_dir)
+    if isinstance(spd, APD):
+        raise ConfigError(f"{run_dir} holds an APD run: its components are whole already; this command reads SPD runs")
+    return config, spd, step
 
 
 def evaluate(run_dir: Path) -> RunResult:
@@ -333,7 +330,7 @@ def group_components(
     check_grouping_settings(n_inputs, batch_size, threshold, alpha, min_active)  # before the run is loaded
     run_dir = Path(run_dir)
     with runs.locked(run_dir):
-        config, spd, _ = load_run(run_dir)
+        config, spd, _ = load_spd_run(run_dir)
         grouping = group_subcomponents(spd, n_inputs, batch_size, threshold, alpha, min_active, seed=0)
         write_json_atomic(run_dir / GROUPING_FILE, grouping.summary(), indent=1)
         merge_history_figure(
@@ -349,7 +346,7 @@ def unlearn(run_dir: Path, units: list[str], out_dir: Path) -> float:
     edited model in `out_dir`: a toy target as `train-target` saves one (`unmerge.targets.load_target` reads it),
     a language model as `model.safetensors` of its state dict. Returns the mean squared change of the target's
     output on 4,096 sampled inputs, relative to the output's mean square."""
-    config, spd, _ = load_run(run_dir)
+    config, spd, _ = load_spd_run(run_dir)
     edited = unlearned_model(spd, units)
     out_dir = Path(out_dir)
     if isinstance(config.target, LanguageTargetConfig):

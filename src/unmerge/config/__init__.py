@@ -4,6 +4,7 @@ Unknown keys are errors; values are validated on construction. A run is describe
 `DictionaryRunConfig` (target or data + method + training), saved as `config.yaml` in its run directory.
 """
 
+from unmerge.config.apd import APDConfig
 from unmerge.config.base import (
     NonNegativeFloat,
     Override,
@@ -63,6 +64,7 @@ from unmerge.config.targets import (
 from unmerge.config.training import OptimConfig, TrainConfig
 
 __all__ = [
+    "APDConfig",
     "ARCHITECTURE_CONFIGS",
     "DICTIONARY_PRESET_DIR",
     "PRESET_DIR",

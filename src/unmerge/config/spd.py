@@ -3,10 +3,11 @@ SPD run (target + method + training)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import Discriminator, Field, NonNegativeInt, PositiveFloat, PositiveInt, Tag, model_validator
 
+from unmerge.config.apd import APDConfig
 from unmerge.config.base import FieldValueError, NonNegativeFloat, StrictModel, other_commands_config
 from unmerge.config.targets import (
     InductionConfig,
@@ -131,6 +132,21 @@ class SPDConfig(StrictModel):
         return self
 
 
+def _method_tag(data: Any) -> str:
+    """The method union's discriminator, `kind=spd` when a method names no kind (configs before APD)."""
+    kind = data.get("kind", "spd") if isinstance(data, dict) else getattr(data, "kind", "spd")
+    return f"kind={kind}"
+
+
+ParameterMethodConfig = Annotated[
+    Union[Annotated[SPDConfig, Tag("kind=spd")], Annotated[APDConfig, Tag("kind=apd")]],  # noqa: UP007
+    Discriminator(
+        _method_tag, custom_error_type="unknown_method", custom_error_message="method.kind must be spd or apd"
+    ),
+]
+"""A parameter decomposition's `method` section: SPD (`kind: spd`, the default) or APD (`kind: apd`)."""
+
+
 class RunConfig(StrictModel):
     """One decomposition run: which target, which method, how to train (what a preset or YAML file holds).
 
@@ -149,7 +165,7 @@ class RunConfig(StrictModel):
         | LanguageTargetConfig
         | OwnModelConfig
     ) = Field(discriminator="kind")
-    method: SPDConfig
+    method: ParameterMethodConfig
     train: TrainConfig
 
     @model_validator(mode="before")

@@ -25,25 +25,34 @@ class Recovery:
     best: Tensor
 
 
-def feature_recovery(weight: Tensor, U: Tensor, V: Tensor, axis: str) -> Recovery:
-    """Score subcomponents `U[:, c] V[c, :]` of `weight` (d_out × d_in) against its per-feature rows.
+def feature_recovery(weight: Tensor, U: Tensor, V: Tensor, axis: str, rank: int = 1) -> Recovery:
+    """Score the components of `weight` (d_out × d_in) against its per-feature rows: component c is
+    `Σ_r U[:, c·rank + r] V[c·rank + r, :]`, the subcomponents rank-1 (SPD) or grouped `rank` at a time (an APD
+    component of that rank at one site).
 
     `axis="in"`: features index the input columns (feature i's row is `weight[:, i]`); `"out"`: the output rows.
     """
     if axis == "out":
-        return feature_recovery(weight.T, V.T, U.T, "in")
+        return feature_recovery(weight.T, V.T, U.T, "in", rank)
     if axis != "in":
         raise ValueError(f"axis must be 'in' or 'out', not {axis!r}")
     weight, U, V = weight.detach().double(), U.detach().double(), V.detach().double()
     feature_rows = weight.T  # (n, d_out)
-    candidate_rows = V.T[:, :, None] * U.T[None, :, :]  # (n, C, d_out): row i of subcomponent c
+    n, d_out, C = feature_rows.shape[0], feature_rows.shape[1], U.shape[1] // rank
+    U_pieces, V_pieces = U.reshape(d_out, C, rank), V.reshape(C, rank, n)
+    candidate_rows = (V_pieces.permute(2, 0, 1)[..., None] * U_pieces.permute(1, 2, 0)[None]).sum(2)  # (n, C, d_out)
     cosines = F.cosine_similarity(candidate_rows, feature_rows[:, None, :], dim=-1)
     best_cos, best = cosines.max(dim=1)
     arange = torch.arange(len(best))
     best_norm = candidate_rows[arange, best].norm(dim=-1)
     ratio = best_norm / feature_rows.norm(dim=-1)
-    inner = V[best, arange] * (U[:, best] * feature_rows.T).sum(0)
-    matrix_cos = inner / (feature_rows.norm(dim=-1) * U[:, best].norm(dim=0) * V[best].norm(dim=-1))
+    inner = (V_pieces[best, :, arange] * (U_pieces[:, best] * feature_rows.T[:, :, None]).sum(0)).sum(-1)
+    if rank == 1:  # ‖U_c V_c‖_F = ‖U_c‖ ‖V_c‖
+        matrix_norm = U[:, best].norm(dim=0) * V[best].norm(dim=-1)
+    else:
+        gram = torch.einsum("ocr,ocs->crs", U_pieces, U_pieces) * torch.einsum("crn,csn->crs", V_pieces, V_pieces)
+        matrix_norm = gram.sum((1, 2)).sqrt()[best]
+    matrix_cos = inner / (feature_rows.norm(dim=-1) * matrix_norm)
     return Recovery(
         mmcs=float(best_cos.mean()), ml2r=float(ratio.mean()), matrix_cosine=float(matrix_cos.mean()), best=best
     )

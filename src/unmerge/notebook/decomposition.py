@@ -105,6 +105,10 @@ def own_run_config(
     placed = sectioned(
         options, {"method": SPDConfig.model_fields, "train": TrainConfig.model_fields}, "unmerge.decompose"
     )
+    if section_data(method).get("kind", "spd") != "spd":
+        raise ConfigError(
+            "unmerge.decompose runs SPD; APD (the baseline) runs from a config: unmerge.api.decompose(config, run_dir)"
+        )
     method_data = {**DEFAULT_METHOD, **section_data(method), "output_loss": output_loss, **placed["method"]}
     if sites is not None:
         method_data["sites"] = _site_list(sites)
@@ -326,7 +330,7 @@ class Decomposition:
         path = Path(path)
         config = runs.saved_config(path, RunConfig)
         if not isinstance(config.target, OwnModelConfig):
-            config, spd, step = api.load_run(path)
+            config, spd, step = api.load_spd_run(path)
         else:
             spd, step = _load_own(path, config, model, data, forward, output_loss)
         metrics = runs.read_metrics(path) if runs.is_finished(path) else {}

@@ -105,14 +105,8 @@ class SPD:
         return Importances(inner, lower_all, upper_all, self.model.split_sites(lower_all))
 
     def faithfulness(self) -> Tensor:
-        """`‖W − UV‖²` in fp32 even within a bf16 step: the difference is small beside W, and bf16 would round it
-        away (a target stored in bf16 is compared as stored)."""
-        names = self.model.site_names
-        with torch.autocast(self.device.type, enabled=False):
-            return losses.faithfulness_loss(
-                [self.model.target_weight(n).float() for n in names],
-                [self.model.site_components(n).weight() for n in names],
-            )
+        """`‖W − UV‖²` (`ComponentModel.faithfulness`)."""
+        return self.model.faithfulness()
 
     def _divergence(
         self, x: Tensor, masks: dict[str, Tensor], clean: CleanPass, ci: Importances, routes: Routes = None
@@ -247,11 +241,9 @@ class SPD:
         ci = self.importances(clean)
         masks = self.stochastic_masks(ci, step_generator(self.seed, "eval-masks", device=self.device))
         ones = {name: torch.ones_like(g) for name, g in ci.lower.items()}
-        weights = [self.model.target_weight(name) for name in self.model.site_names]
-        weight_mean_square = sum(float(w.float().square().sum()) for w in weights) / sum(w.numel() for w in weights)
         results: dict[str, float] = {
             "faithfulness": float(self.faithfulness()),
-            "faithfulness_relative": float(self.faithfulness()) / weight_mean_square,
+            "faithfulness_relative": float(self.faithfulness()) / self.model.weight_mean_square(),
             "stochastic_recon": float(self.stochastic_recon(x, clean, ci, masks)),
             "unmasked_recon": float(self._divergence(x, ones, clean, ci)),
         }

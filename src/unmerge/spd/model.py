@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,80 +36,18 @@ from unmerge.spd.components import (
     TransposedComponents,
     causal_importances,
 )
-from unmerge.spd.sites import FoundSite, find_sites, find_tied_sites
+from unmerge.spd.losses import faithfulness_loss
+from unmerge.spd.records import (
+    Behaviour,
+    CleanPass,
+    DecomposedSite,
+    Decomposition,
+    Observer,
+    SiteTensors,
+    site_key,
+)
+from unmerge.spd.sites import find_sites, find_tied_sites
 from unmerge.train.devices import autocast, device_of
-
-
-def site_key(name: str) -> str:
-    """Module names contain dots, which `nn.ModuleDict` keys may not."""
-    return name.replace(".", "--")
-
-
-@dataclass
-class CleanPass:
-    """The target's own forward: its output, each site's input and, where asked for, its output (no gradients)."""
-
-    output: Tensor
-    site_inputs: dict[str, Tensor]
-    site_outputs: dict[str, Tensor]
-
-
-Behaviour = Callable[["DecomposedSite", Tensor], Tensor | None]  # the site's output for input a (None: its own)
-Observer = Callable[["DecomposedSite", Tensor], None]  # sees the site's output, whichever computed it
-
-
-@dataclass(frozen=True)
-class SiteTensors:
-    """A site's learned tensors as its module's forward returns them for one step: its own `U`, `V` (None when
-    tied) and its CI function's `w1, b1, w2, b2` (None under a global CI function). Reading them through a forward
-    is what lets FSDP2 gather a sharded site for the step and reduce-scatter its gradients after it; unsharded,
-    they are the parameters themselves."""
-
-    U: Tensor | None
-    V: Tensor | None
-    w1: Tensor | None
-    b1: Tensor | None
-    w2: Tensor | None
-    b2: Tensor | None
-
-    def weight(self) -> Tensor:
-        assert self.U is not None and self.V is not None
-        return self.U @ self.V
-
-
-class DecomposedSite(nn.Module):
-    """One decomposed weight: its module name, the pattern that chose it, its C subcomponents (`components`, or
-    none of its own when its weight is tied to the site named `tied_to`) and its causal-importance function `ci`
-    (None when one global function serves every site)."""
-
-    def __init__(
-        self, found: FoundSite, components: LinearComponents | None, tied_to: str | None, ci: ScalarMLPCI | None
-    ) -> None:
-        super().__init__()
-        self.name, self.pattern, self.C, self.site = found.name, found.pattern, found.C, found.site
-        self.components = components
-        self.tied_to = tied_to
-        self.ci = ci
-
-    def forward(self) -> SiteTensors:
-        own, ci = self.components, self.ci
-        return SiteTensors(own and own.U, own and own.V, *((ci.w1, ci.b1, ci.w2, ci.b2) if ci else (None,) * 4))
-
-
-class Decomposition(nn.ModuleDict):
-    """What SPD learns: one `DecomposedSite` per site, keyed by `site_key` (the target is not in it)."""
-
-    def legacy_names(self) -> list[tuple[str, str]]:
-        """(name before the site records, name now) of every parameter, in the order the optimiser held them
-        before (every site's U and V, then every CI function's w1, b1, w2, b2): checkpoints of that layout resume
-        through it (`unmerge.train.checkpoint.restore`)."""
-        pairs = []
-        for key, record in self.items():
-            if record.tied_to is None:
-                pairs += [(f"components.{key}.{p}", f"{key}.components.{p}") for p in ("U", "V")]
-        for key in self:
-            pairs += [(f"ci.functions.{key}.{p}", f"{key}.ci.{p}") for p in ("w1", "b1", "w2", "b2")]
-        return pairs
 
 
 def _widened(output: Tensor) -> Tensor:
@@ -143,13 +80,13 @@ class _SiteHooks:
 class ComponentModel(nn.Module):
     """A frozen target and its decomposition: one `DecomposedSite` per chosen weight (`sites`), and the global CI
     function (`global_ci`) when `global_ci_hidden` gives its hidden widths instead of one scalar MLP per
-    subcomponent."""
+    subcomponent; with `ci_hidden` None no causal-importance function at all (APD ranks by attributions)."""
 
     def __init__(
         self,
         target: nn.Module,
         sites: list[SiteConfig],
-        ci_hidden: int,
+        ci_hidden: int | None,
         generator: torch.Generator,
         c_kernel: bool = False,
         global_ci_hidden: list[int] | None = None,
@@ -168,7 +105,8 @@ class ComponentModel(nn.Module):
                 )
         # every site's U and V first, then every CI function: the order the generator has always been drawn in
         components = {f.name: LinearComponents(f.site.weight, f.C, generator) for f in found if f.name not in tied}
-        functions = {} if global_ci_hidden else {f.name: ScalarMLPCI(f.C, ci_hidden, generator) for f in found}
+        per_subcomponent = ci_hidden is not None and not global_ci_hidden
+        functions = {f.name: ScalarMLPCI(f.C, ci_hidden, generator) for f in found} if per_subcomponent else {}
         self.sites = Decomposition(
             {
                 site_key(f.name): DecomposedSite(f, components.get(f.name), tied.get(f.name), functions.get(f.name))
@@ -239,6 +177,20 @@ class ComponentModel(nn.Module):
         """The site's weight as `(d_out, d_in)`."""
         return self.site(name).site.weight
 
+    def faithfulness(self) -> Tensor:
+        """`(1/N) Σ_l ‖W^l − U^l V^l‖²` in fp32 even within a bf16 step: the difference is small beside W, and bf16
+        would round it away (a target stored in bf16 is compared as stored)."""
+        names = self.site_names
+        with torch.autocast(device_of(self.target).type, enabled=False):
+            return faithfulness_loss(
+                [self.target_weight(n).float() for n in names], [self.site_components(n).weight() for n in names]
+            )
+
+    def weight_mean_square(self) -> float:
+        """The mean square of the decomposed weights' entries: what `faithfulness` is relative to."""
+        weights = [self.target_weight(name) for name in self.site_names]
+        return sum(float(w.float().square().sum()) for w in weights) / sum(w.numel() for w in weights)
+
     @contextmanager
     def attached(self) -> Iterator[None]:
         """Keep the passes' hooks attached to the site modules while active (a method's step runs several passes;
@@ -280,9 +232,10 @@ class ComponentModel(nn.Module):
                 for hooks, (outer_behaviour, outer_observer) in zip(self._hooks, previous, strict=True):
                     hooks.behaviour, hooks.observer = outer_behaviour, outer_observer
 
-    def forward(self, x: Tensor, masks: dict[str, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, masks: dict[str, Tensor] | None = None, observer: Observer | None = None) -> Tensor:
         """The target's output with the sites in `masks` computed from their subcomponents, each scaled per
-        position by its mask `(..., C)`, and the other sites from their target weights."""
+        position by its mask `(..., C)`, and the other sites from their target weights; `observer` sees every
+        site's output."""
         masks = masks or {}
 
         def behaviour(record: DecomposedSite, a: Tensor) -> Tensor | None:
@@ -291,7 +244,7 @@ class ComponentModel(nn.Module):
             site, components = record.site, self.site_components(record.name)
             return F.linear(site.apply(a, components.V, None) * masks[record.name], components.U, site.bias)
 
-        with self._pass(behaviour):
+        with self._pass(behaviour, observer):
             return _widened(self.target(x))
 
     @contextmanager
@@ -364,12 +317,13 @@ class ComponentModel(nn.Module):
         clean: CleanPass,
         inner: dict[str, Tensor],
         routes: dict[str, Tensor] | None = None,
+        observer: Observer | None = None,
     ) -> Tensor:
         """Forward with the sites in `masks` replaced by their masked subcomponents, the rest by the target weight,
         using the clean pass's shortcuts (module docstring) where it recorded the outputs. A mask with one column
         more than the site's C also masks its delta component, the residual `W − UV` (`delta_component`). With
         `routes` (bool, one per input position and site), a site runs masked only where its route is True and
-        its own weight elsewhere (`routing: subset`)."""
+        its own weight elsewhere (`routing: subset`). `observer` sees every site's output."""
         state = {"masked_ran": False}
 
         def behaviour(record: DecomposedSite, a: Tensor) -> Tensor | None:
@@ -388,5 +342,5 @@ class ComponentModel(nn.Module):
             own = site.apply(a, self.target_weight(name), site.bias)
             return torch.where(routes[name].unsqueeze(-1), output, own)
 
-        with self._pass(behaviour):
+        with self._pass(behaviour, observer):
             return _widened(self.target(x))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from unmerge.config import LanguageActivationsConfig
+from unmerge.config import DictionaryRunConfig, LanguageActivationsConfig
 from unmerge.data.activation_cache import ActivationCache, build_activation_cache
 from unmerge.data.cache_stream import StreamedCache
 from unmerge.data.source import ActivationSource, Sampler
+from unmerge.errors import ConfigError
 from unmerge.io import cache_root
 from unmerge.targets.activations import capture_module, find_module
 from unmerge.targets.language import LanguageModel
@@ -148,3 +150,30 @@ def language_activations(
     return LanguageActivations(
         data, module, ActivationSource(name=f"{data.lm.name}/{config.hook}", dim=dim, sample=sample)
     )
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    """An activation cache and the seconds spent building it (a finished cache is only opened and verified)."""
+
+    cache: ActivationCache
+    seconds: float
+    model_load_seconds: float
+
+
+def cache_activations(config: DictionaryRunConfig) -> CacheResult:
+    """Build (or resume, or reuse) the activation cache a language-model dictionary config trains from."""
+    data = config.data
+    if not isinstance(data, LanguageActivationsConfig) or data.cache_tokens is None:
+        raise ConfigError(
+            "cache-activations needs a dictionary config with data.kind: lm_activations and data.cache_tokens set"
+        )
+    device = distributed.start(config.train)
+    language, module = hook_point(data)
+    start = time.perf_counter()
+    language.lm.to(device)  # record on the run's device
+    try:
+        cache = activation_cache(data, language, module)
+    finally:
+        language.lm.to("cpu")
+    return CacheResult(cache, time.perf_counter() - start, language.loaded.seconds)

@@ -1,0 +1,1 @@
+"""Attribution-based Parameter Decomposition (APD), the baseline SPD replaced (`method.kind: apd`)."""

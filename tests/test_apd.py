@@ -1,0 +1,105 @@
+"""APD (issue 22, point 1): batch top-k, the Schatten proxy and the gradient attributions checked by hand, and APD
+running through the one training loop, run directory, metrics and resume like SPD."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from unmerge import api, cli, runs
+from unmerge.apd.method import APD, batch_top_k, schatten_proxy
+from unmerge.config import APDConfig
+from unmerge.errors import ConfigError
+from unmerge.targets.base import Target
+from unmerge.train import checkpoint
+
+TINY = ["train.steps=60", "train.batch_size=256", "train.eval_batch_size=512", "train.checkpoint_every=30"]
+
+
+def test_batch_top_k_keeps_the_largest_over_the_whole_batch() -> None:
+    attributions = torch.tensor([[0.9, 0.1, 0.0], [0.5, 0.8, 0.2], [0.05, 0.0, 0.7]])
+    # k = 1 over B = 3 inputs: the 3 largest of 9 entries, wherever they are (row 1 keeps two, row 0 one)
+    expected = torch.tensor([[True, False, False], [False, True, False], [False, False, True]])
+    assert torch.equal(batch_top_k(attributions, 1.0), expected)
+    assert int(batch_top_k(attributions, 4 / 3).sum()) == 4  # round(k·B)
+    assert int(batch_top_k(attributions, 0.01).sum()) == 1  # at least one
+
+
+def test_the_schatten_proxy_by_hand() -> None:
+    U = torch.tensor([[1.0, 0.0, 2.0, 0.0], [0.0, 3.0, 0.0, 1.0]])  # (d_out 2, C 2 × rank 2)
+    V = torch.tensor([[1.0, 1.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0]])  # (4, d_in 2)
+    # piece norms² ‖U_r‖² ‖V_r‖²: 1·2, 9·4, 4·1, 1·1 → components 2^(p/2) + 36^(p/2), 4^(p/2) + 1^(p/2)
+    assert torch.allclose(schatten_proxy(U, V, rank=2, pnorm=1.0), torch.tensor([2**0.5 + 6.0, 3.0]))
+    assert torch.allclose(schatten_proxy(U, V, rank=2, pnorm=2.0), torch.tensor([38.0, 5.0]))
+
+
+def _two_layer_target() -> Target:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 5, bias=False))
+    return Target("two-layer", model, lambda size, generator: torch.randn(size, 4, generator=generator))
+
+
+def test_attributions_are_the_squared_output_gradients_along_each_component() -> None:
+    """f = W2 W1 x: Σ_ij ∂f_o/∂W1_ij P1_c,ij = (W2 P1_c x)_o and Σ_ij ∂f_o/∂W2_ij P2_c,ij = (P2_c W1 x)_o, so
+    A_c(x) = mean_o ((W2 P1_c + P2_c W1) x)_o², at the target's own weights whatever the components."""
+    target = _two_layer_target()
+    apd = APD(target, APDConfig(sites=["0", "1"], C=3, rank=2, topk=1.0), seed=0)
+    x = torch.randn(6, 4)
+    with torch.no_grad(), apd.model.attached():
+        attributions = apd.attributions(x, apd.model.clean_pass(x))
+    W1, W2 = target.model[0].weight, target.model[1].weight
+
+    def component(site: str, c: int) -> torch.Tensor:
+        pieces = apd.model.site_components(site)
+        return pieces.U[:, 2 * c : 2 * c + 2] @ pieces.V[2 * c : 2 * c + 2]
+
+    by_hand = torch.stack(
+        [((x @ (W2 @ component("0", c) + component("1", c) @ W1).T) ** 2).mean(-1) for c in range(3)], dim=-1
+    )
+    assert torch.allclose(attributions, by_hand.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_apd_trains_evaluates_and_reports_like_spd(tmp_path: Path) -> None:
+    config = api.load_run_config("apd-tms-5-2", TINY)
+    result = api.decompose(config, tmp_path / "apd")
+    metrics = result.metrics
+    assert {"faithfulness", "topk_recon", "attribution_l0", "alive", "mmcs", "ml2r", "simplicity"} <= set(metrics)
+    assert metrics["attribution_l0"] == pytest.approx(0.211, abs=0.01)
+    assert (tmp_path / "apd" / "report.html").is_file()
+    log = [line for line in (tmp_path / "apd" / runs.TRAIN_LOG).read_text().splitlines() if line]
+    assert len(log) == 2  # steps 50 and 60
+    assert cli.main(["evaluate", str(tmp_path / "apd")]) == 0
+    assert cli.main(["group", str(tmp_path / "apd")]) == 2  # components are whole already
+
+
+def test_apd_on_the_identity_variant_reports_how_the_identity_is_split(tmp_path: Path) -> None:
+    config = api.load_run_config("apd-tms-5-2-id", TINY)
+    metrics = api.decompose(config, tmp_path / "apd-id").metrics
+    assert 0.0 < metrics["dense_largest_share/hidden"] and metrics["dense_components/hidden"] >= 1
+
+
+def test_apd_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    config = api.load_run_config("apd-tms-5-2", TINY)
+    api.decompose(config, tmp_path / "whole")
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(runs.saved_steps(tmp_path / "resumed")[-1])
+    (tmp_path / "resumed" / "metrics.json").unlink()
+    assert api.decompose(config, tmp_path / "resumed").resumed_from == 30
+    whole, resumed = (
+        load_file(str(runs.saved_steps(tmp_path / name)[-1] / checkpoint.WEIGHTS_FILE)) for name in ("whole", "resumed")
+    )
+    assert all(torch.equal(resumed[name], value) for name, value in whole.items())
+
+
+def test_apd_config_errors_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="method.topk"):
+        api.load_run_config("apd-tms-5-2", ["method.topk=0"])
+    with pytest.raises(ConfigError, match="method.kind must be spd or apd"):
+        api.load_run_config("apd-tms-5-2", ["method.kind=xpd"])
+    with pytest.raises(ConfigError, match="dry-run plans SPD runs"):
+        api.plan_decomposition(api.load_run_config("apd-tms-5-2"))
