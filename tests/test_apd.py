@@ -103,3 +103,15 @@ def test_apd_config_errors_are_named(tmp_path: Path) -> None:
         api.load_run_config("apd-tms-5-2", ["method.kind=xpd"])
     with pytest.raises(ConfigError, match="dry-run plans SPD runs"):
         api.plan_decomposition(api.load_run_config("apd-tms-5-2"))
+
+
+def test_the_residual_mlp_preset_runs_with_its_activation_reconstruction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UNMERGE_CACHE_DIR", str(tmp_path / "cache"))  # a small target of its own, not the session's
+    overrides = [
+        "target.d_embed=64", "target.n_features=20", "target.d_mlp=8", "target.train.steps=20",
+        "method.C=12", "train.steps=3", "train.batch_size=8", "train.eval_batch_size=16",
+    ]  # fmt: skip
+    metrics = api.decompose(api.load_run_config("apd-resid-mlp-1", overrides), tmp_path / "resid").metrics
+    assert {"activation_recon", "topk_recon", "attribution_l0"} <= set(metrics)

@@ -330,7 +330,7 @@ CASES = [
     case("cfg-duplicate-key", spd_yaml_text("train:\n  steps: 70\n  batch_size: 256\n"), "'train'"),
     case("cfg-duplicate-site-pattern", spd_yaml("method.sites.1.pattern", "linear1"), "linear1"),
     case("cfg-unknown-target-kind", spd_yaml("target.kind", "mlp"), "target"),
-    case("cfg-unknown-method-kind", spd_yaml("method.kind", "apd"), "method.kind"),
+    case("cfg-unknown-method-kind", spd_yaml("method.kind", "vpd"), "method.kind"),
     # ---- config values through overrides -------------------------------------------------------------------------
     case("val-bool-for-steps", spd("train.steps=true"), "train.steps"),
     case("val-bool-for-C", spd("method.sites.0.C=true"), "method.sites.0.C"),

@@ -46,10 +46,11 @@ def feature_recovery(weight: Tensor, U: Tensor, V: Tensor, axis: str, rank: int 
     arange = torch.arange(len(best))
     best_norm = candidate_rows[arange, best].norm(dim=-1)
     ratio = best_norm / feature_rows.norm(dim=-1)
-    inner = (V_pieces[best, :, arange] * (U_pieces[:, best] * feature_rows.T[:, :, None]).sum(0)).sum(-1)
-    if rank == 1:  # ‖U_c V_c‖_F = ‖U_c‖ ‖V_c‖
+    if rank == 1:  # the rank-1 closed forms: ⟨U_c V_c, w_i e_iᵀ⟩ = V_ci (U_c · w_i), ‖U_c V_c‖_F = ‖U_c‖ ‖V_c‖
+        inner = V[best, arange] * (U[:, best] * feature_rows.T).sum(0)
         matrix_norm = U[:, best].norm(dim=0) * V[best].norm(dim=-1)
     else:
+        inner = (candidate_rows[arange, best] * feature_rows).sum(-1)
         gram = torch.einsum("ocr,ocs->crs", U_pieces, U_pieces) * torch.einsum("crn,csn->crs", V_pieces, V_pieces)
         matrix_norm = gram.sum((1, 2)).sqrt()[best]
     matrix_cos = inner / (feature_rows.norm(dim=-1) * matrix_norm)
