@@ -40,20 +40,23 @@ def feature_recovery(weight: Tensor, U: Tensor, V: Tensor, axis: str, rank: int 
     feature_rows = weight.T  # (n, d_out)
     n, d_out, C = feature_rows.shape[0], feature_rows.shape[1], U.shape[1] // rank
     U_pieces, V_pieces = U.reshape(d_out, C, rank), V.reshape(C, rank, n)
-    candidate_rows = (V_pieces.permute(2, 0, 1)[..., None] * U_pieces.permute(1, 2, 0)[None]).sum(2)  # (n, C, d_out)
+    if rank == 1:  # row i of subcomponent c, (n, C, d_out)
+        candidate_rows = V.T[:, :, None] * U.T[None, :, :]
+    else:
+        candidate_rows = (V_pieces.permute(2, 0, 1)[..., None] * U_pieces.permute(1, 2, 0)[None]).sum(2)
     cosines = F.cosine_similarity(candidate_rows, feature_rows[:, None, :], dim=-1)
     best_cos, best = cosines.max(dim=1)
     arange = torch.arange(len(best))
-    best_norm = candidate_rows[arange, best].norm(dim=-1)
-    ratio = best_norm / feature_rows.norm(dim=-1)
+    feature_norm = feature_rows.norm(dim=-1)
+    ratio = candidate_rows[arange, best].norm(dim=-1) / feature_norm
     if rank == 1:  # the rank-1 closed forms: ⟨U_c V_c, w_i e_iᵀ⟩ = V_ci (U_c · w_i), ‖U_c V_c‖_F = ‖U_c‖ ‖V_c‖
         inner = V[best, arange] * (U[:, best] * feature_rows.T).sum(0)
-        matrix_norm = U[:, best].norm(dim=0) * V[best].norm(dim=-1)
+        denominator = feature_norm * U[:, best].norm(dim=0) * V[best].norm(dim=-1)
     else:
         inner = (candidate_rows[arange, best] * feature_rows).sum(-1)
         gram = torch.einsum("ocr,ocs->crs", U_pieces, U_pieces) * torch.einsum("crn,csn->crs", V_pieces, V_pieces)
-        matrix_norm = gram.sum((1, 2)).sqrt()[best]
-    matrix_cos = inner / (feature_rows.norm(dim=-1) * matrix_norm)
+        denominator = feature_norm * gram.sum((1, 2)).sqrt()[best]
+    matrix_cos = inner / denominator
     return Recovery(
         mmcs=float(best_cos.mean()), ml2r=float(ratio.mean()), matrix_cosine=float(matrix_cos.mean()), best=best
     )
