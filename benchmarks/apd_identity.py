@@ -21,7 +21,8 @@ def identity_report(run_dir: Path) -> dict[str, object]:
     _, apd, _ = api.load_run(run_dir)
     x = apd.evaluation_batch()
     with torch.no_grad(), apd.model.attached():
-        active = apd.active(x, apd.model.clean_pass(x))
+        clean = apd.model.clean_pass(x)
+        active = apd.active(x, clean, apd.model.inner_acts(clean))
     shares = apd.component_shares("hidden")
     holder = int(shares.argmax())
     with_feature = x.abs().sum(-1) > 0

@@ -51,7 +51,8 @@ def test_attributions_are_the_squared_output_gradients_along_each_component() ->
     apd = APD(target, APDConfig(sites=["0", "1"], C=3, rank=2, topk=1.0), seed=0)
     x = torch.randn(6, 4)
     with torch.no_grad(), apd.model.attached():
-        attributions = apd.attributions(x, apd.model.clean_pass(x))
+        clean = apd.model.clean_pass(x)
+        attributions = apd.attributions(x, clean, apd.model.inner_acts(clean))
     W1, W2 = target.model[0].weight, target.model[1].weight
 
     def component(site: str, c: int) -> torch.Tensor:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
+
+import unmerge
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
 
@@ -20,5 +23,10 @@ def test_an_example_runs(path: Path, capsys: pytest.CaptureFixture[str]) -> None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     result = module.main(["--steps", "20"])
-    assert result is not None
-    assert capsys.readouterr().out.strip()
+    metrics = result.final_metrics
+    assert all(math.isfinite(value) for value in metrics.values())
+    if isinstance(result, unmerge.Decomposition):
+        assert result.step == 20 and metrics["alive"] > 0 and metrics["faithfulness_relative"] < 1.0
+    else:
+        assert isinstance(result, unmerge.Dictionary) and metrics["l0"] > 0 and metrics["fvu"] < 1.0
+    assert repr(result) in capsys.readouterr().out  # the script shows what it built

@@ -97,9 +97,10 @@ class APD:
         return {name: component_masks.repeat_interleave(rank, dim=-1) for name, rank in self.ranks.items()}
 
     @torch.no_grad()
-    def attributions(self, x: Tensor, clean: CleanPass) -> Tensor:
-        """`A_c(x)` of every component on every input (module docstring): (B, C), no gradient."""
-        contributions = {name: self._contributions(name, h) for name, h in self.model.inner_acts(clean).items()}
+    def attributions(self, x: Tensor, clean: CleanPass, inner: dict[str, Tensor]) -> Tensor:
+        """`A_c(x)` of every component on every input (module docstring), from the clean pass and its inner
+        activations `inner` (`ComponentModel.inner_acts`): (B, C), no gradient."""
+        contributions = {name: self._contributions(name, h) for name, h in inner.items()}
         offsets = {name: torch.zeros_like(clean.site_outputs[name], requires_grad=True) for name in self.ranks}
         with torch.enable_grad(), self.model.edited_weights({}, offsets):
             output = self.model.target(x)
@@ -127,9 +128,9 @@ class APD:
         rank, U = self.ranks[site], self.model.site_components(site).U
         return torch.einsum("bcr,dcr->bcd", h.view(len(h), -1, rank), U.view(U.shape[0], -1, rank))
 
-    def active(self, x: Tensor, clean: CleanPass) -> Tensor:
+    def active(self, x: Tensor, clean: CleanPass, inner: dict[str, Tensor]) -> Tensor:
         """Bool (B, C): each input's components kept by batch top-k on the attributions."""
-        return batch_top_k(self.attributions(x, clean), self.config.topk)
+        return batch_top_k(self.attributions(x, clean, inner), self.config.topk)
 
     def simplicity(self, active: Tensor) -> Tensor:
         """`(1/(B N)) Σ_b Σ_{c active} Σ_l` Schatten proxy of component c at site l, N the number of decomposed
@@ -143,7 +144,9 @@ class APD:
         entries = sum(self.model.target_weight(name).numel() for name in self.ranks)
         return (active.float().mean(0) * per_component).sum() / entries
 
-    def reconstructions(self, x: Tensor, clean: CleanPass, active: Tensor) -> tuple[Tensor, Tensor | None]:
+    def reconstructions(
+        self, x: Tensor, clean: CleanPass, inner: dict[str, Tensor], active: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
         """(the output divergence with only the active components, the mean over sites of each site's output
         error in that pass, or None unless `activation_recon_coeff` asks for it)."""
         outputs: dict[str, Tensor] = {}
@@ -153,9 +156,7 @@ class APD:
 
         track = bool(self.config.activation_recon_coeff)
         masks = self._expanded(active.to(clean.output.dtype))
-        output = self.model.masked_pass(
-            x, masks, clean, self.model.inner_acts(clean), observer=observe if track else None
-        )
+        output = self.model.masked_pass(x, masks, clean, inner, observer=observe if track else None)
         divergence = output_divergence(output, clean.output, self.config.output_loss)
         if not track:
             return divergence, None
@@ -166,8 +167,9 @@ class APD:
         config = self.config
         with self.model.attached():
             clean = self.model.clean_pass(batch)
-            active = self.active(batch, clean)
-            minimality, activations = self.reconstructions(batch, clean, active)
+            inner = self.model.inner_acts(clean)
+            active = self.active(batch, clean, inner)
+            minimality, activations = self.reconstructions(batch, clean, inner, active)
             terms = {"faithfulness": self.model.faithfulness(), "minimality": minimality}
             if activations is not None:
                 terms["activation_recon"] = activations
@@ -178,8 +180,7 @@ class APD:
             "activation_recon": config.activation_recon_coeff,
             "simplicity": config.simplicity_coeff,
         }
-        loss = sum(coefficients[name] * value for name, value in terms.items())
-        return StepOutput(loss=loss, terms=terms)
+        return StepOutput.weighted(terms, coefficients)
 
     def evaluation_batch(self) -> Tensor:
         return self.target.sample_inputs(self.eval_batch_size, step_generator(self.seed, "eval", device=self.device))
@@ -191,13 +192,11 @@ class APD:
         x = self.evaluation_batch()
         with self.model.attached():
             clean = self.model.clean_pass(x)
-            active = self.active(x, clean)
-            minimality, activations = self.reconstructions(x, clean, active)
+            inner = self.model.inner_acts(clean)
+            active = self.active(x, clean, inner)
+            minimality, activations = self.reconstructions(x, clean, inner, active)
             everything = self.model.masked_pass(
-                x,
-                self._expanded(torch.ones_like(active, dtype=clean.output.dtype)),
-                clean,
-                self.model.inner_acts(clean),
+                x, self._expanded(torch.ones_like(active, dtype=clean.output.dtype)), clean, inner
             )
             faithfulness = float(self.model.faithfulness())
         results = {

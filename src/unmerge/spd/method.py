@@ -209,8 +209,7 @@ class SPD:
             "layerwise_recon": config.layerwise_recon_coeff,
             "adversarial_recon": config.adversarial_recon_coeff,
         }
-        loss = sum(coefficients[name] * value for name, value in terms.items())
-        return StepOutput(loss=loss, terms=terms)
+        return StepOutput.weighted(terms, coefficients)
 
     def one_hot_importance(self) -> dict[str, Tensor]:
         """CI in [0, 1] per site on one input per feature."""

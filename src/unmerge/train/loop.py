@@ -42,6 +42,11 @@ class StepOutput:
     loss: Tensor
     terms: dict[str, Tensor] = field(default_factory=dict)
 
+    @classmethod
+    def weighted(cls, terms: dict[str, Tensor], coefficients: dict[str, float]) -> StepOutput:
+        """The loss `Σ coefficient × term` over the terms (each named in `coefficients`), with the terms as they are."""
+        return cls(loss=sum(coefficients[name] * value for name, value in terms.items()), terms=terms)
+
 
 class Method(Protocol):
     module: nn.Module
