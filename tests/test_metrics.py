@@ -69,6 +69,21 @@ def test_feature_recovery_angle_and_cross_talk() -> None:
     assert both.matrix_cosine == pytest.approx(1 / math.sqrt(2))
 
 
+def test_feature_recovery_ignores_the_vanishing_row_of_an_antipodal_partner() -> None:
+    # TMS digon: features 0 and 1 are antipodal, w_1 = −w_0. Subcomponent 0 serves feature 1 and reads feature 0
+    # with weight −1e-4: its row for feature 0 points along w_0 exactly but holds 1e-4 of it. Subcomponent 1
+    # serves feature 0 at 0.999 of its direction; it is feature 0's best, with norm ratio 1.
+    w = torch.tensor([0.6, 0.8])
+    weight = torch.stack([w, -w], dim=1)  # (d_out 2, n 2)
+    tilted = torch.tensor([0.6 + 0.03, 0.8 - 0.02])
+    U = torch.stack([-w, tilted / tilted.norm()], dim=1)
+    V = torch.tensor([[-1e-4, 1.0], [1.0, 0.0]])
+    recovery = metrics.feature_recovery(weight, U, V, "in")
+    assert recovery.best.tolist() == [1, 0]
+    assert recovery.ml2r == pytest.approx(1.0)
+    assert recovery.mmcs == pytest.approx((torch.cosine_similarity(tilted, w, 0).item() + 1) / 2)
+
+
 def test_latent_purity_closed_form() -> None:
     from unmerge.metrics.dictionary import latent_purity
 

@@ -25,12 +25,20 @@ class Recovery:
     best: Tensor
 
 
+MIN_CARRIED_SHARE = 0.01
+
+
 def feature_recovery(weight: Tensor, U: Tensor, V: Tensor, axis: str, rank: int = 1) -> Recovery:
     """Score the components of `weight` (d_out × d_in) against its per-feature rows: component c is
     `Σ_r U[:, c·rank + r] V[c·rank + r, :]`, the subcomponents rank-1 (SPD) or grouped `rank` at a time (an APD
     component of that rank at one site).
 
     `axis="in"`: features index the input columns (feature i's row is `weight[:, i]`); `"out"`: the output rows.
+
+    Feature i's best component is the one whose row i is closest in direction among those whose row carries at
+    least `MIN_CARRIED_SHARE` of ‖row_i(W)‖ (any component when none does): a component serving feature j leaves
+    a vanishing row for j's antipodal partner i (TMS lays features out in antipodal pairs) whose direction can
+    match w_i to 1e-6, and would otherwise be taken as i's with a norm ratio near 0.
     """
     if axis == "out":
         return feature_recovery(weight.T, V.T, U.T, "in", rank)
@@ -45,10 +53,12 @@ def feature_recovery(weight: Tensor, U: Tensor, V: Tensor, axis: str, rank: int 
     else:
         candidate_rows = (V_pieces.permute(2, 0, 1)[..., None] * U_pieces.permute(1, 2, 0)[None]).sum(2)
     cosines = F.cosine_similarity(candidate_rows, feature_rows[:, None, :], dim=-1)
-    best_cos, best = cosines.max(dim=1)
-    arange = torch.arange(len(best))
     feature_norm = feature_rows.norm(dim=-1)
-    ratio = candidate_rows[arange, best].norm(dim=-1) / feature_norm
+    ratios = candidate_rows.norm(dim=-1) / feature_norm[:, None]
+    carrying = ratios >= MIN_CARRIED_SHARE  # the direction of a vanishing row is noise, not a match
+    best = torch.where(carrying, cosines, cosines - 3).argmax(dim=1)
+    arange = torch.arange(len(best))
+    best_cos, ratio = cosines[arange, best], ratios[arange, best]
     if rank == 1:  # the rank-1 closed forms: ⟨U_c V_c, w_i e_iᵀ⟩ = V_ci (U_c · w_i), ‖U_c V_c‖_F = ‖U_c‖ ‖V_c‖
         inner = V[best, arange] * (U[:, best] * feature_rows.T).sum(0)
         denominator = feature_norm * U[:, best].norm(dim=0) * V[best].norm(dim=-1)
