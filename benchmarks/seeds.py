@@ -3,10 +3,12 @@ truth as `benchmarks/quality.py` checks it, and the pass rate per row with the f
 
     .venv/bin/python benchmarks/seeds.py tms-5-2 --seeds 0-49 --workers 2
     .venv/bin/python benchmarks/seeds.py tms-5-2 --seeds 0-9 --target-seeds 0-9     # the target's own seed too
-    .venv/bin/python benchmarks/seeds.py tms-5-2 --seeds 0-9 --row target.n_features=20,target.n_hidden=5 \\
-        --row method.delta_component=true                                        # one row per --row (and the preset)
+    .venv/bin/python benchmarks/seeds.py tms-5-2 --seeds 0-9 --row method.delta_component=true  # + the preset row
+    .venv/bin/python benchmarks/seeds.py tms --seeds 0-9 --row target.n_features=24,target.n_hidden=6 \\
+        --row target.n_features=35,target.n_hidden=7                            # the tms recipe, one row per shape
 
-A row is the preset with a set of overrides (`--row a=1,b=2`; `--set` applies to every row). Runs go to
+A row is the preset with a set of overrides (`--row a=1,b=2`; `--set` applies to every row); the preset alone is
+the first row, except for a recipe (`tms`), which needs its shape from each row. Runs go to
 `OUT/<row>/t<target seed>-s<seed>` (rerunning reuses finished runs). Prints one JSON line per run and one summary
 line per row: runs, passes, pass rate and each failure's seed and metrics.
 """
@@ -16,12 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from quality import check
 
 from unmerge import api
+from unmerge.config.recipes import RECIPES
 
 
 def seed_range(text: str) -> list[int]:
@@ -36,9 +41,10 @@ def run_one(preset: str, overrides: list[str], out: Path) -> dict:
     """One decomposition, checked: the quality criteria and the headline metrics."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     config = api.load_run_config(preset, [*overrides, "train.threads=1"])
+    start = time.perf_counter()
     metrics = api.decompose(config, out).metrics
     headline = {k: round(metrics[k], 5) for k in ("mmcs", "ml2r", "ci_pattern_errors") if k in metrics}
-    return {**headline, **check(config, metrics)}
+    return {**headline, **check(config, metrics), "wall_s": round(time.perf_counter() - start, 1)}
 
 
 def row_name(overrides: list[str]) -> str:
@@ -55,7 +61,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/seeds"))
     args = parser.parse_args()
-    rows = [[]] + [item.split(",") for item in args.row]
+    rows = ([] if args.preset in RECIPES else [[]]) + [item.split(",") for item in args.row]
     target_seeds = args.target_seeds or [None]
     jobs = {}
     with ProcessPoolExecutor(args.workers) as pool:
@@ -76,6 +82,7 @@ def main() -> None:
         passes = sum(run["pass"] for run in runs)
         failures = [{k: v for k, v in run.items() if k not in ("row", "pass")} for run in runs if not run["pass"]]
         summary = {"row": name, "runs": len(runs), "passes": passes, "pass_rate": round(passes / len(runs), 3)}
+        summary["median_wall_s"] = statistics.median(run["wall_s"] for run in runs)
         print(json.dumps({**summary, "failures": failures}), flush=True)
 
 

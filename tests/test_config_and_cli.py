@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,37 @@ def test_the_targets_own_seed_is_set_from_the_command_line() -> None:
     args = build_parser().parse_args(["decompose", "tms-5-2", "--target-seed", "3", "--seed", "5"])
     config = api.load_run_config(args.config, _overrides(args))
     assert (config.target.train.seed, config.train.seed) == (3, 5)
+
+
+def test_the_tms_recipe_sets_c_and_the_importance_coefficient_from_the_shape() -> None:
+    from unmerge.cli.commands import _overrides
+    from unmerge.cli.parser import build_parser
+
+    args = build_parser().parse_args(["decompose", "tms", "--n-features", "30", "--n-hidden", "10", "--identity"])
+    config = api.load_run_config(args.config, _overrides(args))
+    assert (config.target.n_features, config.target.n_hidden, config.target.identity) == (30, 10, True)
+    assert [(site.pattern, site.C) for site in config.method.sites] == [
+        ("linear1", 150),
+        ("hidden", 150),
+        ("linear2", 150),
+    ]
+    assert config.method.importance_minimality_coeff == pytest.approx(0.015 / 300)
+    five_two = api.load_run_config("tms", ["target.n_features=5", "target.n_hidden=2"])
+    preset = api.load_run_config("tms-5-2")
+    assert five_two.train == preset.train and five_two.target == preset.target  # the presets' recipe otherwise
+    overridden = api.load_run_config("tms", ["target.n_features=8", "target.n_hidden=3", "method.sites.0.C=7"])
+    assert [site.C for site in overridden.method.sites] == [7, 40]  # the user's overrides win over the rule
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["target.n_features=8"], "needs the model's shape: --n-features F --n-hidden H"),
+        (["target.n_features=eight", "target.n_hidden=2"], "target.n_features must be a positive whole number"),
+        (["target.n_features=8", "target.n_hidden=0"], "target.n_hidden must be a positive whole number"),
+        (["target.n_features=8", "target.n_hidden=2", "method.pnorm=-1"], "the tms recipe with overrides"),
+    ],
+)
+def test_the_tms_recipe_names_a_missing_or_bad_shape(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        api.load_run_config("tms", overrides)

@@ -52,12 +52,18 @@ def cmd_train_target(args: argparse.Namespace) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> list[Override]:
-    """The command line's `key=value` overrides, parsed once, then `--seed`, `--steps` and `--target-seed`."""
-    extra = [Override.of("train.seed", args.seed)] if args.seed is not None else []
-    extra += [Override.of("train.steps", args.steps)] if args.steps is not None else []
-    target_seed = getattr(args, "target_seed", None)
-    extra += [Override.of("target.train.seed", target_seed)] if target_seed is not None else []
-    return parse_overrides(args.overrides) + extra
+    """The command line's `key=value` overrides, parsed once, then the flags that name a config key."""
+    flags = {
+        "train.seed": args.seed,
+        "train.steps": args.steps,
+        "target.train.seed": getattr(args, "target_seed", None),
+        "target.n_features": getattr(args, "n_features", None),
+        "target.n_hidden": getattr(args, "n_hidden", None),
+        "target.identity": getattr(args, "identity", None),
+    }
+    return parse_overrides(args.overrides) + [
+        Override.of(key, value) for key, value in flags.items() if value is not None
+    ]
 
 
 def cmd_decompose(args: argparse.Namespace) -> None:

@@ -74,11 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     decompose = commands.add_parser(
         "decompose",
         help="run SPD on a preset or YAML config (resumes if --out holds the same run)",
-        description=f"Run SPD and write a run directory. Presets: {presets}. Rerunning the same command on the "
-        "same --out resumes from the newest checkpoint.",
+        description=f"Run SPD and write a run directory. Presets: {presets}; and tms, a toy model of superposition of "
+        "any shape (--n-features F --n-hidden H [--identity]) with C and the coefficients set from the shape. "
+        "Rerunning the same command on the same --out resumes from the newest checkpoint.",
     )
     _add_run_arguments(decompose, "method.importance_minimality_coeff=1e-3")
     decompose.add_argument("--target-seed", type=int, help="the toy target's own training seed (target.train.seed)")
+    decompose.add_argument("--n-features", type=int, help="TMS features (target.n_features); with the tms recipe")
+    decompose.add_argument("--n-hidden", type=int, help="TMS hidden dimension (target.n_hidden); with the tms recipe")
+    decompose.add_argument(
+        "--identity", action="store_true", default=None, help="TMS with a fixed identity site (target.identity)"
+    )
     decompose.set_defaults(handler=cmd_decompose)
 
     dictionary_presets = ", ".join(api.dictionary_preset_names())

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from unmerge.config.base import Override, StrictModel, apply_overrides, load_yaml, validate
+from unmerge.config.base import Override, StrictModel, apply_overrides, load_yaml, parse_overrides, validate
 from unmerge.config.dictionary import DictionaryRunConfig
+from unmerge.config.recipes import RECIPES
 from unmerge.config.spd import RunConfig
 from unmerge.errors import ConfigError
 
@@ -53,9 +55,15 @@ def config_source(preset_or_path: str, directory: Path = PRESET_DIR) -> Path:
     return preset
 
 
-def _load_config(model_cls: type[StrictModel], source: Path, overrides: Iterable[str | Override]) -> StrictModel:
+def _load_config(
+    model_cls: type[StrictModel],
+    source: Path | str,
+    overrides: Iterable[str | Override],
+    data: dict[str, Any] | None = None,
+) -> StrictModel:
+    """`data` (else the YAML file `source`) with the overrides applied, validated; errors name `source`."""
     overrides = list(overrides)
-    data = apply_overrides(load_yaml(source), overrides)
+    data = apply_overrides(load_yaml(Path(source)) if data is None else data, overrides)
     described = [item if isinstance(item, str) else item.text for item in overrides]
     return validate(model_cls, data, str(source) + (f" with overrides {described}" if overrides else ""))
 
@@ -64,14 +72,22 @@ def load_run_config(preset_or_path: str, overrides: Iterable[str | Override] = (
     """Load an SPD preset or YAML file and apply `key.path=value` overrides; strict validation.
 
     Args:
-        preset_or_path: a preset name (`preset_names()`) or the path of a YAML config file.
+        preset_or_path: a preset name (`preset_names()`), the path of a YAML config file, or `tms`: TMS of the
+            shape the overrides `target.n_features` and `target.n_hidden` give, with C and the coefficients set
+            from it (`unmerge.config.recipes.tms_recipe`).
         overrides: `key.path=value` strings (a number indexes a list: `method.sites.0.C=150`).
 
     Example:
         >>> config = unmerge.load_run_config("tms-5-2", ["train.steps=3000"])
         >>> config.method.sites[0].C
         20
+        >>> unmerge.load_run_config("tms", ["target.n_features=20", "target.n_hidden=5"]).method.sites[0].C
+        100
     """
+    if preset_or_path in RECIPES:
+        overrides = parse_overrides(overrides)
+        recipe = RECIPES[preset_or_path](overrides)
+        return _load_config(RunConfig, f"the {preset_or_path} recipe", overrides, recipe)
     return _load_config(RunConfig, config_source(preset_or_path), overrides)
 
 

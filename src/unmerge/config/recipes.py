@@ -1,0 +1,67 @@
+"""Presets computed from a shape instead of written out: `tms` decomposes a toy model of superposition of any shape
+(`unmerge decompose tms --n-features F --n-hidden H`), its C and coefficients set from the shape by
+`tms_recipe`'s rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from unmerge.config.base import Override
+from unmerge.errors import ConfigError
+
+SUBCOMPONENTS_PER_FEATURE = 5
+IMPORTANCE_PER_WEIGHT_ENTRY = 0.015
+
+
+def tms_recipe(n_features: int, n_hidden: int, identity: bool = False) -> dict[str, Any]:
+    """SPD on TMS `n_features`-`n_hidden` (+ID): the settings of the 5-2 and 40-10 presets with C and the importance
+    coefficient set from the shape.
+
+    * C = 5 · n_features at every site: room for one subcomponent per feature and spares to split off.
+    * importance_minimality_coeff = 0.015 / (n_features · n_hidden). Measured (BENCHMARKS.md "TMS of any shape"):
+      where it is too high, subcomponents of neighbouring features merge (TMS 40-10 at 3.75e-4: 28–34 live for 40
+      features), and live subcomponents hold more than their feature, by a margin that grows with the
+      coefficient, while their causal importance stays below 1 (TMS 10-5 at 1.5e-3: 1.09 × each feature, CI 0.91
+      on its one-hot input; at 3e-4: ML2R 1.001–1.002);
+      the presets' hand-tuned values lie on the same curve within a factor 2–3 (5-2: 3e-3, 40-10: 1e-4).
+    * p = 1, CI MLPs of width 16, 5,000 steps of batch 4,096 at lr 1e-2 (cosine) after a 200-step faithfulness
+      warm-up, as the presets."""
+    sites = ["linear1", "hidden", "linear2"] if identity else ["linear1", "linear2"]
+    return {
+        "name": f"tms-{n_features}-{n_hidden}" + ("-id" if identity else ""),
+        "target": {"kind": "tms", "n_features": n_features, "n_hidden": n_hidden, "identity": identity},
+        "method": {
+            "kind": "spd",
+            "sites": [{"pattern": site, "C": SUBCOMPONENTS_PER_FEATURE * n_features} for site in sites],
+            "ci_hidden": 16,
+            "importance_minimality_coeff": IMPORTANCE_PER_WEIGHT_ENTRY / (n_features * n_hidden),
+            "faithfulness_warmup_steps": 200,
+            "pnorm": 1.0,
+        },
+        "train": {
+            "steps": 5000,
+            "batch_size": 4096,
+            "optim": {"lr": 1.0e-2, "schedule": "cosine"},
+            "eval_batch_size": 4096,
+            "checkpoint_every": 1000,
+        },
+    }
+
+
+def _tms_from_overrides(overrides: list[Override]) -> dict[str, Any]:
+    shape = {item.key: item.value for item in overrides if item.key.startswith("target.")}
+    missing = [key for key in ("target.n_features", "target.n_hidden") if key not in shape]
+    if missing:
+        raise ConfigError(
+            "the tms recipe needs the model's shape: --n-features F --n-hidden H on the command line "
+            "(or the overrides target.n_features=F target.n_hidden=H)"
+        )
+    n_features, n_hidden = shape["target.n_features"], shape["target.n_hidden"]
+    for key, value in (("n_features", n_features), ("n_hidden", n_hidden)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"target.{key} must be a positive whole number for the tms recipe, not {value!r}")
+    return tms_recipe(n_features, n_hidden, bool(shape.get("target.identity", False)))
+
+
+RECIPES: dict[str, Callable[[list[Override]], dict[str, Any]]] = {"tms": _tms_from_overrides}
