@@ -167,6 +167,7 @@ def test_the_tms_recipe_sets_c_and_the_importance_coefficient_from_the_shape() -
         ("linear2", 150),
     ]
     assert config.method.importance_minimality_coeff == pytest.approx(0.015 / 300)
+    assert config.method.importance_frequency_coeff == pytest.approx(0.0015 / 300)
     five_two = api.load_run_config("tms", ["target.n_features=5", "target.n_hidden=2"])
     preset = api.load_run_config("tms-5-2")
     assert five_two.train == preset.train and five_two.target == preset.target  # the presets' recipe otherwise

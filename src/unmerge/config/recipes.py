@@ -12,6 +12,7 @@ from unmerge.errors import ConfigError
 
 SUBCOMPONENTS_PER_FEATURE = 5
 IMPORTANCE_PER_WEIGHT_ENTRY = 0.015
+FREQUENCY_SHARE = 10
 
 
 def tms_recipe(n_features: int, n_hidden: int, identity: bool = False) -> dict[str, Any]:
@@ -25,9 +26,14 @@ def tms_recipe(n_features: int, n_hidden: int, identity: bool = False) -> dict[s
       coefficient, while their causal importance stays below 1 (TMS 10-5 at 1.5e-3: 1.09 × each feature, CI 0.91
       on its one-hot input; at 3e-4: ML2R 1.001–1.002);
       the presets' hand-tuned values lie on the same curve within a factor 2–3 (5-2: 3e-3, 40-10: 1e-4).
+    * importance_frequency_coeff = importance_minimality_coeff / 10: subcomponents that each serve several
+      features (a cluster of features sharing a basis of a few subcomponents, the failure left at the coefficient
+      above: TMS 24-6 seed 2, 6 features on 4 subcomponents) cost more than one per feature, so they split (the
+      frequency term at 1/3 of it kills subcomponents that features still need).
     * p = 1, CI MLPs of width 16, 5,000 steps of batch 4,096 at lr 1e-2 (cosine) after a 200-step faithfulness
       warm-up, as the presets."""
     sites = ["linear1", "hidden", "linear2"] if identity else ["linear1", "linear2"]
+    importance = IMPORTANCE_PER_WEIGHT_ENTRY / (n_features * n_hidden)
     return {
         "name": f"tms-{n_features}-{n_hidden}" + ("-id" if identity else ""),
         "target": {"kind": "tms", "n_features": n_features, "n_hidden": n_hidden, "identity": identity},
@@ -35,7 +41,8 @@ def tms_recipe(n_features: int, n_hidden: int, identity: bool = False) -> dict[s
             "kind": "spd",
             "sites": [{"pattern": site, "C": SUBCOMPONENTS_PER_FEATURE * n_features} for site in sites],
             "ci_hidden": 16,
-            "importance_minimality_coeff": IMPORTANCE_PER_WEIGHT_ENTRY / (n_features * n_hidden),
+            "importance_minimality_coeff": importance,
+            "importance_frequency_coeff": importance / FREQUENCY_SHARE,
             "faithfulness_warmup_steps": 200,
             "pnorm": 1.0,
         },
