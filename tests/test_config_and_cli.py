@@ -181,6 +181,7 @@ def test_the_tms_recipe_sets_c_and_the_importance_coefficient_from_the_shape() -
         (["target.n_features=8"], "needs the model's shape: --n-features F --n-hidden H"),
         (["target.n_features=eight", "target.n_hidden=2"], "target.n_features must be a positive whole number"),
         (["target.n_features=8", "target.n_hidden=0"], "target.n_hidden must be a positive whole number"),
+        (["target.n_features=8", "target.n_hidden=2", "target.identity=3"], "target.identity must be true or false"),
         (["target.n_features=8", "target.n_hidden=2", "method.pnorm=-1"], "the tms recipe with overrides"),
     ],
 )

@@ -24,7 +24,7 @@ def tms_recipe(n_features: int, n_hidden: int, identity: bool = False) -> dict[s
       where it is too high, subcomponents of neighbouring features merge (TMS 40-10 at 3.75e-4: 28–34 live for 40
       features), and live subcomponents hold more than their feature, by a margin that grows with the
       coefficient, while their causal importance stays below 1 (TMS 10-5 at 1.5e-3: 1.09 × each feature, CI 0.91
-      on its one-hot input; at 3e-4: ML2R 1.001–1.002);
+      on its one-hot input; at 3e-4: ML2R 1.001–1.003, and 1.017–1.032 with the frequency term below);
       the presets' hand-tuned values lie on the same curve within a factor 2–3 (5-2: 3e-3, 40-10: 1e-4).
     * importance_frequency_coeff = importance_minimality_coeff / 10: subcomponents that each serve several
       features (a cluster of features sharing a basis of a few subcomponents, the failure left at the coefficient
@@ -68,7 +68,10 @@ def _tms_from_overrides(overrides: list[Override]) -> dict[str, Any]:
     for key, value in (("n_features", n_features), ("n_hidden", n_hidden)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"target.{key} must be a positive whole number for the tms recipe, not {value!r}")
-    return tms_recipe(n_features, n_hidden, bool(shape.get("target.identity", False)))
+    identity = shape.get("target.identity", False)
+    if not isinstance(identity, bool):
+        raise ConfigError(f"target.identity must be true or false, not {identity!r}")
+    return tms_recipe(n_features, n_hidden, identity)
 
 
 RECIPES: dict[str, Callable[[list[Override]], dict[str, Any]]] = {"tms": _tms_from_overrides}
