@@ -86,7 +86,8 @@ def load_run_config(preset_or_path: str, overrides: Iterable[str | Override] = (
     """
     if preset_or_path in RECIPES:
         overrides = parse_overrides(overrides)
-        recipe = RECIPES[preset_or_path](overrides)
+        preset, build = RECIPES[preset_or_path]
+        recipe = build(load_yaml(config_source(preset)), overrides)
         return _load_config(RunConfig, f"the {preset_or_path} recipe", overrides, recipe)
     return _load_config(RunConfig, config_source(preset_or_path), overrides)
 

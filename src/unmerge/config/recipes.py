@@ -15,9 +15,10 @@ IMPORTANCE_PER_WEIGHT_ENTRY = 0.015
 FREQUENCY_SHARE = 10
 
 
-def tms_recipe(n_features: int, n_hidden: int, identity: bool = False) -> dict[str, Any]:
-    """SPD on TMS `n_features`-`n_hidden` (+ID): the settings of the 5-2 and 40-10 presets with C and the importance
-    coefficient set from the shape.
+def tms_recipe(preset: dict[str, Any], n_features: int, n_hidden: int, identity: bool = False) -> dict[str, Any]:
+    """SPD on TMS `n_features`-`n_hidden` (+ID): the TMS preset `preset` (the 5-2 preset's data: p = 1, CI MLPs of
+    width 16, 5,000 steps of batch 4,096 at lr 1e-2 cosine after a 200-step faithfulness warm-up) with the shape,
+    the sites, C and the importance coefficients set from the shape.
 
     * C = 5 · n_features at every site: room for one subcomponent per feature and spares to split off.
     * importance_minimality_coeff = 0.015 / (n_features · n_hidden). Measured (BENCHMARKS.md "TMS of any shape"):
@@ -29,37 +30,29 @@ def tms_recipe(n_features: int, n_hidden: int, identity: bool = False) -> dict[s
     * importance_frequency_coeff = importance_minimality_coeff / 10: subcomponents that each serve several
       features (a cluster of features sharing a basis of a few subcomponents, the failure left at the coefficient
       above: TMS 24-6 seed 2, 6 features on 4 subcomponents) cost more than one per feature, so they split (the
-      frequency term at 1/3 of it kills subcomponents that features still need).
-    * p = 1, CI MLPs of width 16, 5,000 steps of batch 4,096 at lr 1e-2 (cosine) after a 200-step faithfulness
-      warm-up, as the presets."""
+      frequency term at 1/3 of it kills subcomponents that features still need)."""
     sites = ["linear1", "hidden", "linear2"] if identity else ["linear1", "linear2"]
     importance = IMPORTANCE_PER_WEIGHT_ENTRY / (n_features * n_hidden)
+    shape = {"n_features": n_features, "n_hidden": n_hidden, "identity": identity}
+    method = {
+        "sites": [{"pattern": site, "C": SUBCOMPONENTS_PER_FEATURE * n_features} for site in sites],
+        "importance_minimality_coeff": importance,
+        "importance_frequency_coeff": importance / FREQUENCY_SHARE,
+    }
     return {
+        **preset,
         "name": f"tms-{n_features}-{n_hidden}" + ("-id" if identity else ""),
-        "target": {"kind": "tms", "n_features": n_features, "n_hidden": n_hidden, "identity": identity},
-        "method": {
-            "kind": "spd",
-            "sites": [{"pattern": site, "C": SUBCOMPONENTS_PER_FEATURE * n_features} for site in sites],
-            "ci_hidden": 16,
-            "importance_minimality_coeff": importance,
-            "importance_frequency_coeff": importance / FREQUENCY_SHARE,
-            "faithfulness_warmup_steps": 200,
-            "pnorm": 1.0,
-        },
-        "train": {
-            "steps": 5000,
-            "batch_size": 4096,
-            "optim": {"lr": 1.0e-2, "schedule": "cosine"},
-            "eval_batch_size": 4096,
-            "checkpoint_every": 1000,
-        },
+        "target": {**preset["target"], **shape},
+        "method": {**preset["method"], **method},
     }
 
 
-def _tms_from_overrides(overrides: list[Override]) -> dict[str, Any]:
+TMS_PRESET = "tms-5-2"
+
+
+def _tms_from_overrides(preset: dict[str, Any], overrides: list[Override]) -> dict[str, Any]:
     shape = {item.key: item.value for item in overrides if item.key.startswith("target.")}
-    missing = [key for key in ("target.n_features", "target.n_hidden") if key not in shape]
-    if missing:
+    if "target.n_features" not in shape or "target.n_hidden" not in shape:
         raise ConfigError(
             "the tms recipe needs the model's shape: --n-features F --n-hidden H on the command line "
             "(or the overrides target.n_features=F target.n_hidden=H)"
@@ -71,7 +64,10 @@ def _tms_from_overrides(overrides: list[Override]) -> dict[str, Any]:
     identity = shape.get("target.identity", False)
     if not isinstance(identity, bool):
         raise ConfigError(f"target.identity must be true or false, not {identity!r}")
-    return tms_recipe(n_features, n_hidden, identity)
+    return tms_recipe(preset, n_features, n_hidden, identity)
 
 
-RECIPES: dict[str, Callable[[list[Override]], dict[str, Any]]] = {"tms": _tms_from_overrides}
+RECIPES: dict[str, tuple[str, Callable[[dict[str, Any], list[Override]], dict[str, Any]]]] = {
+    "tms": (TMS_PRESET, _tms_from_overrides)
+}
+"""Recipe name → (the preset it starts from, the function that sets it from the overrides)."""
