@@ -30,7 +30,7 @@ from unmerge.sae import activations, penalties
 from unmerge.sae.arch import build_dictionary
 from unmerge.sae.arch.gated import gated_auxiliary_loss
 from unmerge.sae.arch.topk import aux_k_loss
-from unmerge.sae.method import DictionaryMethod, geometric_median, refit_magnitudes
+from unmerge.sae.method import DictionaryMethod, geometric_median, misaligned, refit_magnitudes
 from unmerge.targets.activations import target_activation_source
 from unmerge.targets.base import Target
 from unmerge.targets.resid_mlp import ResidMLP
@@ -492,6 +492,15 @@ def test_atom_alignment_is_one_on_a_feature_and_low_between_features() -> None:
     residual = x - latents @ atoms  # the mixed atom is asked to explain e1 and e2 in turn
     alignment = scores.atom_alignment(residual, latents, atoms)
     assert torch.allclose(alignment, torch.tensor([1.0, 1 / math.sqrt(2), 0.0]), atol=1e-6)
+
+
+def test_misaligned_is_relative_to_the_median_live_latent() -> None:
+    alignment = torch.tensor([0.9, 0.95, 1.0, 0.5, 0.0, 0.2])  # the 0.0 never fired; the 0.2 is dead
+    dead = torch.tensor([False, False, False, False, False, True])
+    # live and fired: 0.9, 0.95, 1.0, 0.5 → median (lower middle) 0.9 → bar 0.7 × 0.9 = 0.63
+    expected = torch.tensor([False, False, False, True, True, True])
+    assert torch.equal(misaligned(alignment, dead, 0.7), expected)
+    assert torch.equal(misaligned(alignment / 2, dead, 0.7), expected)  # noisier residuals: the same latents
 
 
 def test_misaligned_latents_are_resampled_and_aligned_ones_kept() -> None:

@@ -55,7 +55,9 @@ class DictionaryBaseConfig(StrictModel):
         False, description="also resample a latent whose atom nearly copies an earlier one's (cosine > 0.95)"
     )
     resample_misaligned: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
-        0.0, description="also resample a latent whose atom_alignment on the resampling inputs is below this (0: off)"
+        0.0,
+        description="also resample a latent whose atom_alignment on the resampling inputs is below this fraction of "
+        "the median live latent's (0: off)",
     )
     resample_samples: PositiveInt = Field(8192, description="inputs scored to choose the resampled directions")
     resample_encoder_norm: PositiveFloat = Field(

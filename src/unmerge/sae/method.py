@@ -240,7 +240,7 @@ class DictionaryMethod:
         module.train()
         residual = module.normalise_target(targets) - reconstruction
         if config.resample_misaligned:
-            dead = dead | (scores.atom_alignment(residual, f, module.W_d) < config.resample_misaligned)
+            dead = dead | misaligned(scores.atom_alignment(residual, f, module.W_d), dead, config.resample_misaligned)
         rows = dead.nonzero().squeeze(1)
         if rows.numel() == 0:
             return 0
@@ -326,6 +326,15 @@ class DictionaryMethod:
         reconstruction, normalised_latents, _ = self.module(x.to(self.device))
         latents = normalised_latents / self.module.target_scale()
         return reconstruction.to(x.device), latents.to(x.device)
+
+
+def misaligned(alignment: Tensor, dead: Tensor, fraction: float) -> Tensor:
+    """Latents whose atom alignment is below `fraction` of the median live latent's. Relative, because every
+    latent's alignment falls with the noise in the residual (more superposition, a looser fit): an absolute bar
+    that frees only mixtures at one shape frees well-placed latents at another, and they never settle."""
+    live = alignment[~dead & (alignment > 0)]
+    typical = live.median() if live.numel() else alignment.new_tensor(1.0)
+    return alignment < fraction * typical
 
 
 def check_activations(x: Tensor, dim: int) -> None:
