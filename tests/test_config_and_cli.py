@@ -171,6 +171,9 @@ def test_the_tms_recipe_sets_c_and_the_importance_coefficient_from_the_shape() -
     five_two = api.load_run_config("tms", ["target.n_features=5", "target.n_hidden=2"])
     preset = api.load_run_config("tms-5-2")
     assert five_two.train == preset.train and five_two.target == preset.target  # the presets' recipe otherwise
+    assert five_two.method.sites == preset.method.sites  # the 5-2 preset is the rule at its shape: C = 40, the floor
+    assert five_two.method.importance_minimality_coeff == preset.method.importance_minimality_coeff
+    assert five_two.method.importance_frequency_coeff == pytest.approx(preset.method.importance_frequency_coeff)
     overridden = api.load_run_config("tms", ["target.n_features=8", "target.n_hidden=3", "method.sites.0.C=7"])
     assert [site.C for site in overridden.method.sites] == [7, 40]  # the user's overrides win over the rule
 

@@ -164,7 +164,7 @@ def test_a_configured_run_loads_in_python(tmp_path) -> None:
     api.decompose(config, tmp_path / "tms")
     found = unmerge.Decomposition.load(tmp_path / "tms")
     assert found.sites == ["linear1", "linear2"] and "mmcs" in found.final_metrics
-    assert found.causal_importance(torch.eye(5))["linear1"].shape == (5, 20)
+    assert found.causal_importance(torch.eye(5))["linear1"].shape == (5, config.method.sites[0].C)
     assert "mmcs" in found.metrics()
 
 

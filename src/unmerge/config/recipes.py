@@ -11,6 +11,7 @@ from unmerge.config.base import Override
 from unmerge.errors import ConfigError
 
 SUBCOMPONENTS_PER_FEATURE = 5
+MIN_SUBCOMPONENTS = 40
 IMPORTANCE_PER_WEIGHT_ENTRY = 0.015
 FREQUENCY_SHARE = 10
 
@@ -20,13 +21,15 @@ def tms_recipe(preset: dict[str, Any], n_features: int, n_hidden: int, identity:
     width 16, 5,000 steps of batch 4,096 at lr 1e-2 cosine after a 200-step faithfulness warm-up) with the shape,
     the sites, C and the importance coefficients set from the shape.
 
-    * C = 5 · n_features at every site: room for one subcomponent per feature and spares to split off.
+    * C = max(5 · n_features, 40) at every site: room for one subcomponent per feature and spares to split off.
+      A small model has few spares at 5 per feature, and a feature that finds none of its own early is built from
+      its neighbours' (TMS 5-2 at C = 25: 48 of 50 seeds pass; at 40: all 50).
     * importance_minimality_coeff = 0.015 / (n_features · n_hidden). Measured (BENCHMARKS.md "TMS of any shape"):
       where it is too high, subcomponents of neighbouring features merge (TMS 40-10 at 3.75e-4: 28–34 live for 40
       features), and live subcomponents hold more than their feature, by a margin that grows with the
       coefficient, while their causal importance stays below 1 (TMS 10-5 at 1.5e-3: 1.09 × each feature, CI 0.91
       on its one-hot input; at 3e-4: ML2R 1.001–1.003, and 1.017–1.032 with the frequency term below);
-      the presets' hand-tuned values lie on the same curve within a factor 2–3 (5-2: 3e-3, 40-10: 1e-4).
+      the 5-2 preset is this rule at its shape, and 40-10's hand-tuned 1e-4 lies within a factor 3 of it.
     * importance_frequency_coeff = importance_minimality_coeff / 10: subcomponents that each serve several
       features (a cluster of features sharing a basis of a few subcomponents, the failure left at the coefficient
       above: TMS 24-6 seed 2, 6 features on 4 subcomponents) cost more than one per feature, so they split (the
@@ -35,7 +38,9 @@ def tms_recipe(preset: dict[str, Any], n_features: int, n_hidden: int, identity:
     importance = IMPORTANCE_PER_WEIGHT_ENTRY / (n_features * n_hidden)
     shape = {"n_features": n_features, "n_hidden": n_hidden, "identity": identity}
     method = {
-        "sites": [{"pattern": site, "C": SUBCOMPONENTS_PER_FEATURE * n_features} for site in sites],
+        "sites": [
+            {"pattern": site, "C": max(SUBCOMPONENTS_PER_FEATURE * n_features, MIN_SUBCOMPONENTS)} for site in sites
+        ],
         "importance_minimality_coeff": importance,
         "importance_frequency_coeff": importance / FREQUENCY_SHARE,
     }
