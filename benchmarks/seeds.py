@@ -51,12 +51,12 @@ def dictionary_check(metrics: dict[str, float]) -> dict[str, object]:
     return {**headline, "pass": metrics["recall_mmcs"] >= RECALL_BAR and metrics["matched/0.9"] >= MATCHED_BAR}
 
 
-def run_one(preset: str, overrides: list[str], out: Path) -> dict:
-    """One decomposition or dictionary, checked: the quality criteria and the headline metrics."""
+def run_one(preset: str, dictionary: bool, overrides: list[str], out: Path) -> dict:
+    """One decomposition or (`dictionary`) dictionary, checked: the quality criteria and the headline metrics."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     overrides = [*overrides, "train.threads=1"]
     start = time.perf_counter()
-    if preset in dictionary_preset_names():
+    if dictionary:
         result = dictionary_check(api.train_dictionary(api.load_dictionary_config(preset, overrides), out).metrics)
     else:
         config = api.load_run_config(preset, overrides)
@@ -88,7 +88,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = ([] if args.preset in RECIPES else [[]]) + [item.split(",") for item in args.row]
     target_seeds = args.target_seeds or [None]
-    target_seed_key = "data.seed" if args.preset in dictionary_preset_names() else "target.train.seed"
+    dictionary = args.preset in dictionary_preset_names()
+    target_seed_key = "data.seed" if dictionary else "target.train.seed"
     jobs = {}
     with ProcessPoolExecutor(args.workers) as pool:
         for row in rows:
@@ -97,7 +98,7 @@ def main() -> None:
                     overrides = [*args.set, *row, f"train.seed={seed}"]
                     overrides += [] if target_seed is None else [f"{target_seed_key}={target_seed}"]
                     out = args.out / row_name(row) / f"t{target_seed if target_seed is not None else 'preset'}-s{seed}"
-                    job = pool.submit(run_one, args.preset, overrides, out)
+                    job = pool.submit(run_one, args.preset, dictionary, overrides, out)
                     jobs[job] = (row_name(row), target_seed, seed)
         results: dict[str, list[dict]] = {row_name(row): [] for row in rows}
         for job, (name, target_seed, seed) in jobs.items():
