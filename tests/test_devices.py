@@ -72,7 +72,7 @@ def test_an_spd_step_creates_nothing_off_the_batch_device(ci_kernel: str, tmp_pa
 @pytest.mark.parametrize(
     ("preset", "overrides"),
     [
-        ("sparse-512-relu-l1-resample", ["method.resample_every=1", "method.resample_duplicates=true"]),
+        ("sparse-512-relu-l1-resample", ["method.resample_every=1", "method.resample_samples=4096"]),
         ("sparse-512-topk", []),
         ("sparse-512-topk", ["method.activation=batchtopk", "method.aux_k=null"]),
         ("sparse-512-relu-l1", ["method.activation=jumprelu", "method.penalty.name=none"]),

@@ -30,7 +30,7 @@ from unmerge.sae import activations, penalties
 from unmerge.sae.arch import build_dictionary
 from unmerge.sae.arch.gated import gated_auxiliary_loss
 from unmerge.sae.arch.topk import aux_k_loss
-from unmerge.sae.method import DictionaryMethod, geometric_median, misaligned, refit_magnitudes
+from unmerge.sae.method import DictionaryMethod, geometric_median, misaligned, refit_magnitudes, unexplained
 from unmerge.targets.activations import target_activation_source
 from unmerge.targets.base import Target
 from unmerge.targets.resid_mlp import ResidMLP
@@ -501,6 +501,54 @@ def test_misaligned_is_relative_to_the_median_live_latent() -> None:
     expected = torch.tensor([False, False, False, True, True, True])
     assert torch.equal(misaligned(alignment, dead, 0.7), expected)
     assert torch.equal(misaligned(alignment / 2, dead, 0.7), expected)  # noisier residuals: the same latents
+
+
+def test_unexplained_is_what_the_atoms_cannot_make_after_refitting() -> None:
+    atoms = torch.eye(4)[:3]  # orthonormal atoms e0, e1, e2; e3 has no atom
+    offset = torch.tensor([0.5, 0.0, 0.0, 0.0])
+    coefficients = torch.tensor([[2.0, 1.0, 0.0, 0.0], [0.0, 3.0, 1.0, 0.7]])
+    target = coefficients + offset
+    shrunk = torch.tensor([[1.0, 0.2, 0.0], [0.0, 1.5, 0.1]])  # the right supports, magnitudes shrunk
+    # the refit restores every magnitude on the support, so only e3's 0.7 (no atom) is left; rows in chunks of 1
+    expected = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.7]])
+    assert torch.allclose(unexplained(target, shrunk, atoms, offset, chunk=1), expected, atol=1e-5)
+    plain = target - (shrunk @ atoms + offset)
+    assert plain.norm(dim=1)[0] > 1.0  # the plain residual holds the shrinkage
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_a_dead_latent_is_resampled_onto_the_feature_no_atom_makes(refit: bool) -> None:
+    source = hierarchy_source(HierarchyConfig())  # orthonormal true features
+    truth = source.true_features
+    config = dictionary_config(width=truth.shape[0], resample_refit=refit, resample_samples=4096)
+    method = DictionaryMethod(source, config, seed=0, total_steps=100)
+    module = method.module
+    missing = truth.shape[0] - 1
+    with torch.no_grad():  # every other feature has its exact atom, read at half its size (an L1's shrinkage)
+        module.W_d.copy_(truth)
+        module.W_e.copy_(0.5 * truth.T)
+        module.W_d[missing] = F.normalize(truth[0] + truth[1], dim=0)
+        module.W_e[:, missing] = 0.0
+        module.b_e.zero_()
+        module.b_d.zero_()
+        module.samples_since_fired[missing] = config.dead_window  # the one dead latent
+    assert method.resample_dead(torch.optim.Adam(module.parameters())) == 1
+    cosine = float(F.normalize(module.W_d[missing].detach(), dim=0) @ truth[missing])
+    # from what the atoms cannot explain, the new atom is the missing feature; from the plain residual, a mixture
+    assert cosine > 0.999 if refit else cosine < 0.95
+
+
+def test_init_truth_starts_every_atom_on_its_true_feature_and_says_when_it_cannot() -> None:
+    source = hierarchy_source(HierarchyConfig())
+    truth = source.true_features
+    method = DictionaryMethod(source, dictionary_config(width=truth.shape[0], init="truth"), seed=0, total_steps=1)
+    method.before_training()
+    assert torch.allclose(method.module.W_d, truth) and torch.allclose(method.module.W_e, truth.T)
+    with pytest.raises(ConfigError, match=f"set method.width={truth.shape[0]}"):
+        DictionaryMethod(source, dictionary_config(width=truth.shape[0] + 1, init="truth"), seed=0, total_steps=1)
+    unknown = dataclasses.replace(source, true_features=None)
+    with pytest.raises(ConfigError, match="use method.init=random or data"):
+        DictionaryMethod(unknown, dictionary_config(width=truth.shape[0], init="truth"), seed=0, total_steps=1)
 
 
 def test_misaligned_latents_are_resampled_and_aligned_ones_kept() -> None:

@@ -33,7 +33,11 @@ class DictionaryBaseConfig(StrictModel):
     kind: Literal["dictionary"] = "dictionary"
     width: PositiveInt = Field(description="latents m")
     penalty: PenaltyConfig = PenaltyConfig()
-    init: Literal["random", "data"] = Field("random", description="decoder atoms random or from data samples")
+    init: Literal["random", "data", "truth"] = Field(
+        "random",
+        description="decoder atoms random, from data samples, or (toys with known features, a diagnostic: does the "
+        "objective keep them?) on the true features",
+    )
     init_decoder_norm: PositiveFloat = Field(0.1, description="row norm of a random decoder (encoder = its transpose)")
     decoder_bias_init: Literal["zero", "mean", "geometric_median"] = Field("geometric_median")
     unit_norm_decoder: bool = Field(True, description="renormalise decoder rows to 1 after every step")
@@ -58,6 +62,11 @@ class DictionaryBaseConfig(StrictModel):
         0.0,
         description="also resample a latent whose atom_alignment on the resampling inputs is below this fraction of "
         "the median live latent's (0: off)",
+    )
+    resample_refit: bool = Field(
+        False,
+        description="choose and place resampled atoms by the residual left after refitting each input's magnitudes "
+        "on its support (what the atoms cannot explain), not the plain residual (which holds every latent's shrinkage)",
     )
     resample_samples: PositiveInt = Field(8192, description="inputs scored to choose the resampled directions")
     resample_encoder_norm: PositiveFloat = Field(

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from unmerge.config import DictionaryConfig
 from unmerge.data.source import ActivationSource, Reconstruct
-from unmerge.errors import UnmergeError
+from unmerge.errors import ConfigError, UnmergeError
 from unmerge.metrics import dictionary as scores
 from unmerge.sae.arch import build_dictionary
 from unmerge.sae.dictionary import LossInputs, squared_error
@@ -77,6 +77,18 @@ def refit_magnitudes(x: Tensor, f: Tensor, W_d: Tensor, offset: Tensor, ridge: f
     return torch.zeros_like(f).scatter(1, indices, values)
 
 
+def unexplained(target: Tensor, f: Tensor, W_d: Tensor, offset: Tensor, chunk: int = 4096) -> Tensor:
+    """`target − offset − Σ c_i d_i` with each input's magnitudes refitted on its support (`refit_magnitudes`): the
+    part of the target the current atoms cannot explain, without the shrinkage an L1 penalty leaves on every input.
+    In chunks of rows, since the refit holds a (support × dim) block per input."""
+    offset = offset.expand_as(target)
+    parts = [
+        t - o - refit_magnitudes(t, latents, W_d, o) @ W_d
+        for t, latents, o in zip(target.split(chunk), f.split(chunk), offset.split(chunk), strict=True)
+    ]
+    return torch.cat(parts)
+
+
 class DictionaryMethod:
     """Train a `Dictionary` on an activation source (DESIGN.md §5)."""
 
@@ -97,6 +109,8 @@ class DictionaryMethod:
         self.seed = seed
         self.total_steps = total_steps
         self.eval_batch_size = eval_batch_size
+        if config.init == "truth":
+            check_truth_init(source, config.width)
         self.module = build_dictionary(source.dim, config, step_generator(seed, "init"), source.output_dim)
         self.module.register_buffer("samples_since_fired", torch.zeros(config.width, dtype=torch.int64))
         self.module.register_buffer("step", torch.zeros((), dtype=torch.int64))
@@ -151,6 +165,9 @@ class DictionaryMethod:
                 module.W_d.copy_(F.normalize(centred[rows], dim=1) * config.init_decoder_norm)
                 encoder = F.normalize(x[rows], dim=1) * config.init_decoder_norm if module.transcoder else module.W_d
                 module.W_e.copy_(encoder.T)
+            elif config.init == "truth":
+                module.W_d.copy_(F.normalize(self.source.true_features.to(module.W_d), dim=1))
+                module.W_e.copy_(module.W_d.T)
             if config.unit_norm_decoder:
                 module.W_d.copy_(F.normalize(module.W_d, dim=1))
 
@@ -225,7 +242,9 @@ class DictionaryMethod:
         initial value), and zero those entries' Adam moments. With
         `resample_duplicates`, the later copy of each near-duplicate pair is freed the same way (it adds nothing a
         single atom does not); with `resample_misaligned`, so is a latent whose atom sits between features
-        (`atom_alignment` below the threshold on the resampling inputs). Returns the number resampled."""
+        (`atom_alignment` below the threshold on the resampling inputs). With `resample_refit`, inputs are drawn and
+        atoms set by the `unexplained` residual instead, so that a rare feature no atom makes stands out from the
+        shrinkage every input carries. Returns the number resampled."""
         module, config = self.module, self.config
         dead = self.dead()
         if config.resample_duplicates:
@@ -244,6 +263,8 @@ class DictionaryMethod:
         rows = dead.nonzero().squeeze(1)
         if rows.numel() == 0:
             return 0
+        if config.resample_refit:
+            residual = unexplained(module.normalise_target(targets), f, module.W_d, module.offset(x))
         weights = residual.square().sum(1).square()
         if not bool(weights.sum() > 0):
             weights = torch.ones_like(weights)
@@ -335,6 +356,22 @@ def misaligned(alignment: Tensor, dead: Tensor, fraction: float) -> Tensor:
     live = alignment[~dead & (alignment > 0)]
     typical = live.median() if live.numel() else alignment.new_tensor(1.0)
     return alignment < fraction * typical
+
+
+def check_truth_init(source: ActivationSource, width: int) -> None:
+    """`init: truth` starts every atom (and its encoder column) on one true feature, which needs a source that has
+    them, one latent per feature, and a dictionary that reconstructs its own input."""
+    truth = source.true_features
+    if truth is None or source.output_dim is not None:
+        raise ConfigError(
+            f"method.init=truth starts the atoms on the true features, which {source.name} does not have (or a "
+            "transcoder, which reads another space); use method.init=random or data"
+        )
+    if truth.shape[0] != width:
+        raise ConfigError(
+            f"method.init=truth puts one latent on each of the {truth.shape[0]} true features, but method.width is "
+            f"{width}; set method.width={truth.shape[0]}"
+        )
 
 
 def check_activations(x: Tensor, dim: int) -> None:
