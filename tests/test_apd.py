@@ -65,6 +65,22 @@ def test_attributions_are_the_squared_output_gradients_along_each_component() ->
     assert torch.allclose(attributions, by_hand.detach(), rtol=1e-5, atol=1e-7)
 
 
+def test_init_std_starts_the_factors_small_and_the_same_for_a_seed() -> None:
+    def factors(config: APDConfig, seed: int = 0) -> list[torch.Tensor]:
+        apd = APD(_two_layer_target(), config, seed=seed)
+        apd.before_training()
+        return [p.detach().clone() for p in apd.model.component_parameters()]
+
+    aligned = factors(APDConfig(sites=["0", "1"], C=50, rank=2, topk=1.0))
+    small = factors(APDConfig(sites=["0", "1"], C=50, rank=2, topk=1.0, init_std=0.01))
+    assert all(0.008 < float(f.std()) < 0.012 and abs(float(f.mean())) < 0.002 for f in small)
+    assert all(float(f.std()) > 0.05 for f in aligned)  # SPD's start: unit directions scaled by the overlap
+    again = factors(APDConfig(sites=["0", "1"], C=50, rank=2, topk=1.0, init_std=0.01))
+    other_seed = factors(APDConfig(sites=["0", "1"], C=50, rank=2, topk=1.0, init_std=0.01), seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(small, again, strict=True))
+    assert not torch.equal(small[0], other_seed[0])
+
+
 def test_apd_trains_evaluates_and_reports_like_spd(tmp_path: Path) -> None:
     config = api.load_run_config("apd-tms-5-2", TINY)
     result = api.decompose(config, tmp_path / "apd")

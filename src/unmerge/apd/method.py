@@ -77,8 +77,19 @@ class APD:
     def to(self, device: torch.device) -> None:
         self.model.to(device)
 
+    @torch.no_grad()
     def before_training(self) -> None:
-        """APD starts from SPD's initialisation (every piece pointing along the target weight)."""
+        """Start from SPD's initialisation (every piece pointing along the target weight), or with `init_std` from
+        small random factors: then no component starts as large as a feature, so components that top-k never keeps
+        cannot hold features unseen (they cost neither minimality nor simplicity)."""
+        if self.config.init_std is None:
+            return
+        generator = step_generator(self.seed, "apd-init")
+        for record in self.model.sites.values():
+            if record.components is not None:
+                for factor in (record.components.U, record.components.V):
+                    drawn = torch.randn(factor.shape, generator=generator) * self.config.init_std
+                    factor.copy_(drawn.to(factor.device, factor.dtype))
 
     def begin_step(self, step: int, total_steps: int) -> None:
         """Nothing changes with the step."""

@@ -36,3 +36,8 @@ class APDConfig(StrictModel):
         False, description="renormalise each component's input directions (the columns of A) to 1 after every step"
     )
     output_loss: Literal["mse", "kl"] = Field("mse", description="divergence D between the output and the target's")
+    init_std: PositiveFloat | None = Field(
+        None,
+        description="draw every entry of the components' factors from N(0, init_std²), so they start near zero as in "
+        "the APD reference (≈ 0.01); None: SPD's start, each piece a unit direction scaled by its overlap with W",
+    )
