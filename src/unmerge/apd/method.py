@@ -85,11 +85,9 @@ class APD:
         if self.config.init_std is None:
             return
         generator = step_generator(self.seed, "apd-init")
-        for record in self.model.sites.values():
-            if record.components is not None:
-                for factor in (record.components.U, record.components.V):
-                    drawn = torch.randn(factor.shape, generator=generator) * self.config.init_std
-                    factor.copy_(drawn.to(factor.device, factor.dtype))
+        for factor in self.model.component_parameters():
+            drawn = torch.randn(factor.shape, generator=generator) * self.config.init_std
+            factor.copy_(drawn.to(factor.device, factor.dtype))
 
     def begin_step(self, step: int, total_steps: int) -> None:
         """Nothing changes with the step."""
