@@ -80,13 +80,11 @@ def tms_identity_check(config: RunConfig, metrics: dict[str, float], run_dir: Pa
     dense = api.group_components(run_dir).summary()["dense_mechanisms"]
     identity = dense.get("hidden", {"active_units": 0, "components": 0, "pure": False})
     feature_errors = {site: metrics[f"ci_pattern_errors/{site}"] for site in ("linear1", "linear2")}
+    without_identity_pattern = {**metrics, "ci_pattern_errors": sum(feature_errors.values())}
     grouped_ok = (
-        worded["alive"] == worded["expected_alive"]
+        check(config, without_identity_pattern)["pass"]
         and identity["pure"]
         and identity["active_units"] == config.target.n_hidden
-        and not any(feature_errors.values())
-        and metrics["mmcs"] >= 0.999
-        and 0.98 <= metrics["ml2r"] <= 1.04
     )
     return {
         **worded,
