@@ -28,10 +28,12 @@ from unmerge.train.memory import keep_freed_memory
 from unmerge.train.rng import step_generator
 
 PAPER_TMS_5_2_ID = ["method.sites=[{pattern: linear1, C: 20}, {pattern: hidden, C: 20}, {pattern: linear2, C: 20}]"]
+PAPER_RESID_MLP_1 = ["method.sites=[{pattern: layers.*.mlp_in, C: 100}, {pattern: layers.*.mlp_out, C: 100}]"]
 SETTINGS = [  # preset, overrides, batch, acceptance bound in ms/step (None: measured, no bound)
     ("tms-5-2-id", PAPER_TMS_5_2_ID, 4096, 15.0),  # the bound was set at the paper's C = 20 per site
     ("tms-5-2-id", [], 4096, None),  # the preset: the tms rule's C = 40 per site
-    ("resid-mlp-1", [], 2048, 70.0),
+    ("resid-mlp-1", PAPER_RESID_MLP_1, 2048, 70.0),  # the bound was set at the paper's C = 100 per site
+    ("resid-mlp-1", [], 2048, None),  # the preset: W_in's C = 150
 ]
 
 

@@ -133,7 +133,7 @@ def test_dry_run_prints_sites_parameters_and_memory_without_training(tmp_path: P
     config = api.load_run_config("resid-mlp-1")
     spd = SPD(untrained_target(config.target), config.method, seed=0)
     learned = sum(p.numel() for p in spd.module.parameters())
-    assert f"{learned:,}" in printed and "layers.0.mlp_in" in printed and "C=100, W 50×1000" in printed
+    assert f"{learned:,}" in printed and "layers.0.mlp_in" in printed and "C=150, W 50×1000" in printed
     assert "memory per device" in printed and "bf16" in printed
     assert not list(Path(os.environ["UNMERGE_CACHE_DIR"]).glob("targets/resid-mlp-1*"))  # nothing trained
     assert cli.main(["train-dictionary", "sparse-512-topk", "--dry-run", "method.width=1024"]) == 0
