@@ -168,14 +168,14 @@ def test_the_tms_recipe_sets_c_and_the_importance_coefficient_from_the_shape() -
     ]
     assert config.method.importance_minimality_coeff == pytest.approx(0.015 / 300)
     assert config.method.importance_frequency_coeff == pytest.approx(0.0015 / 300)
+    keys = ["target.n_features", "target.n_hidden", "target.identity"]
     for name, shape in [("tms-5-2", [5, 2, False]), ("tms-5-2-id", [5, 2, True]), ("tms-40-10-id", [40, 10, True])]:
-        keys = ["target.n_features", "target.n_hidden", "target.identity"]
         rule = api.load_run_config("tms", [f"{key}={value}" for key, value in zip(keys, shape, strict=True)])
         preset = api.load_run_config(name)
         assert rule.train == preset.train and rule.target == preset.target, name  # the presets are the rule
         assert rule.method.sites == preset.method.sites, name  # at 5-2: C = 40, the floor
         assert rule.method.importance_minimality_coeff == preset.method.importance_minimality_coeff, name
-        assert rule.method.importance_frequency_coeff == pytest.approx(preset.method.importance_frequency_coeff)
+        assert rule.method.importance_frequency_coeff == pytest.approx(preset.method.importance_frequency_coeff), name
     overridden = api.load_run_config("tms", ["target.n_features=8", "target.n_hidden=3", "method.sites.0.C=7"])
     assert [site.C for site in overridden.method.sites] == [7, 40]  # the user's overrides win over the rule
 
