@@ -15,7 +15,9 @@ class OptimConfig(StrictModel):
     """Adam(W) with a learning-rate schedule that is a pure function of the step (so resume is exact)."""
 
     lr: PositiveFloat = Field(1e-3, description="peak learning rate")
-    schedule: Literal["constant", "cosine"] = Field("constant", description="decay after warm-up")
+    schedule: Literal["constant", "cosine", "quarter_cosine"] = Field(
+        "constant", description="decay after warm-up: cosine ½(1 + cos πt), quarter_cosine cos(πt/2)"
+    )
     warmup_steps: NonNegativeInt = Field(0, description="linear warm-up from 0")
     final_lr_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = Field(0.0, description="cosine floor / peak")
     weight_decay: NonNegativeFloat = Field(0.0, description="decoupled weight decay (AdamW); 0 is plain Adam")
