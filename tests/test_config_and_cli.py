@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 import re
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import unmerge
 from unmerge import api, runs
 from unmerge.cli import main
 from unmerge.config import RunConfig
@@ -193,3 +195,13 @@ def test_the_tms_recipe_sets_c_and_the_importance_coefficient_from_the_shape() -
 def test_the_tms_recipe_names_a_missing_or_bad_shape(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         api.load_run_config("tms", overrides)
+
+
+def test_the_config_loaders_examples_print_what_the_presets_hold() -> None:
+    """The example in `load_run_config`'s docstring names preset values; it runs, so it cannot drift from them."""
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner()
+    for test in finder.find(unmerge.load_run_config, globs={"unmerge": unmerge}):
+        runner.run(test)
+    assert runner.summarize(verbose=False).attempted >= 3
+    assert runner.summarize(verbose=False).failed == 0

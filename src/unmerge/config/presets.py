@@ -80,7 +80,7 @@ def load_run_config(preset_or_path: str, overrides: Iterable[str | Override] = (
     Example:
         >>> config = unmerge.load_run_config("tms-5-2", ["train.steps=3000"])
         >>> config.method.sites[0].C
-        20
+        40
         >>> unmerge.load_run_config("tms", ["target.n_features=20", "target.n_hidden=5"]).method.sites[0].C
         100
     """
