@@ -104,15 +104,19 @@ def run_one(preset: str, dictionary: bool, overrides: list[str], out: Path) -> d
         result = dictionary_check(api.train_dictionary(api.load_dictionary_config(preset, overrides), out).metrics)
     else:
         config = api.load_run_config(preset, overrides)
-        metrics = api.decompose(config, out).metrics
-        headline = {k: round(metrics[k], 5) for k in ("mmcs", "ml2r", "ci_pattern_errors") if k in metrics}
-        if isinstance(config.target, ResidMLPConfig):
-            result = {**headline, **resid_mlp_check(config, metrics, out)}
-        elif isinstance(config.target, TMSConfig) and config.target.identity:
-            result = {**headline, **tms_identity_check(config, metrics, out)}
-        else:
-            result = {**headline, **check(config, metrics)}
+        result = run_checks(config, api.decompose(config, out).metrics, out)
     return {**result, "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def run_checks(config: RunConfig, metrics: dict[str, float], run_dir: Path) -> dict[str, object]:
+    """The headline metrics of a finished SPD run and the check its target gets: a residual MLP's
+    (`resid_mlp_check`), TMS+ID's (`tms_identity_check`), otherwise `quality.check`."""
+    headline = {k: round(metrics[k], 5) for k in ("mmcs", "ml2r", "ci_pattern_errors") if k in metrics}
+    if isinstance(config.target, ResidMLPConfig):
+        return {**headline, **resid_mlp_check(config, metrics, run_dir)}
+    if isinstance(config.target, TMSConfig) and config.target.identity:
+        return {**headline, **tms_identity_check(config, metrics, run_dir)}
+    return {**headline, **check(config, metrics)}
 
 
 def row_name(overrides: list[str]) -> str:
