@@ -132,3 +132,10 @@ def test_the_residual_mlp_preset_runs_with_its_activation_reconstruction(
     ]  # fmt: skip
     metrics = api.decompose(api.load_run_config("apd-resid-mlp-1", overrides), tmp_path / "resid").metrics
     assert {"activation_recon", "topk_recon", "attribution_l0"} <= set(metrics)
+
+
+@pytest.mark.parametrize("spd_preset", ["tms-5-2", "tms-5-2-id", "tms-40-10", "tms-40-10-id", "resid-mlp-1"])
+def test_each_apd_preset_decomposes_the_target_of_its_spd_preset(spd_preset: str) -> None:
+    """APD against SPD compares the two on one cached target, so `apd-X` must train exactly `X`'s target."""
+    apd = api.load_run_config(f"apd-{spd_preset}").target
+    assert apd == api.load_run_config(spd_preset).target, f"apd-{spd_preset}'s target differs from {spd_preset}'s"
