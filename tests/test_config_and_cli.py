@@ -203,5 +203,6 @@ def test_the_config_loaders_examples_print_what_the_presets_hold() -> None:
     runner = doctest.DocTestRunner()
     for test in finder.find(unmerge.load_run_config, globs={"unmerge": unmerge}):
         runner.run(test)
-    assert runner.summarize(verbose=False).attempted >= 3
-    assert runner.summarize(verbose=False).failed == 0
+    results = runner.summarize(verbose=False)
+    assert results.attempted >= 3
+    assert results.failed == 0
