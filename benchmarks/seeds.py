@@ -41,11 +41,12 @@ ARI_BAR = 0.95
 
 
 def seed_range(text: str) -> list[int]:
-    """`0-49` → 0 … 49; `3` → [3]; `1,4,7` → those."""
-    if "-" in text:
-        first, last = (int(part) for part in text.split("-"))
-        return list(range(first, last + 1))
-    return [int(part) for part in text.split(",")]
+    """`0-49` → 0 … 49; `3` → [3]; `1,4,7` → those; `0-2,4-9` → 0, 1, 2, 4 … 9."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        seeds.extend(range(int(first), int(last or first) + 1))
+    return seeds
 
 
 def dictionary_check(metrics: dict[str, float]) -> dict[str, object]:
