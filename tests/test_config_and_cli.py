@@ -35,7 +35,7 @@ def test_overrides_reach_nested_keys() -> None:
 
 def test_a_number_in_an_override_indexes_a_list() -> None:
     config = api.load_run_config("resid-mlp-2", ["method.sites.1.C=7"])
-    assert [site.C for site in config.method.sites] == [400, 7]
+    assert [site.C for site in config.method.sites] == [150, 7]
     assert config.method.sites[1].pattern == "layers.*.mlp_out"
 
 
