@@ -6,15 +6,12 @@ Deselected by default. Each run is judged by the bar `benchmarks/seeds.py` appli
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from seeds import run_checks
 
 from unmerge import api
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the scripts import their siblings by name
-from seeds import run_checks
 
 
 @pytest.mark.slow
