@@ -170,6 +170,7 @@ def test_the_tms_recipe_sets_c_and_the_importance_coefficient_from_the_shape() -
     ]
     assert config.method.importance_minimality_coeff == pytest.approx(0.015 / 300)
     assert config.method.importance_frequency_coeff == pytest.approx(0.0015 / 300)
+    assert (config.train.optim.schedule, config.train.optim.final_lr_fraction) == ("cosine", 0.1)  # the lr floor
     keys = ["target.n_features", "target.n_hidden", "target.identity"]
     for name, shape in [("tms-5-2", [5, 2, False]), ("tms-5-2-id", [5, 2, True]), ("tms-40-10-id", [40, 10, True])]:
         rule = api.load_run_config("tms", [f"{key}={value}" for key, value in zip(keys, shape, strict=True)])
