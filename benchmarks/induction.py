@@ -2,8 +2,9 @@
 attention-only transformer, checked by ablation and by attention patterns?
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/induction.py --out runs/bench/induction
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/induction.py --preset induction-two-tasks --out DIR
 
-trains the `induction` preset's target (cached), decomposes its attention weights with the preset (or reuses a
+trains the preset's target (cached), decomposes its attention weights with the preset (or reuses a
 finished run in `--out`), groups the subcomponents (`unmerge group`) and prints JSON lines: the target's
 in-context accuracy and head scores; SPD's metrics and the in-context accuracy with every subcomponent masked by
 its causal importance; then, on 2,048 fresh sequences, the in-context accuracy, the previous-token score of
@@ -13,7 +14,8 @@ layer-0 sites, active meaning CI > 0.1 on 10 or more of the 16,384 positions gro
 mechanism (those of the layer-1 sites), both, and the rest (every inactive subcomponent; what stays is the two
 mechanisms and the residual W − U V); then with each component of the grouping ablated alone. Chance is
 1 / d_vocab; `copy_chance` is the accuracy of guessing uniformly among the tokens seen so far, what a model that
-copies some earlier token gets.
+copies some earlier token gets. A target with the previous-token task (`induction-two-tasks`) adds that task's
+accuracy to every row, and, for each component, the share of each layer's active subcomponents it holds.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from unmerge.targets.induction import (
     in_context_accuracy,
     induction_metrics,
     induction_scores,
+    previous_token_accuracy,
+    previous_token_positions,
     previous_token_scores,
 )
 from unmerge.train.rng import step_generator
@@ -42,14 +46,18 @@ SPD_METRICS = ("faithfulness_relative", "stochastic_recon", "ci_masked_recon", "
 
 
 def scores(spd: SPD, ids: torch.Tensor, units: list[str]) -> dict[str, float]:
-    """In-context accuracy and the two head scores (head 0 of each layer) with `units` zero-ablated."""
+    """In-context accuracy, the two head scores (head 0 of each layer) and, with the previous-token task, its
+    accuracy, with `units` zero-ablated."""
     with ablated(spd, units):
         logits, patterns = spd.target.model.run(ids)
-    return {
+    row = {
         "accuracy": round(in_context_accuracy(logits, ids), 4),
         "previous_token_score_layer0": round(float(previous_token_scores(patterns[0], ids)[0]), 4),
         "induction_score_layer1": round(float(induction_scores(patterns[1], ids)[0]), 4),
     }
+    if previous_token_positions(ids, logits.shape[-1]).any():
+        row["previous_token_task_accuracy"] = round(previous_token_accuracy(logits, ids), 4)
+    return row
 
 
 def ci_masked_accuracy(spd: SPD, ids: torch.Tensor) -> float:
@@ -69,10 +77,11 @@ def layers(units: list[str]) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="the SPD run directory (trained there if unfinished)")
-    parser.add_argument("overrides", nargs="*", help="key.path=value overrides of the induction preset")
+    parser.add_argument("--preset", default="induction", help="an induction preset (default: induction)")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides of the preset")
     args = parser.parse_args()
     if not runs.is_finished(args.out):
-        api.decompose(api.load_run_config("induction", args.overrides), args.out)
+        api.decompose(api.load_run_config(args.preset, args.overrides), args.out)
     config, spd, _ = api.load_run(args.out)
     target = config.target
     print(json.dumps({"target": config.name, **induction_metrics(spd.target.model, target)}), flush=True)
@@ -111,6 +120,8 @@ def main() -> None:
         print(json.dumps({"ablated": name, "subcomponents": len(units), **scores(spd, ids, units)}), flush=True)
     for index, members in enumerate(components):
         row = {"component": index, "subcomponents": len(members), "layers": layers(members)}
+        for layer, active in enumerate((previous, induction)):
+            row[f"share_of_layer{layer}"] = round(len(set(members) & set(active)) / max(len(active), 1), 3)
         print(json.dumps({**row, **scores(spd, ids, members)}), flush=True)
 
 

@@ -13,12 +13,14 @@ from unmerge import api
 from unmerge.config import InductionConfig, OptimConfig, TrainConfig
 from unmerge.errors import ConfigError
 from unmerge.targets.induction import (
+    InductionTransformer,
     copy_chance,
+    determined_predictions,
     in_context_accuracy,
     induction_inputs,
     induction_metrics,
-    induction_model,
     induction_scores,
+    previous_token_accuracy,
     previous_token_scores,
     repeat_positions,
 )
@@ -48,6 +50,44 @@ def test_sequences_repeat_a_segment_of_distinct_tokens() -> None:
     assert torch.equal(answer[predicted], ids.roll(-1, 1)[predicted])
 
 
+TWO_TASKS = TINY.model_copy(update={"d_vocab": 24, "previous_token_share": 0.5, "positions": "first_layer_qk"})
+
+
+def test_the_previous_token_task_reads_the_upper_half_and_asks_for_the_token_before() -> None:
+    ids = induction_inputs(TWO_TASKS, 512, torch.Generator().manual_seed(0))
+    second = ids[:, 0] == 25
+    assert 0.4 < float(second.float().mean()) < 0.6 and ((ids[:, 0] == 24) | second).all()
+    assert (ids[second, 1:] >= 12).all() and (ids[~second, 1:] < 12).all()  # the halves of the vocabulary
+    assert all(len(set(row.tolist())) == TWO_TASKS.n_ctx for row in ids[second])  # distinct, so no repeat
+    predicted, answer = determined_predictions(ids, 24)
+    assert predicted[second, 2:].all() and not predicted[second, :2].any()
+    assert torch.equal(answer[second, 2:], ids[second, 1:-1])
+    assert torch.equal(predicted[~second], repeat_positions(ids[~second])[0])
+    assert torch.equal(answer[~second][predicted[~second]], ids[~second].roll(-1, 1)[predicted[~second]])
+    perfect = torch.nn.functional.one_hot(answer.clamp(max=23), 24).float()  # BOS answers: undetermined
+    assert previous_token_accuracy(perfect, ids) == 1.0 and in_context_accuracy(perfect, ids) == 1.0
+    assert previous_token_accuracy(perfect.roll(1, 1), ids) == 0.0
+
+
+def test_first_layer_positions_reach_layer_one_only_through_layer_zero() -> None:
+    """With `positions: first_layer_qk` the positions enter layer 0's queries and keys alone: with layer 0's output
+    weight at 0, moving them changes neither layer's values nor layer 1's attention."""
+    model = InductionTransformer(TWO_TASKS)
+    ids = induction_inputs(TWO_TASKS, 8, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.blocks[0]["attn"]["o_proj"].weight.zero_()
+        before = model.run(ids)[1]
+        model.pos_embed.add_(torch.randn_like(model.pos_embed))
+        after = model.run(ids)[1]
+    assert not torch.allclose(before[0], after[0]) and torch.equal(before[1], after[1])
+    residual, ids = InductionTransformer(TINY), induction_inputs(TINY, 8, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        residual.blocks[0]["attn"]["o_proj"].weight.zero_()
+        before = residual.run(ids)[1]
+        residual.pos_embed.add_(torch.randn_like(residual.pos_embed))
+        assert not torch.allclose(before[1], residual.run(ids)[1][1])  # the default: positions in the residual
+
+
 def test_metrics_on_hand_built_logits_and_patterns() -> None:
     ids = induction_inputs(TINY, 64, torch.Generator().manual_seed(1))
     predicted, earlier = repeat_positions(ids)
@@ -70,7 +110,7 @@ def test_metrics_on_hand_built_logits_and_patterns() -> None:
 
 
 def test_the_target_trains_and_is_deterministic() -> None:
-    untrained = induction_model(TINY)
+    untrained = InductionTransformer(TINY)
     chance = induction_metrics(untrained, TINY)
     assert chance["in_context_accuracy"] < 3 / TINY.d_vocab and chance["chance_accuracy"] == 1 / 16
     target, loss = train_target(TINY)
@@ -91,6 +131,20 @@ def test_the_preset_target_forms_a_previous_token_and_an_induction_head() -> Non
     assert scores["in_context_accuracy"] > 0.99
     assert scores["previous_token_score/0.0"] > 0.85 and scores["induction_score/1.0"] > 0.95
     assert scores["previous_token_score/1.0"] < 0.2 and scores["induction_score/0.0"] < 0.2
+
+
+@pytest.mark.slow
+def test_the_two_task_target_needs_layer_one_for_induction_alone() -> None:
+    config = api.load_run_config("induction-two-tasks").target
+    target, _ = train_target(config)
+    scores = induction_metrics(target.model, config)
+    assert scores["in_context_accuracy"] > 0.99 and scores["previous_token_accuracy"] > 0.99
+    assert scores["previous_token_score/0.0"] > 0.85 and scores["induction_score/1.0"] > 0.95
+    ids = induction_inputs(config, 2048, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target.model.blocks[1]["attn"]["o_proj"].weight.zero_()
+        logits = target.model(ids)
+    assert in_context_accuracy(logits, ids) < 0.1 and previous_token_accuracy(logits, ids) > 0.99
 
 
 def test_spd_runs_on_the_preset(tmp_path: Path) -> None:
@@ -119,6 +173,9 @@ def test_spd_runs_on_the_preset(tmp_path: Path) -> None:
         (["method.output_loss=mse"], "output_loss must be 'kl' for an algorithmic toy"),
         (["target.d_vocab=8"], "too small for distinct tokens"),
         (["target.min_repeat=13"], "exceeds max_repeat"),
+        (["target.previous_token_share=0.5", "target.d_vocab=38"], "from half the vocabulary"),
+        (["target.previous_token_share=0.5", "target.d_vocab=44", "target.min_repeat=2"], "upper half"),
+        (["target.positions=last_layer"], "positions"),
     ],
 )
 def test_bad_induction_configs_name_the_problem(overrides: list[str], message: str) -> None:

@@ -61,7 +61,8 @@ class MaxOfKConfig(StrictModel):
 class InductionConfig(StrictModel):
     """Induction heads: a two-layer attention-only transformer (no LayerNorm, no biases) reads `[BOS]`, distinct
     random filler tokens, a segment of `min_repeat` … `max_repeat` distinct tokens and the segment again (the repeat
-    ends the sequence, so its offset varies), and predicts each next token of the repeat from its first occurrence."""
+    ends the sequence, so its offset varies), and predicts each next token of the repeat from its first occurrence;
+    a `previous_token_share` of the sequences instead asks for the token before each position."""
 
     kind: Literal["induction"] = "induction"
     d_vocab: Annotated[int, Field(ge=4)] = Field(64, description="token values 0 … d_vocab − 1 (BOS is id d_vocab)")
@@ -69,6 +70,17 @@ class InductionConfig(StrictModel):
     max_repeat: Annotated[int, Field(ge=2)] = Field(12, description="longest repeated segment; n_ctx = 1 + 2·max")
     d_model: PositiveInt = Field(32, description="residual stream width")
     n_heads: PositiveInt = Field(1, description="attention heads per layer")
+    previous_token_share: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0,
+        description="share of sequences of a second task that needs the previous-token head alone: a second BOS "
+        "(id d_vocab + 1), then distinct tokens of the vocabulary's upper half, each position from 2 on predicting "
+        "the token before it; the induction task then draws from the lower half",
+    )
+    positions: Literal["residual", "first_layer_qk"] = Field(
+        "residual",
+        description="where the learned positions enter: the residual stream, or only layer 0's queries and keys "
+        "(then layer 1 cannot attend by position, so only layer 0 can be the previous-token head)",
+    )
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(steps=3000, batch_size=128, optim=OptimConfig(lr=3e-3, schedule="cosine")),
         description="training recipe of the target (Adam on fresh batches, cosine lr)",
@@ -78,14 +90,26 @@ class InductionConfig(StrictModel):
     def n_ctx(self) -> int:
         return 1 + 2 * self.max_repeat
 
+    @property
+    def induction_vocabulary(self) -> int:
+        """How many token values the induction task draws from: tokens 0 … this − 1."""
+        return self.d_vocab // 2 if self.previous_token_share else self.d_vocab
+
     @model_validator(mode="after")
     def _segments_fit(self) -> InductionConfig:
         if self.min_repeat > self.max_repeat:
             raise ValueError(f"min_repeat {self.min_repeat} exceeds max_repeat {self.max_repeat}")
-        if self.d_vocab < 2 * self.max_repeat - self.min_repeat:
+        if self.induction_vocabulary < 2 * self.max_repeat - self.min_repeat:
             raise ValueError(
                 f"d_vocab {self.d_vocab} is too small for distinct tokens: a sequence holds up to "
                 f"2·max_repeat − min_repeat = {2 * self.max_repeat - self.min_repeat} of them"
+                + (", from half the vocabulary with previous_token_share" if self.previous_token_share else "")
+            )
+        if self.previous_token_share and self.d_vocab - self.induction_vocabulary < 2 * self.max_repeat:
+            raise ValueError(
+                f"d_vocab {self.d_vocab} is too small for the previous-token task's 2·max_repeat = "
+                f"{2 * self.max_repeat} distinct tokens from the vocabulary's upper half: raise d_vocab or set "
+                "previous_token_share to 0"
             )
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")

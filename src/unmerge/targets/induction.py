@@ -10,6 +10,16 @@ induction head in layer 1 (the current token's query matches the key "my previou
 at the position after its first occurrence, whose token the value copies). The model is trained on those
 predictions only; its logits elsewhere are set to 0 (uniform), so an output divergence compares only them.
 
+With `previous_token_share` > 0 that share of the sequences belongs to a second task, which needs the previous-token
+head alone: `[BOS']` (a second BOS, id d_vocab + 1) then distinct tokens of the vocabulary's upper half, every
+position from 2 on predicting the token before it (what the previous-token head writes); the induction task draws
+from the lower half. Without it both heads are used at full rank on every token, and a decomposition whose causal
+importance reads one position has no input on which one head is needed and the other not. With it, layer 1 is idle
+on the second task's tokens, which every site can see, so co-activation (grouping) can tell the mechanisms apart.
+Layer 1 would learn the second task itself (it can attend by position as well as layer 0 can), so such targets
+use `positions: first_layer_qk`: the learned positions enter layer 0's queries and keys only, not the residual
+stream, and only layer 0 can attend to the previous position.
+
 Every weight is its own module (`embed`, `blocks.{0,1}.attn.{q,k,v,o}_proj`, `unembed`), so SPD decomposes the
 attention of both layers by the pattern `blocks.*.attn.*`.
 """
@@ -29,14 +39,16 @@ EVAL_SEQUENCES = 4096
 
 
 class InductionTransformer(nn.Module):
-    """Token ids (batch, n_ctx) → logits (batch, n_ctx, d_vocab) at the repeat's determined predictions, 0 elsewhere."""
+    """Token ids (batch, n_ctx) → logits (batch, n_ctx, d_vocab) at the determined predictions, 0 elsewhere."""
 
-    def __init__(self, d_vocab: int, n_ctx: int, d_model: int, n_heads: int, n_layers: int = 2) -> None:
+    def __init__(self, config: InductionConfig, n_layers: int = 2) -> None:
         super().__init__()
-        self.n_heads = n_heads
-        self.embed = nn.Embedding(d_vocab + 1, d_model)  # id d_vocab is BOS
+        d_vocab, d_model = config.d_vocab, config.d_model
+        self.n_heads, self.positions = config.n_heads, config.positions
+        tasks = 2 if config.previous_token_share else 1
+        self.embed = nn.Embedding(d_vocab + tasks, d_model)  # ids d_vocab, d_vocab + 1: each task's BOS
         nn.init.normal_(self.embed.weight, std=d_model**-0.5)
-        self.pos_embed = nn.Parameter(torch.randn(n_ctx, d_model) / math.sqrt(d_model))
+        self.pos_embed = nn.Parameter(torch.randn(config.n_ctx, d_model) / math.sqrt(d_model))
         self.blocks = nn.ModuleList(
             nn.ModuleDict(
                 {
@@ -59,38 +71,44 @@ class InductionTransformer(nn.Module):
     def run(self, ids: Tensor) -> tuple[Tensor, list[Tensor]]:
         """The logits and each layer's attention pattern (batch, heads, query, key)."""
         batch, seq = ids.shape
-        x = self.embed(ids) + self.pos_embed[:seq]
+        positions = self.pos_embed[:seq]
+        x = self.embed(ids) + positions if self.positions == "residual" else self.embed(ids)
         causal = torch.ones(seq, seq, dtype=torch.bool, device=ids.device).tril()
         patterns = []
-        for block in self.blocks:
+        for layer, block in enumerate(self.blocks):
             attn = block["attn"]
+            located = x + positions if self.positions == "first_layer_qk" and layer == 0 else x
             q, k, v = (
-                attn[name](x).view(batch, seq, self.n_heads, -1).transpose(1, 2)
-                for name in ("q_proj", "k_proj", "v_proj")
+                attn[name](source).view(batch, seq, self.n_heads, -1).transpose(1, 2)
+                for name, source in (("q_proj", located), ("k_proj", located), ("v_proj", x))
             )
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
             pattern = scores.masked_fill(~causal, -math.inf).softmax(-1)
             patterns.append(pattern)
             x = x + attn["o_proj"]((pattern @ v).transpose(1, 2).reshape(batch, seq, -1))
-        predicted = repeat_positions(ids)[0]
+        predicted = determined_predictions(ids, self.unembed.out_features)[0]
         return self.logits(self.unembed(x) * predicted[..., None]), patterns
-
-
-def induction_model(config: InductionConfig) -> InductionTransformer:
-    return InductionTransformer(config.d_vocab, config.n_ctx, config.d_model, config.n_heads)
 
 
 def induction_inputs(config: InductionConfig, batch_size: int, generator: torch.Generator) -> Tensor:
     """`[BOS] filler A A` (module docstring): the distinct tokens are the first ones of a random permutation of the
-    vocabulary per sequence; content index k < 2·max_repeat reads token k of it, or k − n within the repeat."""
+    induction vocabulary per sequence; content index k < 2·max_repeat reads token k of it, or k − n within the
+    repeat. With `previous_token_share`, each sequence is instead `[BOS']` and the first 2·max_repeat tokens of a
+    permutation of the upper half with that probability."""
     device = generator.device
     content = 2 * config.max_repeat
     n = torch.randint(config.min_repeat, config.max_repeat + 1, (batch_size, 1), generator=generator, device=device)
-    tokens = torch.rand(batch_size, config.d_vocab, generator=generator, device=device).argsort(1)
+    lower = config.induction_vocabulary
+    tokens = torch.rand(batch_size, lower, generator=generator, device=device).argsort(1)
     k = torch.arange(content, device=device)
     source = torch.where(k >= content - n, k - n, k)
     bos = torch.full((batch_size, 1), config.d_vocab, device=device)
-    return torch.cat([bos, tokens.gather(1, source)], dim=1)
+    ids = torch.cat([bos, tokens.gather(1, source)], dim=1)
+    if not config.previous_token_share:
+        return ids
+    upper = torch.rand(batch_size, config.d_vocab - lower, generator=generator, device=device).argsort(1) + lower
+    second = torch.rand(batch_size, 1, generator=generator, device=device) < config.previous_token_share
+    return torch.where(second, torch.cat([bos + 1, upper[:, :content]], dim=1), ids)
 
 
 def repeat_positions(ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,16 +123,36 @@ def repeat_positions(ids: Tensor) -> tuple[Tensor, Tensor]:
     return occurred, match.int().argmax(-1)
 
 
+def previous_token_positions(ids: Tensor, d_vocab: int) -> Tensor:
+    """(batch, seq): the positions of the previous-token task, every position from 2 on of a sequence that starts
+    with the second BOS (id d_vocab + 1); the answer at t is the token at t − 1."""
+    return (ids[:, :1] == d_vocab + 1) & (torch.arange(ids.shape[1], device=ids.device) >= 2)
+
+
+def determined_predictions(ids: Tensor, d_vocab: int) -> tuple[Tensor, Tensor]:
+    """(predicted, answer), both (batch, seq): the positions either task determines and their answers."""
+    previous = previous_token_positions(ids, d_vocab)
+    answer = torch.where(previous, ids.roll(1, 1), ids.roll(-1, 1))
+    return repeat_positions(ids)[0] | previous, answer
+
+
 def induction_loss(model: nn.Module, ids: Tensor) -> Tensor:
-    """Cross-entropy of the determined next-token predictions."""
-    predicted = repeat_positions(ids)[0]
-    return F.cross_entropy(model(ids)[predicted], ids.roll(-1, 1)[predicted])
+    """Cross-entropy of the determined predictions of both tasks."""
+    logits = model(ids)
+    predicted, answer = determined_predictions(ids, logits.shape[-1])
+    return F.cross_entropy(logits[predicted], answer[predicted])
 
 
 def in_context_accuracy(logits: Tensor, ids: Tensor) -> float:
-    """Share of the determined next-token predictions that are right (chance: 1 / d_vocab)."""
+    """Share of the induction task's determined predictions that are right (chance: 1 / the induction vocabulary)."""
     predicted = repeat_positions(ids)[0]
     return float((logits[predicted].argmax(-1) == ids.roll(-1, 1)[predicted]).float().mean())
+
+
+def previous_token_accuracy(logits: Tensor, ids: Tensor) -> float:
+    """Share of the previous-token task's predictions that are right (NaN without such sequences)."""
+    previous = previous_token_positions(ids, logits.shape[-1])
+    return float((logits[previous].argmax(-1) == ids.roll(1, 1)[previous]).float().mean())
 
 
 def copy_chance(ids: Tensor) -> float:
@@ -153,8 +191,10 @@ def induction_metrics(model: InductionTransformer, config: InductionConfig) -> d
     results = {
         "in_context_accuracy": in_context_accuracy(logits, ids),
         "in_context_loss": float(F.cross_entropy(logits[predicted], ids.roll(-1, 1)[predicted])),
-        "chance_accuracy": 1 / config.d_vocab,
+        "chance_accuracy": 1 / config.induction_vocabulary,
     }
+    if config.previous_token_share:
+        results["previous_token_accuracy"] = previous_token_accuracy(logits, ids)
     for layer, pattern in enumerate(patterns):
         for head, score in enumerate(previous_token_scores(pattern, ids).tolist()):
             results[f"previous_token_score/{layer}.{head}"] = score

@@ -72,7 +72,7 @@ RECIPES: dict[str, ToyRecipe] = {
         task_metrics=algorithmic.modular_addition_accuracy,
     ),
     "induction": ToyRecipe(
-        induction.induction_model,
+        induction.InductionTransformer,
         induction.induction_inputs,
         induction.induction_loss,
         task_metrics=induction.induction_metrics,
