@@ -12,10 +12,14 @@ layer 0 and the induction score of layer 1 (`unmerge.targets.induction`) with no
 previous-token mechanism ablated (the target has one head per layer, so: every active subcomponent of the
 layer-0 sites, active meaning CI > 0.1 on 10 or more of the 16,384 positions grouping samples), the induction
 mechanism (those of the layer-1 sites), both, and the rest (every inactive subcomponent; what stays is the two
-mechanisms and the residual W − U V); then with each component of the grouping ablated alone. Chance is
-1 / d_vocab; `copy_chance` is the accuracy of guessing uniformly among the tokens seen so far, what a model that
-copies some earlier token gets. A target with the previous-token task (`induction-two-tasks`) adds that task's
-accuracy to every row, and, for each component, the share of each layer's active subcomponents it holds.
+mechanisms and the residual W − U V); grouping's candidates for the two mechanisms (the component holding most
+of layer 0's active subcomponents, the one holding most of layer 1's, when they differ), both together and every
+subcomponent outside them; then with each component of the grouping ablated alone. Chance is 1 / the
+induction task's vocabulary; `copy_chance` is the accuracy of guessing uniformly among the tokens seen so far,
+what a model that copies some earlier token gets. A target with the previous-token task (`induction-two-tasks`)
+adds that task's accuracy to every row, and, for each component, the share of each layer's active subcomponents
+it holds. The grouping line gives its adjusted Rand index against the heads (the truth: each subcomponent belongs
+to its layer's head); `--alpha` sets grouping's α.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from pathlib import Path
 import torch
 
 from unmerge import api, runs
-from unmerge.analysis.grouping import subcomponent_names
+from unmerge.analysis.grouping import DEFAULT_ALPHA, subcomponent_names
 from unmerge.analysis.interventions import ablated
+from unmerge.metrics.clustering import adjusted_rand_index
 from unmerge.spd.method import SPD
 from unmerge.targets.induction import (
     copy_chance,
@@ -78,6 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="the SPD run directory (trained there if unfinished)")
     parser.add_argument("--preset", default="induction", help="an induction preset (default: induction)")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="grouping's α (`unmerge group`'s default)")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides of the preset")
     args = parser.parse_args()
     if not runs.is_finished(args.out):
@@ -90,11 +96,12 @@ def main() -> None:
     spd_row = {"spd": str(args.out), **{name: metrics[name] for name in SPD_METRICS}}
     print(json.dumps({**spd_row, "ci_masked_accuracy": ci_masked_accuracy(spd, ids)}), flush=True)
 
-    grouping = api.group_components(args.out)
+    grouping = api.group_components(args.out, alpha=args.alpha)
     components = grouping.components()
     previous = [unit for unit in grouping.units if layers([unit]) == [0]]
     induction = [unit for unit in grouping.units if layers([unit]) == [1]]
     rest = sorted(set(subcomponent_names(spd)) - set(grouping.units))
+    layers_of = [layers([unit])[0] for unit in grouping.units]
     print(
         json.dumps(
             {
@@ -103,12 +110,14 @@ def main() -> None:
                     site: sum(u.startswith(site + "/") for u in grouping.units) for site in spd.model.site_names
                 },
                 "components": len(components),
+                "ari_against_heads": round(float(adjusted_rand_index(grouping.labels, torch.tensor(layers_of))), 3),
                 "component_sizes": [len(members) for members in components],
             }
         ),
         flush=True,
     )
-    print(json.dumps({"chance": 1 / target.d_vocab, "copy_chance": round(copy_chance(ids), 4)}), flush=True)
+    chances = {"chance": 1 / target.induction_vocabulary, "copy_chance": round(copy_chance(ids), 4)}
+    print(json.dumps(chances), flush=True)
     ablations = {
         "nothing": [],
         "previous_token_mechanism": previous,
@@ -116,6 +125,11 @@ def main() -> None:
         "both_mechanisms": previous + induction,
         "rest": rest,
     }
+    matched = [max(components, key=lambda members: len(set(members) & set(head))) for head in (previous, induction)]
+    if matched[0] is not matched[1]:  # grouping's candidates for the two mechanisms, and what is outside them
+        ablations["previous_token_component"], ablations["induction_component"] = matched
+        ablations["both_components"] = matched[0] + matched[1]
+        ablations["outside_both_components"] = sorted(set(subcomponent_names(spd)) - set(matched[0] + matched[1]))
     for name, units in ablations.items():
         print(json.dumps({"ablated": name, "subcomponents": len(units), **scores(spd, ids, units)}), flush=True)
     for index, members in enumerate(components):
