@@ -7,7 +7,8 @@ attention-only transformer, checked by ablation and by attention patterns?
 trains the preset's target (cached), decomposes its attention weights with the preset (or reuses a
 finished run in `--out`), groups the subcomponents (`unmerge group`) and prints JSON lines: the target's
 in-context accuracy and head scores; SPD's metrics and the in-context accuracy with every subcomponent masked by
-its causal importance; then, on 2,048 fresh sequences, the in-context accuracy, the previous-token score of
+its causal importance (with the previous-token task, that task's too and each site's CI-L0 on each task's
+positions); then, on 2,048 fresh sequences, the in-context accuracy, the previous-token score of
 layer 0 and the induction score of layer 1 (`unmerge.targets.induction`) with nothing zero-ablated, with the
 previous-token mechanism ablated (the target has one head per layer, so: every active subcomponent of the
 layer-0 sites, active meaning CI > 0.1 on 10 or more of the 16,384 positions grouping samples), the induction
@@ -65,13 +66,25 @@ def scores(spd: SPD, ids: torch.Tensor, units: list[str]) -> dict[str, float]:
     return row
 
 
-def ci_masked_accuracy(spd: SPD, ids: torch.Tensor) -> float:
-    """In-context accuracy of the decomposed model with every subcomponent masked by its causal importance."""
+def ci_masked(spd: SPD, ids: torch.Tensor) -> dict[str, object]:
+    """In-context accuracy (and the previous-token task's) of the decomposed model with every subcomponent masked by
+    its causal importance; with the previous-token task, each site's CI-L0 at 0.1 per position on that task's
+    positions and on the induction task's (BOS excluded)."""
     with torch.no_grad(), spd.model.attached():
         clean = spd.model.clean_pass(ids)
         importances = spd.importances(clean)
         logits = spd.model.masked_pass(ids, importances.lower, clean, importances.inner)
-    return round(in_context_accuracy(logits, ids), 4)
+    row: dict[str, object] = {"ci_masked_accuracy": round(in_context_accuracy(logits, ids), 4)}
+    second = previous_token_positions(ids, logits.shape[-1])
+    if second.any():
+        first = (ids[:, :1] == logits.shape[-1]) & (torch.arange(ids.shape[1]) >= 1)
+        row["ci_masked_previous_token_task_accuracy"] = round(previous_token_accuracy(logits, ids), 4)
+        for task, positions in (("induction_task", first), ("previous_token_task", second)):
+            row[f"ci_l0_on_{task}"] = {
+                site: round(float((ci[positions] > 0.1).sum(-1).float().mean()), 2)
+                for site, ci in importances.clipped().items()
+            }
+    return row
 
 
 def layers(units: list[str]) -> list[int]:
@@ -94,7 +107,7 @@ def main() -> None:
     metrics = runs.read_metrics(args.out)
     ids = spd.target.sample_inputs(SEQUENCES, step_generator(0, "induction-benchmark"))
     spd_row = {"spd": str(args.out), **{name: metrics[name] for name in SPD_METRICS}}
-    print(json.dumps({**spd_row, "ci_masked_accuracy": ci_masked_accuracy(spd, ids)}), flush=True)
+    print(json.dumps({**spd_row, **ci_masked(spd, ids)}), flush=True)
 
     grouping = api.group_components(args.out, alpha=args.alpha)
     components = grouping.components()
