@@ -65,7 +65,9 @@ class InductionConfig(StrictModel):
     a `previous_token_share` of the sequences instead asks for the token before each position."""
 
     kind: Literal["induction"] = "induction"
-    d_vocab: Annotated[int, Field(ge=4)] = Field(64, description="token values 0 … d_vocab − 1 (BOS is id d_vocab)")
+    d_vocab: Annotated[int, Field(ge=4)] = Field(
+        64, description="token values 0 … d_vocab − 1 (BOS is id d_vocab, BOS' d_vocab + 1)"
+    )
     min_repeat: Annotated[int, Field(ge=2)] = Field(4, description="shortest repeated segment")
     max_repeat: Annotated[int, Field(ge=2)] = Field(12, description="longest repeated segment; n_ctx = 1 + 2·max")
     d_model: PositiveInt = Field(32, description="residual stream width")
