@@ -100,7 +100,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides of the preset")
     args = parser.parse_args()
     if not runs.is_finished(args.out):
-        api.decompose(api.load_run_config(args.preset, args.overrides), args.out)
+        config = api.load_run_config(args.preset, args.overrides)
+        if config.target.kind != "induction":
+            raise SystemExit(f"{args.preset} is not an induction preset (its target is {config.target.kind})")
+        api.decompose(config, args.out)
     config, spd, _ = api.load_run(args.out)
     target = config.target
     print(json.dumps({"target": config.name, **induction_metrics(spd.target.model, target)}), flush=True)
