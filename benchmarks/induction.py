@@ -35,6 +35,7 @@ from unmerge import api, runs
 from unmerge.analysis.grouping import DEFAULT_ALPHA, subcomponent_names
 from unmerge.analysis.interventions import ablated
 from unmerge.metrics.clustering import adjusted_rand_index
+from unmerge.metrics.importance import ci_l0
 from unmerge.spd.method import SPD
 from unmerge.targets.induction import (
     copy_chance,
@@ -77,12 +78,11 @@ def ci_masked(spd: SPD, ids: torch.Tensor) -> dict[str, object]:
     row: dict[str, object] = {"ci_masked_accuracy": round(in_context_accuracy(logits, ids), 4)}
     second = previous_token_positions(ids, logits.shape[-1])
     if second.any():
-        first = (ids[:, :1] == logits.shape[-1]) & (torch.arange(ids.shape[1]) >= 1)
+        first = (ids[:, :1] == logits.shape[-1]) & (torch.arange(ids.shape[1], device=ids.device) >= 1)
         row["ci_masked_previous_token_task_accuracy"] = round(previous_token_accuracy(logits, ids), 4)
         for task, positions in (("induction_task", first), ("previous_token_task", second)):
             row[f"ci_l0_on_{task}"] = {
-                site: round(float((ci[positions] > 0.1).sum(-1).float().mean()), 2)
-                for site, ci in importances.clipped().items()
+                site: round(ci_l0(ci[positions]), 2) for site, ci in importances.clipped().items()
             }
     return row
 
@@ -144,8 +144,8 @@ def main() -> None:
     matched = [max(components, key=lambda members: len(set(members) & set(head))) for head in (previous, induction)]
     if matched[0] is not matched[1]:  # grouping's candidates for the two mechanisms, and what is outside them
         ablations["previous_token_component"], ablations["induction_component"] = matched
-        ablations["both_components"] = matched[0] + matched[1]
-        ablations["outside_both_components"] = sorted(set(subcomponent_names(spd)) - set(matched[0] + matched[1]))
+        ablations["both_components"] = both = matched[0] + matched[1]
+        ablations["outside_both_components"] = sorted(set(subcomponent_names(spd)) - set(both))
     for name, units in ablations.items():
         print(json.dumps({"ablated": name, "subcomponents": len(units), **scores(spd, ids, units)}), flush=True)
     for index, members in enumerate(components):
