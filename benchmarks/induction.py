@@ -19,7 +19,7 @@ subcomponent outside them; then with each component of the grouping ablated alon
 induction task's vocabulary; `copy_chance` is the accuracy of guessing uniformly among the tokens seen so far,
 what a model that copies some earlier token gets. A target with the previous-token task (`induction-two-tasks`)
 adds that task's accuracy to every row, and, for each component, the share of each layer's active subcomponents
-it holds. The grouping line gives its adjusted Rand index against the heads (the truth: each subcomponent belongs
+it holds and the share of each task's positions on which it fires (any member's CI > 0.1). The grouping line gives its adjusted Rand index against the heads (the truth: each subcomponent belongs
 to its layer's head); `--alpha` sets grouping's α.
 """
 
@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 from unmerge import api, runs
-from unmerge.analysis.grouping import DEFAULT_ALPHA, subcomponent_names
+from unmerge.analysis.grouping import DEFAULT_ALPHA, DEFAULT_THRESHOLD, subcomponent_names
 from unmerge.analysis.interventions import ablated
 from unmerge.metrics.clustering import adjusted_rand_index
 from unmerge.metrics.importance import ci_l0
-from unmerge.spd.method import SPD
+from unmerge.spd.method import SPD, Importances
+from unmerge.spd.records import CleanPass
 from unmerge.targets.induction import (
     copy_chance,
     in_context_accuracy,
@@ -67,24 +68,34 @@ def scores(spd: SPD, ids: torch.Tensor, units: list[str]) -> dict[str, float]:
     return row
 
 
-def ci_masked(spd: SPD, ids: torch.Tensor) -> dict[str, object]:
+def task_positions(ids: torch.Tensor, d_vocab: int) -> dict[str, torch.Tensor]:
+    """(batch, seq) bool per task: the induction task's positions (BOS excluded) and, in a target with it, the
+    previous-token task's."""
+    induction = (ids[:, :1] == d_vocab) & (torch.arange(ids.shape[1], device=ids.device) >= 1)
+    second = previous_token_positions(ids, d_vocab)
+    return {"induction_task": induction, "previous_token_task": second} if second.any() else {}
+
+
+def ci_masked(spd: SPD, ids: torch.Tensor, clean: CleanPass, importances: Importances) -> dict[str, object]:
     """In-context accuracy (and the previous-token task's) of the decomposed model with every subcomponent masked by
-    its causal importance; with the previous-token task, each site's CI-L0 at 0.1 per position on that task's
-    positions and on the induction task's (BOS excluded)."""
-    with torch.no_grad(), spd.model.attached():
-        clean = spd.model.clean_pass(ids)
-        importances = spd.importances(clean)
+    its causal importance; with the previous-token task, each site's CI-L0 at 0.1 per position on each task's
+    positions."""
+    with torch.no_grad():
         logits = spd.model.masked_pass(ids, importances.lower, clean, importances.inner)
     row: dict[str, object] = {"ci_masked_accuracy": round(in_context_accuracy(logits, ids), 4)}
-    second = previous_token_positions(ids, logits.shape[-1])
-    if second.any():
-        first = (ids[:, :1] == logits.shape[-1]) & (torch.arange(ids.shape[1], device=ids.device) >= 1)
+    tasks = task_positions(ids, logits.shape[-1])
+    if tasks:
         row["ci_masked_previous_token_task_accuracy"] = round(previous_token_accuracy(logits, ids), 4)
-        for task, positions in (("induction_task", first), ("previous_token_task", second)):
-            row[f"ci_l0_on_{task}"] = {
-                site: round(ci_l0(ci[positions]), 2) for site, ci in importances.clipped().items()
-            }
+    for task, positions in tasks.items():
+        row[f"ci_l0_on_{task}"] = {site: round(ci_l0(ci[positions]), 2) for site, ci in importances.clipped().items()}
     return row
+
+
+def firing(active: torch.Tensor, tasks: dict[str, torch.Tensor], members: list[int]) -> dict[str, float]:
+    """Per task, the share of its positions on which any of `members` (columns of `active`, (batch, seq, units)
+    bool) is active: a component of one mechanism fires on the tasks that use it and not on the others."""
+    fires = active[..., members].any(-1)
+    return {f"fires_on_{task}": round(float(fires[positions].float().mean()), 3) for task, positions in tasks.items()}
 
 
 def layers(units: list[str]) -> list[int]:
@@ -109,8 +120,14 @@ def main() -> None:
     print(json.dumps({"target": config.name, **induction_metrics(spd.target.model, target)}), flush=True)
     metrics = runs.read_metrics(args.out)
     ids = spd.target.sample_inputs(SEQUENCES, step_generator(0, "induction-benchmark"))
+    with torch.no_grad():
+        clean = spd.model.clean_pass(ids)
+        importances = spd.importances(clean)
     spd_row = {"spd": str(args.out), **{name: metrics[name] for name in SPD_METRICS}}
-    print(json.dumps({**spd_row, **ci_masked(spd, ids)}), flush=True)
+    print(json.dumps({**spd_row, **ci_masked(spd, ids, clean, importances)}), flush=True)
+    tasks = task_positions(ids, target.d_vocab)
+    fired = importances.lower_all > DEFAULT_THRESHOLD
+    column = {name: i for i, name in enumerate(subcomponent_names(spd))}
 
     grouping = api.group_components(args.out, alpha=args.alpha)
     components = grouping.components()
@@ -152,6 +169,7 @@ def main() -> None:
         row = {"component": index, "subcomponents": len(members), "layers": layers(members)}
         for layer, active in enumerate((previous, induction)):
             row[f"share_of_layer{layer}"] = round(len(set(members) & set(active)) / max(len(active), 1), 3)
+        row |= firing(fired, tasks, [column[unit] for unit in members])
         print(json.dumps({**row, **scores(spd, ids, members)}), flush=True)
 
 
