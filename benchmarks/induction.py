@@ -19,8 +19,9 @@ subcomponent outside them; then with each component of the grouping ablated alon
 induction task's vocabulary; `copy_chance` is the accuracy of guessing uniformly among the tokens seen so far,
 what a model that copies some earlier token gets. A target with the previous-token task (`induction-two-tasks`)
 adds that task's accuracy to every row, and, for each component, the share of each layer's active subcomponents
-it holds and the share of each task's positions on which it fires (any member's CI > 0.1). The grouping line gives its adjusted Rand index against the heads (the truth: each subcomponent belongs
-to its layer's head); `--alpha` sets grouping's α.
+it holds and the share of each task's positions on which it fires (any member's CI > 0.1). The grouping line
+gives its adjusted Rand index against the heads (the truth: each subcomponent belongs to its layer's head);
+`--alpha` sets grouping's α.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def scores(spd: SPD, ids: torch.Tensor, units: list[str]) -> dict[str, float]:
     """In-context accuracy, the two head scores (head 0 of each layer) and, with the previous-token task, its
     accuracy, with `units` zero-ablated."""
     with ablated(spd, units):
-        logits, patterns = spd.target.model.run(ids)
+        logits, patterns, _ = spd.target.model.run(ids)
     row = {
         "accuracy": round(in_context_accuracy(logits, ids), 4),
         "previous_token_score_layer0": round(float(previous_token_scores(patterns[0], ids)[0]), 4),

@@ -18,6 +18,7 @@ from unmerge.targets.induction import (
     determined_predictions,
     in_context_accuracy,
     induction_inputs,
+    induction_loss,
     induction_metrics,
     induction_scores,
     previous_token_accuracy,
@@ -123,6 +124,20 @@ def test_the_target_trains_and_is_deterministic() -> None:
     assert logits.shape == (8, TINY.n_ctx, 16) and (logits[~repeat_positions(ids)[0]] == 0).all()
 
 
+def test_the_idle_write_penalty_is_the_last_layers_mean_square_write_on_the_previous_token_task() -> None:
+    config = TINY.model_copy(update={"d_vocab": 24, "previous_token_share": 0.5})
+    ids = induction_inputs(config, 16, torch.Generator().manual_seed(3))
+    model = InductionTransformer(config)
+    logits, _, writes = model.run(ids)
+    predicted, answer = determined_predictions(ids, config.d_vocab)
+    cross_entropy = torch.nn.functional.cross_entropy(logits[predicted], answer[predicted])
+    assert torch.equal(induction_loss(model, ids), cross_entropy)
+    second = ids[:, 0] == config.d_vocab + 1
+    by_hand = writes[1][second, 2:].pow(2).mean()  # every position from 2 on of the second task's sequences
+    model.idle_write_coeff = 0.5
+    assert second.any() and torch.allclose(induction_loss(model, ids), cross_entropy + 0.5 * by_hand)
+
+
 @pytest.mark.slow
 def test_the_preset_target_forms_a_previous_token_and_an_induction_head() -> None:
     config = api.load_run_config("induction").target
@@ -176,6 +191,8 @@ def test_spd_runs_on_the_preset(tmp_path: Path) -> None:
         (["target.previous_token_share=0.5", "target.d_vocab=38"], "from half the vocabulary"),
         (["target.previous_token_share=0.5", "target.d_vocab=44", "target.min_repeat=2"], "upper half"),
         (["target.positions=last_layer"], "positions"),
+        (["target.idle_write_coeff=1"], "set previous_token_share above 0"),
+        (["target.previous_token_share=0.5", "target.d_vocab=48", "target.idle_write_coeff=-1"], "idle_write_coeff"),
     ],
 )
 def test_bad_induction_configs_name_the_problem(overrides: list[str], message: str) -> None:

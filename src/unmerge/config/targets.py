@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveInt, model_validator
 
 from unmerge.config.base import Probability, StrictModel
 from unmerge.config.training import OptimConfig, TrainConfig
@@ -83,6 +83,12 @@ class InductionConfig(StrictModel):
         description="where the learned positions enter: the residual stream, or only layer 0's queries and keys "
         "(then layer 1 cannot attend by position, so only layer 0 can be the previous-token head)",
     )
+    idle_write_coeff: NonNegativeFloat = Field(
+        0.0,
+        description="weight, in training the target, of the mean square of what the last layer's attention writes "
+        "into the residual stream on the previous-token task's positions: makes that layer write nothing there "
+        "(idle, not merely harmless), so no part of it is needed for that task",
+    )
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(steps=3000, batch_size=128, optim=OptimConfig(lr=3e-3, schedule="cosine")),
         description="training recipe of the target (Adam on fresh batches, cosine lr)",
@@ -112,6 +118,11 @@ class InductionConfig(StrictModel):
                 f"d_vocab {self.d_vocab} is too small for the previous-token task's 2·max_repeat = "
                 f"{2 * self.max_repeat} distinct tokens from the vocabulary's upper half: raise d_vocab or set "
                 "previous_token_share to 0"
+            )
+        if self.idle_write_coeff and not self.previous_token_share:
+            raise ValueError(
+                "idle_write_coeff acts on the previous-token task's positions: set previous_token_share above 0 "
+                "or idle_write_coeff to 0"
             )
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")

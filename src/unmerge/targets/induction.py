@@ -18,7 +18,10 @@ importance reads one position has no input on which one head is needed and the o
 on the second task's tokens, which every site can see, so co-activation (grouping) can tell the mechanisms apart.
 Layer 1 would learn the second task itself (it can attend by position as well as layer 0 can), so such targets
 use `positions: first_layer_qk`: the learned positions enter layer 0's queries and keys only, not the residual
-stream, and only layer 0 can attend to the previous position.
+stream, and only layer 0 can attend to the previous position. Unneeded is not idle, though: trained on the two tasks
+alone, layer 1 writes more into the residual stream on the second task's tokens than on the first's (a vector the
+unembedding mostly ignores), and parts of it then matter. `idle_write_coeff` adds the mean square of that write to
+the training loss, so layer 1 learns to write nothing there.
 
 Every weight is its own module (`embed`, `blocks.{0,1}.attn.{q,k,v,o}_proj`, `unembed`), so SPD decomposes the
 attention of both layers by the pattern `blocks.*.attn.*`.
@@ -27,6 +30,7 @@ attention of both layers by the pattern `blocks.*.attn.*`.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,15 @@ from unmerge.config import InductionConfig
 from unmerge.train.rng import step_generator
 
 EVAL_SEQUENCES = 4096
+
+
+class InductionRun(NamedTuple):
+    """One forward pass: logits (batch, seq, d_vocab), each layer's attention pattern (batch, heads, query, key)
+    and what each layer's attention writes into the residual stream (batch, seq, d_model)."""
+
+    logits: Tensor
+    patterns: list[Tensor]
+    writes: list[Tensor]
 
 
 class InductionTransformer(nn.Module):
@@ -64,17 +77,18 @@ class InductionTransformer(nn.Module):
         )
         self.unembed = nn.Linear(d_model, d_vocab, bias=False)
         self.logits = nn.Identity()  # a hook point for the output
+        self.idle_write_coeff = config.idle_write_coeff
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.run(ids)[0]
+        return self.run(ids).logits
 
-    def run(self, ids: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """The logits and each layer's attention pattern (batch, heads, query, key)."""
+    def run(self, ids: Tensor) -> InductionRun:
+        """The logits, each layer's attention pattern and what each layer writes into the residual stream."""
         batch, seq = ids.shape
         positions = self.pos_embed[:seq]
         x = self.embed(ids) + positions if self.positions == "residual" else self.embed(ids)
         causal = torch.ones(seq, seq, dtype=torch.bool, device=ids.device).tril()
-        patterns = []
+        patterns, writes = [], []
         for layer, block in enumerate(self.blocks):
             attn = block["attn"]
             located = x + positions if self.positions == "first_layer_qk" and layer == 0 else x
@@ -85,9 +99,10 @@ class InductionTransformer(nn.Module):
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
             pattern = scores.masked_fill(~causal, -math.inf).softmax(-1)
             patterns.append(pattern)
-            x = x + attn["o_proj"]((pattern @ v).transpose(1, 2).reshape(batch, seq, -1))
+            writes.append(attn["o_proj"]((pattern @ v).transpose(1, 2).reshape(batch, seq, -1)))
+            x = x + writes[-1]
         predicted = determined_predictions(ids, self.unembed.out_features)[0]
-        return self.logits(self.unembed(x) * predicted[..., None]), patterns
+        return InductionRun(self.logits(self.unembed(x) * predicted[..., None]), patterns, writes)
 
 
 def induction_inputs(config: InductionConfig, batch_size: int, generator: torch.Generator) -> Tensor:
@@ -136,11 +151,16 @@ def determined_predictions(ids: Tensor, d_vocab: int) -> tuple[Tensor, Tensor]:
     return repeat_positions(ids)[0] | previous, answer
 
 
-def induction_loss(model: nn.Module, ids: Tensor) -> Tensor:
-    """Cross-entropy of the determined predictions of both tasks."""
-    logits = model(ids)
+def induction_loss(model: InductionTransformer, ids: Tensor) -> Tensor:
+    """Cross-entropy of the determined predictions of both tasks, plus `idle_write_coeff` times the mean square of
+    the last layer's write on the previous-token task's positions."""
+    logits, _, writes = model.run(ids)
     predicted, answer = determined_predictions(ids, logits.shape[-1])
-    return F.cross_entropy(logits[predicted], answer[predicted])
+    loss = F.cross_entropy(logits[predicted], answer[predicted])
+    if not model.idle_write_coeff:
+        return loss
+    idle = previous_token_positions(ids, logits.shape[-1])
+    return loss + model.idle_write_coeff * writes[-1][idle].pow(2).mean()
 
 
 def in_context_accuracy(logits: Tensor, ids: Tensor) -> float:
@@ -184,9 +204,11 @@ def induction_scores(pattern: Tensor, ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def induction_metrics(model: InductionTransformer, config: InductionConfig) -> dict[str, float]:
-    """In-context accuracy, loss, and the layers' previous-token and induction scores per head on a fixed sample."""
+    """In-context accuracy, loss, and the layers' previous-token and induction scores per head on a fixed sample;
+    with the previous-token task, its accuracy and the root mean square of the last layer's write on each task's
+    determined predictions (what `idle_write_coeff` drives to 0 on the previous-token task)."""
     ids = induction_inputs(config, EVAL_SEQUENCES, step_generator(config.train.seed, "induction-eval"))
-    logits, patterns = model.run(ids)
+    logits, patterns, writes = model.run(ids)
     predicted = repeat_positions(ids)[0]
     results = {
         "in_context_accuracy": in_context_accuracy(logits, ids),
@@ -195,6 +217,11 @@ def induction_metrics(model: InductionTransformer, config: InductionConfig) -> d
     }
     if config.previous_token_share:
         results["previous_token_accuracy"] = previous_token_accuracy(logits, ids)
+        for task, positions in (
+            ("induction_task", predicted),
+            ("previous_token_task", previous_token_positions(ids, config.d_vocab)),
+        ):
+            results[f"last_layer_write_rms/{task}"] = float(writes[-1][positions].pow(2).mean().sqrt())
     for layer, pattern in enumerate(patterns):
         for head, score in enumerate(previous_token_scores(pattern, ids).tolist()):
             results[f"previous_token_score/{layer}.{head}"] = score
