@@ -15,7 +15,9 @@ layer-0 sites, active meaning CI > 0.1 on 10 or more of the 16,384 positions gro
 mechanism (those of the layer-1 sites), both, and the rest (every inactive subcomponent; what stays is the two
 mechanisms and the residual W − U V); grouping's candidates for the two mechanisms (the component holding most
 of layer 0's active subcomponents, the one holding most of layer 1's, when they differ), both together and every
-subcomponent outside them; then with each component of the grouping ablated alone. Chance is 1 / the
+subcomponent outside them; with the previous-token task, also the induction mechanism as the tasks define it
+(every component that fires on the induction task and not on the other: `induction_task_components`) and everything
+outside it and the previous-token component; then with each component of the grouping ablated alone. Chance is 1 / the
 induction task's vocabulary; `copy_chance` is the accuracy of guessing uniformly among the tokens seen so far,
 what a model that copies some earlier token gets. A target with the previous-token task (`induction-two-tasks`)
 adds that task's accuracy to every row, and, for each component, the share of each layer's active subcomponents
@@ -99,6 +101,18 @@ def firing(active: torch.Tensor, tasks: dict[str, torch.Tensor], members: list[i
     return {f"fires_on_{task}": round(float(fires[positions].float().mean()), 3) for task, positions in tasks.items()}
 
 
+def induction_task_components(components: list[list[str]], firings: list[dict[str, float]]) -> list[str]:
+    """The units of every component the induction task uses and the previous-token task does not (it fires on at
+    least half of the first task's positions and at most a tenth of the second's): the induction mechanism as the
+    tasks define it, whichever layers and however many components it spans."""
+    return [
+        unit
+        for members, fires in zip(components, firings, strict=True)
+        if fires["fires_on_induction_task"] >= 0.5 and fires["fires_on_previous_token_task"] <= 0.1
+        for unit in members
+    ]
+
+
 def layers(units: list[str]) -> list[int]:
     """The layers whose sites hold `units` (`blocks.L.attn.x_proj/c`)."""
     return sorted({int(unit.split(".")[1]) for unit in units})
@@ -132,6 +146,7 @@ def main() -> None:
 
     grouping = api.group_components(args.out, alpha=args.alpha)
     components = grouping.components()
+    firings = [firing(fired, tasks, [column[unit] for unit in members]) for members in components]
     previous = [unit for unit in grouping.units if layers([unit]) == [0]]
     induction = [unit for unit in grouping.units if layers([unit]) == [1]]
     rest = sorted(set(subcomponent_names(spd)) - set(grouping.units))
@@ -164,14 +179,17 @@ def main() -> None:
         ablations["previous_token_component"], ablations["induction_component"] = matched
         ablations["both_components"] = both = matched[0] + matched[1]
         ablations["outside_both_components"] = sorted(set(subcomponent_names(spd)) - set(both))
+    if tasks:
+        by_task = ablations["induction_task_components"] = induction_task_components(components, firings)
+        kept = set(matched[0]) | set(by_task)
+        ablations["outside_previous_token_and_induction_task_components"] = sorted(set(column) - kept)
     for name, units in ablations.items():
         print(json.dumps({"ablated": name, "subcomponents": len(units), **scores(spd, ids, units)}), flush=True)
     for index, members in enumerate(components):
         row = {"component": index, "subcomponents": len(members), "layers": layers(members)}
         for layer, active in enumerate((previous, induction)):
             row[f"share_of_layer{layer}"] = round(len(set(members) & set(active)) / max(len(active), 1), 3)
-        row |= firing(fired, tasks, [column[unit] for unit in members])
-        print(json.dumps({**row, **scores(spd, ids, members)}), flush=True)
+        print(json.dumps({**row, **firings[index], **scores(spd, ids, members)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""`benchmarks/induction.py`'s task positions and each component's firing share per task, by hand."""
+"""`benchmarks/induction.py`'s task positions, each component's firing share per task and the components of the
+induction task alone, by hand."""
 
 from __future__ import annotations
 
 import torch
-from induction import firing, task_positions
+from induction import firing, induction_task_components, task_positions
 
 D_VOCAB = 8  # BOS is 8, the second task's BOS' is 9
 
@@ -25,3 +26,14 @@ def test_a_component_fires_where_any_member_is_active() -> None:
     active[0, 0, 0] = active[0, 1, 1] = active[0, 2, 2] = True  # unit 2 fires once on task b
     assert firing(active, tasks, [0, 1]) == {"fires_on_a": 1.0, "fires_on_b": 0.0}
     assert firing(active, tasks, [0, 2]) == {"fires_on_a": 0.5, "fires_on_b": 0.5}
+
+
+def test_the_induction_task_components_fire_on_half_its_positions_and_a_tenth_of_the_others_at_most() -> None:
+    components = [["a"], ["b", "c"], ["d"], ["e"]]
+    firings = [
+        {"fires_on_induction_task": 1.0, "fires_on_previous_token_task": 1.0},  # both tasks: previous-token head
+        {"fires_on_induction_task": 0.5, "fires_on_previous_token_task": 0.1},
+        {"fires_on_induction_task": 0.4, "fires_on_previous_token_task": 0.0},  # too rarely on the induction task
+        {"fires_on_induction_task": 0.9, "fires_on_previous_token_task": 0.2},  # too often on the other
+    ]
+    assert induction_task_components(components, firings) == ["b", "c"]

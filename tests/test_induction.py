@@ -155,6 +155,7 @@ def test_the_two_task_target_needs_layer_one_for_induction_alone() -> None:
     scores = induction_metrics(target.model, config)
     assert scores["in_context_accuracy"] > 0.99 and scores["previous_token_accuracy"] > 0.99
     assert scores["previous_token_score/0.0"] > 0.85 and scores["induction_score/1.0"] > 0.95
+    assert scores["last_layer_write_rms/previous_token_task"] < 1e-3 * scores["last_layer_write_rms/induction_task"]
     ids = induction_inputs(config, 2048, torch.Generator().manual_seed(0))
     with torch.no_grad():
         target.model.blocks[1]["attn"]["o_proj"].weight.zero_()
