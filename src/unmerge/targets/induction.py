@@ -14,8 +14,9 @@ With `previous_token_share` > 0 that share of the sequences belongs to a second 
 head alone: `[BOS']` (a second BOS, id d_vocab + 1) then distinct tokens of the vocabulary's upper half, every
 position from 2 on predicting the token before it (what the previous-token head writes); the induction task draws
 from the lower half. Without it both heads are used at full rank on every token, and a decomposition whose causal
-importance reads one position has no input on which one head is needed and the other not. With it, layer 1 is idle
-on the second task's tokens, which every site can see, so co-activation (grouping) can tell the mechanisms apart.
+importance reads one position has no input on which one head is needed and the other not. With it, layer 1 is not
+needed on the second task's tokens, which every site can see, so co-activation (grouping) can tell the mechanisms
+apart.
 Layer 1 would learn the second task itself (it can attend by position as well as layer 0 can), so such targets
 use `positions: first_layer_qk`: the learned positions enter layer 0's queries and keys only, not the residual
 stream, and only layer 0 can attend to the previous position. Unneeded is not idle, though: trained on the two tasks
