@@ -15,9 +15,9 @@ layer-0 sites, active meaning CI > 0.1 on 10 or more of the 16,384 positions gro
 mechanism (those of the layer-1 sites), both, and the rest (every inactive subcomponent; what stays is the two
 mechanisms and the residual W − U V); grouping's candidates for the two mechanisms (the component holding most
 of layer 0's active subcomponents, the one holding most of layer 1's, when they differ), both together and every
-subcomponent outside them; with the previous-token task, also the induction mechanism as the tasks define it
-(every component that fires on the induction task and not on the other: `induction_task_components`) and everything
-outside it and the previous-token component; then with each component of the grouping ablated alone. Chance is 1 / the
+subcomponent outside them; with the previous-token task, also the two mechanisms as the tasks define them
+(`task_mechanisms`: the components the previous-token task uses, those only the induction task uses) and everything
+outside both; then with each component of the grouping ablated alone. Chance is 1 / the
 induction task's vocabulary; `copy_chance` is the accuracy of guessing uniformly among the tokens seen so far,
 what a model that copies some earlier token gets. A target with the previous-token task (`induction-two-tasks`)
 adds that task's accuracy to every row, and, for each component, the share of each layer's active subcomponents
@@ -46,6 +46,7 @@ from unmerge.targets.induction import (
     in_context_accuracy,
     induction_metrics,
     induction_scores,
+    induction_task_positions,
     previous_token_accuracy,
     previous_token_positions,
     previous_token_scores,
@@ -53,6 +54,7 @@ from unmerge.targets.induction import (
 from unmerge.train.rng import step_generator
 
 SEQUENCES = 2048
+USES = 0.5  # a task uses a component that fires on at least this share of its positions
 SPD_METRICS = ("faithfulness_relative", "stochastic_recon", "ci_masked_recon", "unmasked_recon", "ci_l0/0.1")
 
 
@@ -74,9 +76,10 @@ def scores(spd: SPD, ids: torch.Tensor, units: list[str]) -> dict[str, float]:
 def task_positions(ids: torch.Tensor, d_vocab: int) -> dict[str, torch.Tensor]:
     """(batch, seq) bool per task: the induction task's positions (BOS excluded) and, in a target with it, the
     previous-token task's."""
-    induction = (ids[:, :1] == d_vocab) & (torch.arange(ids.shape[1], device=ids.device) >= 1)
     second = previous_token_positions(ids, d_vocab)
-    return {"induction_task": induction, "previous_token_task": second} if second.any() else {}
+    if not second.any():
+        return {}
+    return {"induction_task": induction_task_positions(ids, d_vocab), "previous_token_task": second}
 
 
 def ci_masked(spd: SPD, ids: torch.Tensor, clean: CleanPass, importances: Importances) -> dict[str, object]:
@@ -101,21 +104,30 @@ def firing(active: torch.Tensor, tasks: dict[str, torch.Tensor], members: list[i
     return {f"fires_on_{task}": round(float(fires[positions].float().mean()), 3) for task, positions in tasks.items()}
 
 
-def induction_task_components(components: list[list[str]], firings: list[dict[str, float]]) -> list[str]:
-    """The units of every component the induction task uses and the previous-token task does not (it fires on at
-    least half of the first task's positions and at most a tenth of the second's): the induction mechanism as the
-    tasks define it, whichever layers and however many components it spans."""
-    return [
-        unit
-        for members, fires in zip(components, firings, strict=True)
-        if fires["fires_on_induction_task"] >= 0.5 and fires["fires_on_previous_token_task"] <= 0.1
-        for unit in members
-    ]
+def task_mechanisms(components: list[list[str]], firings: list[dict[str, float]]) -> dict[str, list[str]]:
+    """The two mechanisms as the tasks define them, whichever layers and however many components each spans. A task
+    uses a component that fires on at least half of its positions (`USES`). The previous-token task needs the
+    previous-token head alone, so every component it uses is the previous-token mechanism; the induction task needs
+    both heads, so the components it uses and the other task does not are the induction mechanism; components
+    neither task uses are the rest. Returns the units of each mechanism."""
+    mechanisms: dict[str, list[str]] = {"previous_token_task_components": [], "induction_task_components": []}
+    for members, fires in zip(components, firings, strict=True):
+        if fires["fires_on_previous_token_task"] >= USES:
+            mechanisms["previous_token_task_components"] += members
+        elif fires["fires_on_induction_task"] >= USES:
+            mechanisms["induction_task_components"] += members
+    return mechanisms
 
 
 def layers(units: list[str]) -> list[int]:
     """The layers whose sites hold `units` (`blocks.L.attn.x_proj/c`)."""
     return sorted({int(unit.split(".")[1]) for unit in units})
+
+
+def per_layer(units: list[str], n_layers: int) -> list[int]:
+    """How many of `units` each layer's sites hold."""
+    held = [layers([unit])[0] for unit in units]
+    return [held.count(layer) for layer in range(n_layers)]
 
 
 def main() -> None:
@@ -180,11 +192,13 @@ def main() -> None:
         ablations["both_components"] = both = matched[0] + matched[1]
         ablations["outside_both_components"] = sorted(set(subcomponent_names(spd)) - set(both))
     if tasks:
-        by_task = ablations["induction_task_components"] = induction_task_components(components, firings)
-        kept = set(matched[0]) | set(by_task)
-        ablations["outside_previous_token_and_induction_task_components"] = sorted(set(column) - kept)
+        ablations.update(by_task := task_mechanisms(components, firings))
+        kept = {unit for units in by_task.values() for unit in units}
+        ablations["outside_both_task_mechanisms"] = sorted(set(column) - kept)
+    n_layers = len(spd.target.model.blocks)
     for name, units in ablations.items():
-        print(json.dumps({"ablated": name, "subcomponents": len(units), **scores(spd, ids, units)}), flush=True)
+        row = {"ablated": name, "subcomponents": len(units), "per_layer": per_layer(units, n_layers)}
+        print(json.dumps({**row, **scores(spd, ids, units)}), flush=True)
     for index, members in enumerate(components):
         row = {"component": index, "subcomponents": len(members), "layers": layers(members)}
         for layer, active in enumerate((previous, induction)):

@@ -1,10 +1,10 @@
 """`benchmarks/induction.py`'s task positions, each component's firing share per task and the components of the
-induction task alone, by hand."""
+two mechanisms as the tasks define them, by hand."""
 
 from __future__ import annotations
 
 import torch
-from induction import firing, induction_task_components, task_positions
+from induction import firing, per_layer, task_mechanisms, task_positions
 
 D_VOCAB = 8  # BOS is 8, the second task's BOS' is 9
 
@@ -28,12 +28,21 @@ def test_a_component_fires_where_any_member_is_active() -> None:
     assert firing(active, tasks, [0, 2]) == {"fires_on_a": 0.5, "fires_on_b": 0.5}
 
 
-def test_the_induction_task_components_fire_on_half_its_positions_and_a_tenth_of_the_others_at_most() -> None:
-    components = [["a"], ["b", "c"], ["d"], ["e"]]
+def test_the_tasks_define_the_mechanisms_by_the_components_they_use() -> None:
+    components = [["a"], ["b", "c"], ["d"], ["e"], ["f"]]
     firings = [
         {"fires_on_induction_task": 1.0, "fires_on_previous_token_task": 1.0},  # both tasks: previous-token head
-        {"fires_on_induction_task": 0.5, "fires_on_previous_token_task": 0.1},
-        {"fires_on_induction_task": 0.4, "fires_on_previous_token_task": 0.0},  # too rarely on the induction task
-        {"fires_on_induction_task": 0.9, "fires_on_previous_token_task": 0.2},  # too often on the other
+        {"fires_on_induction_task": 0.5, "fires_on_previous_token_task": 0.1},  # the induction task alone
+        {"fires_on_induction_task": 0.4, "fires_on_previous_token_task": 0.0},  # too rarely on either: the rest
+        {"fires_on_induction_task": 0.9, "fires_on_previous_token_task": 0.49},  # just under half of the other's
+        {"fires_on_induction_task": 0.0, "fires_on_previous_token_task": 0.5},  # the previous-token task alone
     ]
-    assert induction_task_components(components, firings) == ["b", "c"]
+    assert task_mechanisms(components, firings) == {
+        "previous_token_task_components": ["a", "f"],
+        "induction_task_components": ["b", "c", "e"],
+    }
+
+
+def test_per_layer_counts_the_units_each_layer_holds() -> None:
+    units = ["blocks.0.attn.q_proj/3", "blocks.1.attn.k_proj/0", "blocks.1.attn.o_proj/7"]
+    assert per_layer(units, 3) == [1, 2, 0]

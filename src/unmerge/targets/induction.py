@@ -139,6 +139,12 @@ def repeat_positions(ids: Tensor) -> tuple[Tensor, Tensor]:
     return occurred, match.int().argmax(-1)
 
 
+def induction_task_positions(ids: Tensor, d_vocab: int) -> Tensor:
+    """(batch, seq): the positions of the induction task, every position from 1 on of a sequence that starts with
+    BOS (id d_vocab)."""
+    return (ids[:, :1] == d_vocab) & (torch.arange(ids.shape[1], device=ids.device) >= 1)
+
+
 def previous_token_positions(ids: Tensor, d_vocab: int) -> Tensor:
     """(batch, seq): the positions of the previous-token task, every position from 2 on of a sequence that starts
     with the second BOS (id d_vocab + 1); the answer at t is the token at t − 1."""
