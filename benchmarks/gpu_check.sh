@@ -4,7 +4,9 @@
 #   benchmarks/gpu_check.sh toys      # ≤ 4.5 min: the `cuda` tests, CUDA-vs-CPU step agreement, fp32/bf16 step times
 #   benchmarks/gpu_check.sh lm        # ≤ 8 min: SmolLM2-135M SPD over all MLPs (step time, peak memory), then over
 #                                     #   every attention and MLP matrix (CE of the CI-masked model, alive, L0, time)
-#   benchmarks/gpu_check.sh           # both
+#   benchmarks/gpu_check.sh resid3 [--set K=V ...]   # ≤ 9.5 min: issue 22's 3-layer residual MLP, seeds 0-2 in
+#                                     #   parallel on the card, 20,000 steps of the recipe (extra overrides appended)
+#   benchmarks/gpu_check.sh           # toys and lm
 # Run from the repository root, its python3 holding torch with CUDA (pydantic and the rest installed, or on
 # PYTHONPATH); the lm stage needs the SmolLM2 package and the corpus (`make real`). One JSON line per result.
 set -u
@@ -13,6 +15,20 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS
 export UNMERGE_CACHE_DIR="${UNMERGE_CACHE_DIR:-/tmp/unmerge-gpu-check}"
 PY="${PYTHON:-python3}"
 echo "{\"benchmark\": \"device\", \"name\": \"$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)\", \"torch\": \"$($PY -c 'import torch; print(torch.__version__)')\"}"
+if [[ $stage == resid3 ]]; then
+    # the recipe of BENCHMARKS.md "Three layers, under way" (constant lr, so each checkpoint is the shorter run);
+    # each run's last logged step every 60 s, so a run cut short still shows how far it got
+    out=$(mktemp -d /tmp/resid3-XXXX)
+    (shopt -s nullglob; while sleep 60 && kill -0 $$ 2>/dev/null; do for log in "$out"/*/*/train_log.jsonl; do
+        echo "{\"t_s\": $SECONDS, \"run\": \"$log\", \"step\": $(tail -1 "$log" 2>/dev/null | cut -d, -f1 | cut -d: -f2)}"
+    done; done) &
+    watcher=$!
+    timeout 570 $PY benchmarks/seeds.py resid-mlp-3 --seeds 0-2 --workers 3 --out "$out" --set train.device=cuda \
+        --set train.steps=20000 --set method.faithfulness_warmup_steps=200 --set train.optim.lr=2e-3 \
+        --set method.ci_hidden=16 --set method.importance_minimality_coeff=1e-5 \
+        --set "method.sites=[{pattern: layers.*.mlp_in, C: 150}, {pattern: layers.*.mlp_out, C: 150}]" "${@:2}"
+    kill $watcher
+fi
 if [[ $stage == toys || $stage == all ]]; then
     timeout 120 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py 2>&1 | grep -E '^(FAILED|ERROR)|passed|failed'
     timeout 60 $PY benchmarks/devices.py agreement
@@ -23,7 +39,7 @@ if [[ $stage == lm || $stage == all ]]; then
     # issue 24: every attention and MLP matrix of SmolLM2 (210 sites), 200 steps after a 200-step warm-up, bf16;
     # the training log's last line every 30 s, so a run cut short still shows how far it got
     run_dir=$(mktemp -d /tmp/whole-lm-XXXX)
-    (while sleep 30; do echo "{\"t_s\": $SECONDS, \"last_log\": $(tail -1 "$run_dir/train_log.jsonl" 2>/dev/null || echo null)}"; done) &
+    (while sleep 30 && kill -0 $$ 2>/dev/null; do echo "{\"t_s\": $SECONDS, \"last_log\": $(tail -1 "$run_dir/train_log.jsonl" 2>/dev/null || echo null)}"; done) &
     watcher=$!
     timeout 360 $PY benchmarks/whole_lm.py smollm2-all --device cuda --steps 200 --out "$run_dir" 2>&1 | grep -v '%|'
     kill $watcher
