@@ -15,13 +15,17 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS
 export UNMERGE_CACHE_DIR="${UNMERGE_CACHE_DIR:-/tmp/unmerge-gpu-check}"
 PY="${PYTHON:-python3}"
 echo "{\"benchmark\": \"device\", \"name\": \"$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)\", \"torch\": \"$($PY -c 'import torch; print(torch.__version__)')\"}"
-if [[ $stage == resid3 ]]; then
-    # the recipe of BENCHMARKS.md "Three layers, under way" (constant lr, so each checkpoint is the shorter run);
-    # each run's last logged step every 60 s, so a run cut short still shows how far it got
-    out=$(mktemp -d /tmp/resid3-XXXX)
-    (shopt -s nullglob; while sleep 60 && kill -0 $$ 2>/dev/null; do for log in "$out"/*/*/train_log.jsonl; do
-        echo "{\"t_s\": $SECONDS, \"run\": \"$log\", \"step\": $(tail -1 "$log" 2>/dev/null | cut -d, -f1 | cut -d: -f2)}"
+# every $1 s while this script runs, the last line of each training log matching the pattern $2 (a run cut short
+# by its timeout still shows how far it got); started in the background, stopped with `kill $!`
+watch_logs() {
+    (shopt -s nullglob; while sleep "$1" && kill -0 $$ 2>/dev/null; do for log in $2; do
+        echo "{\"t_s\": $SECONDS, \"log\": \"$log\", \"last\": $(tail -1 "$log" 2>/dev/null | grep . || echo null)}"
     done; done) &
+}
+if [[ $stage == resid3 ]]; then
+    # the recipe of BENCHMARKS.md "Three layers, under way" (constant lr, so each checkpoint is the shorter run)
+    out=$(mktemp -d /tmp/resid3-XXXX)
+    watch_logs 60 "$out/*/*/train_log.jsonl"
     watcher=$!
     timeout 570 $PY benchmarks/seeds.py resid-mlp-3 --seeds 0-2 --workers 3 --out "$out" --set train.device=cuda \
         --set train.steps=20000 --set method.faithfulness_warmup_steps=200 --set train.optim.lr=2e-3 \
@@ -36,10 +40,9 @@ if [[ $stage == toys || $stage == all ]]; then
 fi
 if [[ $stage == lm || $stage == all ]]; then
     timeout 120 $PY benchmarks/devices.py smollm2 --device cuda --batch 16 --steps 5 2>&1 | grep -v '%|'
-    # issue 24: every attention and MLP matrix of SmolLM2 (210 sites), 200 steps after a 200-step warm-up, bf16;
-    # the training log's last line every 30 s, so a run cut short still shows how far it got
+    # issue 24: every attention and MLP matrix of SmolLM2 (210 sites), 200 steps after a 200-step warm-up, bf16
     run_dir=$(mktemp -d /tmp/whole-lm-XXXX)
-    (while sleep 30 && kill -0 $$ 2>/dev/null; do echo "{\"t_s\": $SECONDS, \"last_log\": $(tail -1 "$run_dir/train_log.jsonl" 2>/dev/null || echo null)}"; done) &
+    watch_logs 30 "$run_dir/train_log.jsonl"
     watcher=$!
     timeout 360 $PY benchmarks/whole_lm.py smollm2-all --device cuda --steps 200 --out "$run_dir" 2>&1 | grep -v '%|'
     kill $watcher
