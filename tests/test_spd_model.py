@@ -366,3 +366,34 @@ def test_the_decomposed_model_is_one_module_tree() -> None:
     assert model(x.double(), {n: m.double() for n, m in masks.items()}).dtype == torch.float64
     model.train()
     assert not target.training  # the frozen target stays in evaluation mode
+
+
+def test_importance_frequency_covers_only_the_sites_that_ask_for_it() -> None:
+    """With W_out left out, the term is W_in's alone: on powers [[1, 0, 0 | 1, 1], [1, 1, 0 | 1, 0]] (W_in C = 3,
+    W_out C = 2), S = (2, 1, 0) and m = S / 2 over W_in's columns: 1 · log2 3 + 0.5 · log2 2 = log2 3 + 0.5."""
+    target = Target(
+        name="resid",
+        model=ResidMLP(ResidMLPConfig(n_features=4, d_embed=6, d_mlp=2), 0),
+        sample_inputs=lambda n, g: None,
+    )
+    sites = [
+        SiteConfig(pattern="layers.*.mlp_in", C=3),
+        SiteConfig(pattern="layers.*.mlp_out", C=2, importance_frequency=False),
+    ]
+    spd = SPD(target, SPDConfig(sites=sites, importance_minimality_coeff=1.0, importance_frequency_coeff=1.0), 0)
+    powers = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0, 0.0]])
+    (w_in,) = spd.frequency_powers(powers)
+    torch.testing.assert_close(w_in, powers[:, :3])
+    assert losses.importance_frequency_loss([w_in]).item() == pytest.approx(math.log2(3) + 0.5)
+    everything = SPDConfig(sites=[SiteConfig(pattern="layers.*.mlp_in", C=3)], importance_minimality_coeff=1.0)
+    w_in = powers[:, :3]
+    assert SPD(target, everything, 0).frequency_powers(w_in) == [w_in]  # every site: the tensor as it is
+
+
+def test_a_frequency_term_that_covers_no_site_is_an_error() -> None:
+    with pytest.raises(ValueError, match="importance_frequency: false"):
+        SPDConfig(
+            sites=[SiteConfig(pattern="a", C=1, importance_frequency=False)],
+            importance_minimality_coeff=1.0,
+            importance_frequency_coeff=1e-3,
+        )

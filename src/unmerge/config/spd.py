@@ -26,6 +26,12 @@ class SiteConfig(StrictModel):
 
     pattern: str = Field(min_length=1, description="fnmatch pattern over module names, e.g. 'layers.*.mlp_in'")
     C: PositiveInt = Field(description="rank-1 subcomponents per matched site")
+    importance_frequency: bool = Field(
+        True,
+        description="whether the importance-frequency term (method.importance_frequency_coeff) covers these "
+        "subcomponents; false for a site whose mechanism is dense, such as a residual MLP's W_out, which the term "
+        "would split into more subcomponents than it has neurons",
+    )
 
 
 class SPDConfig(StrictModel):
@@ -121,6 +127,15 @@ class SPDConfig(StrictModel):
     def _anneal_forwards(self) -> SPDConfig:
         if self.pnorm_anneal_start >= self.pnorm_anneal_end:
             raise FieldValueError("pnorm_anneal_start", "must be below pnorm_anneal_end (fractions of training)")
+        return self
+
+    @model_validator(mode="after")
+    def _frequency_term_covers_a_site(self) -> SPDConfig:
+        if self.importance_frequency_coeff and not any(site.importance_frequency for site in self.sites):
+            raise FieldValueError(
+                "importance_frequency_coeff",
+                "is above 0 but every site sets importance_frequency: false; let a site in or set the coefficient to 0",
+            )
         return self
 
     @model_validator(mode="after")

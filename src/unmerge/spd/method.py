@@ -119,6 +119,15 @@ class SPD:
             return self.target.divergence(output, original)
         return losses.output_divergence(output, original, self.config.output_loss)
 
+    def frequency_powers(self, powers: Tensor) -> list[Tensor]:
+        """The `g⁺^p` (all sites concatenated) of the sites the importance-frequency term covers
+        (`SiteConfig.importance_frequency`): the whole tensor when it covers every site, else one view per site."""
+        covered = {site.pattern for site in self.config.sites if site.importance_frequency}
+        if len(covered) == len(self.config.sites):
+            return [powers]
+        per_site = self.model.split_sites(powers)
+        return [per_site[record.name] for record in self.model.sites.values() if record.pattern in covered]
+
     def stochastic_masks(self, ci: Importances, generator: torch.Generator) -> dict[str, Tensor]:
         """One mask sample for every site (S = 1), shared by the all-sites and the layerwise passes; with
         `delta_component`, each site's mask has one more column, its delta component's, drawn from U[0, 1)."""
@@ -191,7 +200,7 @@ class SPD:
             "importance_minimality": losses.importance_minimality_loss(powers),
         }
         if config.importance_frequency_coeff:
-            terms["importance_frequency"] = losses.importance_frequency_loss(powers)
+            terms["importance_frequency"] = losses.importance_frequency_loss(self.frequency_powers(powers[0]))
         masks = self.stochastic_masks(ci, generator)
         if config.stochastic_recon_coeff:
             routes = self.subset_routes(ci, generator) if config.routing == "subset" else None
