@@ -69,10 +69,10 @@ def report(run_dir: Path) -> dict[str, object]:
     _, spd, step = api.load_spd_run(run_dir)
     one_hot = spd.one_hot_importance()
     feature_of = {
-        f"{site}/{c}": int(ci[:, c].argmax())
+        f"{site}/{c}": feature
         for site, ci in one_hot.items()
         if site.endswith("mlp_in")
-        for c in range(ci.shape[1])
+        for c, feature in enumerate(ci.argmax(0).tolist())
     }
     w_in = grouping_errors(load_grouping(run_dir)["components"], feature_of)
     return {"run": str(run_dir), "step": step, "sites": {s: sharing(ci) for s, ci in one_hot.items()}, "W_in": w_in}
