@@ -221,6 +221,15 @@ def test_persistent_adversarial_masks_by_hand_on_a_one_weight_target() -> None:
     assert "linear.worst_r" in spd.module.state_dict()
 
 
+def test_importance_count_term_joins_the_loss_with_its_coefficient() -> None:
+    """g = 0.25 on both inputs, p = 2: S = 2 · 0.0625, so the term is log2(1.125)."""
+    x = torch.tensor([[1.0], [3.0]])
+    plain = _one_weight_spd().training_loss(x, _generator(7))
+    output = _one_weight_spd(importance_count_coeff=3.0).training_loss(x, _generator(7))
+    assert output.terms["importance_count"].item() == pytest.approx(math.log2(1.125), rel=1e-6)
+    assert output.loss.item() == pytest.approx(plain.loss.item() + 3.0 * math.log2(1.125), rel=1e-6)
+
+
 def test_importance_frequency_term_joins_the_loss_with_its_coefficient() -> None:
     """g = 0.25 on both inputs, p = 2: S = 2 · 0.0625 and m = 0.0625, so the term is 0.0625 log2(1.125)."""
     x = torch.tensor([[1.0], [3.0]])
@@ -382,18 +391,47 @@ def test_importance_frequency_covers_only_the_sites_that_ask_for_it() -> None:
     ]
     spd = SPD(target, SPDConfig(sites=sites, importance_minimality_coeff=1.0, importance_frequency_coeff=1.0), 0)
     powers = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0, 0.0]])
-    (w_in,) = spd.frequency_powers(powers)
+    (w_in,) = spd.covered_powers(powers, "importance_frequency")
     torch.testing.assert_close(w_in, powers[:, :3])
     assert losses.importance_frequency_loss([w_in]).item() == pytest.approx(math.log2(3) + 0.5)
     everything = SPDConfig(sites=[SiteConfig(pattern="layers.*.mlp_in", C=3)], importance_minimality_coeff=1.0)
     w_in = powers[:, :3]
-    assert SPD(target, everything, 0).frequency_powers(w_in) == [w_in]  # every site: the tensor as it is
+    assert SPD(target, everything, 0).covered_powers(w_in, "importance_frequency") == [w_in]  # the tensor as it is
 
 
-def test_a_frequency_term_that_covers_no_site_is_an_error() -> None:
+def test_importance_count_covers_only_the_sites_that_ask_for_it() -> None:
+    """With W_in left out, the term is W_out's alone: on powers [[1, 0, 0 | 1, 0.5], [1, 1, 0 | 1, 0]] (W_in C = 3,
+    W_out C = 2), W_out's S = (2, 0.5): log2 3 + log2 1.5. The rarely used subcomponent pays more per unit of
+    importance: the slope 1 / ((1 + S) ln 2) is 1 / (1.5 ln 2) against 1 / (3 ln 2)."""
+    target = Target(
+        name="resid",
+        model=ResidMLP(ResidMLPConfig(n_features=4, d_embed=6, d_mlp=2), 0),
+        sample_inputs=lambda n, g: None,
+    )
+    sites = [
+        SiteConfig(pattern="layers.*.mlp_in", C=3, importance_count=False),
+        SiteConfig(pattern="layers.*.mlp_out", C=2),
+    ]
+    spd = SPD(target, SPDConfig(sites=sites, importance_minimality_coeff=1.0, importance_count_coeff=1.0), 0)
+    powers = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.5], [1.0, 1.0, 0.0, 1.0, 0.0]], requires_grad=True)
+    (w_out,) = spd.covered_powers(powers, "importance_count")
+    count = losses.importance_count_loss([w_out])
+    assert count.item() == pytest.approx(math.log2(3) + math.log2(1.5))
+    count.backward()
+    slopes = torch.tensor([[0.0, 0.0, 0.0, 1 / 3, 1 / 1.5]] * 2) / math.log(2)
+    torch.testing.assert_close(powers.grad, slopes)
+
+
+def test_a_frequency_or_count_term_that_covers_no_site_is_an_error() -> None:
     with pytest.raises(ValueError, match="importance_frequency: false"):
         SPDConfig(
             sites=[SiteConfig(pattern="a", C=1, importance_frequency=False)],
             importance_minimality_coeff=1.0,
             importance_frequency_coeff=1e-3,
+        )
+    with pytest.raises(ValueError, match="importance_count: false"):
+        SPDConfig(
+            sites=[SiteConfig(pattern="a", C=1, importance_count=False)],
+            importance_minimality_coeff=1.0,
+            importance_count_coeff=1e-3,
         )

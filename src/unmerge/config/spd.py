@@ -32,6 +32,11 @@ class SiteConfig(StrictModel):
         "subcomponents; false for a site whose mechanism is dense, such as a residual MLP's W_out, which the term "
         "would split into more subcomponents than it has neurons",
     )
+    importance_count: bool = Field(
+        True,
+        description="whether the importance-count term (method.importance_count_coeff) covers these subcomponents; "
+        "false for a site whose mechanisms are rare and many, such as a residual MLP's W_in (one per feature)",
+    )
 
 
 class SPDConfig(StrictModel):
@@ -79,6 +84,11 @@ class SPDConfig(StrictModel):
     )
     importance_frequency_coeff: NonNegativeFloat = Field(
         0.0, description="weight of Σ_c m_c log2(1 + S_c), m_c and S_c the batch mean and sum of g⁺_c^p (VPD)"
+    )
+    importance_count_coeff: NonNegativeFloat = Field(
+        0.0,
+        description="weight of Σ_c log2(1 + S_c), S_c the batch sum of g⁺_c^p: a smooth count of the subcomponents in "
+        "use, which charges a rarely used subcomponent most per unit of importance",
     )
     leak: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.01, description="slope of the hard sigmoids' leaks")
     output_loss: Literal["mse", "kl", "function"] = Field(
@@ -130,12 +140,13 @@ class SPDConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _frequency_term_covers_a_site(self) -> SPDConfig:
-        if self.importance_frequency_coeff and not any(site.importance_frequency for site in self.sites):
-            raise FieldValueError(
-                "importance_frequency_coeff",
-                "is above 0 but every site sets importance_frequency: false; let a site in or set the coefficient to 0",
-            )
+    def _per_site_terms_cover_a_site(self) -> SPDConfig:
+        for term in ("importance_frequency", "importance_count"):
+            if getattr(self, f"{term}_coeff") and not any(getattr(site, term) for site in self.sites):
+                raise FieldValueError(
+                    f"{term}_coeff",
+                    f"is above 0 but every site sets {term}: false; let a site in or set the coefficient to 0",
+                )
         return self
 
     @model_validator(mode="after")

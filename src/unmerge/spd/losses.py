@@ -58,6 +58,18 @@ def importance_frequency_loss(powers: list[Tensor]) -> Tensor:
     return total
 
 
+def importance_count_loss(powers: list[Tensor]) -> Tensor:
+    """`Σ_c log2(1 + S_c)` over every subcomponent c of every site, with S_c the sum over the batch's positions of
+    `g⁺_c^p`: a smooth count of the subcomponents in use. Its slope `1 / ((1 + S_c) ln 2)` is steepest for a
+    subcomponent that is rarely important, so where the loss is otherwise indifferent between a dense mechanism
+    and that mechanism plus a rarely used remnant, the remnant dies (the importance penalty alone charges it in
+    proportion to its rare use: next to nothing)."""
+    total = powers[0].new_zeros(())
+    for powered in powers:
+        total = total + torch.log2(1 + powered.reshape(-1, powered.shape[-1]).sum(0)).sum()
+    return total
+
+
 def output_divergence(prediction: Tensor, target: Tensor, kind: str) -> Tensor:
     """D(target ‖ prediction): MSE over output elements for toys; KL(target ‖ prediction) per position for LMs."""
     if kind == "mse":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -119,10 +120,10 @@ class SPD:
             return self.target.divergence(output, original)
         return losses.output_divergence(output, original, self.config.output_loss)
 
-    def frequency_powers(self, powers: Tensor) -> list[Tensor]:
-        """The `g⁺^p` (all sites concatenated) of the sites the importance-frequency term covers
-        (`SiteConfig.importance_frequency`): the whole tensor when it covers every site, else one view per site."""
-        covered = {site.pattern for site in self.config.sites if site.importance_frequency}
+    def covered_powers(self, powers: Tensor, term: Literal["importance_frequency", "importance_count"]) -> list[Tensor]:
+        """The `g⁺^p` (all sites concatenated) of the sites a per-site term covers (`SiteConfig.importance_frequency`
+        or `.importance_count`): the whole tensor when it covers every site, else one view per site."""
+        covered = {site.pattern for site in self.config.sites if getattr(site, term)}
         if len(covered) == len(self.config.sites):
             return [powers]
         per_site = self.model.split_sites(powers)
@@ -200,7 +201,10 @@ class SPD:
             "importance_minimality": losses.importance_minimality_loss(powers),
         }
         if config.importance_frequency_coeff:
-            terms["importance_frequency"] = losses.importance_frequency_loss(self.frequency_powers(powers[0]))
+            covered = self.covered_powers(powers[0], "importance_frequency")
+            terms["importance_frequency"] = losses.importance_frequency_loss(covered)
+        if config.importance_count_coeff:
+            terms["importance_count"] = losses.importance_count_loss(self.covered_powers(powers[0], "importance_count"))
         masks = self.stochastic_masks(ci, generator)
         if config.stochastic_recon_coeff:
             routes = self.subset_routes(ci, generator) if config.routing == "subset" else None
@@ -214,6 +218,7 @@ class SPD:
             "faithfulness": config.faithfulness_coeff,
             "importance_minimality": config.importance_minimality_coeff,
             "importance_frequency": config.importance_frequency_coeff,
+            "importance_count": config.importance_count_coeff,
             "stochastic_recon": config.stochastic_recon_coeff,
             "layerwise_recon": config.layerwise_recon_coeff,
             "adversarial_recon": config.adversarial_recon_coeff,
