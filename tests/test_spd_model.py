@@ -230,6 +230,21 @@ def test_importance_count_term_joins_the_loss_with_its_coefficient() -> None:
     assert output.loss.item() == pytest.approx(plain.loss.item() + 3.0 * math.log2(1.125), rel=1e-6)
 
 
+def test_importance_count_term_weighs_in_from_its_start() -> None:
+    """With `importance_count_start` 0.5 of 10 steps, steps 0-4 leave the term out of the loss (it is still
+    logged) and step 5 on weigh it in."""
+    x = torch.tensor([[1.0], [3.0]])
+    plain = _one_weight_spd().training_loss(x, _generator(7)).loss.item()
+    spd = _one_weight_spd(importance_count_coeff=3.0, importance_count_start=0.5)
+    spd.begin_step(4, 10)
+    before = spd.training_loss(x, _generator(7))
+    assert before.loss.item() == pytest.approx(plain, rel=1e-6)
+    assert before.terms["importance_count"].item() == pytest.approx(math.log2(1.125), rel=1e-6)
+    spd.begin_step(5, 10)
+    after = spd.training_loss(x, _generator(7)).loss.item()
+    assert after == pytest.approx(plain + 3.0 * math.log2(1.125), rel=1e-6)
+
+
 def test_importance_frequency_term_joins_the_loss_with_its_coefficient() -> None:
     """g = 0.25 on both inputs, p = 2: S = 2 · 0.0625 and m = 0.0625, so the term is 0.0625 log2(1.125)."""
     x = torch.tensor([[1.0], [3.0]])

@@ -90,6 +90,11 @@ class SPDConfig(StrictModel):
         description="weight of Σ_c log2(1 + S_c), S_c the batch sum of g⁺_c^p: a smooth count of the subcomponents in "
         "use, which charges a rarely used subcomponent most per unit of importance",
     )
+    importance_count_start: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0,
+        description="fraction of training from which the importance-count term weighs in (before it, its weight is "
+        "0): a late clean-up of rarely used remnants once the decomposition has formed",
+    )
     leak: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(0.01, description="slope of the hard sigmoids' leaks")
     output_loss: Literal["mse", "kl", "function"] = Field(
         "mse",

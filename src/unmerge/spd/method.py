@@ -49,6 +49,7 @@ class SPD:
         self.seed = seed
         self.eval_batch_size = eval_batch_size
         self.pnorm = config.pnorm  # this step's p (`begin_step`); the configured start until training moves it
+        self.counting = config.importance_count_start == 0.0  # whether the importance-count term weighs in now
         self.model = ComponentModel(
             target.model,
             config.sites,
@@ -81,11 +82,12 @@ class SPD:
             optimizer.step()
 
     def begin_step(self, step: int, total_steps: int) -> None:
-        """Set p of the importance penalty for this step (`losses.annealed_pnorm`)."""
+        """Set p of the importance penalty for this step (`losses.annealed_pnorm`), and whether the importance-count
+        term weighs in (from `importance_count_start`)."""
         c = self.config
-        self.pnorm = losses.annealed_pnorm(
-            c.pnorm, c.pnorm_final, c.pnorm_anneal_start, c.pnorm_anneal_end, step / max(total_steps, 1)
-        )
+        progress = step / max(total_steps, 1)
+        self.pnorm = losses.annealed_pnorm(c.pnorm, c.pnorm_final, c.pnorm_anneal_start, c.pnorm_anneal_end, progress)
+        self.counting = progress >= c.importance_count_start
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """SPD's parameters are unconstrained."""
@@ -218,7 +220,7 @@ class SPD:
             "faithfulness": config.faithfulness_coeff,
             "importance_minimality": config.importance_minimality_coeff,
             "importance_frequency": config.importance_frequency_coeff,
-            "importance_count": config.importance_count_coeff,
+            "importance_count": config.importance_count_coeff if self.counting else 0.0,
             "stochastic_recon": config.stochastic_recon_coeff,
             "layerwise_recon": config.layerwise_recon_coeff,
             "adversarial_recon": config.adversarial_recon_coeff,
