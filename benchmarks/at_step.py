@@ -1,7 +1,8 @@
 """Judge an SPD run (finished or still training) as the shorter run its checkpoint at STEP is: copies the run's
 config (with `train.steps` = STEP), target and that one checkpoint into OUT, finishes the copy there (the final
 evaluation, metrics and report) and checks it as `benchmarks/seeds.py` does. Only for a constant learning rate,
-where the first STEP steps of a longer run are exactly the run of STEP steps (a decaying schedule is not).
+where the first STEP steps of a longer run are exactly the run of STEP steps (a decaying schedule is not). A run
+keeps its last two checkpoints; train it with `--set train.keep_checkpoints=N` to judge earlier steps.
 
     .venv/bin/python benchmarks/at_step.py runs/bench/resid-seeds/r2-c150/preset/tpreset-s0 12000 OUT
 """

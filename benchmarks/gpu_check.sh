@@ -5,7 +5,7 @@
 #   benchmarks/gpu_check.sh lm        # ≤ 8 min: SmolLM2-135M SPD over all MLPs (step time, peak memory), then over
 #                                     #   every attention and MLP matrix (CE of the CI-masked model, alive, L0, time)
 #   benchmarks/gpu_check.sh resid3 [--set K=V ...]   # ≤ 9.5 min: issue 22's 3-layer residual MLP, seeds 0-2 in
-#                                     #   parallel on the card, 20,000 steps of the recipe (extra overrides appended)
+#                                     #   parallel on the card, the preset (extra overrides appended)
 #   benchmarks/gpu_check.sh           # toys and lm
 # Run from the repository root, its python3 holding torch with CUDA (pydantic and the rest installed, or on
 # PYTHONPATH); the lm stage needs the SmolLM2 package and the corpus (`make real`). One JSON line per result.
@@ -23,14 +23,12 @@ watch_logs() {
     done; done) &
 }
 if [[ $stage == resid3 ]]; then
-    # the recipe of BENCHMARKS.md "Three layers, under way" (constant lr, so each checkpoint is the shorter run)
+    # the preset itself (constant lr, so each kept checkpoint is the shorter run: benchmarks/at_step.py)
     out=$(mktemp -d /tmp/resid3-XXXX)
     watch_logs 60 "$out/*/*/train_log.jsonl"
     watcher=$!
     timeout 570 $PY benchmarks/seeds.py resid-mlp-3 --seeds 0-2 --workers 3 --out "$out" --set train.device=cuda \
-        --set train.steps=20000 --set method.faithfulness_warmup_steps=200 --set train.optim.lr=2e-3 \
-        --set method.ci_hidden=16 --set method.importance_minimality_coeff=1e-5 \
-        --set "method.sites=[{pattern: layers.*.mlp_in, C: 150}, {pattern: layers.*.mlp_out, C: 150}]" "${@:2}"
+        --set train.keep_checkpoints=20 "${@:2}"
     kill $watcher
 fi
 if [[ $stage == toys || $stage == all ]]; then
