@@ -20,7 +20,6 @@ from seeds import run_checks
 from torch import Tensor
 
 from unmerge import api, runs
-from unmerge.config import save_yaml
 from unmerge.spd.records import site_key
 from unmerge.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -41,6 +40,8 @@ def remove_subcomponents(tensors: dict[str, Tensor], removals: list[tuple[str, i
         name = f"{site_key(site)}.components.U"
         if name not in tensors:
             raise SystemExit(f"the checkpoint has no {name}: is {site!r} a site with its own (untied) subcomponents?")
+        if not 0 <= c < tensors[name].shape[1]:
+            raise SystemExit(f"{site} has subcomponents 0 to {tensors[name].shape[1] - 1}, not {c}")
         for key in (name, f"optimizer.{name}.exp_avg", f"optimizer.{name}.exp_avg_sq"):
             if key in tensors:
                 tensors[key][:, c] = 0.0
@@ -57,9 +58,7 @@ def main() -> None:
     if args.steps <= args.step:
         raise SystemExit(f"--steps {args.steps} must exceed STEP {args.step}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    config = truncated_copy(args.run_dir, args.step, args.out)
-    config = config.model_copy(update={"train": config.train.model_copy(update={"steps": args.steps})})
-    save_yaml(config, args.out / runs.RUN_CONFIG)
+    config = truncated_copy(args.run_dir, args.step, args.out, steps=args.steps)
     checkpoint = args.out / runs.CHECKPOINT_DIR / f"step-{args.step:07d}"
     tensors, state = load_checkpoint(checkpoint)
     remove_subcomponents(tensors, args.remove)

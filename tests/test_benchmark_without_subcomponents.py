@@ -38,6 +38,11 @@ def test_removal_of_a_site_without_its_own_subcomponents_names_it() -> None:
         remove_subcomponents({}, [("layers.2.mlp_out", 0)])
 
 
+def test_removal_of_a_subcomponent_the_site_lacks_names_its_range() -> None:
+    with pytest.raises(SystemExit, match="subcomponents 0 to 2, not 3"):
+        remove_subcomponents({"layers--1--mlp_out.components.U": torch.zeros(4, 3)}, [("layers.1.mlp_out", 3)])
+
+
 def test_removal_argument() -> None:
     assert parse_removal("layers.1.mlp_out:83") == ("layers.1.mlp_out", 83)
     for bad in ("layers.1.mlp_out", ":3", "layers.1.mlp_out:x"):
