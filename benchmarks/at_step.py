@@ -21,6 +21,15 @@ from unmerge import api, runs
 from unmerge.config import RunConfig, save_yaml
 
 
+def checkpoint_at(run_dir: Path, step: int) -> Path:
+    """The run's checkpoint directory at `step`; an error listing the saved steps if there is none."""
+    checkpoint = run_dir / runs.CHECKPOINT_DIR / f"step-{step:07d}"
+    if not checkpoint.is_dir():
+        steps = ", ".join(p.name for p in runs.saved_steps(run_dir)) or "none"
+        raise SystemExit(f"{run_dir} has no checkpoint at step {step} (it has: {steps})")
+    return checkpoint
+
+
 def truncated_copy(run_dir: Path, step: int, out: Path, steps: int | None = None) -> RunConfig:
     """OUT as the run directory of `run_dir`'s first `step` steps, ready to finish (resume at its last step), or to
     train on to `steps` when given."""
@@ -28,10 +37,7 @@ def truncated_copy(run_dir: Path, step: int, out: Path, steps: int | None = None
     config = saved.model_copy(update={"train": saved.train.model_copy(update={"steps": steps or step})})
     if config.train.optim.schedule != "constant" or config.train.optim.warmup_steps > step:
         raise SystemExit(f"{run_dir}: its learning rate depends on train.steps, so step {step} is not a shorter run")
-    checkpoint = run_dir / runs.CHECKPOINT_DIR / f"step-{step:07d}"
-    if not checkpoint.is_dir():
-        steps = ", ".join(p.name for p in runs.saved_steps(run_dir)) or "none"
-        raise SystemExit(f"{run_dir} has no checkpoint at step {step} (it has: {steps})")
+    checkpoint = checkpoint_at(run_dir, step)
     if out.exists():
         raise SystemExit(f"{out} exists; choose a new OUT")
     shutil.copytree(run_dir / runs.TARGET_DIR, out / runs.TARGET_DIR)

@@ -15,11 +15,11 @@ import json
 import os
 from pathlib import Path
 
-from at_step import truncated_copy
+from at_step import checkpoint_at, truncated_copy
 from seeds import run_checks
 from torch import Tensor
 
-from unmerge import api, runs
+from unmerge import api
 from unmerge.spd.records import site_key
 from unmerge.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -58,10 +58,9 @@ def main() -> None:
     if args.steps <= args.step:
         raise SystemExit(f"--steps {args.steps} must exceed STEP {args.step}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    tensors, state = load_checkpoint(checkpoint_at(args.run_dir, args.step))
+    remove_subcomponents(tensors, args.remove)  # checked before OUT is written
     config = truncated_copy(args.run_dir, args.step, args.out, steps=args.steps)
-    checkpoint = args.out / runs.CHECKPOINT_DIR / f"step-{args.step:07d}"
-    tensors, state = load_checkpoint(checkpoint)
-    remove_subcomponents(tensors, args.remove)
     kept = {k: v for k, v in state.items() if k not in SAVED_STATE}
     save_checkpoint(args.out, args.step, tensors, kept, keep=config.train.keep_checkpoints)
     metrics = api.decompose(config, args.out).metrics

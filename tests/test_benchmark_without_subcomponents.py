@@ -1,4 +1,4 @@
-"""`benchmarks/without_subcomponents.py`: which weights a removal zeroes, and its argument's errors."""
+"""`benchmarks/without_subcomponents.py`: which weights a removal zeroes, and its errors (before OUT is written)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 import torch
-from without_subcomponents import parse_removal, remove_subcomponents
+from without_subcomponents import main, parse_removal, remove_subcomponents
 
 from unmerge.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -41,6 +41,16 @@ def test_removal_of_a_site_without_its_own_subcomponents_names_it() -> None:
 def test_removal_of_a_subcomponent_the_site_lacks_names_its_range() -> None:
     with pytest.raises(SystemExit, match="subcomponents 0 to 2, not 3"):
         remove_subcomponents({"layers--1--mlp_out.components.U": torch.zeros(4, 3)}, [("layers.1.mlp_out", 3)])
+
+
+def test_a_bad_removal_stops_before_out_is_written(tmp_path, monkeypatch) -> None:
+    save_checkpoint(tmp_path / "run", 7, {"layers--1--mlp_out.components.U": torch.zeros(4, 3)}, {}, keep=2)
+    out = tmp_path / "out"
+    argv = ["without_subcomponents.py", str(tmp_path / "run"), "7", str(out), "--remove", "layers.1.mlp_out:3"]
+    monkeypatch.setattr("sys.argv", [*argv, "--steps", "9"])
+    with pytest.raises(SystemExit, match="subcomponents 0 to 2, not 3"):
+        main()
+    assert not out.exists()
 
 
 def test_removal_argument() -> None:
