@@ -1,4 +1,5 @@
-"""The learning-rate schedules, by hand: warm-up, half-period cosine, quarter-period cosine (the APD reference's)."""
+"""The learning-rate schedules, by hand: warm-up, half-period cosine, quarter-period cosine (the APD reference's),
+linear (the APD reference's for its TMS targets)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from unmerge.train.schedule import learning_rate
 
 @pytest.mark.parametrize(
     ("schedule", "halfway", "end"),
-    [("constant", 1.0, 1.0), ("cosine", 0.5, 0.0), ("quarter_cosine", math.sqrt(0.5), 0.0)],
+    [("constant", 1.0, 1.0), ("cosine", 0.5, 0.0), ("quarter_cosine", math.sqrt(0.5), 0.0), ("linear", 0.5, 0.0)],
 )
 def test_each_schedule_after_a_linear_warm_up(schedule: str, halfway: float, end: float) -> None:
     optim = OptimConfig(lr=2.0, schedule=schedule, warmup_steps=10)
@@ -26,4 +27,10 @@ def test_each_schedule_after_a_linear_warm_up(schedule: str, halfway: float, end
 def test_the_quarter_cosine_decays_to_its_floor() -> None:
     optim = OptimConfig(lr=1.0, schedule="quarter_cosine", final_lr_fraction=0.1)
     assert learning_rate(optim, 50, 100) == pytest.approx(0.1 + 0.9 * math.sqrt(0.5))
+    assert learning_rate(optim, 100, 100) == pytest.approx(0.1)
+
+
+def test_the_linear_decay_to_its_floor() -> None:
+    optim = OptimConfig(lr=1.0, schedule="linear", final_lr_fraction=0.1)
+    assert learning_rate(optim, 25, 100) == pytest.approx(0.1 + 0.9 * 0.75)
     assert learning_rate(optim, 100, 100) == pytest.approx(0.1)

@@ -15,8 +15,8 @@ class OptimConfig(StrictModel):
     """Adam(W) with a learning-rate schedule that is a pure function of the step (so resume is exact)."""
 
     lr: PositiveFloat = Field(1e-3, description="peak learning rate")
-    schedule: Literal["constant", "cosine", "quarter_cosine"] = Field(
-        "constant", description="decay after warm-up: cosine ½(1 + cos πt), quarter_cosine cos(πt/2)"
+    schedule: Literal["constant", "cosine", "quarter_cosine", "linear"] = Field(
+        "constant", description="decay after warm-up: cosine ½(1 + cos πt), quarter_cosine cos(πt/2), linear 1 − t"
     )
     warmup_steps: NonNegativeInt = Field(0, description="linear warm-up from 0")
     final_lr_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = Field(0.0, description="cosine floor / peak")

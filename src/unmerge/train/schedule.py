@@ -10,7 +10,8 @@ from unmerge.config import OptimConfig
 def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
     """Linear warm-up to `optim.lr`, then constant or a decay to `final_lr_fraction · lr` at `total_steps`: `cosine`
     is half a period, `½(1 + cos πt)`; `quarter_cosine` is a quarter, `cos(πt/2)`, what the APD reference code calls
-    cosine (it keeps more of the peak late: 0.71 of it halfway, against 0.5)."""
+    cosine (it keeps more of the peak late: 0.71 of it halfway, against 0.5); `linear` is `1 − t`, how the APD
+    reference trains its TMS targets."""
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
     if optim.schedule == "constant":
@@ -20,4 +21,6 @@ def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
     floor = optim.final_lr_fraction
     if optim.schedule == "quarter_cosine":
         return optim.lr * (floor + (1 - floor) * math.cos(0.5 * math.pi * progress))
+    if optim.schedule == "linear":
+        return optim.lr * (floor + (1 - floor) * (1 - progress))
     return optim.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
