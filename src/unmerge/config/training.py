@@ -19,7 +19,7 @@ class OptimConfig(StrictModel):
         "constant", description="decay after warm-up: cosine ½(1 + cos πt), quarter_cosine cos(πt/2), linear 1 − t"
     )
     warmup_steps: NonNegativeInt = Field(0, description="linear warm-up from 0")
-    final_lr_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = Field(0.0, description="cosine floor / peak")
+    final_lr_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = Field(0.0, description="the decay's floor / peak")
     weight_decay: NonNegativeFloat = Field(0.0, description="decoupled weight decay (AdamW); 0 is plain Adam")
     beta2: Annotated[float, Field(gt=0.0, lt=1.0)] | None = Field(
         None, description="Adam's second-moment decay (unset: torch's 0.999)"
