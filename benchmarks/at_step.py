@@ -34,7 +34,8 @@ def truncated_copy(run_dir: Path, step: int, out: Path, steps: int | None = None
     """OUT as the run directory of `run_dir`'s first `step` steps, ready to finish (resume at its last step), or to
     train on to `steps` when given."""
     saved = runs.saved_config(run_dir, RunConfig)
-    config = saved.model_copy(update={"train": saved.train.model_copy(update={"steps": steps or step})})
+    total = step if steps is None else steps
+    config = saved.model_copy(update={"train": saved.train.model_copy(update={"steps": total})})
     if config.train.optim.schedule != "constant" or config.train.optim.warmup_steps > step:
         raise SystemExit(f"{run_dir}: its learning rate depends on train.steps, so step {step} is not a shorter run")
     checkpoint = checkpoint_at(run_dir, step)

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from unmerge.config import OptimConfig
+
+DECAYS: dict[str, Callable[[float], float]] = {  # the share of the decay left at progress t ∈ [0, 1]
+    "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)),
+    "quarter_cosine": lambda t: math.cos(0.5 * math.pi * t),
+    "linear": lambda t: 1 - t,
+}
 
 
 def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
@@ -18,9 +25,5 @@ def learning_rate(optim: OptimConfig, step: int, total_steps: int) -> float:
         return optim.lr
     decay_steps = max(total_steps - optim.warmup_steps, 1)
     progress = min((step - optim.warmup_steps) / decay_steps, 1.0)
-    floor = optim.final_lr_fraction
-    if optim.schedule == "quarter_cosine":
-        return optim.lr * (floor + (1 - floor) * math.cos(0.5 * math.pi * progress))
-    if optim.schedule == "linear":
-        return optim.lr * (floor + (1 - floor) * (1 - progress))
-    return optim.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    remaining = DECAYS[optim.schedule](progress)
+    return optim.lr * (optim.final_lr_fraction + (1 - optim.final_lr_fraction) * remaining)
