@@ -1,7 +1,11 @@
-"""Toy targets: seeded training is deterministic, save/load round-trips, the cache reuses, ground truth is right."""
+"""Toy targets: seeded training is deterministic, save/load round-trips, the cache reuses (and one process trains
+what several need at once), ground truth is right."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,8 +13,9 @@ import torch
 
 from unmerge.config import OptimConfig, ResidMLPConfig, TMSConfig, TrainConfig
 from unmerge.errors import CheckpointError
-from unmerge.io import cache_root
+from unmerge.io import cache_lock, cache_root
 from unmerge.targets import cached_target, load_target, save_target, train_target
+from unmerge.targets.toys import CONFIG_FILE, target_cache_dir, train_and_save_target
 from unmerge.train.rng import step_generator
 
 TMS = TMSConfig(
@@ -43,6 +48,38 @@ def test_save_load_round_trip_and_cache(tmp_path: Path) -> None:
     first = cached_target(TMS)
     assert any(cache_root().glob("targets/tms-5-2-id-*/model.safetensors"))
     assert torch.equal(cached_target(TMS).model.linear1.weight, first.model.linear1.weight)
+
+
+def test_a_process_needing_a_target_another_is_training_waits_then_loads_it(tmp_path: Path) -> None:
+    """Two processes needing one untrained target used to train it side by side and collide on its checkpoints;
+    the second now waits on the cache lock and loads what the first saved (here: weights no training gives)."""
+    config = TMS.model_copy(update={"train": TMS.train.model_copy(update={"seed": 7})})  # in no other test's cache
+    directory = target_cache_dir(config)
+    script = (
+        "import sys; from unmerge.config import TMSConfig; from unmerge.targets import cached_target; "
+        "print(cached_target(TMSConfig.model_validate_json(sys.argv[1])).model.linear1.weight.sum().item())"
+    )
+    stderr_file = tmp_path / "stderr"
+    with cache_lock(directory):
+        with stderr_file.open("w") as stderr:
+            waiter = subprocess.Popen(
+                [sys.executable, "-c", script, config.model_dump_json()],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
+        deadline = time.monotonic() + 120
+        while "waiting for it to finish" not in stderr_file.read_text():
+            assert waiter.poll() is None and time.monotonic() < deadline, stderr_file.read_text()
+            time.sleep(0.1)
+        assert not (directory / CONFIG_FILE).exists()
+        target = train_and_save_target(config, directory)[0]
+        with torch.no_grad():
+            target.model.linear1.weight.mul_(2)
+        save_target(target, config, directory)
+    out, _ = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, stderr_file.read_text()
+    assert float(out) == pytest.approx(target.model.linear1.weight.sum().item(), rel=1e-6)
 
 
 def test_damaged_target_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Files, one definition each: atomic writes (a reader sees the old file or the new one, never half), checksums,
-and the cache root every cached artefact lives under (trained targets, models, corpora, activations, kernels)."""
+the cache root every cached artefact lives under (trained targets, models, corpora, activations, kernels), and the
+lock under which one process builds a cache entry while others that need it wait."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 from torch import Tensor
+
+from unmerge.errors import warn
 
 CACHE_ENV = "UNMERGE_CACHE_DIR"
 PARTIAL_MARK = ".partial-"  # in the name of a file being written atomically (left behind only by a killed process)
@@ -21,6 +26,24 @@ PARTIAL_MARK = ".partial-"  # in the name of a file being written atomically (le
 def cache_root() -> Path:
     """`$UNMERGE_CACHE_DIR`, else `~/.cache/unmerge`."""
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "unmerge"))
+
+
+@contextmanager
+def cache_lock(entry: Path) -> Iterator[None]:
+    """Held while a process checks for the cache entry `entry` and builds it if absent: a second process that needs
+    the same entry waits (saying so), then finds it built, instead of building it alongside and colliding. The lock
+    is the file `<entry>.lock` beside it; the operating system releases it if its holder dies."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(entry.with_name(f"{entry.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        warn(f"another process is building {entry}; waiting for it to finish")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def sha256_file(path: Path) -> str:

@@ -20,7 +20,7 @@ from unmerge.data.activation_cache import ActivationCache, build_activation_cach
 from unmerge.data.cache_stream import StreamedCache
 from unmerge.data.source import ActivationSource, Sampler
 from unmerge.errors import ConfigError
-from unmerge.io import cache_root
+from unmerge.io import cache_lock, cache_root
 from unmerge.targets.activations import capture_module, find_module
 from unmerge.targets.language import LanguageModel
 from unmerge.targets.language_data import LanguageData, language_data
@@ -90,7 +90,8 @@ def activation_cache(config: LanguageActivationsConfig, data: LanguageData, modu
         )
 
     if distributed.is_main_process():
-        cache = build()
+        with cache_lock(directory):  # another job building the same cache: wait for it, then open what it built
+            cache = build()
         distributed.barrier()
         return cache
     distributed.barrier()

@@ -7,6 +7,7 @@ A trained target is stored as `model.safetensors` + `target.yaml` (its full conf
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from unmerge.config import (
     validate,
 )
 from unmerge.errors import CheckpointError
-from unmerge.io import cache_root, save_tensors_atomic, write_atomic, write_json_atomic
+from unmerge.io import cache_lock, cache_root, save_tensors_atomic, write_atomic, write_json_atomic
 from unmerge.targets import algorithmic, induction, resid_mlp, tms
 from unmerge.targets.base import GroundTruth, Target
 from unmerge.train import distributed
@@ -184,8 +185,11 @@ def train_and_save_target(config: TargetConfig, directory: Path) -> tuple[Target
 
 
 def cached_target(config: TargetConfig) -> Target:
-    """The trained target for `config`, trained and saved on first use."""
+    """The trained target for `config`, trained and saved on first use. Processes that need the same untrained
+    target take turns (`cache_lock`): one trains it, the others wait and load it. The ranks of one torchrun job
+    train it together instead, so they take no lock."""
     directory = target_cache_dir(config)
-    if (directory / CONFIG_FILE).is_file():
-        return load_target(directory)[0]
-    return train_and_save_target(config, directory)[0]
+    with nullcontext() if distributed.is_distributed() else cache_lock(directory):
+        if (directory / CONFIG_FILE).is_file():
+            return load_target(directory)[0]
+        return train_and_save_target(config, directory)[0]
