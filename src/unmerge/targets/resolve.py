@@ -4,6 +4,7 @@ self-contained; a language model loaded from its package cache or directory), an
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 from unmerge.config import LanguageTargetConfig, OwnModelConfig, TargetConfig
@@ -19,6 +20,7 @@ from unmerge.targets.toys import (
     save_target,
     target_cache_dir,
     train_and_save_target,
+    training_lock,
 )
 from unmerge.train import distributed
 
@@ -68,6 +70,7 @@ def train_preset_target(
         summary = json.loads((directory / TRAINING_FILE).read_text())
         return directory, None if trained_before else summary["train_loss"]
     directory = Path(out) if out else target_cache_dir(config)
-    if (directory / CONFIG_FILE).is_file():
-        return directory, None
-    return directory, train_and_save_target(config, directory)[1]
+    with nullcontext() if out else training_lock(directory):
+        if (directory / CONFIG_FILE).is_file():
+            return directory, None
+        return directory, train_and_save_target(config, directory)[1]

@@ -7,7 +7,7 @@ A trained target is stored as `model.safetensors` + `target.yaml` (its full conf
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,12 +184,17 @@ def train_and_save_target(config: TargetConfig, directory: Path) -> tuple[Target
     return target, loss
 
 
+def training_lock(entry: Path) -> AbstractContextManager:
+    """`cache_lock` on a cache entry that is trained (a toy target, the small LM): processes that need the same
+    untrained entry take turns, one trains it and the others wait and load it. The ranks of one torchrun job train
+    it together instead (data-parallel), so they take no lock."""
+    return nullcontext() if distributed.is_distributed() else cache_lock(entry)
+
+
 def cached_target(config: TargetConfig) -> Target:
-    """The trained target for `config`, trained and saved on first use. Processes that need the same untrained
-    target take turns (`cache_lock`): one trains it, the others wait and load it. The ranks of one torchrun job
-    train it together instead, so they take no lock."""
+    """The trained target for `config`, trained and saved on first use (under `training_lock`)."""
     directory = target_cache_dir(config)
-    with nullcontext() if distributed.is_distributed() else cache_lock(directory):
+    with training_lock(directory):
         if (directory / CONFIG_FILE).is_file():
             return load_target(directory)[0]
         return train_and_save_target(config, directory)[0]
