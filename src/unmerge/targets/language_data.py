@@ -26,7 +26,7 @@ from unmerge.targets.activations import capture_module, find_module
 from unmerge.targets.base import Target
 from unmerge.targets.language import LanguageModel, LoadedModel, from_module, load_language_model
 from unmerge.targets.small_lm import load_small_lm, save_small_lm, train_small_lm
-from unmerge.targets.toys import training_lock
+from unmerge.train import distributed
 from unmerge.train.rng import draw_rows, step_generator
 
 REPORT_TOKENS = 2_048  # held-out tokens behind a report's list of latents or subcomponents (snippets, effects)
@@ -112,7 +112,7 @@ def small_lm_data(recipe: SmallLMConfig, text: TextConfig) -> LanguageData:
     unknown = recipe.vocab_size - 1
     directory = small_lm_dir(recipe, text)
     start = time.perf_counter()
-    with training_lock(directory):
+    with distributed.training_lock(directory):
         if (directory / TRAINING_FILE).is_file():
             model = load_small_lm(recipe, recipe.vocab_size, text.seq_len, directory)
         else:

@@ -20,7 +20,6 @@ from unmerge.targets.toys import (
     save_target,
     target_cache_dir,
     train_and_save_target,
-    training_lock,
 )
 from unmerge.train import distributed
 
@@ -70,7 +69,7 @@ def train_preset_target(
         summary = json.loads((directory / TRAINING_FILE).read_text())
         return directory, None if trained_before else summary["train_loss"]
     directory = Path(out) if out else target_cache_dir(config)
-    with nullcontext() if out else training_lock(directory):
+    with nullcontext() if out else distributed.training_lock(directory):
         if (directory / CONFIG_FILE).is_file():
             return directory, None
         return directory, train_and_save_target(config, directory)[1]

@@ -7,7 +7,6 @@ A trained target is stored as `model.safetensors` + `target.yaml` (its full conf
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from unmerge.config import (
     validate,
 )
 from unmerge.errors import CheckpointError
-from unmerge.io import cache_lock, cache_root, save_tensors_atomic, write_atomic, write_json_atomic
+from unmerge.io import cache_root, save_tensors_atomic, write_atomic, write_json_atomic
 from unmerge.targets import algorithmic, induction, resid_mlp, tms
 from unmerge.targets.base import GroundTruth, Target
 from unmerge.train import distributed
@@ -184,17 +183,10 @@ def train_and_save_target(config: TargetConfig, directory: Path) -> tuple[Target
     return target, loss
 
 
-def training_lock(entry: Path) -> AbstractContextManager:
-    """`cache_lock` on a cache entry that is trained (a toy target, the small LM): processes that need the same
-    untrained entry take turns, one trains it and the others wait and load it. The ranks of one torchrun job train
-    it together instead (data-parallel), so they take no lock."""
-    return nullcontext() if distributed.is_distributed() else cache_lock(entry)
-
-
 def cached_target(config: TargetConfig) -> Target:
-    """The trained target for `config`, trained and saved on first use (under `training_lock`)."""
+    """The trained target for `config`, trained and saved on first use (under `distributed.training_lock`)."""
     directory = target_cache_dir(config)
-    with training_lock(directory):
+    with distributed.training_lock(directory):
         if (directory / CONFIG_FILE).is_file():
             return load_target(directory)[0]
         return train_and_save_target(config, directory)[0]

@@ -9,7 +9,9 @@ keeps between steps (dictionary firing counters, BatchTopK's threshold) are redu
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from unmerge.config import TrainConfig
 from unmerge.errors import ConfigError
+from unmerge.io import cache_lock
 from unmerge.train.devices import resolve_device
 
 
@@ -37,6 +40,13 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """Only rank 0 writes files and shows progress."""
     return rank() == 0
+
+
+def training_lock(entry: Path) -> AbstractContextManager:
+    """`cache_lock` on a cache entry that is trained (a toy target, the small LM): processes that need the same
+    untrained entry take turns, one trains it and the others wait and load it. The ranks of one torchrun job train
+    it together instead (data-parallel), so they take no lock."""
+    return nullcontext() if is_distributed() else cache_lock(entry)
 
 
 def launched_by_torchrun() -> bool:
