@@ -87,11 +87,29 @@ def test_apd_trains_evaluates_and_reports_like_spd(tmp_path: Path) -> None:
     metrics = result.metrics
     assert {"faithfulness", "topk_recon", "attribution_l0", "alive", "mmcs", "ml2r", "simplicity"} <= set(metrics)
     assert metrics["attribution_l0"] == pytest.approx(0.211, abs=0.01)
-    assert (tmp_path / "apd" / "report.html").is_file()
+    report = (tmp_path / "apd" / "report.html").read_text()
+    for figure in ("attributions_one_hot", "weights_linear1", "weights_linear2", "training_curves"):
+        assert (tmp_path / "apd" / runs.FIGURES_DIR / f"{figure}.png").is_file()
+        assert figure.replace("_", " ") in report  # embedded, named by its stem
     log = [line for line in (tmp_path / "apd" / runs.TRAIN_LOG).read_text().splitlines() if line]
     assert len(log) == 2  # steps 50 and 60
     assert cli.main(["evaluate", str(tmp_path / "apd")]) == 0
     assert cli.main(["group", str(tmp_path / "apd")]) == 2  # components are whole already
+
+
+def test_one_hot_attributions_are_each_features_attributions_over_its_largest(tmp_path: Path) -> None:
+    config = api.load_run_config("apd-tms-5-2", TINY)
+    api.decompose(config, tmp_path / "apd")
+    _, apd, _ = api.load_run(tmp_path / "apd")
+    assert isinstance(apd, APD)
+    x = apd.target.one_hot_inputs()
+    with apd.model.attached():
+        clean = apd.model.clean_pass(x)
+        raw = apd.attributions(x, clean, apd.model.inner_acts(clean))
+    relative = apd.one_hot_attributions()
+    assert relative.shape == (5, config.method.C)
+    torch.testing.assert_close(relative.amax(-1), torch.ones(5))
+    torch.testing.assert_close(relative * raw.amax(-1, keepdim=True), raw)
 
 
 def test_apd_on_the_identity_variant_reports_how_the_identity_is_split(tmp_path: Path) -> None:

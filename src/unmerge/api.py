@@ -37,7 +37,7 @@ from unmerge.data.text import fetch_shakespeare
 from unmerge.errors import CheckpointError, ConfigError
 from unmerge.eval.language import latent_examples, spliced_evaluator
 from unmerge.io import save_tensors_atomic, write_json_atomic
-from unmerge.report.figures import density_histogram_figure, merge_history_figure, spd_figures
+from unmerge.report.figures import apd_figures, density_histogram_figure, merge_history_figure, spd_figures
 from unmerge.report.latents import latents_section
 from unmerge.report.mechanisms import mechanisms_section
 from unmerge.report.run import publish, refresh, runs_index
@@ -159,12 +159,12 @@ def plan_dictionary(config: DictionaryRunConfig) -> str:
 
 
 def finish_spd(spd: SPD | APD, config: RunConfig, run_dir: Path, step: int) -> RunResult:
-    """Evaluate, and on rank 0 write the metrics, figures (SPD's causal importances) and report."""
+    """Evaluate, and on rank 0 write the metrics, figures (SPD's causal importances, APD's attributions) and report."""
     metrics = spd.evaluate()
     if not distributed.is_main_process():
         return RunResult(run_dir, metrics, [], step)
     if isinstance(spd, APD):
-        figures, report = publish(run_dir, f"APD: {config.name}", metrics, [])
+        figures, report = publish(run_dir, f"APD: {config.name}", metrics, apd_figures(spd, run_dir / runs.FIGURES_DIR))
         return RunResult(run_dir, metrics, figures, step, report)
     figures = spd_figures(spd, run_dir / runs.FIGURES_DIR)
     sections = _subcomponents_section(spd, config, run_dir)
@@ -304,10 +304,10 @@ def load_spd_run(run_dir: Path) -> tuple[RunConfig, SPD, int]:
 
 
 def evaluate(run_dir: Path) -> RunResult:
-    """Recompute `metrics.json`, figures and `report.html` of an SPD run from its newest checkpoint.
+    """Recompute `metrics.json`, figures and `report.html` of an SPD or APD run from its newest checkpoint.
 
     Args:
-        run_dir: an SPD run directory of a configured target.
+        run_dir: an SPD or APD run directory of a configured target.
 
     Example:
         >>> unmerge.evaluate("runs/tms52").metrics["mmcs"]

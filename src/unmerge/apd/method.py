@@ -191,6 +191,15 @@ class APD:
         }
         return StepOutput.weighted(terms, coefficients)
 
+    @torch.no_grad()
+    def one_hot_attributions(self) -> Tensor:
+        """Attributions on one input per feature, each row over its largest: (features, C) in [0, 1]."""
+        x = self.target.one_hot_inputs(self.device)
+        with self.model.attached():
+            clean = self.model.clean_pass(x)
+            attributions = self.attributions(x, clean, self.model.inner_acts(clean))
+        return attributions / attributions.amax(-1, keepdim=True).clamp(min=torch.finfo(attributions.dtype).tiny)
+
     def evaluation_batch(self) -> Tensor:
         return self.target.sample_inputs(self.eval_batch_size, step_generator(self.seed, "eval", device=self.device))
 

@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     decompose = commands.add_parser(
         "decompose",
-        help="run SPD on a preset or YAML config (resumes if --out holds the same run)",
-        description=f"Run SPD and write a run directory. Presets: {presets}; and tms, a toy model of superposition of "
+        help="run SPD (APD for the apd-* presets) on a preset or YAML config (resumes if --out holds the same run)",
+        description=f"Run SPD, or APD for a config with method.kind: apd, and write a run directory. Presets: "
+        f"{presets}; and tms, a toy model of superposition of "
         "any shape (--n-features F --n-hidden H [--identity]) with C and the coefficients set from the shape. "
         "Rerunning the same command on the same --out resumes from the newest checkpoint.",
     )
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate",
         help="recompute metrics.json, figures and report.html of a run",
-        description="SPD run: evaluate its newest checkpoint (metrics.json, figures, report.html). Finished "
+        description="SPD or APD run: evaluate its newest checkpoint (metrics.json, figures, report.html). Finished "
         "dictionary run: rebuild its report.html (latents with top-activating snippets on a language "
         "model).",
     )

@@ -1,5 +1,6 @@
-"""Figures of a run (PNG): training curves of every loss term; for SPD on toys, recovered subcomponents beside the
-target's weights and CI on one-hot inputs; for a dictionary, the histogram of its latents' firing densities."""
+"""Figures of a run (PNG): training curves of every loss term; for SPD and APD on toys, recovered (sub)components
+beside the target's weights and CI or attributions on one-hot inputs; for a dictionary, the histogram of its
+latents' firing densities."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import torch
 from torch import Tensor
 
 from unmerge import metrics
+from unmerge.apd.method import APD
 from unmerge.spd.method import SPD
+from unmerge.spd.model import ComponentModel
 
 STYLE = {"figure.dpi": 110, "font.size": 9, "axes.titlesize": 9, "image.cmap": "RdBu_r"}
 
@@ -43,8 +46,11 @@ def permuted_importance(importance: Tensor) -> Tensor:
     return importance[:, torch.cat([matched, torch.tensor(rest, dtype=torch.long)])]
 
 
-def importance_figure(one_hot: dict[str, Tensor], path: Path) -> Path:
-    """One heatmap per site: CI (features × subcomponents) on one-hot inputs, permuted towards the identity."""
+def importance_figure(
+    one_hot: dict[str, Tensor], path: Path, quantity: str = "CI", units: str = "subcomponent"
+) -> Path:
+    """One heatmap per site: `quantity` in [0, 1] (features × `units`; SPD's CI, APD's relative attributions) on
+    one-hot inputs, permuted towards the identity."""
     with plt.rc_context(STYLE):
         figure, axes = plt.subplots(1, len(one_hot), figsize=(4.2 * len(one_hot), 3.2), squeeze=False)
         for axis, (name, importance) in zip(axes[0], one_hot.items(), strict=True):
@@ -56,20 +62,22 @@ def importance_figure(one_hot: dict[str, Tensor], path: Path) -> Path:
                 aspect="auto",
                 interpolation="nearest",
             )
-            axis.set_title(f"{name}: CI on one-hot inputs")
-            axis.set_xlabel("subcomponent (permuted)")
+            axis.set_title(f"{name}: {quantity} on one-hot inputs")
+            axis.set_xlabel(f"{units} (permuted)")
             axis.set_ylabel("active feature")
         figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
         return save_figure(figure, path)
 
 
-def weights_figure(spd: SPD, site: str, axis: str, path: Path) -> Path:
-    """Top: each feature's rank-1 piece of the target weight; bottom: the best-matching subcomponent."""
-    weight = spd.model.target_weight(site).detach()
-    components = spd.model.site_components(site)
-    recovery = metrics.feature_recovery(weight, components.U, components.V, axis)
+def weights_figure(model: ComponentModel, site: str, axis: str, path: Path, rank: int = 1, method: str = "SPD") -> Path:
+    """Top: each feature's rank-1 piece of the target weight; bottom: the best-matching component (`rank`
+    consecutive subcomponents: 1 for SPD, an APD component's rank)."""
+    weight = model.target_weight(site).detach()
+    components = model.site_components(site)
+    recovery = metrics.feature_recovery(weight, components.U, components.V, axis, rank=rank)
     n_features = len(recovery.best)
     shown = min(n_features, 12)
+    unit = "subcomp." if rank == 1 else "comp."
     with plt.rc_context(STYLE):
         figure, axes = plt.subplots(2, shown, figsize=(1.3 * shown + 1, 3.2), squeeze=False)
         for i in range(shown):
@@ -79,15 +87,16 @@ def weights_figure(spd: SPD, site: str, axis: str, path: Path) -> Path:
             else:
                 piece[i, :] = weight[i, :]
             c = int(recovery.best[i])
-            subcomponent = (components.U[:, c : c + 1] @ components.V[c : c + 1, :]).detach()
+            pieces = slice(c * rank, (c + 1) * rank)
+            component = (components.U[:, pieces] @ components.V[pieces, :]).detach()
             scale = float(piece.abs().max()) or 1.0
-            for row, (matrix, title) in enumerate(((piece, f"feature {i}"), (subcomponent, f"subcomp. {c}"))):
+            for row, (matrix, title) in enumerate(((piece, f"feature {i}"), (component, f"{unit} {c}"))):
                 axes[row, i].imshow(as_array(matrix), vmin=-scale, vmax=scale, interpolation="nearest")
                 axes[row, i].set_title(title)
                 axes[row, i].set_xticks([])
                 axes[row, i].set_yticks([])
         axes[0, 0].set_ylabel("target")
-        axes[1, 0].set_ylabel("SPD")
+        axes[1, 0].set_ylabel(method)
         figure.suptitle(
             f"{site}: MMCS {recovery.mmcs:.4f}, ML2R {recovery.ml2r:.3f}"
             + (f" (first {shown} of {n_features} features)" if shown < n_features else "")
@@ -120,7 +129,23 @@ def spd_figures(spd: SPD, directory: Path) -> list[Path]:
     paths.append(importance_figure(spd.one_hot_importance(), directory / "ci_one_hot.png"))
     for site, axis in truth.feature_directions.items():
         if site in spd.model.site_C:
-            paths.append(weights_figure(spd, site, axis, directory / f"weights_{site}.png"))
+            paths.append(weights_figure(spd.model, site, axis, directory / f"weights_{site}.png"))
+    return paths
+
+
+def apd_figures(apd: APD, directory: Path) -> list[Path]:
+    """The figures of an APD run on a toy target (none without ground truth): each feature's attributions over
+    the components on one-hot inputs (relative to the feature's largest), and per feature site the best-matching
+    component beside the feature's piece of the weight, where a component holding two features shows."""
+    truth = apd.target.ground_truth
+    if truth is None:
+        return []
+    one_hot = {"components": apd.one_hot_attributions()}
+    paths = [importance_figure(one_hot, directory / "attributions_one_hot.png", "attribution ÷ row max", "component")]
+    for site, axis in truth.feature_directions.items():
+        if site in apd.ranks:
+            path = directory / f"weights_{site}.png"
+            paths.append(weights_figure(apd.model, site, axis, path, rank=apd.ranks[site], method="APD"))
     return paths
 
 
