@@ -56,6 +56,53 @@ def test_a_two_rank_dictionary_matches_one_rank_at_the_same_global_batch(tmp_pat
         assert two[name] == pytest.approx(one.metrics[name], rel=1e-3, abs=1e-4)
 
 
+BATCH_SUM_TERMS = """
+import sys
+import torch
+import torch.distributed as dist
+from unmerge.spd import losses
+from unmerge.train import distributed
+
+def terms(inputs, theta):
+    powers = [torch.sigmoid(inputs @ theta), torch.sigmoid(2 * inputs @ theta)[..., :4]]  # two sites: C 6 and 4
+    return losses.importance_frequency_loss(powers), losses.importance_count_loss(powers)
+
+generator = torch.Generator().manual_seed(0)
+inputs, theta = torch.randn(8, 3, 5, generator=generator), torch.randn(5, 6, generator=generator)
+if len(sys.argv) > 2:  # one process, the whole batch
+    part = inputs
+else:
+    dist.init_process_group("gloo")
+    part = inputs.chunk(dist.get_world_size())[dist.get_rank()]
+results = {}
+for index, name in enumerate(("frequency", "count")):
+    leaf = theta.clone().requires_grad_(True)
+    term = terms(part, leaf)[index]
+    term.backward()
+    distributed.average_gradients([leaf])
+    results[name] = (term.detach(), leaf.grad)
+torch.save(results, f"{sys.argv[1]}/{distributed.rank() if len(sys.argv) == 2 else 'whole'}.pt")
+distributed.stop()
+"""
+
+
+def test_batch_sum_terms_and_their_gradients_on_two_ranks_are_those_of_the_whole_batch(tmp_path: Path) -> None:
+    """The frequency and count terms are functions of sums over the batch, so each rank's half alone would give
+    another loss: summed over the ranks, every rank's term and its averaged gradient equal one process's on the
+    whole batch."""
+    script = tmp_path / "terms.py"
+    script.write_text(BATCH_SUM_TERMS)
+    subprocess.run([sys.executable, str(script), str(tmp_path), "whole"], check=True, timeout=120)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    subprocess.run([*launcher, str(script), str(tmp_path)], check=True, timeout=300, env=os.environ)
+    whole = torch.load(tmp_path / "whole.pt")
+    for rank in (0, 1):
+        on_rank = torch.load(tmp_path / f"{rank}.pt")
+        for name, (term, gradient) in whole.items():
+            torch.testing.assert_close(on_rank[name][0], term)
+            torch.testing.assert_close(on_rank[name][1], gradient)
+
+
 def test_a_two_rank_spd_run_matches_one_rank_within_its_mask_noise(tmp_path: Path) -> None:
     """Each rank draws its own mask noise, so the runs differ by sampling noise only: the decomposition is the
     same to within a few percent after 40 steps (U and V within 3 %, all parameters within 5 %), and faithfulness,

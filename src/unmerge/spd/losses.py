@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unmerge.kernels.cpu.ci import counter_uniform_reference, fused_kernel_serves, fused_stochastic_masks
+from unmerge.train import distributed
 
 
 def faithfulness_loss(target_weights: list[Tensor], reconstructions: list[Tensor]) -> Tensor:
@@ -45,16 +46,22 @@ def importance_minimality_loss(powers: list[Tensor]) -> Tensor:
     return sum(powered.sum() for powered in powers) / n_positions
 
 
+def _batch_sums(powered: Tensor) -> tuple[Tensor, int]:
+    """Per subcomponent, the sum of `g⁺^p` over the global batch's positions (every rank's under torchrun), and
+    the number of those positions (the ranks' parts are equal)."""
+    rows = powered.reshape(-1, powered.shape[-1])
+    return distributed.sum_across_ranks(rows.sum(0)), rows.shape[0] * distributed.world_size()
+
+
 def importance_frequency_loss(powers: list[Tensor]) -> Tensor:
     """`Σ_c m_c log2(1 + S_c)` over every subcomponent c of every site, with m_c the mean and S_c the sum over the
     batch's positions of `g⁺_c^p` (each site's `importance_powers`; VPD's frequency minimality): one subcomponent
     important on many inputs costs more than two that share those inputs between them, so subcomponents that serve
-    several features split."""
+    several features split. The batch is the global one under torchrun, as on one process."""
     total = powers[0].new_zeros(())
     for powered in powers:
-        rows = powered.reshape(-1, powered.shape[-1])
-        sums = rows.sum(0)
-        total = total + (sums / rows.shape[0] * torch.log2(1 + sums)).sum()
+        sums, positions = _batch_sums(powered)
+        total = total + (sums / positions * torch.log2(1 + sums)).sum()
     return total
 
 
@@ -63,10 +70,10 @@ def importance_count_loss(powers: list[Tensor]) -> Tensor:
     `g⁺_c^p`: a smooth count of the subcomponents in use. Its slope `1 / ((1 + S_c) ln 2)` is steepest for a
     subcomponent that is rarely important, so where the loss is otherwise indifferent between a dense mechanism
     and that mechanism plus a rarely used remnant, the remnant dies (the importance penalty alone charges it in
-    proportion to its rare use: next to nothing)."""
+    proportion to its rare use: next to nothing). The batch is the global one under torchrun, as on one process."""
     total = powers[0].new_zeros(())
     for powered in powers:
-        total = total + torch.log2(1 + powered.reshape(-1, powered.shape[-1]).sum(0)).sum()
+        total = total + torch.log2(1 + _batch_sums(powered)[0]).sum()
     return total
 
 

@@ -3,7 +3,8 @@ the loop and the methods need. Without a process group every helper is the singl
 
 A step's global batch (`train.batch_size`) is split over the ranks; each rank computes its part's loss, gradients
 are averaged (one flat all-reduce), so every rank applies the same update to the same weights. Statistics a method
-keeps between steps (dictionary firing counters, BatchTopK's threshold) are reduced too, so ranks never drift.
+keeps between steps (dictionary firing counters, BatchTopK's threshold) are reduced too, so ranks never drift, and
+a loss term of batch-wide sums (SPD's frequency and count terms) sums them over the ranks (`sum_across_ranks`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_functional
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -128,6 +130,15 @@ def average_gradients(parameters: list[nn.Parameter]) -> None:
     for grad in grads:
         grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
         offset += grad.numel()
+
+
+def sum_across_ranks(tensor: Tensor) -> Tensor:
+    """`tensor` summed over the ranks, differentiably (the tensor itself on one process). A loss of such a global
+    sum is the same on every rank; the backward pass sums its gradient over the ranks too, so after
+    `average_gradients` each rank holds the gradient one process would get on the whole batch."""
+    if not is_distributed():
+        return tensor
+    return dist_functional.all_reduce(tensor)
 
 
 def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
