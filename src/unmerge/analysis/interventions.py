@@ -24,7 +24,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from unmerge.analysis.grouping import DEFAULT_THRESHOLD, active_subcomponents, subcomponent_names
 from unmerge.errors import SiteError
@@ -34,6 +33,7 @@ from unmerge.metrics.language import counted_predictions, next_token_nll
 from unmerge.sae.dictionary import Dictionary
 from unmerge.spd.method import SPD
 from unmerge.spd.sites import find_site
+from unmerge.train.progress import progress_bar
 from unmerge.train.rng import step_generator
 
 Ablation = Literal["zero", "mean"]
@@ -189,11 +189,10 @@ def _importances_and_effects(spd: SPD, windows: Tensor, batch_windows: int) -> t
     importances: list[Tensor] = []
     effects = torch.zeros(sum(spd.model.site_C[name] for name in spd.model.site_names), dtype=torch.float64)
     count = 0
-    for start in tqdm(
+    for start in progress_bar(
         range(0, windows.shape[0], batch_windows),
         desc="subcomponent importances and effects",
         unit="batch",
-        disable=None,
         leave=False,
     ):
         ids = windows[start : start + batch_windows]

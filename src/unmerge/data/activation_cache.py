@@ -24,11 +24,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from unmerge.data.source import ActivationSource
 from unmerge.errors import CheckpointError, UnmergeError
 from unmerge.io import sha256_file, write_atomic
+from unmerge.train.progress import progress_bar
 from unmerge.train.rng import draw_rows, step_generator
 
 MANIFEST_FILE = "manifest.json"
@@ -221,14 +221,13 @@ def _record_shards(
     activation_parts: list[Tensor] = []
     token_parts: list[Tensor] = []
     buffered = 0
-    bar = tqdm(
+    bar = progress_bar(
+        shown=progress,
         total=n_sequences * seq_len,
         initial=manifest["sequences_done"] * seq_len,
         unit="tok",
         unit_scale=True,
         desc="caching activations",
-        disable=None if progress else True,
-        dynamic_ncols=True,
     )
     with bar, torch.no_grad():
         for start in range(manifest["sequences_done"], n_sequences, batch_sequences):

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from unmerge.errors import UnmergeError
 from unmerge.metrics.language import ce_and_kl, counted_predictions, next_token_nll
 from unmerge.train.devices import device_of
+from unmerge.train.progress import progress_bar
 
 Replacement = Callable[[Tensor], Tensor]  # activations (n, d) at ordinary positions → replacements (n, d)
 
@@ -194,11 +194,10 @@ def ablation_effects(
     effects = torch.zeros(atoms.shape[0], dtype=torch.float64)
     latents: list[Tensor] = []
     count = 0
-    for start in tqdm(
+    for start in progress_bar(
         range(0, windows.shape[0], batch_windows),
         desc="latent ablation effects",
         unit="batch",
-        disable=None,
         leave=False,
     ):
         ids, keep = _batch_on_model(model, windows, ordinary, start, batch_windows)

@@ -22,7 +22,6 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from unmerge.config import OptimConfig, TrainConfig
 from unmerge.errors import CheckpointError, ConfigError, NonFiniteLossError, warn
@@ -31,6 +30,7 @@ from unmerge.train import checkpoint, distributed
 from unmerge.train.devices import autocast
 from unmerge.train.loggers import ScalarLoggers
 from unmerge.train.memory import keep_freed_memory
+from unmerge.train.progress import progress_bar
 from unmerge.train.rng import step_generator
 from unmerge.train.schedule import learning_rate
 
@@ -250,14 +250,12 @@ def train(
         for log in (TRAIN_LOG, EVAL_LOG):
             _truncate_log(run_dir / log, start)
     last_terms: dict[str, float] = {}
-    progress = tqdm(
+    progress = progress_bar(
         range(start, config.steps),
+        shown=distributed.is_main_process(),
         initial=start,
         total=config.steps,
         desc=description,
-        disable=None if distributed.is_main_process() else True,
-        mininterval=0.5,
-        dynamic_ncols=True,
     )
     for step in progress:
         lr = learning_rate(config.optim, step, config.steps)

@@ -1,0 +1,46 @@
+"""Progress of long work: a live bar on a terminal; where stderr is a file (a run under nohup, a batch job's
+log), one plain line a minute, so a run in the background shows how far it is and how long it has left too."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+from tqdm.auto import tqdm
+
+LOG_INTERVAL_S = 60.0  # seconds between two progress lines in a log file
+LOG_LINE = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+
+class _Lines:
+    """tqdm's redraws (a carriage return, then the bar) written as one line each, for a file that cannot redraw."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.last = ""
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line and line != self.last:  # closing redraws the last state once more
+            self.stream.write(line + "\n")
+            self.last = line
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(iterable: Iterable | None = None, *, shown: bool = True, **options: Any) -> tqdm:
+    """tqdm over `iterable` with `options` (desc, total, unit, …), drawn on stderr: live on a terminal, a line a
+    minute in a log file; nothing when not `shown` (ranks other than 0, a caller asked for quiet)."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, disable=not shown, mininterval=0.5, dynamic_ncols=True, **options)
+    return tqdm(
+        iterable,
+        disable=not shown,
+        file=_Lines(sys.stderr),
+        mininterval=LOG_INTERVAL_S,
+        delay=LOG_INTERVAL_S,  # work that ends within a minute leaves no line
+        bar_format=LOG_LINE,
+        **options,
+    )

@@ -1,0 +1,28 @@
+"""Long work shows progress where stderr is a log file (nohup, a batch job), not only on a terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_TMS
+from unmerge import api
+from unmerge.train import progress
+
+
+def test_a_run_logging_to_a_file_prints_its_progress_as_plain_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)  # a line per step instead of a line a minute
+    api.decompose(api.load_run_config("tms-5-2", [*TINY_TMS, "train.steps=20"]), tmp_path / "run")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spd tms-5-2")]
+    assert lines, "no progress line"
+    assert "20/20" in lines[-1]
+    assert not any("\r" in line for line in lines)  # each redraw its own line, nothing a file cannot show
+
+
+def test_work_ending_within_the_interval_prints_nothing_to_a_log_file(capsys: pytest.CaptureFixture[str]) -> None:
+    for _ in progress.progress_bar(range(3), desc="quick", total=3):
+        pass
+    assert "quick" not in capsys.readouterr().err
