@@ -56,10 +56,11 @@ def test_a_two_rank_dictionary_matches_one_rank_at_the_same_global_batch(tmp_pat
         assert two[name] == pytest.approx(one.metrics[name], rel=1e-3, abs=1e-4)
 
 
-BATCH_SUM_TERMS = """
+BATCH_WIDE = """
 import sys
 import torch
 import torch.distributed as dist
+from unmerge.apd.method import batch_top_k
 from unmerge.spd import losses
 from unmerge.train import distributed
 
@@ -81,26 +82,30 @@ for index, name in enumerate(("frequency", "count")):
     term.backward()
     distributed.average_gradients([leaf])
     results[name] = (term.detach(), leaf.grad)
+attributions = (part @ theta).flatten(0, 1)  # (positions, 6)
+results["top_k"] = batch_top_k(attributions, 0.7, across_ranks=True)
 torch.save(results, f"{sys.argv[1]}/{distributed.rank() if len(sys.argv) == 2 else 'whole'}.pt")
 distributed.stop()
 """
 
 
-def test_batch_sum_terms_and_their_gradients_on_two_ranks_are_those_of_the_whole_batch(tmp_path: Path) -> None:
-    """The frequency and count terms are functions of sums over the batch, so each rank's half alone would give
-    another loss: summed over the ranks, every rank's term and its averaged gradient equal one process's on the
-    whole batch."""
+def test_batch_wide_terms_on_two_ranks_are_those_of_the_whole_batch(tmp_path: Path) -> None:
+    """SPD's frequency and count terms are functions of sums over the batch, and APD's batch top-k ranks the whole
+    batch, so each rank's half alone would give another loss: taken over the ranks, every rank's terms and their
+    averaged gradients equal one process's on the whole batch, and its top-k mask is its rows of the whole's."""
     script = tmp_path / "terms.py"
-    script.write_text(BATCH_SUM_TERMS)
+    script.write_text(BATCH_WIDE)
     subprocess.run([sys.executable, str(script), str(tmp_path), "whole"], check=True, timeout=120)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     subprocess.run([*launcher, str(script), str(tmp_path)], check=True, timeout=300, env=os.environ)
     whole = torch.load(tmp_path / "whole.pt")
     for rank in (0, 1):
         on_rank = torch.load(tmp_path / f"{rank}.pt")
-        for name, (term, gradient) in whole.items():
-            torch.testing.assert_close(on_rank[name][0], term)
-            torch.testing.assert_close(on_rank[name][1], gradient)
+        for name in ("frequency", "count"):
+            torch.testing.assert_close(on_rank[name][0], whole[name][0])
+            torch.testing.assert_close(on_rank[name][1], whole[name][1])
+        assert torch.equal(on_rank["top_k"], whole["top_k"].chunk(2)[rank])
+    assert 0 < int(whole["top_k"][:12].sum()) != int(whole["top_k"][12:].sum()) > 0  # the halves' counts differ
 
 
 def test_a_two_rank_spd_run_matches_one_rank_within_its_mask_noise(tmp_path: Path) -> None:

@@ -9,8 +9,9 @@ every pass (masked, ablated) is SPD's.
 Per input, a component's attribution is `A_c(x) = (1/O) Σ_o (Σ_l Σ_ij ∂f_o/∂W^l_ij P^l_c,ij)²` over the O outputs,
 computed through the sites' outputs y: `Σ_ij ∂f_o/∂W_ij P_c,ij = ∂f_o/∂y · P_c a`, so batched backward passes of
 the target over the O output directions give `∂f_o/∂y` at every site, each contracted with every component's
-contribution `P_c a` to it (never a weight-shaped gradient, never a pass per component). Batch top-k keeps the `topk`·B
-largest attributions of the batch; the kept components of an input are its active ones.
+contribution `P_c a` to it (never a weight-shaped gradient, never a pass per component). Batch top-k keeps the
+`topk`·B largest attributions of the batch (the global batch under torchrun); the kept components of an input are
+its active ones.
 
 Losses: faithfulness (SPD's), minimality (the output divergence with only the active components), optionally each
 site's output reconstructed in that pass, and simplicity, the Schatten-p proxy
@@ -31,6 +32,7 @@ from unmerge.spd.losses import output_divergence
 from unmerge.spd.model import CleanPass, ComponentModel, DecomposedSite
 from unmerge.spd.sites import find_sites
 from unmerge.targets.base import Target
+from unmerge.train import distributed
 from unmerge.train.devices import device_of
 from unmerge.train.loop import StepOutput
 from unmerge.train.rng import step_generator
@@ -39,13 +41,16 @@ SCHATTEN_EPSILON = 1e-16  # keeps the gradient of x^(p/2) finite at 0 for p < 2
 OUTPUT_CHUNK = 64  # output directions per batched backward pass (bounds the memory of the Jacobian)
 
 
-def batch_top_k(attributions: Tensor, k: float) -> Tensor:
-    """(B, C) → bool (B, C): the `round(k·B)` largest attributions over the whole batch (at least one)."""
-    keep = max(1, round(k * attributions.shape[0]))
-    chosen = attributions.flatten().topk(min(keep, attributions.numel())).indices
-    active = torch.zeros(attributions.numel(), dtype=torch.bool, device=attributions.device)
+def batch_top_k(attributions: Tensor, k: float, across_ranks: bool = False) -> Tensor:
+    """(B, C) → bool (B, C): the `round(k·B)` largest attributions over the whole batch (at least one). With
+    `across_ranks`, the batch is the global one under torchrun (each rank holding its part), as on one process."""
+    rows = distributed.gather_rows(attributions) if across_ranks else attributions
+    keep = max(1, round(k * rows.shape[0]))
+    chosen = rows.flatten().topk(min(keep, rows.numel())).indices
+    active = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
     active[chosen] = True
-    return active.view_as(attributions)
+    offset = distributed.rank() * len(attributions) if across_ranks else 0
+    return active.view_as(rows)[offset : offset + len(attributions)]
 
 
 def schatten_proxy(U: Tensor, V: Tensor, rank: int, pnorm: float) -> Tensor:
@@ -137,9 +142,10 @@ class APD:
         rank, U = self.ranks[site], self.model.site_components(site).U
         return torch.einsum("bcr,dcr->bcd", h.view(len(h), -1, rank), U.view(U.shape[0], -1, rank))
 
-    def active(self, x: Tensor, clean: CleanPass, inner: dict[str, Tensor]) -> Tensor:
-        """Bool (B, C): each input's components kept by batch top-k on the attributions."""
-        return batch_top_k(self.attributions(x, clean, inner), self.config.topk)
+    def active(self, x: Tensor, clean: CleanPass, inner: dict[str, Tensor], across_ranks: bool = False) -> Tensor:
+        """Bool (B, C): each input's components kept by batch top-k on the attributions (over the global batch
+        with `across_ranks`: training under torchrun)."""
+        return batch_top_k(self.attributions(x, clean, inner), self.config.topk, across_ranks)
 
     def simplicity(self, active: Tensor) -> Tensor:
         """`(1/(B N)) Σ_b Σ_{c active} Σ_l` Schatten proxy of component c at site l, N the number of decomposed
@@ -177,7 +183,7 @@ class APD:
         with self.model.attached():
             clean = self.model.clean_pass(batch)
             inner = self.model.inner_acts(clean)
-            active = self.active(batch, clean, inner)
+            active = self.active(batch, clean, inner, across_ranks=True)
             minimality, activations = self.reconstructions(batch, clean, inner, active)
             terms = {"faithfulness": self.model.faithfulness(), "minimality": minimality}
             if activations is not None:

@@ -4,7 +4,8 @@ the loop and the methods need. Without a process group every helper is the singl
 A step's global batch (`train.batch_size`) is split over the ranks; each rank computes its part's loss, gradients
 are averaged (one flat all-reduce), so every rank applies the same update to the same weights. Statistics a method
 keeps between steps (dictionary firing counters, BatchTopK's threshold) are reduced too, so ranks never drift, and
-a loss term of batch-wide sums (SPD's frequency and count terms) sums them over the ranks (`sum_across_ranks`).
+a loss term of batch-wide sums (SPD's frequency and count terms) sums them over the ranks (`sum_across_ranks`), and
+APD's batch top-k ranks the whole global batch (`gather_rows`).
 """
 
 from __future__ import annotations
@@ -139,6 +140,16 @@ def sum_across_ranks(tensor: Tensor) -> Tensor:
     if not is_distributed():
         return tensor
     return dist_functional.all_reduce(tensor)
+
+
+def gather_rows(tensor: Tensor) -> Tensor:
+    """Every rank's `tensor` concatenated along dim 0 in rank order, no gradient (the tensor itself on one
+    process): the global batch's rows of a per-example quantity."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    return torch.cat(parts)
 
 
 def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
