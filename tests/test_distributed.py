@@ -43,10 +43,20 @@ def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_a_two_rank_dictionary_matches_one_rank_at_the_same_global_batch(tmp_path: Path) -> None:
-    """Dictionaries draw no noise, so the two runs differ only in how the batch mean is summed."""
-    one = api.train_dictionary(api.load_dictionary_config("sparse-512-relu-l1", DICTIONARY), tmp_path / "one")
-    _run(2, "train-dictionary", "sparse-512-relu-l1", "--out", str(tmp_path / "two"), *DICTIONARY)
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [
+        ("sparse-512-relu-l1", DICTIONARY),
+        ("sparse-512-topk", [*DICTIONARY, "method.activation=batchtopk", "method.aux_k=null"]),  # a batch-wide rule
+    ],
+)
+def test_a_two_rank_dictionary_matches_one_rank_at_the_same_global_batch(
+    tmp_path: Path, preset: str, overrides: list[str]
+) -> None:
+    """Dictionaries draw no noise, so the two runs differ only in how the batch mean is summed (BatchTopK ranks
+    the global batch on two ranks too)."""
+    one = api.train_dictionary(api.load_dictionary_config(preset, overrides), tmp_path / "one")
+    _run(2, "train-dictionary", preset, "--out", str(tmp_path / "two"), *overrides)
     weights_one = load_file(str(tmp_path / "one" / "dictionary.safetensors"))
     weights_two = load_file(str(tmp_path / "two" / "dictionary.safetensors"))
     for name, value in weights_one.items():

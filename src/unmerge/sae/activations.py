@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from unmerge.train import distributed
+
 
 def topk(z: Tensor, k: int) -> Tensor:
     """Keep each example's k largest pre-activations (ReLU'd), zero the rest."""
@@ -14,15 +16,22 @@ def topk(z: Tensor, k: int) -> Tensor:
     return torch.zeros_like(z).scatter(-1, indices, F.relu(values))
 
 
-def batch_topk(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Keep the k·B largest pre-activations of the whole batch (so examples may use more or fewer than k).
+def batch_topk(z: Tensor, k: int, across_ranks: bool = False) -> tuple[Tensor, Tensor]:
+    """Keep the k·B largest pre-activations of the whole batch (so examples may use more or fewer than k); with
+    `across_ranks`, of the global batch under torchrun (each rank holding its part), as one process would.
     Returns the latents and the smallest kept positive value, from which the inference threshold is estimated."""
     flat = F.relu(z).flatten()
-    values, indices = flat.topk(min(k * z.shape[0], flat.numel()), sorted=False)
+    keep = k * z.shape[0] * (distributed.world_size() if across_ranks else 1)
+    values, indices = flat.topk(min(keep, flat.numel()), sorted=False)
+    largest = values.detach()
+    if across_ranks and distributed.is_distributed():  # the global batch's largest are among the ranks' own
+        candidates = distributed.gather_rows(largest)
+        largest = candidates.topk(min(keep, candidates.numel())).values
+        chosen = values >= largest[-1]
+        values, indices = values[chosen], indices[chosen]
     kept = torch.zeros_like(flat).scatter(0, indices, values).view_as(z)
-    positive = values[values > 0]
-    smallest = positive.min() if positive.numel() else z.new_zeros(())
-    return kept, smallest.detach()
+    positive = largest[largest > 0]
+    return kept, positive.min() if positive.numel() else z.new_zeros(())
 
 
 def threshold_activation(z: Tensor, threshold: Tensor) -> Tensor:

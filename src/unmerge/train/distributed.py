@@ -5,7 +5,7 @@ A step's global batch (`train.batch_size`) is split over the ranks; each rank co
 are averaged (one flat all-reduce), so every rank applies the same update to the same weights. Statistics a method
 keeps between steps (dictionary firing counters, BatchTopK's threshold) are reduced too, so ranks never drift, and
 a loss term of batch-wide sums (SPD's frequency and count terms) sums them over the ranks (`sum_across_ranks`), and
-APD's batch top-k ranks the whole global batch (`gather_rows`).
+APD's batch top-k and BatchTopK dictionaries rank the whole global batch (`gather_rows`).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class BatchTopKDictionary(TopKDictionary):
     def activate(self, z: Tensor) -> Tensor:
         if not self.training:
             return activations.threshold_activation(z, self.inference_threshold)
-        f, smallest = activations.batch_topk(z, self.config.k)
+        f, smallest = activations.batch_topk(z, self.config.k, across_ranks=True)
         self._update_threshold(smallest)
         return f
 
