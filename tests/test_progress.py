@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -26,3 +28,13 @@ def test_work_ending_within_the_interval_prints_nothing_to_a_log_file(capsys: py
     for _ in progress.progress_bar(range(3), desc="quick", total=3):
         pass
     assert "quick" not in capsys.readouterr().err
+
+
+def test_a_notebook_gets_the_live_bar_not_log_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = SimpleNamespace(config={"IPKernelApp": {}})
+    monkeypatch.setitem(sys.modules, "IPython", SimpleNamespace(get_ipython=lambda: kernel))
+    with progress.progress_bar(range(3), total=3) as bar:
+        assert bar.mininterval == 0.5
+    monkeypatch.setitem(sys.modules, "IPython", SimpleNamespace(get_ipython=lambda: None))  # IPython, no kernel
+    with progress.progress_bar(range(3), total=3) as bar:
+        assert bar.mininterval == progress.LOG_INTERVAL_S

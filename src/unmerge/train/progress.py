@@ -1,5 +1,6 @@
-"""Progress of long work: a live bar on a terminal; where stderr is a file (a run under nohup, a batch job's
-log), one plain line a minute, so a run in the background shows how far it is and how long it has left too."""
+"""Progress of long work: a live bar on a terminal or in a notebook; where stderr is a file (a run under nohup, a
+batch job's log), one plain line a minute, so a run in the background shows how far it is and how long it has left
+too."""
 
 from __future__ import annotations
 
@@ -30,10 +31,20 @@ class _Lines:
         self.stream.flush()
 
 
-def progress_bar(iterable: Iterable | None = None, *, shown: bool = True, **options: Any) -> tqdm:
-    """tqdm over `iterable` with `options` (desc, total, unit, …), drawn on stderr: live on a terminal, a line a
-    minute in a log file; nothing when not `shown` (ranks other than 0, a caller asked for quiet)."""
+def _live() -> bool:
+    """Whether progress can be redrawn: on a terminal, or in a Jupyter kernel (where tqdm.auto draws a widget)."""
     if sys.stderr.isatty():
+        return True
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in shell.config
+
+
+def progress_bar(iterable: Iterable | None = None, *, shown: bool = True, **options: Any) -> tqdm:
+    """tqdm over `iterable` with `options` (desc, total, unit, …): live on a terminal or in a notebook, a line a
+    minute on stderr elsewhere (a log file); nothing when not `shown` (ranks other than 0, a caller asked for
+    quiet)."""
+    if _live():
         return tqdm(iterable, disable=not shown, mininterval=0.5, dynamic_ncols=True, **options)
     return tqdm(
         iterable,
