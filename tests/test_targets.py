@@ -50,24 +50,35 @@ def test_save_load_round_trip_and_cache(tmp_path: Path) -> None:
     assert torch.equal(cached_target(TMS).model.linear1.weight, first.model.linear1.weight)
 
 
-def test_a_process_needing_a_target_another_is_training_waits_then_loads_it(tmp_path: Path) -> None:
+WAITER = """
+import sys
+import torch.distributed as dist
+from unmerge.config import TMSConfig
+from unmerge.targets import cached_target
+from unmerge.train import distributed
+
+if distributed.launched_by_torchrun():
+    dist.init_process_group("gloo")
+print(cached_target(TMSConfig.model_validate_json(sys.argv[1])).model.linear1.weight.sum().item(), flush=True)
+distributed.stop()
+"""
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_process_needing_a_target_another_is_training_waits_then_loads_it(tmp_path: Path, ranks: int) -> None:
     """Two processes needing one untrained target used to train it side by side and collide on its checkpoints;
-    the second now waits on the cache lock and loads what the first saved (here: weights no training gives)."""
-    config = TMS.model_copy(update={"train": TMS.train.model_copy(update={"seed": 7})})  # in no other test's cache
+    the second now waits on the cache lock and loads what the first saved (here: weights no training gives). A
+    torchrun job waits as one: rank 0 holds the lock, the other ranks wait for it."""
+    config = TMS.model_copy(update={"train": TMS.train.model_copy(update={"seed": 6 + ranks})})  # no other test's
     directory = target_cache_dir(config)
-    script = (
-        "import sys; from unmerge.config import TMSConfig; from unmerge.targets import cached_target; "
-        "print(cached_target(TMSConfig.model_validate_json(sys.argv[1])).model.linear1.weight.sum().item())"
-    )
+    script = tmp_path / "waiter.py"
+    script.write_text(WAITER)
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command = [*launcher, *([f"--nproc-per-node={ranks}"] if ranks > 1 else []), str(script), config.model_dump_json()]
     stderr_file = tmp_path / "stderr"
     with cache_lock(directory):
         with stderr_file.open("w") as stderr:
-            waiter = subprocess.Popen(
-                [sys.executable, "-c", script, config.model_dump_json()],
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-            )
+            waiter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
         deadline = time.monotonic() + 120
         while "waiting for it to finish" not in stderr_file.read_text():
             assert waiter.poll() is None and time.monotonic() < deadline, stderr_file.read_text()
@@ -79,7 +90,9 @@ def test_a_process_needing_a_target_another_is_training_waits_then_loads_it(tmp_
         save_target(target, config, directory)
     out, _ = waiter.communicate(timeout=120)
     assert waiter.returncode == 0, stderr_file.read_text()
-    assert float(out) == pytest.approx(target.model.linear1.weight.sum().item(), rel=1e-6)
+    printed = [float(line) for line in out.split()]
+    assert len(printed) == ranks
+    assert printed == pytest.approx([target.model.linear1.weight.sum().item()] * ranks, rel=1e-6)
 
 
 def test_damaged_target_is_a_clear_error(tmp_path: Path) -> None:

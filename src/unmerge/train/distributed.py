@@ -11,7 +11,8 @@ APD's batch top-k and BatchTopK dictionaries rank the whole global batch (`gathe
 from __future__ import annotations
 
 import os
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -45,11 +46,20 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def training_lock(entry: Path) -> AbstractContextManager:
+@contextmanager
+def training_lock(entry: Path) -> Iterator[None]:
     """`cache_lock` on a cache entry that is trained (a toy target, the small LM): processes that need the same
     untrained entry take turns, one trains it and the others wait and load it. The ranks of one torchrun job train
-    it together instead (data-parallel), so they take no lock."""
-    return nullcontext() if is_distributed() else cache_lock(entry)
+    it together (data-parallel): rank 0 holds the lock for them, and the others wait at a barrier until it has it
+    (within the process group's 30-minute timeout) and again until they are all done with the entry."""
+    if not is_distributed():
+        with cache_lock(entry):
+            yield
+        return
+    with cache_lock(entry) if is_main_process() else nullcontext():
+        barrier()
+        yield
+        barrier()
 
 
 def launched_by_torchrun() -> bool:
