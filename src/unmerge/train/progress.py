@@ -51,6 +51,7 @@ def progress_bar(iterable: Iterable | None = None, *, shown: bool = True, **opti
         disable=not shown,
         file=_Lines(sys.stderr),
         mininterval=LOG_INTERVAL_S,
+        maxinterval=LOG_INTERVAL_S,  # tqdm's monitor would otherwise redraw a slow loop every 10 s
         delay=LOG_INTERVAL_S,  # work that ends within a minute leaves no line
         bar_format=LOG_LINE,
         **options,
