@@ -19,7 +19,7 @@ import argparse
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from seeds import seed_range
@@ -85,9 +85,11 @@ def main() -> None:
             for preset in presets
             for seed in args.seeds
         ]
-        rows = [job.result() for job in jobs]
-    for row in rows:
-        print(json.dumps(row), flush=True)
+        rows = []
+        for job in as_completed(jobs):  # each row as soon as its run ends
+            rows.append(job.result())
+            print(json.dumps(rows[-1]), flush=True)
+    rows.sort(key=lambda row: (presets.index(row["preset"]), row["seed"]))
     columns = list(dict.fromkeys(key for row in rows for key in row))
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
