@@ -3,9 +3,10 @@ the loop and the methods need. Without a process group every helper is the singl
 
 A step's global batch (`train.batch_size`) is split over the ranks; each rank computes its part's loss, gradients
 are averaged (one flat all-reduce), so every rank applies the same update to the same weights. Statistics a method
-keeps between steps (dictionary firing counters, BatchTopK's threshold) are reduced too, so ranks never drift, and
-a loss term of batch-wide sums (SPD's frequency and count terms) sums them over the ranks (`sum_across_ranks`), and
-APD's batch top-k and BatchTopK dictionaries rank the whole global batch (`gather_rows`).
+keeps between steps (dictionary firing counters, BatchTopK's threshold) are reduced too, so ranks never drift.
+What a loss takes over the whole batch is taken over the global one: sums over the batch (SPD's frequency and count
+terms) are summed over the ranks (`sum_across_ranks`), and the batch top-k rules of APD and BatchTopK rank the
+ranks' gathered candidates (`gather_rows`).
 """
 
 from __future__ import annotations
