@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_functional
 from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -144,13 +144,30 @@ def average_gradients(parameters: list[nn.Parameter]) -> None:
         offset += grad.numel()
 
 
+class _SumAcrossRanks(torch.autograd.Function):
+    """All-reduce (sum) forward and backward: every rank's loss of the sum is the same, so the gradient reaching
+    each rank's part is the sum of the ranks' (equal) gradients of the sum."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        summed = tensor.clone()
+        dist.all_reduce(summed)
+        return summed
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, gradient: Tensor) -> Tensor:  # type: ignore[override]
+        summed = gradient.clone()
+        dist.all_reduce(summed)
+        return summed
+
+
 def sum_across_ranks(tensor: Tensor) -> Tensor:
     """`tensor` summed over the ranks, differentiably (the tensor itself on one process). A loss of such a global
     sum is the same on every rank; the backward pass sums its gradient over the ranks too, so after
     `average_gradients` each rank holds the gradient one process would get on the whole batch."""
     if not is_distributed():
         return tensor
-    return dist_functional.all_reduce(tensor)
+    return _SumAcrossRanks.apply(tensor)
 
 
 def gather_rows(tensor: Tensor) -> Tensor:
