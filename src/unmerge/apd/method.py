@@ -44,13 +44,11 @@ OUTPUT_CHUNK = 64  # output directions per batched backward pass (bounds the mem
 def batch_top_k(attributions: Tensor, k: float, across_ranks: bool = False) -> Tensor:
     """(B, C) → bool (B, C): the `round(k·B)` largest attributions over the whole batch (at least one). With
     `across_ranks`, the batch is the global one under torchrun (each rank holding its part), as on one process."""
-    rows = distributed.gather_rows(attributions) if across_ranks else attributions
-    keep = max(1, round(k * rows.shape[0]))
-    chosen = rows.flatten().topk(min(keep, rows.numel())).indices
-    active = torch.zeros(rows.numel(), dtype=torch.bool, device=rows.device)
+    batch = len(attributions) * (distributed.world_size() if across_ranks else 1)
+    _, chosen, _ = distributed.top_of_batch(attributions.flatten(), max(1, round(k * batch)), across_ranks)
+    active = torch.zeros(attributions.numel(), dtype=torch.bool, device=attributions.device)
     active[chosen] = True
-    offset = distributed.rank() * len(attributions) if across_ranks else 0
-    return active.view_as(rows)[offset : offset + len(attributions)]
+    return active.view_as(attributions)
 
 
 def schatten_proxy(U: Tensor, V: Tensor, rank: int, pnorm: float) -> Tensor:

@@ -22,13 +22,7 @@ def batch_topk(z: Tensor, k: int, across_ranks: bool = False) -> tuple[Tensor, T
     Returns the latents and the smallest kept positive value, from which the inference threshold is estimated."""
     flat = F.relu(z).flatten()
     keep = k * z.shape[0] * (distributed.world_size() if across_ranks else 1)
-    values, indices = flat.topk(min(keep, flat.numel()), sorted=False)
-    largest = values.detach()
-    if across_ranks and distributed.is_distributed():  # the global batch's largest are among the ranks' own
-        candidates = distributed.gather_rows(largest)
-        largest = candidates.topk(min(keep, candidates.numel())).values
-        chosen = values >= largest[-1]
-        values, indices = values[chosen], indices[chosen]
+    values, indices, largest = distributed.top_of_batch(flat, keep, across_ranks)
     kept = torch.zeros_like(flat).scatter(0, indices, values).view_as(z)
     positive = largest[largest > 0]
     return kept, positive.min() if positive.numel() else z.new_zeros(())

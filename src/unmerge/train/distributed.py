@@ -5,8 +5,8 @@ A step's global batch (`train.batch_size`) is split over the ranks; each rank co
 are averaged (one flat all-reduce), so every rank applies the same update to the same weights. Statistics a method
 keeps between steps (dictionary firing counters, BatchTopK's threshold) are reduced too, so ranks never drift.
 What a loss takes over the whole batch is taken over the global one: sums over the batch (SPD's frequency and count
-terms) are summed over the ranks (`sum_across_ranks`), and the batch top-k rules of APD and BatchTopK rank the
-ranks' gathered candidates (`gather_rows`).
+terms) are summed over the ranks (`sum_across_ranks`), and the batch top-k rule of APD and BatchTopK
+(`top_of_batch`) ranks the ranks' gathered candidates.
 """
 
 from __future__ import annotations
@@ -178,6 +178,22 @@ def gather_rows(tensor: Tensor) -> Tensor:
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.detach().contiguous())
     return torch.cat(parts)
+
+
+def top_of_batch(values: Tensor, keep: int, across_ranks: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch top-k rule shared by APD and BatchTopK. Of this rank's flat per-example `values`, those among the
+    `keep` largest of the batch; with `across_ranks`, of the global batch under torchrun, as one process would
+    (each rank's own `keep` largest hold the global ones, so only those are gathered, and a value tied with the
+    global `keep`-th is kept on every rank). Returns the kept values (differentiable), their indices in `values`,
+    and the batch's `keep` largest values (detached, in no particular order)."""
+    kept, indices = values.topk(min(keep, values.numel()), sorted=False)
+    largest = kept.detach()
+    if across_ranks and is_distributed():
+        candidates = gather_rows(largest)
+        largest = candidates.topk(min(keep, candidates.numel()), sorted=False).values
+        chosen = kept >= largest.min()
+        kept, indices = kept[chosen], indices[chosen]
+    return kept, indices, largest
 
 
 def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
