@@ -4,11 +4,12 @@ linear (the APD reference's for its TMS targets)."""
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import pytest
 
 from unmerge.config import OptimConfig
-from unmerge.train.schedule import learning_rate
+from unmerge.train.schedule import DECAYS, learning_rate
 
 
 @pytest.mark.parametrize(
@@ -34,3 +35,9 @@ def test_the_linear_decay_to_its_floor() -> None:
     optim = OptimConfig(lr=1.0, schedule="linear", final_lr_fraction=0.1)
     assert learning_rate(optim, 25, 100) == pytest.approx(0.1 + 0.9 * 0.75)
     assert learning_rate(optim, 100, 100) == pytest.approx(0.1)
+
+
+def test_every_schedule_the_config_accepts_has_a_decay() -> None:
+    """The config's names (a Literal, so a typo is a config error) and the decays are defined apart."""
+    accepted = set(get_args(OptimConfig.model_fields["schedule"].annotation))
+    assert accepted == {"constant", *DECAYS}
