@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from tqdm import std
 
 from tests.conftest import TINY_TMS
 from unmerge import api
@@ -28,6 +29,20 @@ def test_work_ending_within_the_interval_prints_nothing_to_a_log_file(capsys: py
     for _ in progress.progress_bar(range(3), desc="quick", total=3):
         pass
     assert "quick" not in capsys.readouterr().err
+
+
+def test_a_loop_that_slows_down_prints_its_current_count_once_a_minute(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """1,000 steps of 0.1 s, then ten of 100 s: a line as each slow step ends, showing the steps done by then."""
+    now = [0.0]
+    monkeypatch.setattr(std, "time", lambda: now[0])  # tqdm's clock
+    bar = progress.progress_bar(range(1010), desc="slowing", total=1010)
+    for step in bar:
+        now[0] += 0.1 if step < 1000 else 100.0
+    counts = [int(line.split()[2].split("/")[0]) for line in capsys.readouterr().err.splitlines()]
+    assert counts == [600, *range(1001, 1011)]  # the first minute, then each slow step; no count twice
+    assert type(bar).monitor_interval == 0  # no monitor thread redrawing a stale count
 
 
 def test_a_notebook_gets_the_live_bar_not_log_lines(monkeypatch: pytest.MonkeyPatch) -> None:

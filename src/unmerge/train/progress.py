@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
 
+from tqdm import std
 from tqdm.auto import tqdm
 
 LOG_INTERVAL_S = 60.0  # seconds between two progress lines in a log file
@@ -19,16 +20,24 @@ class _Lines:
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
-        self.last = ""
+        self.last_count = ""
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").strip()
-        if line and line != self.last:  # closing redraws the last state once more
+        count = line.partition("[")[0]  # description, percentage and count; times and rates follow
+        if line and count != self.last_count:  # closing redraws the last count once more
             self.stream.write(line + "\n")
-            self.last = line
+            self.last_count = count
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+class _LogBar(std.tqdm):
+    """tqdm without its monitor thread, whose forced redraw of a loop shows the count of the previous line (a
+    tqdm over an iterable updates its count only when it prints itself)."""
+
+    monitor_interval = 0
 
 
 def _live() -> bool:
@@ -46,12 +55,12 @@ def progress_bar(iterable: Iterable | None = None, *, shown: bool = True, **opti
     quiet)."""
     if _live():
         return tqdm(iterable, disable=not shown, mininterval=0.5, dynamic_ncols=True, **options)
-    return tqdm(
+    return _LogBar(
         iterable,
         disable=not shown,
         file=_Lines(sys.stderr),
         mininterval=LOG_INTERVAL_S,
-        maxinterval=LOG_INTERVAL_S,  # tqdm's monitor would otherwise redraw a slow loop every 10 s
+        miniters=1,  # look at the clock every iteration, so a loop that slows down still prints once a minute
         delay=LOG_INTERVAL_S,  # work that ends within a minute leaves no line
         bar_format=LOG_LINE,
         **options,
