@@ -90,7 +90,7 @@ __all__ = [
     "evaluate",
     "export_saelens",
     "feature_splitting",
-    "finish_spd",
+    "finish_decomposition",
     "fetch_corpus",
     "group_components",
     "is_dictionary_run",
@@ -106,7 +106,7 @@ __all__ = [
     "sweep",
     "train_dictionary",
     "train_on_source",
-    "train_spd",
+    "train_decomposition",
     "train_target_preset",
     "unlearn",
 ]
@@ -118,7 +118,7 @@ def decompose(config: RunConfig, run_dir: Path) -> RunResult:
     distributed.start(config.train)
     with runs.opened(config, run_dir, write=distributed.is_main_process()):
         target = run_target(config.target, run_dir / runs.TARGET_DIR)
-        return train_spd(target, config, run_dir)[1]
+        return train_decomposition(target, config, run_dir)[1]
 
 
 def decomposition_method(target: Target, config: RunConfig) -> SPD | APD:
@@ -127,7 +127,7 @@ def decomposition_method(target: Target, config: RunConfig) -> SPD | APD:
     return kind(target, config.method, seed=config.train.seed, eval_batch_size=config.train.eval_batch_size)
 
 
-def train_spd(target: Target, config: RunConfig, run_dir: Path | None) -> tuple[SPD | APD, RunResult | None]:
+def train_decomposition(target: Target, config: RunConfig, run_dir: Path | None) -> tuple[SPD | APD, RunResult | None]:
     """SPD (or APD) of a built target: trained in `run_dir` (opened by the caller; resumed from its newest
     checkpoint) and finished there (metrics, figures, report), or in memory without one (no result then)."""
     device = distributed.start(config.train)
@@ -137,7 +137,7 @@ def train_spd(target: Target, config: RunConfig, run_dir: Path | None) -> tuple[
     result = train(
         method, target.sample_inputs, config.train, run_dir, description=f"{config.method.kind} {config.name}"
     )
-    return method, None if run_dir is None else finish_spd(method, config, run_dir, result.resumed_from)
+    return method, None if run_dir is None else finish_decomposition(method, config, run_dir, result.resumed_from)
 
 
 def plan_decomposition(config: RunConfig) -> str:
@@ -158,16 +158,18 @@ def plan_dictionary(config: DictionaryRunConfig) -> str:
     return dictionary_plan(name, dim, output_dim, config.method).render(config.train)
 
 
-def finish_spd(spd: SPD | APD, config: RunConfig, run_dir: Path, step: int) -> RunResult:
+def finish_decomposition(method: SPD | APD, config: RunConfig, run_dir: Path, step: int) -> RunResult:
     """Evaluate, and on rank 0 write the metrics, figures (SPD's causal importances, APD's attributions) and report."""
-    metrics = spd.evaluate()
+    metrics = method.evaluate()
     if not distributed.is_main_process():
         return RunResult(run_dir, metrics, [], step)
-    if isinstance(spd, APD):
-        figures, report = publish(run_dir, f"APD: {config.name}", metrics, apd_figures(spd, run_dir / runs.FIGURES_DIR))
+    if isinstance(method, APD):
+        figures, report = publish(
+            run_dir, f"APD: {config.name}", metrics, apd_figures(method, run_dir / runs.FIGURES_DIR)
+        )
         return RunResult(run_dir, metrics, figures, step, report)
-    figures = spd_figures(spd, run_dir / runs.FIGURES_DIR)
-    sections = _subcomponents_section(spd, config, run_dir)
+    figures = spd_figures(method, run_dir / runs.FIGURES_DIR)
+    sections = _subcomponents_section(method, config, run_dir)
     figures, report = publish(run_dir, f"SPD: {config.name}", metrics, figures, sections)
     return RunResult(run_dir, metrics, figures, step, report)
 
@@ -313,8 +315,8 @@ def evaluate(run_dir: Path) -> RunResult:
         >>> unmerge.evaluate("runs/tms52").metrics["mmcs"]
     """
     with runs.locked(Path(run_dir)):
-        config, spd, step = load_run(run_dir)
-        return finish_spd(spd, config, Path(run_dir), step)
+        config, method, step = load_run(run_dir)
+        return finish_decomposition(method, config, Path(run_dir), step)
 
 
 def group_components(

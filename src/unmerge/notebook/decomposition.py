@@ -186,7 +186,7 @@ def decompose(
     target = own_target(model, data, forward, divergence, pool_rows=config.train.eval_batch_size)
     run_dir = None if run_dir is None else Path(run_dir)
     with contextlib.nullcontext() if run_dir is None else runs.opened(config, run_dir):
-        spd, result = api.train_spd(target, config, run_dir)
+        spd, result = api.train_decomposition(target, config, run_dir)
     metrics = spd.evaluate() if result is None else result.metrics
     return Decomposition(spd, config, run_dir, metrics, config.train.steps)
 
