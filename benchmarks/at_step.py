@@ -30,9 +30,11 @@ def checkpoint_at(run_dir: Path, step: int) -> Path:
     return checkpoint
 
 
-def truncated_copy(run_dir: Path, step: int, out: Path, steps: int | None = None) -> RunConfig:
+def truncated_copy(
+    run_dir: Path, step: int, out: Path, steps: int | None = None, copy_checkpoint: bool = True
+) -> RunConfig:
     """OUT as the run directory of `run_dir`'s first `step` steps, ready to finish (resume at its last step), or to
-    train on to `steps` when given."""
+    train on to `steps` when given; without `copy_checkpoint`, the caller writes OUT's step-`step` checkpoint."""
     saved = runs.saved_config(run_dir, RunConfig)
     total = step if steps is None else steps
     config = saved.model_copy(update={"train": saved.train.model_copy(update={"steps": total})})
@@ -42,7 +44,8 @@ def truncated_copy(run_dir: Path, step: int, out: Path, steps: int | None = None
     if out.exists():
         raise SystemExit(f"{out} exists; choose a new OUT")
     shutil.copytree(run_dir / runs.TARGET_DIR, out / runs.TARGET_DIR)
-    shutil.copytree(checkpoint, out / runs.CHECKPOINT_DIR / checkpoint.name)
+    if copy_checkpoint:
+        shutil.copytree(checkpoint, out / runs.CHECKPOINT_DIR / checkpoint.name)
     save_yaml(config, out / runs.RUN_CONFIG)
     return config
 

@@ -60,7 +60,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     tensors, state = load_checkpoint(checkpoint_at(args.run_dir, args.step))
     remove_subcomponents(tensors, args.remove)  # checked before OUT is written
-    config = truncated_copy(args.run_dir, args.step, args.out, steps=args.steps)
+    config = truncated_copy(args.run_dir, args.step, args.out, steps=args.steps, copy_checkpoint=False)
     kept = {k: v for k, v in state.items() if k not in SAVED_STATE}
     save_checkpoint(args.out, args.step, tensors, kept, keep=config.train.keep_checkpoints)
     metrics = api.decompose(config, args.out).metrics
