@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,10 +38,10 @@ def test_a_loop_that_slows_down_prints_its_current_count_once_a_minute(
     """1,000 steps of 0.1 s, then ten of 100 s: a line as each slow step ends, showing the steps done by then."""
     now = [0.0]
     monkeypatch.setattr(std, "time", lambda: now[0])  # tqdm's clock
-    bar = progress.progress_bar(range(1010), desc="slowing", total=1010)
+    bar = progress.progress_bar(range(1010), desc="slowing [a bracket in the name]", total=1010)
     for step in bar:
         now[0] += 0.1 if step < 1000 else 100.0
-    counts = [int(line.split()[2].split("/")[0]) for line in capsys.readouterr().err.splitlines()]
+    counts = [int(re.search(r"(\d+)/1010", line)[1]) for line in capsys.readouterr().err.splitlines()]
     assert counts == [600, *range(1001, 1011)]  # the first minute, then each slow step; no count twice
     assert type(bar).monitor_interval == 0  # no monitor thread redrawing a stale count
 

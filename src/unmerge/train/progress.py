@@ -24,7 +24,7 @@ class _Lines:
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").strip()
-        count = line.partition("[")[0]  # description, percentage and count; times and rates follow
+        count = line.rpartition(" [")[0]  # description, percentage and count; then [times, rates, postfix]
         if line and count != self.last_count:  # closing redraws the last count once more
             self.stream.write(line + "\n")
             self.last_count = count
