@@ -4,6 +4,7 @@ exact factorisation of SPD sites."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,12 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     cache = tmp_path_factory.getbasetemp() / "unmerge-cache"
     monkeypatch.setenv("UNMERGE_CACHE_DIR", str(cache))
     return cache
+
+
+def torchrun(ranks: int) -> list[str]:
+    """The command that runs a script (or `-m module`) that follows it as `ranks` torchrun processes on this machine
+    (gloo on the CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
 
 
 TINY_TMS = [

@@ -21,15 +21,14 @@ from unmerge import api
 from unmerge.runs import read_metrics, saved_steps
 from unmerge.train.checkpoint import load_checkpoint
 
-from .conftest import TINY_TMS
+from .conftest import TINY_TMS, torchrun
 
 DICTIONARY = ["method.width=64", "train.steps=30", "train.batch_size=256", "train.eval_batch_size=512"]
 SPD_RUN = [*TINY_TMS, "train.steps=40"]
 
 
 def _command(ranks: int, *args: str) -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    return [*launcher, "-m", "unmerge.cli", *args]
+    return [*torchrun(ranks), "-m", "unmerge.cli", *args]
 
 
 def _run(ranks: int, *args: str) -> subprocess.CompletedProcess:
@@ -106,8 +105,7 @@ def test_batch_wide_terms_on_two_ranks_are_those_of_the_whole_batch(tmp_path: Pa
     script = tmp_path / "terms.py"
     script.write_text(BATCH_WIDE)
     subprocess.run([sys.executable, str(script), str(tmp_path), "whole"], check=True, timeout=120)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    subprocess.run([*launcher, str(script), str(tmp_path)], check=True, timeout=300, env=os.environ)
+    subprocess.run([*torchrun(2), str(script), str(tmp_path)], check=True, timeout=300, env=os.environ)
     whole = torch.load(tmp_path / "whole.pt")
     for rank in (0, 1):
         on_rank = torch.load(tmp_path / f"{rank}.pt")

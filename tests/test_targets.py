@@ -18,6 +18,8 @@ from unmerge.targets import cached_target, load_target, save_target, train_targe
 from unmerge.targets.toys import CONFIG_FILE, target_cache_dir, train_and_save_target
 from unmerge.train.rng import step_generator
 
+from .conftest import torchrun
+
 TMS = TMSConfig(
     n_features=5,
     n_hidden=2,
@@ -73,8 +75,7 @@ def test_a_process_needing_a_target_another_is_training_waits_then_loads_it(tmp_
     directory = target_cache_dir(config)
     script = tmp_path / "waiter.py"
     script.write_text(WAITER)
-    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command = [*launcher, *([f"--nproc-per-node={ranks}"] if ranks > 1 else []), str(script), config.model_dump_json()]
+    command = [*([sys.executable] if ranks == 1 else torchrun(ranks)), str(script), config.model_dump_json()]
     stderr_file = tmp_path / "stderr"
     with cache_lock(directory):
         with stderr_file.open("w") as stderr:
