@@ -44,8 +44,7 @@ OUTPUT_CHUNK = 64  # output directions per batched backward pass (bounds the mem
 def batch_top_k(attributions: Tensor, k: float, across_ranks: bool = False) -> Tensor:
     """(B, C) → bool (B, C): the `round(k·B)` largest attributions over the whole batch (at least one). With
     `across_ranks`, the batch is the global one under torchrun (each rank holding its part), as on one process."""
-    batch = len(attributions) * (distributed.world_size() if across_ranks else 1)
-    _, chosen, _ = distributed.top_of_batch(attributions.flatten(), max(1, round(k * batch)), across_ranks)
+    _, chosen, _ = distributed.top_of_batch(attributions, k, across_ranks)
     active = torch.zeros(attributions.numel(), dtype=torch.bool, device=attributions.device)
     active[chosen] = True
     return active.view_as(attributions)

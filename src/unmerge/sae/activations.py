@@ -20,10 +20,8 @@ def batch_topk(z: Tensor, k: int, across_ranks: bool = False) -> tuple[Tensor, T
     """Keep the k·B largest pre-activations of the whole batch (so examples may use more or fewer than k); with
     `across_ranks`, of the global batch under torchrun (each rank holding its part), as one process would.
     Returns the latents and the smallest kept positive value, from which the inference threshold is estimated."""
-    flat = F.relu(z).flatten()
-    keep = k * z.shape[0] * (distributed.world_size() if across_ranks else 1)
-    values, indices, largest = distributed.top_of_batch(flat, keep, across_ranks)
-    kept = torch.zeros_like(flat).scatter(0, indices, values).view_as(z)
+    values, indices, largest = distributed.top_of_batch(F.relu(z), k, across_ranks)
+    kept = torch.zeros_like(z).flatten().scatter(0, indices, values).view_as(z)
     positive = largest[largest > 0]
     return kept, positive.min() if positive.numel() else z.new_zeros(())
 

@@ -180,13 +180,15 @@ def gather_rows(tensor: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def top_of_batch(values: Tensor, keep: int, across_ranks: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """The batch top-k rule shared by APD and BatchTopK. Of this rank's flat per-example `values`, those among the
-    `keep` largest of the batch; with `across_ranks`, of the global batch under torchrun, as one process would
-    (each rank's own `keep` largest hold the global ones, so only those are gathered, and a value tied with the
-    global `keep`-th is kept on every rank). Returns the kept values (differentiable), their indices in `values`,
-    and the batch's `keep` largest values (detached, in no particular order)."""
-    kept, indices = values.topk(min(keep, values.numel()), sorted=False)
+def top_of_batch(values: Tensor, per_example: float, across_ranks: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch top-k rule shared by APD and BatchTopK. Of this rank's per-example `values` (B, …), those among
+    the `round(per_example · B)` largest of the batch (at least one); with `across_ranks`, of the global batch under
+    torchrun, as one process would (each rank's own that many largest hold the global ones, so only those are
+    gathered, and a value tied with the global last is kept on every rank). Returns the kept values
+    (differentiable), their indices in `values.flatten()`, and the batch's largest values (detached, unordered)."""
+    batch = len(values) * (world_size() if across_ranks else 1)
+    keep = max(1, round(per_example * batch))
+    kept, indices = values.flatten().topk(min(keep, values.numel()), sorted=False)
     largest = kept.detach()
     if across_ranks and is_distributed():
         candidates = gather_rows(largest)
