@@ -1,11 +1,13 @@
 """What each of the TMS+ID identity's pieces adds on each one-hot input, beside its causal importance there: shows
-that a piece with CI ≈ 0 on a feature is one that carries almost nothing of the identity's output on it.
+that a piece with CI ≈ 0 on a feature is one that carries almost nothing of the identity's output on it; and what
+SPD's own loss says of the dense pattern (every live identity piece at CI 1 on every input with a feature on).
 
-    .venv/bin/python benchmarks/identity_shares.py runs/bench/robust/tms-5-2-id-rule/*/t*-s0 [RUN ...]
+    .venv/bin/python benchmarks/identity_shares.py runs/bench/id/tms-5-2-id-s0 [RUN ...]
 
 Share of piece c on feature i: ‖U_c‖·|V_c·h_i| / ‖h_i‖, h_i the identity's input (= its output) on the one-hot input
 x_i = 0.75. Prints one JSON line per run: the live pieces' entries with CI < 0.1, between 0.1 and 0.9, and > 0.9,
-and the shares in the first and the last group.
+the shares in the first and the last group, and the weighted training loss terms on the evaluation batch (mean over
+`DRAWS` mask draws) with the learned CI and with the identity's live pieces forced to 1 at the same weights.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from pathlib import Path
 import torch
 
 from unmerge import api
+from unmerge.spd.method import SPD, Importances
+from unmerge.spd.model import CleanPass
 
 SITE = "hidden"
+DRAWS = 16
 
 
 def identity_shares(run_dir: Path) -> dict[str, object]:
     """The identity's one-hot CI and each live piece's share of the output, summarised."""
-    _, spd, step = api.load_run(run_dir)
+    config, spd, step = api.load_run(run_dir)
     with torch.no_grad():
         importance = spd.one_hot_importance()[SITE]
         h = spd.model.clean_pass(spd.target.one_hot_inputs(spd.device)).site_inputs[SITE]
@@ -51,7 +56,41 @@ def identity_shares(run_dir: Path) -> dict[str, object]:
         "ci_between": int((~off & ~on).sum()),
         "share_where_ci_below_0.1": summary(share[off]),
         "share_where_ci_above_0.9": summary(share[on]),
+        "loss_learned": loss_terms(spd, config.train.steps, dense=None),
+        "loss_dense": loss_terms(spd, config.train.steps, dense=live.to(spd.device)),
     }
+
+
+def loss_terms(spd: SPD, total_steps: int, dense: torch.Tensor | None) -> dict[str, float]:
+    """SPD's weighted loss terms on its evaluation batch, averaged over `DRAWS` mask draws; with `dense` (bool per
+    identity piece), those pieces' CI set to 1 (lower and upper) on every input that has a feature on."""
+    x = spd.evaluation_batch()
+    learned = spd.importances
+
+    def importances(clean: CleanPass) -> Importances:
+        ci = learned(clean)
+        if dense is None:
+            return ci
+        used = (x != 0).any(-1, keepdim=True)
+        lower, upper = ci.lower_all.clone(), ci.upper_all.clone()
+        for values in (lower, upper):
+            site = spd.model.split_sites(values)[SITE]
+            site.copy_(torch.where(used & dense, torch.ones_like(site), site))
+        return Importances(ci.inner, lower, upper, spd.model.split_sites(lower))
+
+    coefficients = spd.config.model_dump()
+    spd.begin_step(total_steps, total_steps)
+    spd.importances = importances
+    totals: dict[str, float] = {}
+    with torch.no_grad():
+        for draw in range(DRAWS):
+            terms = spd.training_loss(x, torch.Generator(spd.device).manual_seed(draw)).terms
+            for name, value in terms.items():
+                weighted = coefficients[f"{name}_coeff"] * float(value)
+                totals[name] = totals.get(name, 0.0) + weighted / DRAWS
+    spd.importances = learned
+    totals["total"] = sum(totals.values())
+    return {name: float(f"{value:.4g}") for name, value in totals.items()}
 
 
 def main() -> None:
