@@ -56,9 +56,14 @@ def identity_shares(run_dir: Path) -> dict[str, object]:
         "ci_between": int((~off & ~on).sum()),
         "share_where_ci_below_0.1": summary(share[off]),
         "share_where_ci_above_0.9": summary(share[on]),
-        "loss_learned": loss_terms(spd, config.train.steps, dense=None),
-        "loss_dense": loss_terms(spd, config.train.steps, dense=live.to(spd.device)),
+        "loss_learned": rounded(loss_terms(spd, config.train.steps, dense=None)),
+        "loss_dense": rounded(loss_terms(spd, config.train.steps, dense=live.to(spd.device))),
     }
+
+
+def rounded(values: dict[str, float]) -> dict[str, float]:
+    """To four significant digits, for printing."""
+    return {name: float(f"{value:.4g}") for name, value in values.items()}
 
 
 def loss_terms(spd: SPD, total_steps: int, dense: torch.Tensor | None) -> dict[str, float]:
@@ -80,17 +85,19 @@ def loss_terms(spd: SPD, total_steps: int, dense: torch.Tensor | None) -> dict[s
 
     coefficients = spd.config.model_dump()
     spd.begin_step(total_steps, total_steps)
-    spd.importances = importances
+    spd.importances = importances  # type: ignore[method-assign]  # the loss reads its CI through this method
     totals: dict[str, float] = {}
-    with torch.no_grad():
-        for draw in range(DRAWS):
-            terms = spd.training_loss(x, torch.Generator(spd.device).manual_seed(draw)).terms
-            for name, value in terms.items():
-                weighted = coefficients[f"{name}_coeff"] * float(value)
-                totals[name] = totals.get(name, 0.0) + weighted / DRAWS
-    spd.importances = learned
+    try:
+        with torch.no_grad():
+            for draw in range(DRAWS):
+                terms = spd.training_loss(x, torch.Generator(spd.device).manual_seed(draw)).terms
+                for name, value in terms.items():
+                    weighted = coefficients[f"{name}_coeff"] * float(value)
+                    totals[name] = totals.get(name, 0.0) + weighted / DRAWS
+    finally:
+        spd.importances = learned  # type: ignore[method-assign]
     totals["total"] = sum(totals.values())
-    return {name: float(f"{value:.4g}") for name, value in totals.items()}
+    return totals
 
 
 def main() -> None:
