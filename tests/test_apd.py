@@ -65,6 +65,22 @@ def test_attributions_are_the_squared_output_gradients_along_each_component() ->
     assert torch.allclose(attributions, by_hand.detach(), rtol=1e-5, atol=1e-7)
 
 
+def test_component_shares_are_each_components_norm_over_the_weights_by_hand() -> None:
+    """Site "0" has W1 (3 × 4); component 0 holds W1's first two rows, component 1 its last, component 2 nothing:
+    shares ‖rows 0-1‖ / ‖W1‖, ‖row 2‖ / ‖W1‖, 0, one per component (C = 3, not one per output or input)."""
+    target = _two_layer_target()
+    apd = APD(target, APDConfig(sites=["0", "1"], C=3, rank=3, topk=1.0), seed=0)
+    W1 = target.model[0].weight.detach()
+    pieces = apd.model.site_components("0")
+    with torch.no_grad():
+        pieces.U.zero_()
+        pieces.V.zero_()
+        pieces.U[0, 0] = pieces.U[1, 1] = pieces.U[2, 3] = 1.0  # component c's pieces are columns 3c … 3c + 2
+        pieces.V[0], pieces.V[1], pieces.V[3] = W1[0], W1[1], W1[2]
+    expected = torch.stack([W1[:2].norm(), W1[2].norm(), torch.tensor(0.0)]) / W1.norm()
+    torch.testing.assert_close(apd.component_shares("0"), expected)
+
+
 def test_init_std_starts_the_factors_small_and_the_same_for_a_seed() -> None:
     def factors(config: APDConfig, seed: int = 0) -> list[torch.Tensor]:
         apd = APD(_two_layer_target(), config, seed=seed)

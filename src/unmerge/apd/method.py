@@ -269,4 +269,4 @@ class APD:
         U, V = components.U.detach().cpu(), components.V.detach().cpu()
         d_out, d_in = U.shape[0], V.shape[1]
         matrices = torch.einsum("ocr,crn->con", U.view(d_out, -1, rank), V.view(-1, rank, d_in))
-        return matrices.norm(dim=(0, 2)) / self.model.target_weight(site).detach().cpu().float().norm()
+        return matrices.norm(dim=(1, 2)) / self.model.target_weight(site).detach().cpu().float().norm()
