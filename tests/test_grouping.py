@@ -12,7 +12,7 @@ import torch
 
 from tests.conftest import TINY_TMS
 from unmerge import api
-from unmerge.analysis.grouping import greedy_merge
+from unmerge.analysis.grouping import Grouping, MergeHistory, greedy_merge
 from unmerge.cli import main
 from unmerge.metrics.clustering import adjusted_rand_index
 from unmerge.metrics.description import activity_description_length, description_length
@@ -68,11 +68,33 @@ def test_greedy_merging_recovers_a_planted_grouping_and_its_history_is_exact() -
         assert history.costs[step] == pytest.approx(description_length(frequency, sizes, 8.0), rel=1e-5)
 
 
+def _grouping(labels: list[int], truth: list[str]) -> Grouping:
+    units = [f"site/{i}" for i in range(len(labels))]
+    return Grouping(units, torch.tensor(labels), MergeHistory(0.0, []), [], {}, truth)
+
+
+def test_the_feature_ari_leaves_out_the_dense_group_that_props_up_the_whole_ari() -> None:
+    """Four dense units grouped right and two features' units (two each) left apart: the whole ARI counts the six
+    dense pairs found, the features' ARI only the feature units, among which no pair was joined."""
+    truth = ["dense:W_out"] * 4 + ["feature:0", "feature:0", "feature:1", "feature:1"]
+    grouping = _grouping([0, 0, 0, 0, 1, 2, 3, 4], truth)
+    whole = adjusted_rand_index(grouping.labels, torch.tensor([0, 0, 0, 0, 1, 1, 2, 2]))
+    assert grouping.ari() == pytest.approx(whole) and whole > 0.5
+    assert grouping.ari(features_only=True) == pytest.approx(0.0)  # singletons against pairs: no agreement
+    assert grouping.pure_features() == (0, 2)
+    joined = _grouping([0, 0, 0, 0, 1, 1, 2, 2], truth)
+    assert joined.ari(features_only=True) == 1.0 and joined.pure_features() == (2, 2)
+    merged = _grouping([0, 0, 0, 0, 1, 1, 1, 1], truth)  # both features in one component: neither is pure
+    assert merged.pure_features() == (0, 2)
+    assert _grouping([0, 1], ["dense:W_out", "unit:x"]).ari(features_only=True) is None
+
+
 def test_group_then_unlearn_commands_on_a_tiny_tms_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     api.decompose(api.load_run_config("tms-5-2-id", TINY_TMS), tmp_path / "run")
     assert main(["group", str(tmp_path / "run"), "--inputs", "2048"]) == 0
     printed = capsys.readouterr().out
     assert "components; description length" in printed and "adjusted Rand index" in printed
+    assert "features came out as one component of their own" in printed
     saved = json.loads((tmp_path / "run" / api.GROUPING_FILE).read_text())
     units = [unit for members in saved["components"] for unit in members]
     assert len(units) == saved["active_units"] == len(set(units))

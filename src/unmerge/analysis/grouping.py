@@ -168,7 +168,8 @@ def ground_truth_labels(spd: SPD, units: list[str]) -> list[str] | None:
     `feature:<i>` or `unit:<name>`: the units of a dense mechanism's
     sites form one group (e.g. every residual MLP `W_out`, the TMS identity); a unit of a feature site belongs to
     the feature whose one-hot input gives it the highest CI, across sites (feature i's `W` and `Wᵀ` units, or its
-    `W_in` unit in whichever layer, form one group); units of other sites stay alone."""
+    `W_in` unit in whichever layer, form one group), unless no one-hot input gives it CI above `DEFAULT_THRESHOLD`
+    (then it serves no single feature); units of other sites stay alone."""
     truth = spd.target.ground_truth
     if truth is None:
         return None
@@ -180,7 +181,7 @@ def ground_truth_labels(spd: SPD, units: list[str]) -> list[str] | None:
         site, index = unit.rsplit("/", 1)
         if site in dense_group:
             keys.append(f"dense:{dense_group[site]}")
-        elif site in feature_sites:
+        elif site in feature_sites and float(one_hot[site][:, int(index)].max()) > DEFAULT_THRESHOLD:
             keys.append(f"feature:{int(one_hot[site][:, int(index)].argmax())}")
         else:
             keys.append(f"unit:{unit}")
@@ -205,12 +206,30 @@ class Grouping:
             groups.setdefault(label, []).append(unit)
         return sorted(groups.values(), key=lambda members: (-len(members), self.units.index(members[0])))
 
-    def ari(self) -> float | None:
-        """Adjusted Rand index of the chosen grouping against the ground truth (None without one)."""
+    def ari(self, features_only: bool = False) -> float | None:
+        """Adjusted Rand index of the chosen grouping against the ground truth (None without one); with
+        `features_only`, over the units the truth gives to a feature, so that a large dense group (the residual
+        MLP's `W_out`) cannot make up for features that were not joined (None when no unit has a feature)."""
         if self.truth is None:
             return None
-        ids = {name: i for i, name in enumerate(dict.fromkeys(self.truth))}
-        return adjusted_rand_index(self.labels, torch.tensor([ids[name] for name in self.truth]))
+        kept = [i for i, name in enumerate(self.truth) if not features_only or name.startswith("feature:")]
+        if not kept:
+            return None
+        truth = [self.truth[i] for i in kept]
+        ids = {name: i for i, name in enumerate(dict.fromkeys(truth))}
+        return adjusted_rand_index(self.labels[kept], torch.tensor([ids[name] for name in truth]))
+
+    def pure_features(self) -> tuple[int, int]:
+        """(features whose units came out as exactly one component with nothing else in it, features the truth
+        gives units to)."""
+        names = [name for name in dict.fromkeys(self.truth or []) if name.startswith("feature:")]
+        return sum(self._pure(name) for name in names), len(names)
+
+    def _pure(self, truth_name: str) -> bool:
+        """Whether the units the truth names `truth_name` form exactly one component with nothing else in it."""
+        members = torch.tensor([truth == truth_name for truth in self.truth or []])
+        components = self.labels[members].unique()
+        return len(components) == 1 and int((self.labels == components[0]).sum()) == int(members.sum())
 
     def dense_mechanisms(self) -> dict[str, dict[str, int | bool]]:
         """Per known dense mechanism (`dense:<group>` in the truth): its active units, how many components they
@@ -220,12 +239,10 @@ class Grouping:
             if not name.startswith("dense:"):
                 continue
             members = torch.tensor([truth == name for truth in self.truth])
-            components = self.labels[members].unique()
-            pure = len(components) == 1 and int((self.labels == components[0]).sum()) == int(members.sum())
             results[name.removeprefix("dense:")] = {
                 "active_units": int(members.sum()),
-                "components": len(components),
-                "pure": pure,
+                "components": len(self.labels[members].unique()),
+                "pure": self._pure(name),
             }
         return results
 
@@ -243,6 +260,8 @@ class Grouping:
             "description_length_unmerged_bits": costs[0],
             "merges_chosen": self.history.best_step,
             "adjusted_rand_index": self.ari(),
+            "feature_adjusted_rand_index": self.ari(features_only=True),
+            "pure_features": dict(zip(("pure", "features"), self.pure_features(), strict=True)),
             "dense_mechanisms": self.dense_mechanisms(),
             "history": [
                 {"kept": self.units[m.kept], "absorbed": self.units[m.absorbed], "cost": m.cost}

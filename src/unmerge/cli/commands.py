@@ -148,6 +148,12 @@ def cmd_group(args: argparse.Namespace) -> None:
         print(f"  {len(members):>4}  {', '.join(members[:6])}{' …' if len(members) > 6 else ''}")
     if summary["adjusted_rand_index"] is not None:
         print(f"adjusted Rand index against the known mechanisms: {summary['adjusted_rand_index']:.4f}")
+    if summary["feature_adjusted_rand_index"] is not None:
+        pure = summary["pure_features"]
+        print(
+            f"over the features' subcomponents alone: {summary['feature_adjusted_rand_index']:.4f}; "
+            f"{pure['pure']} of {pure['features']} features came out as one component of their own"
+        )
     print(f"saved: {Path(args.run_dir) / api.GROUPING_FILE}")
 
 
