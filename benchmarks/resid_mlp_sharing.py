@@ -1,8 +1,9 @@
 """Where a residual MLP run falls short of issue 22's grouping bar. Per site, on one input per feature: how many
 features each live subcomponent is important on (CI > 0.5) and how many subcomponents each feature uses. From the
-run's saved grouping (`grouping.json`, written by `unmerge group` or `benchmarks/seeds.py`): the ARI of the `W_in`
-units alone (the whole ARI is dominated by the pairs within `W_out`'s one dense group), the components that mix
-features' `W_in` units, and the features whose units are split over several components. One JSON line per run.
+run's saved grouping (`grouping.json`, written by `unmerge group` or `benchmarks/seeds.py`): the ARI of the
+features' units alone (`feature_adjusted_rand_index`; the whole ARI is dominated by the pairs within `W_out`'s one
+dense group), the components that mix features' `W_in` units, and the features whose units are split over several
+components. One JSON line per run.
 
     .venv/bin/python benchmarks/resid_mlp_sharing.py runs/bench/resid-seeds/r3-lr4/preset/tpreset-s0 [RUN ...]
 """
@@ -21,7 +22,6 @@ from torch import Tensor
 from unmerge import api
 from unmerge.analysis.grouping import load_grouping
 from unmerge.metrics import alive_count
-from unmerge.metrics.clustering import adjusted_rand_index
 
 IMPORTANT = 0.5
 
@@ -44,8 +44,8 @@ def sharing(one_hot_ci: Tensor) -> dict[str, object]:
 
 
 def grouping_errors(components: list[list[str]], feature_of: dict[str, int]) -> dict[str, object]:
-    """How a grouping treats the units in `feature_of` (unit → its feature): their ARI against the features, the
-    components holding them, those that mix features, and the features by how many components hold their units."""
+    """How a grouping treats the units in `feature_of` (unit → its feature): the components holding them, those
+    that mix features, and the features by how many components hold their units."""
     component_of = {unit: i for i, members in enumerate(components) for unit in members if unit in feature_of}
     units = list(component_of)
     held: dict[int, set[int]] = {}  # component → the features of its units
@@ -53,12 +53,8 @@ def grouping_errors(components: list[list[str]], feature_of: dict[str, int]) -> 
     for unit in units:
         held.setdefault(component_of[unit], set()).add(feature_of[unit])
         spread.setdefault(feature_of[unit], set()).add(component_of[unit])
-    ari = adjusted_rand_index(
-        torch.tensor([component_of[u] for u in units]), torch.tensor([feature_of[u] for u in units])
-    )
     return {
         "units": len(units),
-        "ari": round(float(ari), 4),
         "components": len(held),
         "mixed_components": sum(len(features) > 1 for features in held.values()),
         "features_by_components": counts(len(holders) for holders in spread.values()),
@@ -74,7 +70,8 @@ def report(run_dir: Path) -> dict[str, object]:
         if site.endswith("mlp_in")
         for c, feature in enumerate(ci.argmax(0).tolist())
     }
-    w_in = grouping_errors(load_grouping(run_dir)["components"], feature_of)
+    saved = load_grouping(run_dir)
+    w_in = {"ari": saved.get("feature_adjusted_rand_index"), **grouping_errors(saved["components"], feature_of)}
     return {"run": str(run_dir), "step": step, "sites": {s: sharing(ci) for s, ci in one_hot.items()}, "W_in": w_in}
 
 
