@@ -69,6 +69,31 @@ def test_feature_recovery_angle_and_cross_talk() -> None:
     assert both.matrix_cosine == pytest.approx(1 / math.sqrt(2))
 
 
+@pytest.mark.parametrize("axis", ["in", "out"])
+def test_feature_recovery_of_rank_2_components_matches_a_loop_over_their_matrices(axis: str) -> None:
+    """C = 3 components of rank 2 at a 3 × 5 site (APD's layout: component c's pieces are columns 2c, 2c + 1 of U
+    and rows 2c, 2c + 1 of V), scored against a loop over each component's whole matrix."""
+    generator = torch.Generator().manual_seed(0)
+    weight, U, V = (torch.randn(shape, generator=generator) for shape in [(3, 5), (3, 6), (6, 5)])
+    matrices = [U[:, 2 * c : 2 * c + 2] @ V[2 * c : 2 * c + 2] for c in range(3)]
+    if axis == "in":  # features index the columns: read every matrix by its columns
+        weight_by_feature, matrices = weight.T, [m.T for m in matrices]
+    else:
+        weight_by_feature = weight
+    cosines, ratios, matrix_cosines = [], [], []
+    for i, w in enumerate(weight_by_feature):
+        rows = [m[i] for m in matrices]
+        best = max(range(3), key=lambda c: float(torch.cosine_similarity(rows[c], w, 0)))
+        cosines.append(float(torch.cosine_similarity(rows[best], w, 0)))
+        ratios.append(float(rows[best].norm() / w.norm()))
+        matrix_cosines.append(float(rows[best] @ w / (w.norm() * matrices[best].norm())))
+    recovery = metrics.feature_recovery(weight, U, V, axis, rank=2)
+    n = len(weight_by_feature)
+    assert recovery.mmcs == pytest.approx(sum(cosines) / n)
+    assert recovery.ml2r == pytest.approx(sum(ratios) / n)
+    assert recovery.matrix_cosine == pytest.approx(sum(matrix_cosines) / n)
+
+
 def test_feature_recovery_ignores_the_vanishing_row_of_an_antipodal_partner() -> None:
     # TMS digon: features 0 and 1 are antipodal, w_1 = −w_0. Subcomponent 0 serves feature 1 and reads feature 0
     # with weight −1e-4: its row for feature 0 points along w_0 exactly but holds 1e-4 of it. Subcomponent 1
