@@ -30,6 +30,9 @@ def test_identity_pattern_errors() -> None:
     noisy[0, 4] = 0.7  # a matched entry too low: one error
     assert metrics.identity_pattern_errors(noisy) == 2
     assert metrics.identity_pattern_errors(torch.ones(2, 2)) == 2  # off-diagonal ones
+    fewer_columns = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # feature 2 has no column of its own
+    assert metrics.identity_pattern_errors(fewer_columns) == 1
+    assert metrics.identity_pattern_errors(torch.tensor([[1.0], [0.9]])) == 2  # feature 1 fires feature 0's, unmatched
 
 
 def test_dense_pattern_errors() -> None:

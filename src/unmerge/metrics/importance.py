@@ -28,10 +28,13 @@ def identity_permutation(importance: Tensor) -> np.ndarray:
 
 def identity_pattern_errors(importance: Tensor, tolerance: float = 0.1) -> int:
     """Entries of a (features × C) one-hot CI matrix that differ by more than `tolerance` from the ideal pattern:
-    each feature's matched column 1 on its own row and 0 elsewhere, every unmatched column 0."""
+    each feature's matched column 1 on its own row and 0 elsewhere, every unmatched column 0. With fewer columns
+    than features, each feature left without a column is one more error (its 1 has nowhere to be)."""
+    rows, cols = linear_sum_assignment(importance.detach().cpu().double().numpy(), maximize=True)
     ideal = torch.zeros_like(importance)
-    ideal[torch.arange(importance.shape[0]), torch.as_tensor(identity_permutation(importance))] = 1.0
-    return int(((importance - ideal).abs() > tolerance).sum())
+    ideal[torch.as_tensor(rows), torch.as_tensor(cols)] = 1.0
+    unmatched = importance.shape[0] - len(rows)
+    return int(((importance - ideal).abs() > tolerance).sum()) + unmatched
 
 
 def dense_pattern_errors(importance: Tensor, rank: int, tolerance: float = 0.1) -> int:
