@@ -25,7 +25,7 @@ import json
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 from quality import check
@@ -130,6 +130,15 @@ def run_checks(config: RunConfig, metrics: dict[str, float], run_dir: Path) -> d
     return {**headline, **check(config, metrics)}
 
 
+def outcome(job: Future) -> dict:
+    """A job's checked result, or a failure naming the error (a run that stopped, a metric its check needs that
+    the run lacks), so that one bad run is counted in its row instead of ending the grid."""
+    try:
+        return job.result()
+    except Exception as error:
+        return {"pass": False, "error": f"{type(error).__name__}: {error}", "wall_s": None}
+
+
 def row_name(overrides: list[str]) -> str:
     """`data.decay=0.97,method.width=256` → `decay=0.97,width=256` (the keys' last parts; values whole)."""
     return (
@@ -167,7 +176,7 @@ def main() -> None:
                     jobs[job] = (row_name(row), target_seed, seed)
         results: dict[str, list[dict]] = {row_name(row): [] for row in rows}
         for job, (name, target_seed, seed) in jobs.items():
-            result = {"row": name, "target_seed": target_seed, "seed": seed, **job.result()}
+            result = {"row": name, "target_seed": target_seed, "seed": seed, **outcome(job)}
             print(json.dumps(result), flush=True)
             results[name].append(result)
     for name, runs in results.items():
@@ -176,7 +185,8 @@ def main() -> None:
         failures = [{k: v for k, v in run.items() if k not in ("row", "pass")} for run in runs if not run["pass"]]
         summary = {"row": name, "runs": len(runs), "passes": passes, "pass_rate": round(passes / len(runs), 3)}
         summary |= {"passes_as_worded": worded} if worded != passes else {}
-        summary["median_wall_s"] = statistics.median(run["wall_s"] for run in runs)
+        walls = [run["wall_s"] for run in runs if run["wall_s"] is not None]
+        summary["median_wall_s"] = statistics.median(walls) if walls else None
         print(json.dumps({**summary, "failures": failures}), flush=True)
 
 
