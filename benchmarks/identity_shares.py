@@ -67,8 +67,9 @@ def rounded(values: dict[str, float]) -> dict[str, float]:
 
 
 def loss_terms(spd: SPD, total_steps: int, dense: torch.Tensor | None) -> dict[str, float]:
-    """SPD's weighted loss terms on its evaluation batch, averaged over `DRAWS` mask draws; with `dense` (bool per
-    identity piece), those pieces' CI set to 1 (lower and upper) on every input that has a feature on."""
+    """SPD's weighted loss terms and its loss (`total`) on its evaluation batch, averaged over `DRAWS` mask draws;
+    with `dense` (bool per identity piece), those pieces' CI set to 1 (lower and upper) on every input that has a
+    feature on."""
     x = spd.evaluation_batch()
     learned = spd.importances
 
@@ -86,17 +87,17 @@ def loss_terms(spd: SPD, total_steps: int, dense: torch.Tensor | None) -> dict[s
     coefficients = spd.config.model_dump()
     spd.begin_step(total_steps, total_steps)
     spd.importances = importances  # type: ignore[method-assign]  # the loss reads its CI through this method
-    totals: dict[str, float] = {}
+    totals: dict[str, float] = {"total": 0.0}
     try:
         with torch.no_grad():
             for draw in range(DRAWS):
-                terms = spd.training_loss(x, torch.Generator(spd.device).manual_seed(draw)).terms
-                for name, value in terms.items():
+                output = spd.training_loss(x, torch.Generator(spd.device).manual_seed(draw))
+                totals["total"] += float(output.loss) / DRAWS
+                for name, value in output.terms.items():
                     weighted = coefficients[f"{name}_coeff"] * float(value)
                     totals[name] = totals.get(name, 0.0) + weighted / DRAWS
     finally:
         spd.importances = learned  # type: ignore[method-assign]
-    totals["total"] = sum(totals.values())
     return totals
 
 

@@ -20,9 +20,15 @@ def alive_count(importance: Tensor, threshold: float = 0.1) -> int:
     return int((importance.reshape(-1, importance.shape[-1]) > threshold).any(0).sum())
 
 
+def identity_matching(importance: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(features, columns) matched one to one by the Hungarian algorithm, maximising the matched CI; with fewer
+    columns than features, only as many features are matched."""
+    return linear_sum_assignment(importance.detach().cpu().double().numpy(), maximize=True)
+
+
 def identity_permutation(importance: Tensor) -> np.ndarray:
-    """Column matched to each feature (row) by the Hungarian algorithm, maximising the matched CI."""
-    rows, cols = linear_sum_assignment(importance.detach().cpu().double().numpy(), maximize=True)
+    """Column matched to each feature (row), in the order of the features (`identity_matching`)."""
+    rows, cols = identity_matching(importance)
     return cols[np.argsort(rows)]
 
 
@@ -30,7 +36,7 @@ def identity_pattern_errors(importance: Tensor, tolerance: float = 0.1) -> int:
     """Entries of a (features × C) one-hot CI matrix that differ by more than `tolerance` from the ideal pattern:
     each feature's matched column 1 on its own row and 0 elsewhere, every unmatched column 0. With fewer columns
     than features, each feature left without a column is one more error (its 1 has nowhere to be)."""
-    rows, cols = linear_sum_assignment(importance.detach().cpu().double().numpy(), maximize=True)
+    rows, cols = identity_matching(importance)
     ideal = torch.zeros_like(importance)
     ideal[torch.as_tensor(rows), torch.as_tensor(cols)] = 1.0
     unmatched = importance.shape[0] - len(rows)
